@@ -1,0 +1,3 @@
+fn main() {
+    print!("{}", ces_api::crds_yaml());
+}
