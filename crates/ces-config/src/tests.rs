@@ -1,6 +1,6 @@
 use super::*;
 
-const ORIGINAL: &str = include_str!("../tests/fixtures/ces-conf.yaml");
+const ORIGINAL: &str = include_str!("../../../examples/original/ces-conf.yaml");
 
 fn errors(text: &str) -> Vec<String> {
     match CesConfig::from_yaml(text, "ces-conf.yaml") {

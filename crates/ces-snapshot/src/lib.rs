@@ -1,0 +1,337 @@
+//! The cluster snapshot: the objects CES reads, reduced to the fields it uses, immutable once built.
+//!
+//! Sources fill a [`SnapshotBuilder`]: [`manifests`] from YAML files (offline use, tests, `ces simulate`), and later
+//! the Kubernetes watcher. The builder rejects duplicates and records every problem as a [`Diagnostic`] that names
+//! its object, so one bad object never keeps the others out.
+
+pub mod manifests;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ces_api::{
+    ClusterEgressRuleSpec, ExternalIPRuleSpec, ExternalServiceSpec, NamespaceEgressRuleSpec,
+    ServiceEgressRuleSpec,
+};
+use ces_model::{Diagnostic, ObjectRef};
+use ipnet::IpNet;
+
+/// The kube-ovn annotation holding a namespace's subnet CIDR(s), comma-separated.
+pub const OVN_CIDR_ANNOTATION: &str = "ovn.kubernetes.io/cidr";
+
+pub type Labels = BTreeMap<String, String>;
+/// `(namespace, name)`.
+pub type Key = (String, String);
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: Labels,
+    /// Parsed from the `ovn.kubernetes.io/cidr` annotation.
+    pub cidrs: Vec<IpNet>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub labels: Labels,
+    /// `status.podIPs`, or `status.podIP`. Empty for pods that have finished (their IPs are reused).
+    pub ips: Vec<IpAddr>,
+    /// The `Ready` condition is `True` (or, with no conditions reported, the pod is `Running`).
+    pub ready: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    /// `spec.selector`; `None` for a Service without selector (endpoints managed by hand).
+    pub selector: Option<Labels>,
+}
+
+/// A custom resource as CES sees it: identity, where it came from, and its spec.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Object<S> {
+    pub namespace: Option<String>,
+    pub name: String,
+    pub generation: Option<i64>,
+    pub origin: Option<String>,
+    pub spec: S,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub namespaces: BTreeMap<String, Namespace>,
+    /// Sorted by namespace, then name.
+    pub pods: Vec<Pod>,
+    pub services: BTreeMap<Key, Service>,
+    /// Ready endpoint addresses per Service, from Endpoints and EndpointSlices together. A Service with endpoint
+    /// objects that list no ready address has an empty entry; a Service with no endpoint object has none.
+    pub endpoints: BTreeMap<Key, Vec<IpAddr>>,
+    pub external_services: BTreeMap<Key, Object<ExternalServiceSpec>>,
+    pub cluster_rules: BTreeMap<String, Object<ClusterEgressRuleSpec>>,
+    pub namespace_rules: BTreeMap<Key, Object<NamespaceEgressRuleSpec>>,
+    pub service_rules: BTreeMap<Key, Object<ServiceEgressRuleSpec>>,
+    pub external_ip_rules: BTreeMap<Key, Object<ExternalIPRuleSpec>>,
+    /// Problems found while loading (malformed documents, duplicates, bad annotations).
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl Snapshot {
+    /// Pods of one namespace (the slice of the sorted pod list).
+    pub fn pods_in(&self, namespace: &str) -> &[Pod] {
+        let start = self
+            .pods
+            .partition_point(|p| p.namespace.as_str() < namespace);
+        let end = start + self.pods[start..].partition_point(|p| p.namespace == namespace);
+        &self.pods[start..end]
+    }
+
+    /// Looks a pod up by namespace and name.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
+        let pods = self.pods_in(namespace);
+        pods.binary_search_by(|p| p.name.as_str().cmp(name))
+            .ok()
+            .map(|i| &pods[i])
+    }
+
+    /// Every namespace named anywhere: by a Namespace object, a pod, a Service or a namespaced CES object.
+    pub fn all_namespace_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.namespaces.keys().cloned().collect();
+        names.extend(self.pods.iter().map(|p| p.namespace.clone()));
+        names.extend(self.services.keys().map(|k| k.0.clone()));
+        names.extend(self.namespace_rules.keys().map(|k| k.0.clone()));
+        names.extend(self.service_rules.keys().map(|k| k.0.clone()));
+        names.extend(self.external_services.keys().map(|k| k.0.clone()));
+        names.extend(self.external_ip_rules.keys().map(|k| k.0.clone()));
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+}
+
+/// Collects objects into a [`Snapshot`], rejecting duplicates.
+#[derive(Default)]
+pub struct SnapshotBuilder {
+    snap: Snapshot,
+    pod_origin: BTreeMap<Key, Option<String>>,
+}
+
+fn duplicate(object: ObjectRef, origin: Option<String>, first: Option<&String>) -> Diagnostic {
+    let message = match first {
+        Some(f) => format!("defined more than once; the first definition, at {f}, is kept"),
+        None => "defined more than once; the first definition is kept".to_string(),
+    };
+    Diagnostic {
+        object: Some(object),
+        origin,
+        reason: "DuplicateName".into(),
+        message,
+    }
+}
+
+macro_rules! add_object {
+    ($fn:ident, $field:ident, $spec:ty, $kind:literal, namespaced) => {
+        pub fn $fn(&mut self, obj: Object<$spec>) {
+            let ns = obj
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".to_string());
+            let key = (ns.clone(), obj.name.clone());
+            if let Some(first) = self.snap.$field.get(&key) {
+                let d = duplicate(
+                    ObjectRef::new($kind, Some(&ns), &obj.name),
+                    obj.origin.clone(),
+                    first.origin.as_ref(),
+                );
+                self.snap.diagnostics.push(d);
+                return;
+            }
+            self.snap.$field.insert(
+                key,
+                Object {
+                    namespace: Some(ns),
+                    ..obj
+                },
+            );
+        }
+    };
+}
+
+impl SnapshotBuilder {
+    pub fn new() -> SnapshotBuilder {
+        SnapshotBuilder::default()
+    }
+
+    pub fn diagnostic(&mut self, d: Diagnostic) {
+        self.snap.diagnostics.push(d);
+    }
+
+    pub fn add_namespace(&mut self, ns: Namespace, origin: Option<String>) {
+        if self.snap.namespaces.contains_key(&ns.name) {
+            self.diagnostic(duplicate(
+                ObjectRef::new("Namespace", None, &ns.name),
+                origin,
+                None,
+            ));
+            return;
+        }
+        self.snap.namespaces.insert(ns.name.clone(), ns);
+    }
+
+    pub fn add_pod(&mut self, pod: Pod, origin: Option<String>) {
+        let key = (pod.namespace.clone(), pod.name.clone());
+        if let Some(first) = self.pod_origin.get(&key) {
+            let d = duplicate(
+                ObjectRef::new("Pod", Some(&pod.namespace), &pod.name),
+                origin,
+                first.as_ref(),
+            );
+            self.diagnostic(d);
+            return;
+        }
+        self.pod_origin.insert(key, origin);
+        self.snap.pods.push(pod);
+    }
+
+    pub fn add_service(&mut self, svc: Service, origin: Option<String>) {
+        let key = (svc.namespace.clone(), svc.name.clone());
+        if self.snap.services.contains_key(&key) {
+            self.diagnostic(duplicate(
+                ObjectRef::new("Service", Some(&svc.namespace), &svc.name),
+                origin,
+                None,
+            ));
+            return;
+        }
+        self.snap.services.insert(key, svc);
+    }
+
+    /// Adds ready endpoint addresses of a Service (from an Endpoints object or one EndpointSlice).
+    pub fn add_endpoints(
+        &mut self,
+        namespace: &str,
+        service: &str,
+        ready: impl IntoIterator<Item = IpAddr>,
+    ) {
+        self.snap
+            .endpoints
+            .entry((namespace.to_string(), service.to_string()))
+            .or_default()
+            .extend(ready);
+    }
+
+    add_object!(
+        add_external_service,
+        external_services,
+        ExternalServiceSpec,
+        "ExternalService",
+        namespaced
+    );
+    add_object!(
+        add_namespace_rule,
+        namespace_rules,
+        NamespaceEgressRuleSpec,
+        "NamespaceEgressRule",
+        namespaced
+    );
+    add_object!(
+        add_service_rule,
+        service_rules,
+        ServiceEgressRuleSpec,
+        "ServiceEgressRule",
+        namespaced
+    );
+    add_object!(
+        add_external_ip_rule,
+        external_ip_rules,
+        ExternalIPRuleSpec,
+        "ExternalIPRule",
+        namespaced
+    );
+
+    pub fn add_cluster_rule(&mut self, obj: Object<ClusterEgressRuleSpec>) {
+        if let Some(first) = self.snap.cluster_rules.get(&obj.name) {
+            let d = duplicate(
+                ObjectRef::new("ClusterEgressRule", None, &obj.name),
+                obj.origin.clone(),
+                first.origin.as_ref(),
+            );
+            self.diagnostic(d);
+            return;
+        }
+        self.snap.cluster_rules.insert(
+            obj.name.clone(),
+            Object {
+                namespace: None,
+                ..obj
+            },
+        );
+    }
+
+    pub fn build(mut self) -> Snapshot {
+        self.snap
+            .pods
+            .sort_unstable_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        for ips in self.snap.endpoints.values_mut() {
+            ips.sort_unstable();
+            ips.dedup();
+        }
+        self.snap
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(ns: &str, name: &str) -> Pod {
+        Pod {
+            namespace: ns.into(),
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn pods_are_found_by_namespace_and_name() {
+        let mut b = SnapshotBuilder::new();
+        for (ns, n) in [("b", "x"), ("a", "z"), ("a", "y"), ("c", "w")] {
+            b.add_pod(pod(ns, n), None);
+        }
+        let s = b.build();
+        let names: Vec<_> = s.pods_in("a").iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["y", "z"]);
+        assert!(s.pods_in("nope").is_empty());
+        assert!(s.pod("b", "x").is_some());
+        assert!(s.pod("b", "y").is_none());
+    }
+
+    #[test]
+    fn duplicates_keep_the_first_and_report_both_places() {
+        let mut b = SnapshotBuilder::new();
+        let obj = |origin: &str| Object {
+            namespace: Some("ns".into()),
+            name: "e".into(),
+            generation: None,
+            origin: Some(origin.into()),
+            spec: ExternalServiceSpec {
+                addresses: vec![origin.into()],
+                ports: vec![],
+            },
+        };
+        b.add_external_service(obj("a.yaml:1"));
+        b.add_external_service(obj("b.yaml:7"));
+        let s = b.build();
+        assert_eq!(s.external_services.len(), 1);
+        assert_eq!(
+            s.external_services.values().next().unwrap().spec.addresses,
+            ["a.yaml:1"]
+        );
+        let d = &s.diagnostics[0];
+        assert_eq!(d.reason, "DuplicateName");
+        assert_eq!(d.origin.as_deref(), Some("b.yaml:7"));
+        assert!(d.message.contains("a.yaml:1"), "{}", d.message);
+    }
+}

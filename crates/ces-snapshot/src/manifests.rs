@@ -1,0 +1,450 @@
+//! The offline source: YAML (or JSON) manifest files and folders into a [`Snapshot`].
+//!
+//! Each document parses on its own, so one malformed document is reported and the others still load. Kinds CES does
+//! not read (Deployments, ConfigMaps, ...) are skipped; an unknown kind in a CES API group is an error.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use ces_api::{
+    ClusterEgressRule, ExternalIPRule, ExternalService, NamespaceEgressRule, ServiceEgressRule,
+};
+use ces_model::{Diagnostic, ObjectRef};
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
+use kube::core::ObjectMeta;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::{Namespace, OVN_CIDR_ANNOTATION, Object, Pod, Service, Snapshot, SnapshotBuilder};
+
+/// Files larger than this are refused rather than read into memory.
+pub const MAX_FILE_BYTES: u64 = 256 * 1024 * 1024;
+
+/// A path given to the loader that cannot be read at all. Problems inside files are diagnostics instead.
+#[derive(Debug)]
+pub struct LoadError {
+    pub path: PathBuf,
+    pub message: String,
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path.display(), self.message)
+    }
+}
+
+impl std::error::Error for LoadError {}
+
+/// Counts of what a load read.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadStats {
+    pub files: usize,
+    pub documents: usize,
+    /// Documents of kinds CES does not read.
+    pub skipped: usize,
+}
+
+/// Loads every `.yaml`, `.yml` and `.json` file under the given files and folders (folders recursively, in name
+/// order) into one snapshot.
+pub fn load_paths(paths: &[PathBuf]) -> Result<(Snapshot, LoadStats), LoadError> {
+    let mut files = Vec::new();
+    for p in paths {
+        collect_files(p, &mut files)?;
+    }
+    let mut b = SnapshotBuilder::new();
+    let mut stats = LoadStats::default();
+    for f in files {
+        let meta = std::fs::metadata(&f).map_err(|e| LoadError {
+            path: f.clone(),
+            message: e.to_string(),
+        })?;
+        if meta.len() > MAX_FILE_BYTES {
+            return Err(LoadError {
+                path: f,
+                message: format!("larger than {MAX_FILE_BYTES} bytes"),
+            });
+        }
+        let text = std::fs::read_to_string(&f).map_err(|e| LoadError {
+            path: f.clone(),
+            message: e.to_string(),
+        })?;
+        stats.files += 1;
+        load_text(&mut b, &text, &f.display().to_string(), &mut stats);
+    }
+    Ok((b.build(), stats))
+}
+
+/// Loads one manifest text; `name` is used in origins (`name:LINE`).
+pub fn load_str(text: &str, name: &str) -> Snapshot {
+    let mut b = SnapshotBuilder::new();
+    load_text(&mut b, text, name, &mut LoadStats::default());
+    b.build()
+}
+
+fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
+    let err = |e: std::io::Error| LoadError {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let meta = std::fs::metadata(path).map_err(err)?;
+    if meta.is_file() {
+        out.push(path.to_path_buf());
+        return Ok(());
+    }
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(err)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .map_err(err)?;
+    entries.sort();
+    for e in entries {
+        if e.is_dir() {
+            collect_files(&e, out)?;
+        } else if matches!(
+            e.extension().and_then(|x| x.to_str()),
+            Some("yaml" | "yml" | "json")
+        ) {
+            out.push(e);
+        }
+    }
+    Ok(())
+}
+
+/// Splits a YAML stream at `---` lines. Returns each document with the 0-based line it starts on.
+fn split_documents(text: &str) -> Vec<(usize, String)> {
+    let mut docs = Vec::new();
+    let mut current = String::new();
+    let mut start = 0;
+    for (i, line) in text.lines().enumerate() {
+        let marker =
+            line.starts_with("---") && line[3..].chars().next().is_none_or(char::is_whitespace);
+        if marker || line == "..." {
+            docs.push((start, std::mem::take(&mut current)));
+            start = i + 1;
+            // Content after `--- ` on the marker line belongs to the new document.
+            if marker && line.len() > 3 {
+                current.push_str(&line[3..]);
+            }
+            current.push('\n');
+            continue;
+        }
+        current.push_str(line);
+        current.push('\n');
+    }
+    docs.push((start, current));
+    docs
+}
+
+fn load_text(b: &mut SnapshotBuilder, text: &str, file: &str, stats: &mut LoadStats) {
+    for (start, doc) in split_documents(text) {
+        if doc
+            .lines()
+            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+        {
+            continue;
+        }
+        let origin = format!("{file}:{}", start + 1);
+        // Pad with blank lines so the parser's line numbers are the file's.
+        let padded = format!("{}{}", "\n".repeat(start), doc);
+        match serde_saphyr::from_str::<Value>(&padded) {
+            Ok(Value::Null) => {}
+            Ok(value) => {
+                stats.documents += 1;
+                load_value(b, value, &origin, stats);
+            }
+            Err(e) => b.diagnostic(Diagnostic {
+                object: None,
+                origin: Some(origin),
+                reason: "InvalidYAML".into(),
+                message: first_line(&e.to_string()),
+            }),
+        }
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines()
+        .next()
+        .unwrap_or(s)
+        .trim_start_matches("error: ")
+        .to_string()
+}
+
+fn str_field<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
+    v.get(key).and_then(Value::as_str)
+}
+
+fn load_value(b: &mut SnapshotBuilder, value: Value, origin: &str, stats: &mut LoadStats) {
+    let bad = |reason: &str, message: String| Diagnostic {
+        object: None,
+        origin: Some(origin.to_string()),
+        reason: reason.into(),
+        message,
+    };
+    if !value.is_object() {
+        b.diagnostic(bad(
+            "InvalidManifest",
+            "a manifest must be a mapping with apiVersion and kind".into(),
+        ));
+        return;
+    }
+    let (Some(api_version), Some(kind)) =
+        (str_field(&value, "apiVersion"), str_field(&value, "kind"))
+    else {
+        b.diagnostic(bad(
+            "InvalidManifest",
+            "apiVersion and kind are required".into(),
+        ));
+        return;
+    };
+    let (api_version, kind) = (api_version.to_string(), kind.to_string());
+    let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
+
+    if kind.ends_with("List") && value.get("items").is_some_and(Value::is_array) {
+        if let Some(Value::Array(items)) = value.get("items").cloned() {
+            for item in items {
+                load_value(b, item, origin, stats);
+            }
+        }
+        return;
+    }
+
+    let name = value
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let namespace = value
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let object_ref = |kind: &str| {
+        ObjectRef::new(
+            kind,
+            namespace.as_deref().or(Some("default")),
+            name.as_deref().unwrap_or(""),
+        )
+    };
+
+    macro_rules! typed {
+        ($t:ty, $kind:literal, $cluster_scoped:expr) => {{
+            let obj = if $cluster_scoped {
+                ObjectRef::new($kind, None, name.as_deref().unwrap_or(""))
+            } else {
+                object_ref($kind)
+            };
+            match parse::<$t>(value.clone(), origin, &obj) {
+                Ok(o) => Some(o),
+                Err(d) => {
+                    b.diagnostic(d);
+                    None
+                }
+            }
+        }};
+    }
+
+    if name.as_deref().is_none_or(str::is_empty) {
+        b.diagnostic(bad(
+            "InvalidManifest",
+            format!("{kind}: metadata.name is required"),
+        ));
+        return;
+    }
+
+    match (api_version.as_str(), kind.as_str()) {
+        ("kubeovn.io/v1alpha1", "ExternalService") => {
+            if let Some(o) = typed!(ExternalService, "ExternalService", false) {
+                b.add_external_service(object(o.metadata, o.spec, origin));
+            }
+        }
+        ("kubeovn.io/v1alpha1", "ClusterEgressRule") => {
+            if let Some(o) = typed!(ClusterEgressRule, "ClusterEgressRule", true) {
+                b.add_cluster_rule(object(o.metadata, o.spec, origin));
+            }
+        }
+        ("kubeovn.io/v1alpha1", "NamespaceEgressRule") => {
+            if let Some(o) = typed!(NamespaceEgressRule, "NamespaceEgressRule", false) {
+                b.add_namespace_rule(object(o.metadata, o.spec, origin));
+            }
+        }
+        ("kubeovn.io/v1alpha1", "ServiceEgressRule") => {
+            if let Some(o) = typed!(ServiceEgressRule, "ServiceEgressRule", false) {
+                b.add_service_rule(object(o.metadata, o.spec, origin));
+            }
+        }
+        ("bigip.io/v1alpha1", "ExternalIPRule") => {
+            if let Some(o) = typed!(ExternalIPRule, "ExternalIPRule", false) {
+                b.add_external_ip_rule(object(o.metadata, o.spec, origin));
+            }
+        }
+        ("v1", "Namespace") => {
+            if let Some(o) = typed!(core::Namespace, "Namespace", true) {
+                add_namespace(b, o.metadata, origin);
+            }
+        }
+        ("v1", "Pod") => {
+            if let Some(o) = typed!(core::Pod, "Pod", false) {
+                b.add_pod(pod(o), Some(origin.to_string()));
+            }
+        }
+        ("v1", "Service") => {
+            if let Some(o) = typed!(core::Service, "Service", false) {
+                let selector = o.spec.and_then(|s| s.selector).map(|m| m.into_iter().collect());
+                b.add_service(
+                    Service { namespace: ns_of(&o.metadata), name: o.metadata.name.unwrap_or_default(), selector },
+                    Some(origin.to_string()),
+                );
+            }
+        }
+        ("v1", "Endpoints") => {
+            if let Some(o) = typed!(core::Endpoints, "Endpoints", false) {
+                let ready = o.subsets.unwrap_or_default().into_iter().flat_map(|s| s.addresses.unwrap_or_default());
+                let ips = parse_ips(b, ready.map(|a| a.ip), origin, &object_ref("Endpoints"));
+                b.add_endpoints(&ns_of(&o.metadata), o.metadata.name.as_deref().unwrap_or_default(), ips);
+            }
+        }
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            if let Some(o) = typed!(discovery::EndpointSlice, "EndpointSlice", false) {
+                let service = o.metadata.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name")).cloned();
+                if let Some(service) = service {
+                    // An endpoint whose ready condition is unknown (absent) counts as ready, as kube-proxy does.
+                    let ready = o
+                        .endpoints
+                        .into_iter()
+                        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+                        .flat_map(|e| e.addresses);
+                    let ips = parse_ips(b, ready, origin, &object_ref("EndpointSlice"));
+                    b.add_endpoints(&ns_of(&o.metadata), &service, ips);
+                }
+            }
+        }
+        _ if matches!(group, "kubeovn.io" | "bigip.io") => b.diagnostic(bad(
+            "UnknownKind",
+            format!("{api_version} {kind} is not a CES kind (expected kubeovn.io/v1alpha1 ExternalService, ClusterEgressRule, NamespaceEgressRule, ServiceEgressRule or bigip.io/v1alpha1 ExternalIPRule)"),
+        )),
+        _ => stats.skipped += 1,
+    }
+}
+
+fn parse<T: DeserializeOwned>(
+    value: Value,
+    origin: &str,
+    obj: &ObjectRef,
+) -> Result<T, Diagnostic> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        Diagnostic {
+            object: Some(obj.clone()),
+            origin: Some(origin.to_string()),
+            reason: "InvalidSpec".into(),
+            message: if path == "." {
+                inner
+            } else {
+                format!("{path}: {inner}")
+            },
+        }
+    })
+}
+
+fn ns_of(meta: &ObjectMeta) -> String {
+    meta.namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_string())
+}
+
+fn object<S>(meta: ObjectMeta, spec: S, origin: &str) -> Object<S> {
+    Object {
+        namespace: meta.namespace,
+        name: meta.name.unwrap_or_default(),
+        generation: meta.generation,
+        origin: Some(origin.to_string()),
+        spec,
+    }
+}
+
+fn parse_ips(
+    b: &mut SnapshotBuilder,
+    raw: impl Iterator<Item = String>,
+    origin: &str,
+    obj: &ObjectRef,
+) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    for s in raw {
+        match s.parse::<IpAddr>() {
+            Ok(ip) => out.push(ip),
+            Err(_) => b.diagnostic(Diagnostic {
+                object: Some(obj.clone()),
+                origin: Some(origin.to_string()),
+                reason: "InvalidAddress".into(),
+                message: format!("`{s}` is not an IP address; ignored"),
+            }),
+        }
+    }
+    out
+}
+
+fn add_namespace(b: &mut SnapshotBuilder, meta: ObjectMeta, origin: &str) {
+    let name = meta.name.unwrap_or_default();
+    let mut cidrs = Vec::new();
+    if let Some(raw) = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(OVN_CIDR_ANNOTATION))
+    {
+        for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part.parse::<ipnet::IpNet>() {
+                Ok(n) => cidrs.push(n.trunc()),
+                Err(_) => b.diagnostic(Diagnostic {
+                    object: Some(ObjectRef::new("Namespace", None, &name)),
+                    origin: Some(origin.to_string()),
+                    reason: "InvalidAnnotation".into(),
+                    message: format!("{OVN_CIDR_ANNOTATION}: `{part}` is not a CIDR; ignored"),
+                }),
+            }
+        }
+    }
+    let labels = meta.labels.unwrap_or_default().into_iter().collect();
+    b.add_namespace(
+        Namespace {
+            name,
+            labels,
+            cidrs,
+        },
+        Some(origin.to_string()),
+    );
+}
+
+fn pod(p: core::Pod) -> Pod {
+    let status = p.status.unwrap_or_default();
+    let finished = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
+    let mut ips: Vec<IpAddr> = status
+        .pod_ips
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|i| i.ip.parse().ok())
+        .collect();
+    if ips.is_empty()
+        && let Some(ip) = status.pod_ip.as_deref().and_then(|s| s.parse().ok())
+    {
+        ips.push(ip);
+    }
+    if finished {
+        ips.clear();
+    }
+    let ready = match &status.conditions {
+        Some(c) if !c.is_empty() => c.iter().any(|c| c.type_ == "Ready" && c.status == "True"),
+        _ => status.phase.as_deref() == Some("Running"),
+    };
+    Pod {
+        namespace: ns_of(&p.metadata),
+        name: p.metadata.name.unwrap_or_default(),
+        labels: p.metadata.labels.unwrap_or_default().into_iter().collect(),
+        ips,
+        ready: ready && !finished,
+    }
+}
+
+#[cfg(test)]
+mod tests;

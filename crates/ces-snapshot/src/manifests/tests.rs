@@ -1,0 +1,239 @@
+use super::*;
+
+const ORIGINAL: &str = include_str!("../../../../examples/original/examples.yaml");
+const ORIGINAL_062: &str = include_str!("../../../../examples/original/examples-0.6.2.yaml");
+const CLUSTER: &str = include_str!("../../../../examples/original-cluster.yaml");
+
+fn reasons(s: &Snapshot) -> Vec<String> {
+    s.diagnostics.iter().map(|d| d.to_string()).collect()
+}
+
+#[test]
+fn the_original_examples_load_unchanged() {
+    let s = load_str(ORIGINAL, "examples.yaml");
+    assert!(s.diagnostics.is_empty(), "{:?}", reasons(&s));
+    assert_eq!(s.external_services.len(), 3);
+    assert_eq!(s.cluster_rules.len(), 1);
+    assert_eq!(s.namespace_rules.len(), 1);
+    assert_eq!(s.service_rules.len(), 1);
+    let e = &s.external_services[&("kube-system".into(), "exsvc1".into())];
+    assert_eq!(e.spec.ports[0].protocol.as_deref(), Some("UDP"));
+    assert_eq!(e.origin.as_deref(), Some("examples.yaml:2"));
+    let r = &s.cluster_rules["rule1"];
+    assert_eq!(r.spec.logging, Some(true));
+    assert_eq!(
+        s.service_rules[&("default".into(), "rule4".into())]
+            .spec
+            .service,
+        "mysql-service"
+    );
+}
+
+#[test]
+fn the_062_examples_with_finalizers_and_external_ip_rule_load() {
+    let s = load_str(ORIGINAL_062, "examples-0.6.2.yaml");
+    assert!(s.diagnostics.is_empty(), "{:?}", reasons(&s));
+    let eipr = &s.external_ip_rules[&("default".into(), "busybox-test-rule".into())];
+    assert_eq!(eipr.spec.services, ["busybox-svc"]);
+    assert_eq!(
+        eipr.spec.destination_match.as_ref().unwrap().addresses,
+        ["1.2.3.4"]
+    );
+}
+
+#[test]
+fn core_objects_are_reduced_to_what_ces_reads() {
+    let s = load_str(CLUSTER, "cluster.yaml");
+    assert!(s.diagnostics.is_empty(), "{:?}", reasons(&s));
+    assert_eq!(
+        s.namespaces["project3"].cidrs,
+        ["10.66.0.0/16".parse::<ipnet::IpNet>().unwrap()]
+    );
+    let mysql = s.pod("default", "mysql-0").unwrap();
+    assert_eq!(mysql.ips, ["10.16.0.11".parse::<IpAddr>().unwrap()]);
+    assert!(mysql.ready);
+    assert_eq!(
+        s.services[&("default".into(), "mysql-service".into())]
+            .selector
+            .as_ref()
+            .unwrap()["app"],
+        "mysql"
+    );
+    assert_eq!(
+        s.endpoints[&("default".into(), "mysql-service".into())].len(),
+        2
+    );
+}
+
+#[test]
+fn a_malformed_document_does_not_block_the_others() {
+    let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\nkind: [unclosed\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: b}\n";
+    let s = load_str(text, "f.yaml");
+    assert_eq!(s.namespaces.len(), 2);
+    assert_eq!(s.diagnostics.len(), 1);
+    let d = &s.diagnostics[0];
+    assert_eq!(d.reason, "InvalidYAML");
+    assert_eq!(d.origin.as_deref(), Some("f.yaml:5"));
+    assert!(
+        d.message.contains("line 6"),
+        "line numbers are the file's (the bracket is still open at the end): {}",
+        d.message
+    );
+}
+
+fn one_error(text: &str) -> Diagnostic {
+    let s = load_str(text, "f.yaml");
+    assert_eq!(s.diagnostics.len(), 1, "{:?}", reasons(&s));
+    s.diagnostics[0].clone()
+}
+
+#[test]
+fn bad_custom_resources_name_the_object_and_the_field() {
+    let d = one_error(
+        "apiVersion: kubeovn.io/v1alpha1\nkind: ExternalService\nmetadata: {name: e, namespace: ns1}\nspec:\n  addresses: [1.1.1.1]\n  ports: [{protocol: tcp, port: 443, colour: red}]\n",
+    );
+    assert_eq!(
+        d.object.as_ref().unwrap().to_string(),
+        "ExternalService/ns1/e"
+    );
+    assert_eq!(d.reason, "InvalidSpec");
+    assert!(d.message.starts_with("spec.ports[0]"), "{}", d.message);
+
+    let d = one_error(
+        "apiVersion: kubeovn.io/v1alpha1\nkind: ClusterEgressRule\nmetadata: {name: r}\nspec: {action: allow, externalServices: [x]}\n",
+    );
+    assert_eq!(
+        d.object.as_ref().unwrap().to_string(),
+        "ClusterEgressRule/r"
+    );
+    assert!(
+        d.message.contains("spec.action: unknown variant `allow`"),
+        "{}",
+        d.message
+    );
+
+    let d = one_error(
+        "apiVersion: kubeovn.io/v1alpha1\nkind: ServiceEgressRule\nmetadata: {name: r, namespace: ns1}\nspec: {action: drop, externalServices: [x]}\n",
+    );
+    assert!(
+        d.message.contains("missing field `service`"),
+        "{}",
+        d.message
+    );
+
+    let d = one_error(
+        "apiVersion: kubeovn.io/v1alpha1\nkind: NamespaceEgressRule\nmetadata: {name: r, namespace: ns1}\nspec: {action: drop, externalServices: [x], podSelector: {matchLabel: {a: b}}}\n",
+    );
+    assert!(
+        d.message.contains("unknown field `matchLabel`"),
+        "{}",
+        d.message
+    );
+}
+
+#[test]
+fn unknown_ces_kinds_and_missing_names_are_errors_other_kinds_are_skipped() {
+    let d = one_error("apiVersion: kubeovn.io/v1alpha1\nkind: EgressRule\nmetadata: {name: r}\n");
+    assert_eq!(d.reason, "UnknownKind");
+    let d = one_error("apiVersion: kubeovn.io/v1\nkind: ExternalService\nmetadata: {name: r}\n");
+    assert_eq!(d.reason, "UnknownKind");
+    let d = one_error("apiVersion: v1\nkind: Pod\nmetadata: {namespace: a}\n");
+    assert!(d.message.contains("metadata.name is required"));
+    let d = one_error("- just\n- a list\n");
+    assert_eq!(d.reason, "InvalidManifest");
+    let s = load_str(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n",
+        "f",
+    );
+    assert!(s.diagnostics.is_empty());
+}
+
+#[test]
+fn lists_endpoint_slices_and_finished_pods() {
+    let text = r#"
+apiVersion: v1
+kind: List
+items:
+  - apiVersion: discovery.k8s.io/v1
+    kind: EndpointSlice
+    metadata: {name: s-1, namespace: a, labels: {kubernetes.io/service-name: s}}
+    addressType: IPv4
+    endpoints:
+      - addresses: [10.0.0.1]
+        conditions: {ready: true}
+      - addresses: [10.0.0.2]
+        conditions: {ready: false}
+      - addresses: [10.0.0.3]
+  - apiVersion: v1
+    kind: Pod
+    metadata: {name: done, namespace: a}
+    status: {phase: Succeeded, podIP: 10.0.0.9}
+"#;
+    let s = load_str(text, "f");
+    assert!(s.diagnostics.is_empty(), "{:?}", reasons(&s));
+    let ips: Vec<String> = s.endpoints[&("a".into(), "s".into())]
+        .iter()
+        .map(|i| i.to_string())
+        .collect();
+    assert_eq!(ips, ["10.0.0.1", "10.0.0.3"]);
+    let done = s.pod("a", "done").unwrap();
+    assert!(
+        done.ips.is_empty() && !done.ready,
+        "a finished pod's IP may belong to another pod now"
+    );
+}
+
+#[test]
+fn bad_ovn_annotation_is_reported_and_ignored() {
+    let s = load_str(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: a, annotations: {ovn.kubernetes.io/cidr: '10.1.0.0/16,fd00::/112,nope'}}\n",
+        "f",
+    );
+    assert_eq!(
+        s.namespaces["a"].cidrs.len(),
+        2,
+        "dual-stack annotations are split on commas"
+    );
+    assert_eq!(s.diagnostics[0].reason, "InvalidAnnotation");
+}
+
+#[test]
+fn missing_paths_fail_the_load() {
+    let err = load_paths(&[PathBuf::from("/nonexistent/ces")]).unwrap_err();
+    assert!(err.to_string().starts_with("/nonexistent/ces: "), "{err}");
+}
+
+#[test]
+fn folders_load_recursively_in_name_order() {
+    let dir = std::env::temp_dir().join(format!("ces-load-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    std::fs::write(
+        dir.join("b.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: dup}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("sub/a.yml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("a.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: dup}\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("notes.txt"), "not yaml: [").unwrap();
+    let (s, stats) = load_paths(std::slice::from_ref(&dir)).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(stats.files, 3);
+    assert_eq!(s.namespaces.len(), 2);
+    assert_eq!(s.diagnostics.len(), 1);
+    assert!(
+        s.diagnostics[0]
+            .origin
+            .as_ref()
+            .unwrap()
+            .ends_with("b.yaml:1"),
+        "a.yaml is read first"
+    );
+}
