@@ -15,6 +15,9 @@ use crate::address::AddressEntry;
 use crate::ports::{Bandwidth, PortRange, Protocol};
 use crate::schedule::Schedule;
 
+/// The tenant of unmapped namespaces, unknown sources and cluster rules.
+pub const COMMON_TENANT: &str = "Common";
+
 /// Bumped when the JSON shape changes incompatibly.
 pub const MODEL_VERSION: u32 = 1;
 

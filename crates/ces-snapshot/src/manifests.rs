@@ -245,10 +245,13 @@ fn load_value(b: &mut SnapshotBuilder, value: Value, origin: &str, stats: &mut L
     }
 
     if name.as_deref().is_none_or(str::is_empty) {
-        b.diagnostic(bad(
-            "InvalidManifest",
-            format!("{kind}: metadata.name is required"),
-        ));
+        let message = match value.pointer("/metadata/name") {
+            Some(v) if !v.is_null() && !v.is_string() => format!(
+                "{kind}: metadata.name must be a string, not `{v}` (YAML reads unquoted y, n, yes, no, on, off as booleans: quote the name)"
+            ),
+            _ => format!("{kind}: metadata.name is required"),
+        };
+        b.diagnostic(bad("InvalidManifest", message));
         return;
     }
 

@@ -139,6 +139,12 @@ fn unknown_ces_kinds_and_missing_names_are_errors_other_kinds_are_skipped() {
     assert_eq!(d.reason, "UnknownKind");
     let d = one_error("apiVersion: v1\nkind: Pod\nmetadata: {namespace: a}\n");
     assert!(d.message.contains("metadata.name is required"));
+    let d = one_error("apiVersion: v1\nkind: Pod\nmetadata: {name: n, namespace: a}\n");
+    assert!(
+        d.message.contains("must be a string, not `false`"),
+        "{}",
+        d.message
+    );
     let d = one_error("- just\n- a list\n");
     assert_eq!(d.reason, "InvalidManifest");
     let s = load_str(
