@@ -78,8 +78,15 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<(Snapshot, LoadStats), LoadError>
 
 /// Loads one manifest text; `name` is used in origins (`name:LINE`).
 pub fn load_str(text: &str, name: &str) -> Snapshot {
+    load_strs(&[(name, text)])
+}
+
+/// Loads several named manifest texts into one snapshot, as if they were files.
+pub fn load_strs(texts: &[(&str, &str)]) -> Snapshot {
     let mut b = SnapshotBuilder::new();
-    load_text(&mut b, text, name, &mut LoadStats::default());
+    for (name, text) in texts {
+        load_text(&mut b, text, name, &mut LoadStats::default());
+    }
     b.build()
 }
 

@@ -1,3 +1,0 @@
-fn main() {
-    print!("{}", ces_api::crds_yaml());
-}

@@ -1,0 +1,76 @@
+//! Loading what a command works on: manifests and config from files, or the embedded example.
+
+use ces_config::CesConfig;
+use ces_model::PolicyModel;
+use ces_snapshot::Snapshot;
+use ces_snapshot::manifests::{LoadStats, load_paths, load_strs};
+
+use crate::{Failure, InputArgs};
+
+/// The embedded example (examples/realistic), so the tool runs on a fresh machine with nothing but itself.
+const EXAMPLE_FILES: [(&str, &str); 2] = [
+    (
+        "examples/realistic/cluster.yaml",
+        include_str!("../../../examples/realistic/cluster.yaml"),
+    ),
+    (
+        "examples/realistic/policies.yaml",
+        include_str!("../../../examples/realistic/policies.yaml"),
+    ),
+];
+const EXAMPLE_CONFIG: &str = include_str!("../../../examples/realistic/ces-conf.yaml");
+
+pub struct Inputs {
+    pub snapshot: Snapshot,
+    pub config: CesConfig,
+    pub stats: LoadStats,
+    pub ces_namespace: String,
+}
+
+impl Inputs {
+    pub fn load(args: &InputArgs) -> Result<Inputs, Failure> {
+        let (snapshot, stats, config) = if args.example {
+            let snap = load_strs(&EXAMPLE_FILES);
+            let stats = LoadStats {
+                files: EXAMPLE_FILES.len(),
+                ..Default::default()
+            };
+            let config = CesConfig::from_yaml(EXAMPLE_CONFIG, "examples/realistic/ces-conf.yaml")
+                .map_err(|e| Failure::input(e.to_string()))?;
+            (snap, stats, config)
+        } else {
+            let (snap, stats) =
+                load_paths(&args.manifests).map_err(|e| Failure::input(e.to_string()))?;
+            let config = match &args.config {
+                Some(path) => {
+                    CesConfig::from_file(path).map_err(|e| Failure::input(e.to_string()))?
+                }
+                None => CesConfig::embedded_default(),
+            };
+            (snap, stats, config)
+        };
+        Ok(Inputs {
+            snapshot,
+            config,
+            stats,
+            ces_namespace: args.ces_namespace.clone(),
+        })
+    }
+
+    pub fn compile(&self) -> PolicyModel {
+        ces_compiler::compile(&self.snapshot, &self.config, &self.ces_namespace)
+    }
+
+    /// Objects CES read (core objects and CES resources), for summaries.
+    pub fn object_count(&self) -> usize {
+        let s = &self.snapshot;
+        s.namespaces.len()
+            + s.pods.len()
+            + s.services.len()
+            + s.external_services.len()
+            + s.cluster_rules.len()
+            + s.namespace_rules.len()
+            + s.service_rules.len()
+            + s.external_ip_rules.len()
+    }
+}

@@ -1,0 +1,178 @@
+//! `ces`: the CES command line.
+//!
+//! Exit codes: 0 success (a `drop` verdict is a success), 1 `validate` found problems, 2 bad input or usage.
+
+mod inputs;
+mod simulate;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::inputs::Inputs;
+
+#[derive(Parser)]
+#[command(
+    name = "ces",
+    version,
+    about = "CES: Kubernetes egress policy for BIG-IP AFM and Linux nftables"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the policy comes from.
+#[derive(Args, Clone, Debug)]
+pub struct InputArgs {
+    /// Manifest files or folders (YAML or JSON, multi-document; folders are read recursively).
+    #[arg(long, num_args = 1.., value_name = "PATH", required_unless_present = "example")]
+    pub manifests: Vec<PathBuf>,
+    /// ces-conf.yaml. Default: one Common tenant, no route domains, default action drop.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Use the embedded example cluster and config (examples/realistic) instead of files.
+    #[arg(long, conflicts_with_all = ["manifests", "config"])]
+    pub example: bool,
+    /// Namespace of the ExternalServices that ClusterEgressRules reference.
+    #[arg(long, env = "CES_NAMESPACE", default_value = ces_compiler::DEFAULT_CES_NAMESPACE, value_name = "NAMESPACE")]
+    pub ces_namespace: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Backend {
+    /// The intermediate policy model, as JSON.
+    Model,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the CustomResourceDefinitions as YAML.
+    Crds,
+    /// Report every problem in a set of manifests and a config; exit 1 if there is any.
+    Validate {
+        #[command(flatten)]
+        inputs: InputArgs,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Compile manifests and config for a backend and print the result.
+    Compile {
+        #[command(flatten)]
+        inputs: InputArgs,
+        #[arg(long, value_enum, default_value = "model")]
+        backend: Backend,
+    },
+    /// Decide flows: the verdict, the rule that decided it, and the rules met on the way.
+    Simulate(simulate::SimulateArgs),
+}
+
+/// A failure with its exit code.
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn input(message: impl Into<String>) -> Failure {
+        Failure {
+            code: 2,
+            message: message.into(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            if !f.message.is_empty() {
+                eprintln!("ces: {}", f.message);
+            }
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn run(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Crds => {
+            print!("{}", ces_api::crds_yaml());
+            Ok(())
+        }
+        Command::Validate { inputs, output } => validate(&inputs, output),
+        Command::Compile {
+            inputs,
+            backend: Backend::Model,
+        } => {
+            let inputs = Inputs::load(&inputs)?;
+            let model = inputs.compile();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&model).expect("the model serialises")
+            );
+            if !model.diagnostics.is_empty() {
+                eprintln!(
+                    "ces: {} problem(s) left objects out of the model; see `diagnostics` or run `ces validate`",
+                    model.diagnostics.len()
+                );
+            }
+            Ok(())
+        }
+        Command::Simulate(args) => simulate::run(&args),
+    }
+}
+
+fn validate(args: &InputArgs, output: Output) -> Result<(), Failure> {
+    // A broken config is a validation finding too, reported the same way.
+    let inputs = match Inputs::load(args) {
+        Ok(i) => i,
+        Err(f) if f.code == 2 && output == Output::Json => {
+            println!(
+                "{}",
+                serde_json::json!({ "problems": [{ "reason": "InvalidConfig", "message": f.message }] })
+            );
+            return Err(Failure {
+                code: 1,
+                message: String::new(),
+            });
+        }
+        Err(f) => return Err(Failure { code: 1, ..f }),
+    };
+    let model = inputs.compile();
+    match output {
+        Output::Json => {
+            println!(
+                "{}",
+                serde_json::json!({ "objects": inputs.object_count(), "problems": model.diagnostics })
+            );
+        }
+        Output::Text => {
+            for d in &model.diagnostics {
+                println!("{d}");
+            }
+            println!(
+                "{} object(s) in {} file(s): {} problem(s)",
+                inputs.object_count(),
+                inputs.stats.files,
+                model.diagnostics.len()
+            );
+        }
+    }
+    if model.diagnostics.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure {
+            code: 1,
+            message: String::new(),
+        })
+    }
+}

@@ -1,0 +1,282 @@
+//! `ces simulate`: decide flows against manifests, before anything is deployed.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use ces_eval::{Decision, Evaluator, Flow, parse_target};
+use ces_model::{Destination, PolicyModel};
+use clap::Args;
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::inputs::Inputs;
+use crate::{Failure, InputArgs, Output};
+
+#[derive(Args)]
+pub struct SimulateArgs {
+    #[command(flatten)]
+    inputs: InputArgs,
+    /// Source: NAMESPACE/POD (a pod of the manifests) or an IP address.
+    #[arg(
+        long,
+        value_name = "NAMESPACE/POD|IP",
+        required_unless_present = "flows",
+        conflicts_with = "flows"
+    )]
+    from: Option<String>,
+    /// Destination: HOST:PORT/tcp, HOST:PORT/udp or HOST/icmp; HOST is an IP ([v6] with a port) or a host name.
+    #[arg(
+        long,
+        value_name = "HOST:PORT/PROTO",
+        required_unless_present = "flows",
+        conflicts_with = "flows"
+    )]
+    to: Option<String>,
+    /// When the flow happens (RFC 3339), for scheduled rules. Default: now.
+    #[arg(long, value_name = "RFC3339")]
+    at: Option<String>,
+    /// A file of flows, one JSON object {"from", "to", "at"} per line; prints one JSON result per line.
+    #[arg(long, value_name = "FILE")]
+    flows: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "text")]
+    output: Output,
+}
+
+/// One line of a `--flows` file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FlowLine {
+    from: String,
+    to: String,
+    #[serde(default)]
+    at: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Source {
+    ip: IpAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pod: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SimResult {
+    from: String,
+    to: String,
+    at: String,
+    source: Source,
+    #[serde(flatten)]
+    decision: Decision,
+}
+
+struct Request {
+    from: String,
+    to: String,
+    flow: Flow,
+    source: Source,
+}
+
+fn parse_at(s: Option<&str>, default: Timestamp) -> Result<Timestamp, String> {
+    match s {
+        None => Ok(default),
+        Some(s) => s
+            .parse()
+            .map_err(|e| format!("`{s}` is not an RFC 3339 time: {e}")),
+    }
+}
+
+/// Resolves a source: a pod by name (its tenant is its namespace's) or a bare address.
+fn resolve(inputs: &Inputs, from: &str, to: &str, at: Timestamp) -> Result<Request, String> {
+    let (destination, protocol, port) = parse_target(to)?;
+    let (source, tenant) = if let Ok(ip) = from.parse::<IpAddr>() {
+        (
+            Source {
+                ip,
+                namespace: None,
+                pod: None,
+            },
+            None,
+        )
+    } else if let Some((ns, name)) = from.split_once('/') {
+        let pod = inputs
+            .snapshot
+            .pod(ns, name)
+            .ok_or_else(|| format!("`{from}`: no pod {name} in namespace {ns} in the manifests"))?;
+        let want_v4 = match &destination {
+            Destination::Ip(ip) => ip.is_ipv4(),
+            Destination::Host(_) => true,
+        };
+        let ip = pod
+            .ips
+            .iter()
+            .find(|ip| ip.is_ipv4() == want_v4)
+            .or(pod.ips.first())
+            .copied()
+            .ok_or_else(|| format!("`{from}`: the pod has no IP address (not running?)"))?;
+        let tenant = inputs.config.tenant_of(ns).to_string();
+        (
+            Source {
+                ip,
+                namespace: Some(ns.to_string()),
+                pod: Some(name.to_string()),
+            },
+            Some(tenant),
+        )
+    } else {
+        return Err(format!(
+            "`{from}` is neither NAMESPACE/POD nor an IP address"
+        ));
+    };
+    Ok(Request {
+        from: from.to_string(),
+        to: to.to_string(),
+        flow: Flow {
+            source: source.ip,
+            tenant,
+            destination,
+            protocol,
+            port,
+            at,
+        },
+        source,
+    })
+}
+
+fn read_flows(
+    path: &PathBuf,
+    inputs: &Inputs,
+    default_at: Timestamp,
+) -> Result<Vec<Request>, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::input(format!("{}: {e}", path.display())))?;
+    let mut requests = Vec::new();
+    let mut errors = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed = serde_json::from_str::<FlowLine>(line)
+            .map_err(|e| e.to_string())
+            .and_then(|f| {
+                let at = parse_at(f.at.as_deref(), default_at)?;
+                resolve(inputs, &f.from, &f.to, at)
+            });
+        match parsed {
+            Ok(r) => requests.push(r),
+            Err(e) => errors.push(format!("{}:{}: {e}", path.display(), i + 1)),
+        }
+    }
+    if errors.is_empty() {
+        Ok(requests)
+    } else {
+        Err(Failure::input(errors.join("\n")))
+    }
+}
+
+pub fn run(args: &SimulateArgs) -> Result<(), Failure> {
+    let inputs = Inputs::load(&args.inputs)?;
+    let model = inputs.compile();
+    if !model.diagnostics.is_empty() {
+        eprintln!(
+            "ces: warning: {} problem(s) in the manifests; the objects concerned are left out (run `ces validate`)",
+            model.diagnostics.len()
+        );
+    }
+    let default_at = parse_at(args.at.as_deref(), Timestamp::now()).map_err(Failure::input)?;
+    let (requests, output) = match &args.flows {
+        Some(path) => (read_flows(path, &inputs, default_at)?, Output::Json),
+        None => {
+            let (from, to) = (
+                args.from.as_deref().unwrap_or_default(),
+                args.to.as_deref().unwrap_or_default(),
+            );
+            (
+                vec![resolve(&inputs, from, to, default_at).map_err(Failure::input)?],
+                args.output,
+            )
+        }
+    };
+    let evaluator = Evaluator::new(&model);
+    let mut out = String::new();
+    for r in requests {
+        let decision = evaluator
+            .decide(&r.flow)
+            .map_err(|e| Failure::input(format!("`{}`: {e}", r.from)))?;
+        let result = SimResult {
+            from: r.from,
+            to: r.to,
+            at: r.flow.at.to_string(),
+            source: r.source,
+            decision,
+        };
+        match output {
+            Output::Json => {
+                out.push_str(&serde_json::to_string(&result).expect("results serialise"));
+                out.push('\n');
+            }
+            Output::Text => out.push_str(&text(&result, &model)),
+        }
+    }
+    print!("{out}");
+    Ok(())
+}
+
+fn text(r: &SimResult, model: &PolicyModel) -> String {
+    let d = &r.decision;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{}  {} -> {}",
+        d.verdict.as_str().to_uppercase(),
+        r.from,
+        r.to
+    );
+    let _ = writeln!(s, "  at       {}", r.at);
+    let who = match (&r.source.namespace, &r.source.pod) {
+        (Some(ns), Some(pod)) => format!("pod {ns}/{pod}, "),
+        _ => "no known pod, ".to_string(),
+    };
+    let rd = model
+        .tenant(&d.tenant)
+        .map(|t| format!(", route domain {}", t.route_domain.id))
+        .unwrap_or_default();
+    let _ = writeln!(
+        s,
+        "  source   {} ({who}tenant {}{rd})",
+        r.source.ip, d.tenant
+    );
+    let by = &d.decided_by;
+    let what = match (&by.external_service, &by.port) {
+        (Some(e), Some(p)) => format!(" (ExternalService {e}, port {p})"),
+        (Some(e), None) => format!(" (ExternalService {e})"),
+        _ => " (no rule matched)".to_string(),
+    };
+    let ctx = serde_json::to_value(by.context)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let _ = writeln!(s, "  decided  by {} in the {ctx} context{what}", by.rule);
+    for (i, t) in d.trail.iter().enumerate() {
+        let effect = serde_json::to_value(t.effect)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let ctx = serde_json::to_value(t.context)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let label = if i == 0 { "trail" } else { "" };
+        let _ = writeln!(
+            s,
+            "  {label:<8} {ctx:<9} {:<17} {effect:<16} {}",
+            t.action.as_str(),
+            t.rule
+        );
+    }
+    s
+}

@@ -1,0 +1,412 @@
+//! The `ces` command line, run as a user runs it: the real binary, real files, exit codes and output.
+//!
+//! Golden files live in `tests/golden/`; regenerate them with `UPDATE_GOLDEN=1 cargo test -p ces` and review the
+//! diff before committing.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+fn ces(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ces"))
+        .args(args)
+        .current_dir(root())
+        .env_remove("CES_NAMESPACE")
+        .output()
+        .expect("run ces")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8(o.stderr.clone()).unwrap()
+}
+
+fn golden(name: &str, actual: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; run with UPDATE_GOLDEN=1 to create it",
+            path.display()
+        )
+    });
+    if expected != actual {
+        let line = expected
+            .lines()
+            .zip(actual.lines())
+            .position(|(a, b)| a != b)
+            .unwrap_or(0)
+            + 1;
+        panic!(
+            "{} differs from the output at line {line}; if the change is intended, run with UPDATE_GOLDEN=1 and review the diff",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn crds_are_golden() {
+    let o = ces(&["crds"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    golden("crds.yaml", &stdout(&o));
+}
+
+#[test]
+fn the_model_of_the_example_is_golden() {
+    let o = ces(&["compile", "--backend", "model", "--example"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let model: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(model["diagnostics"], serde_json::json!([]));
+    assert_eq!(model["tenants"].as_array().unwrap().len(), 3);
+    golden("realistic-model.json", &stdout(&o));
+}
+
+#[test]
+fn simulating_the_example_flows_is_golden_and_keeps_the_contract() {
+    let o = ces(&[
+        "simulate",
+        "--example",
+        "--flows",
+        "examples/realistic/flows.jsonl",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let results: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let inputs = std::fs::read_to_string(root().join("examples/realistic/flows.jsonl")).unwrap();
+    assert_eq!(
+        results.len(),
+        inputs.lines().count(),
+        "one result per flow, in order"
+    );
+    for (r, line) in results.iter().zip(inputs.lines()) {
+        let input: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(r["from"], input["from"]);
+        assert!(matches!(
+            r["verdict"].as_str(),
+            Some("accept" | "drop" | "reject")
+        ));
+        assert!(r["tenant"].is_string());
+        assert!(matches!(
+            r["decidedBy"]["context"].as_str(),
+            Some("cluster" | "namespace" | "service" | "default")
+        ));
+        assert!(r["decidedBy"]["rule"].is_string());
+        assert!(r["trail"].is_array());
+    }
+    let verdicts: Vec<&str> = results
+        .iter()
+        .map(|r| r["verdict"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        verdicts,
+        [
+            "accept", "reject", "accept", "reject", "drop", "accept", "reject", "reject", "drop",
+            "accept", "drop", "accept", "accept", "accept", "drop"
+        ]
+    );
+    golden("realistic-flows.jsonl", &out);
+}
+
+#[test]
+fn the_original_examples_simulate_through_the_cli() {
+    let base = [
+        "simulate",
+        "--manifests",
+        "examples/original/examples.yaml",
+        "examples/original-cluster.yaml",
+        "--config",
+        "examples/original/ces-conf.yaml",
+        "--output",
+        "json",
+    ];
+    let run = |from: &str, to: &str| -> Value {
+        let mut args = base.to_vec();
+        args.extend(["--from", from, "--to", to]);
+        let o = ces(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_str(&stdout(&o)).unwrap()
+    };
+    let r = run("default/mysql-0", "211.6.6.7:9090/udp");
+    assert_eq!(r["verdict"], "accept");
+    assert_eq!(r["tenant"], "p2");
+    assert_eq!(r["decidedBy"]["rule"], "ServiceEgressRule/default/rule4");
+    assert_eq!(r["source"]["ip"], "10.16.0.11");
+    let r = run("default/web-1", "211.6.6.7:9090/udp");
+    assert_eq!(
+        (r["verdict"].as_str(), r["decidedBy"]["context"].as_str()),
+        (Some("drop"), Some("default"))
+    );
+    let r = run("10.66.0.5", "22.6.6.5:9090/tcp");
+    assert_eq!(r["verdict"], "drop");
+    assert_eq!(r["tenant"], "project3");
+    assert_eq!(r["trail"][0]["rule"], "ClusterEgressRule/rule1");
+    assert_eq!(r["trail"][0]["effect"], "next-context");
+}
+
+#[test]
+fn text_output_names_verdict_rule_and_trail() {
+    let o = ces(&[
+        "simulate",
+        "--example",
+        "--from",
+        "analytics/notebook-0",
+        "--to",
+        "x.pastebin.example:443/tcp",
+        "--at",
+        "2026-11-26T10:00:00Z",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.starts_with("DROP  analytics/notebook-0 -> x.pastebin.example:443/tcp\n"),
+        "{out}"
+    );
+    assert!(out.contains("tenant analytics, route domain 20"), "{out}");
+    assert!(
+        out.contains("by Tenant/analytics in the default context"),
+        "{out}"
+    );
+    assert!(
+        out.contains("audit") && out.contains("ClusterEgressRule/audit-paste"),
+        "{out}"
+    );
+}
+
+#[test]
+fn bad_simulate_input_exits_2_with_a_clear_message() {
+    let cases: [(&[&str], &str); 7] = [
+        (
+            &["--from", "payments/ghost", "--to", "1.1.1.1:443/tcp"],
+            "no pod ghost in namespace payments",
+        ),
+        (
+            &["--from", "not-a-source", "--to", "1.1.1.1:443/tcp"],
+            "neither NAMESPACE/POD nor an IP address",
+        ),
+        (
+            &["--from", "10.0.0.1", "--to", "1.1.1.1:443"],
+            "expected HOST:PORT/tcp",
+        ),
+        (
+            &["--from", "10.0.0.1", "--to", "1.1.1.1:99999/tcp"],
+            "not in 1-65535",
+        ),
+        (
+            &[
+                "--from",
+                "10.0.0.1",
+                "--to",
+                "1.1.1.1:443/tcp",
+                "--at",
+                "noon",
+            ],
+            "is not an RFC 3339 time",
+        ),
+        (
+            &["--from", "10.0.0.1", "--to", "1.1.1.1/icmp", "--flows", "x"],
+            "cannot be used with",
+        ),
+        (&["--to", "1.1.1.1/icmp"], "--from"),
+    ];
+    for (args, want) in cases {
+        let mut full = vec!["simulate", "--example"];
+        full.extend_from_slice(args);
+        let o = ces(&full);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains(want),
+            "{args:?}: stderr `{}` lacks `{want}`",
+            stderr(&o)
+        );
+        assert!(stdout(&o).is_empty(), "nothing half-printed on bad input");
+    }
+}
+
+#[test]
+fn a_bad_flows_file_names_every_bad_line_and_prints_nothing() {
+    let dir = std::env::temp_dir().join(format!("ces-flows-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("flows.jsonl");
+    std::fs::write(
+        &file,
+        "{\"from\": \"10.0.0.1\", \"to\": \"1.1.1.1:443/tcp\"}\n\n{\"from\": \"10.0.0.1\"}\nnot json\n{\"from\": \"10.0.0.1\", \"to\": \"1.1.1.1/icmp\", \"when\": 1}\n",
+    )
+    .unwrap();
+    let o = ces(&["simulate", "--example", "--flows", file.to_str().unwrap()]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(err.contains("flows.jsonl:3: missing field `to`"), "{err}");
+    assert!(err.contains("flows.jsonl:4: "), "{err}");
+    assert!(err.contains("flows.jsonl:5: unknown field `when`"), "{err}");
+    assert!(stdout(&o).is_empty());
+}
+
+#[test]
+fn a_bad_config_names_the_file_and_the_key() {
+    let dir = std::env::temp_dir().join(format!("ces-conf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("ces-conf.yaml");
+    std::fs::write(
+        &conf,
+        "clusterName: k8s\ntenant:\n- name: Common\n  routeDomain: {id: 99999}\n",
+    )
+    .unwrap();
+    let o = ces(&[
+        "simulate",
+        "--manifests",
+        "examples/realistic",
+        "--config",
+        conf.to_str().unwrap(),
+        "--from",
+        "10.0.0.1",
+        "--to",
+        "1.1.1.1/icmp",
+    ]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(
+        err.contains("ces-conf.yaml: tenant[0].routeDomain.id: "),
+        "{err}"
+    );
+}
+
+#[test]
+fn validate_reports_every_kind_of_bad_input_and_exits_1() {
+    let o = ces(&["validate", "--manifests", "crates/ces/tests/fixtures/bad"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let out = stdout(&o);
+    for want in [
+        "malformed.yaml:1: ",
+        "(InvalidYAML)",
+        "ExternalService/kube-system/typo: spec.adresses: unknown field `adresses`",
+        "ExternalService/kube-system/bad-cidr: spec.addresses[0]: `10.0.0.0/33` is not a valid CIDR (InvalidAddress)",
+        "ExternalService/kube-system/bad-port: spec.ports[0].port: port list `99999`: port 99999 is out of range 1-65535 (InvalidPort)",
+        "ExternalService/kube-system/reversed: spec.addresses[0]: range `10.0.0.9-10.0.0.1` is reversed",
+        "ExternalService/kube-system/reversed: spec.ports[0].port: port list `9000-8000`: range 9000-8000 is reversed",
+        "ClusterEgressRule/bad-action: spec.action: unknown variant `allow`",
+        "ClusterEgressRule/missing-ref: ExternalService kube-system/does-not-exist not found (ExternalServiceNotFound)",
+        "ExternalService/kube-system/ok: defined more than once; the first definition, at crates/ces/tests/fixtures/bad/objects.yaml:41, is kept (DuplicateName)",
+    ] {
+        assert!(out.contains(want), "validate output lacks `{want}`:\n{out}");
+    }
+    assert!(
+        !out.contains("ClusterEgressRule/fine"),
+        "the good rule has no problem:\n{out}"
+    );
+    assert!(out.trim_end().ends_with("problem(s)"), "{out}");
+
+    let o = ces(&[
+        "validate",
+        "--manifests",
+        "crates/ces/tests/fixtures/bad",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(
+        v["problems"].as_array().unwrap().len(),
+        out.lines().count() - 1
+    );
+}
+
+#[test]
+fn validate_passes_the_examples() {
+    for args in [
+        vec!["validate", "--example"],
+        vec![
+            "validate",
+            "--manifests",
+            "examples/original/examples.yaml",
+            "examples/original-cluster.yaml",
+            "--config",
+            "examples/original/ces-conf.yaml",
+        ],
+        vec![
+            "validate",
+            "--manifests",
+            "examples/original/examples-0.6.2.yaml",
+            "examples/original-cluster.yaml",
+            "--config",
+            "examples/original/ces-conf.yaml",
+        ],
+    ] {
+        let o = ces(&args);
+        assert!(
+            o.status.success(),
+            "{args:?}:\n{}{}",
+            stdout(&o),
+            stderr(&o)
+        );
+    }
+}
+
+#[test]
+fn a_missing_manifest_path_is_bad_input() {
+    let o = ces(&["compile", "--manifests", "no/such/dir"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("no/such/dir: "), "{}", stderr(&o));
+}
+
+#[test]
+fn ces_namespace_flag_and_env_move_cluster_external_services() {
+    let dir = std::env::temp_dir().join(format!("ces-ns-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("m.yaml"),
+        "apiVersion: kubeovn.io/v1alpha1\nkind: ExternalService\nmetadata: {name: e, namespace: ces}\nspec: {addresses: [1.1.1.1]}\n---\napiVersion: kubeovn.io/v1alpha1\nkind: ClusterEgressRule\nmetadata: {name: r}\nspec: {action: accept-decisively, externalServices: [e]}\n",
+    )
+    .unwrap();
+    let m = dir.join("m.yaml");
+    let args = [
+        "simulate",
+        "--manifests",
+        m.to_str().unwrap(),
+        "--from",
+        "10.0.0.1",
+        "--to",
+        "1.1.1.1/icmp",
+        "--output",
+        "json",
+    ];
+    let verdict = |o: Output| -> String {
+        let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+        v["verdict"].as_str().unwrap().to_string()
+    };
+    assert_eq!(
+        verdict(ces(&args)),
+        "drop",
+        "default kube-system: the rule is left out"
+    );
+    let mut with_flag = args.to_vec();
+    with_flag.extend(["--ces-namespace", "ces"]);
+    assert_eq!(verdict(ces(&with_flag)), "accept");
+    let o = Command::new(env!("CARGO_BIN_EXE_ces"))
+        .args(args)
+        .env("CES_NAMESPACE", "ces")
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(verdict(o), "accept");
+}
