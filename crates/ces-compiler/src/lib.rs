@@ -54,6 +54,14 @@ pub fn compile(snap: &Snapshot, config: &CesConfig, ces_namespace: &str) -> Poli
     .run()
 }
 
+/// The rules compiled into one tenant, before sorting.
+#[derive(Default)]
+struct TenantRules {
+    namespace: Vec<Rule>,
+    service: Vec<Rule>,
+    nat: Vec<NatRule>,
+}
+
 /// A problem found while compiling one object: a reason code and a message.
 type Problem = (&'static str, String);
 
@@ -96,7 +104,7 @@ impl<'a> Compiler<'a> {
             }
         }
 
-        let mut by_tenant: BTreeMap<String, (Vec<Rule>, Vec<Rule>, Vec<NatRule>)> = BTreeMap::new();
+        let mut by_tenant: BTreeMap<String, TenantRules> = BTreeMap::new();
         for ((ns, name), obj) in &self.snap.namespace_rules {
             let sources = self.namespace_rule_sources(ns, name, obj.spec.pod_selector.as_ref());
             if let Some(r) = self.rule(
@@ -109,7 +117,7 @@ impl<'a> Compiler<'a> {
                 by_tenant
                     .entry(self.config.tenant_of(ns).to_string())
                     .or_default()
-                    .0
+                    .namespace
                     .push(r);
             }
         }
@@ -127,7 +135,7 @@ impl<'a> Compiler<'a> {
                 by_tenant
                     .entry(self.config.tenant_of(ns).to_string())
                     .or_default()
-                    .1
+                    .service
                     .push(r);
             }
         }
@@ -136,7 +144,7 @@ impl<'a> Compiler<'a> {
                 by_tenant
                     .entry(self.config.tenant_of(ns).to_string())
                     .or_default()
-                    .2
+                    .nat
                     .push(r);
             }
         }
@@ -485,10 +493,7 @@ impl<'a> Compiler<'a> {
         })
     }
 
-    fn tenants(
-        &mut self,
-        mut by_tenant: BTreeMap<String, (Vec<Rule>, Vec<Rule>, Vec<NatRule>)>,
-    ) -> Vec<TenantPolicy> {
+    fn tenants(&mut self, mut by_tenant: BTreeMap<String, TenantRules>) -> Vec<TenantPolicy> {
         let config = self.config;
         let mut names: Vec<&str> = if config.is_support_route_domain {
             config.tenant.iter().map(|t| t.name.as_str()).collect()
@@ -543,8 +548,11 @@ impl<'a> Compiler<'a> {
                 .collect();
             self.sets
                 .insert(members.clone(), AddressSet::from_unsorted(addrs));
-            let (mut ns_rules, mut svc_rules, mut nat_rules) =
-                by_tenant.remove(name).unwrap_or_default();
+            let TenantRules {
+                namespace: mut ns_rules,
+                service: mut svc_rules,
+                nat: mut nat_rules,
+            } = by_tenant.remove(name).unwrap_or_default();
             sort_rules(&mut ns_rules);
             sort_rules(&mut svc_rules);
             nat_rules.sort_by(|a, b| {

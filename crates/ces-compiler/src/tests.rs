@@ -20,7 +20,7 @@ fn default_model(yaml: &str) -> PolicyModel {
     )
 }
 
-fn set<'m>(m: &'m PolicyModel, name: &str) -> Vec<String> {
+fn set(m: &PolicyModel, name: &str) -> Vec<String> {
     m.address_sets[name]
         .addresses
         .iter()

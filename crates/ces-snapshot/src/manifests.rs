@@ -244,7 +244,7 @@ fn load_value(b: &mut SnapshotBuilder, value: Value, origin: &str, stats: &mut L
             match parse::<$t>(value.clone(), origin, &obj) {
                 Ok(o) => Some(o),
                 Err(d) => {
-                    b.diagnostic(d);
+                    b.diagnostic(*d);
                     None
                 }
             }
@@ -341,11 +341,11 @@ fn parse<T: DeserializeOwned>(
     value: Value,
     origin: &str,
     obj: &ObjectRef,
-) -> Result<T, Diagnostic> {
+) -> Result<T, Box<Diagnostic>> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
-        Diagnostic {
+        Box::new(Diagnostic {
             object: Some(obj.clone()),
             origin: Some(origin.to_string()),
             reason: "InvalidSpec".into(),
@@ -354,7 +354,7 @@ fn parse<T: DeserializeOwned>(
             } else {
                 format!("{path}: {inner}")
             },
-        }
+        })
     })
 }
 
