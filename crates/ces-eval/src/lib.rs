@@ -159,8 +159,9 @@ pub struct Evaluator<'m> {
     model: &'m PolicyModel,
     /// Host addresses (/32, /128) to the sets that hold them.
     hosts: HashMap<IpAddr, Vec<u32>>,
-    /// Wider prefixes (namespace CIDRs), with their set.
-    prefixes: Vec<(IpNet, u32)>,
+    /// Wider prefixes (namespace CIDRs) to their sets, bucketed by family and length: a lookup costs one hash
+    /// probe per distinct prefix length, not one test per prefix.
+    prefixes: Vec<(bool, u8, HashMap<IpNet, Vec<u32>>)>,
     /// Set id of each tenant's member set, by tenant index.
     tenant_sets: Vec<u32>,
     cluster: ContextIndex<'m>,
@@ -173,7 +174,7 @@ impl<'m> Evaluator<'m> {
     pub fn new(model: &'m PolicyModel) -> Evaluator<'m> {
         let mut set_ids = HashMap::new();
         let mut hosts: HashMap<IpAddr, Vec<u32>> = HashMap::new();
-        let mut prefixes = Vec::new();
+        let mut prefixes: Vec<(bool, u8, HashMap<IpNet, Vec<u32>>)> = Vec::new();
         for (i, (name, set)) in model.address_sets.iter().enumerate() {
             let id = i as u32;
             set_ids.insert(name.as_str(), id);
@@ -181,7 +182,15 @@ impl<'m> Evaluator<'m> {
                 if net.prefix_len() == net.max_prefix_len() {
                     hosts.entry(net.addr()).or_default().push(id);
                 } else {
-                    prefixes.push((*net, id));
+                    let (v4, len) = (net.addr().is_ipv4(), net.prefix_len());
+                    let bucket = match prefixes.iter().position(|(f, l, _)| (*f, *l) == (v4, len)) {
+                        Some(i) => i,
+                        None => {
+                            prefixes.push((v4, len, HashMap::new()));
+                            prefixes.len() - 1
+                        }
+                    };
+                    prefixes[bucket].2.entry(net.trunc()).or_default().push(id);
                 }
             }
         }
@@ -218,12 +227,14 @@ impl<'m> Evaluator<'m> {
     /// The ids of every set holding `ip`.
     fn sets_of(&self, ip: IpAddr) -> Vec<u32> {
         let mut out: Vec<u32> = self.hosts.get(&ip).cloned().unwrap_or_default();
-        out.extend(
-            self.prefixes
-                .iter()
-                .filter(|(n, _)| n.contains(&ip))
-                .map(|(_, id)| *id),
-        );
+        for (v4, len, nets) in &self.prefixes {
+            if *v4 != ip.is_ipv4() {
+                continue;
+            }
+            if let Some(ids) = IpNet::new(ip, *len).ok().and_then(|n| nets.get(&n.trunc())) {
+                out.extend_from_slice(ids);
+            }
+        }
         out
     }
 

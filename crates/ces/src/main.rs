@@ -72,6 +72,18 @@ enum Command {
     },
     /// Decide flows: the verdict, the rule that decided it, and the rules met on the way.
     Simulate(simulate::SimulateArgs),
+    /// Write a synthetic cluster (cluster.yaml, policies.yaml, ces-conf.yaml) for scale experiments.
+    Synth {
+        #[arg(long, default_value_t = 1000)]
+        pods: usize,
+        #[arg(long, default_value_t = 100)]
+        rules: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Folder to write into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 /// A failure with its exit code.
@@ -128,6 +140,26 @@ fn run(command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Simulate(args) => simulate::run(&args),
+        Command::Synth {
+            pods,
+            rules,
+            seed,
+            out,
+        } => {
+            if pods > 6_553_600 {
+                return Err(Failure::input(
+                    "--pods: at most 6553600 (65536 namespaces of 100 pods)",
+                ));
+            }
+            ces_synth::Synth::generate(pods, rules, seed)
+                .write_yaml(&out)
+                .map_err(|e| Failure::input(format!("{}: {e}", out.display())))?;
+            eprintln!(
+                "ces: wrote {pods} pods and {rules} rules to {}",
+                out.display()
+            );
+            Ok(())
+        }
     }
 }
 
