@@ -3,9 +3,7 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-use crate::types::{
-    ClusterEgressRule, ExternalIPRule, ExternalService, NamespaceEgressRule, ServiceEgressRule,
-};
+use crate::types::{ClusterEgressRule, ExternalIPRule, ExternalService, NamespaceEgressRule, ServiceEgressRule};
 
 /// The five CRDs, in a stable order.
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
@@ -48,36 +46,11 @@ mod tests {
     #[test]
     fn names_scopes_and_short_names_match_the_original() {
         let expect = [
-            (
-                "externalservices.kubeovn.io",
-                "Namespaced",
-                "exsvc",
-                "ExternalService",
-            ),
-            (
-                "clusteregressrules.kubeovn.io",
-                "Cluster",
-                "cgr",
-                "ClusterEgressRule",
-            ),
-            (
-                "namespaceegressrules.kubeovn.io",
-                "Namespaced",
-                "nsgr",
-                "NamespaceEgressRule",
-            ),
-            (
-                "serviceegressrules.kubeovn.io",
-                "Namespaced",
-                "svcgr",
-                "ServiceEgressRule",
-            ),
-            (
-                "externaliprules.bigip.io",
-                "Namespaced",
-                "eipr",
-                "ExternalIPRule",
-            ),
+            ("externalservices.kubeovn.io", "Namespaced", "exsvc", "ExternalService"),
+            ("clusteregressrules.kubeovn.io", "Cluster", "cgr", "ClusterEgressRule"),
+            ("namespaceegressrules.kubeovn.io", "Namespaced", "nsgr", "NamespaceEgressRule"),
+            ("serviceegressrules.kubeovn.io", "Namespaced", "svcgr", "ServiceEgressRule"),
+            ("externaliprules.bigip.io", "Namespaced", "eipr", "ExternalIPRule"),
         ];
         for (name, scope, short, kind) in expect {
             let crd = crd_json(name);
@@ -92,27 +65,16 @@ mod tests {
     fn required_fields_and_action_enum_match_the_original() {
         let svc = crd_json("serviceegressrules.kubeovn.io");
         let spec = spec_schema(&svc);
-        let mut required: Vec<&str> = spec["required"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap())
-            .collect();
+        let mut required: Vec<&str> =
+            spec["required"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
         required.sort();
         assert_eq!(required, ["action", "externalServices", "service"]);
-        let actions: Vec<&str> = spec["properties"]["action"]["enum"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap())
-            .collect();
+        let actions: Vec<&str> =
+            spec["properties"]["action"]["enum"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
         assert_eq!(actions, ["accept", "drop", "accept-decisively", "reject"]);
 
         let exsvc = crd_json("externalservices.kubeovn.io");
-        assert_eq!(
-            spec_schema(&exsvc)["required"],
-            serde_json::json!(["addresses"])
-        );
+        assert_eq!(spec_schema(&exsvc)["required"], serde_json::json!(["addresses"]));
         let port = &spec_schema(&exsvc)["properties"]["ports"]["items"]["properties"]["port"];
         assert_eq!(port["pattern"], crate::types::PORT_PATTERN);
     }
@@ -124,10 +86,7 @@ mod tests {
         assert_eq!(cols[0]["jsonPath"], ".spec.action");
         assert_eq!(cols[1]["jsonPath"], ".status.phase");
         let exsvc = crd_json("externalservices.kubeovn.io");
-        assert_eq!(
-            exsvc["spec"]["versions"][0]["additionalPrinterColumns"][0]["jsonPath"],
-            ".spec.addresses"
-        );
+        assert_eq!(exsvc["spec"]["versions"][0]["additionalPrinterColumns"][0]["jsonPath"], ".spec.addresses");
     }
 
     #[test]

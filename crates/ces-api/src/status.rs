@@ -42,13 +42,7 @@ pub struct Condition {
     pub message: String,
 }
 
-fn status(
-    phase: Phase,
-    generation: Option<i64>,
-    ready: bool,
-    reason: &str,
-    message: &str,
-) -> ResourceStatus {
+fn status(phase: Phase, generation: Option<i64>, ready: bool, reason: &str, message: &str) -> ResourceStatus {
     ResourceStatus {
         phase: Some(phase),
         observed_generation: generation,
@@ -79,11 +73,7 @@ mod tests {
 
     #[test]
     fn failed_status_carries_reason_and_generation() {
-        let s = failed_status(
-            Some(7),
-            "ExternalServiceNotFound",
-            "ExternalService default/x not found",
-        );
+        let s = failed_status(Some(7), "ExternalServiceNotFound", "ExternalService default/x not found");
         assert_eq!(s.phase, Some(Phase::Failed));
         assert_eq!(s.observed_generation, Some(7));
         let c = &s.conditions[0];
@@ -97,8 +87,7 @@ mod tests {
     #[test]
     fn original_phases_still_parse() {
         for p in ["Syncing", "Success"] {
-            let s: ResourceStatus =
-                serde_json::from_value(serde_json::json!({ "phase": p })).unwrap();
+            let s: ResourceStatus = serde_json::from_value(serde_json::json!({ "phase": p })).unwrap();
             assert!(s.phase.is_some());
         }
     }

@@ -15,9 +15,8 @@ use std::collections::{BTreeMap, HashMap};
 use ces_api::{DEFAULT_PRIORITY, ExternalServiceSpec, LabelSelector, RuleCommon};
 use ces_config::{COMMON, CesConfig, DefaultAction};
 use ces_model::{
-    AddressEntry, AddressSet, Bandwidth, DestinationMatch, Diagnostic, MODEL_VERSION, NatRule,
-    ObjectRef, PolicyModel, PortMatch, Protocol, RouteDomainRef, Rule, RuleKind, Schedule, Sources,
-    TenantPolicy, Verdict, parse_port_list,
+    AddressEntry, AddressSet, Bandwidth, DestinationMatch, Diagnostic, MODEL_VERSION, NatRule, ObjectRef, PolicyModel,
+    PortMatch, Protocol, RouteDomainRef, Rule, RuleKind, Schedule, Sources, TenantPolicy, Verdict, parse_port_list,
 };
 use ces_snapshot::{Key, Object, Snapshot};
 use ipnet::IpNet;
@@ -93,13 +92,7 @@ impl<'a> Compiler<'a> {
                 Some(sel) => self.namespace_selector_sources(sel),
             };
             let exsvc_ns = self.ces_namespace.to_string();
-            if let Some(r) = self.rule(
-                RuleKind::ClusterEgressRule,
-                obj,
-                obj.spec.common(),
-                &exsvc_ns,
-                sources,
-            ) {
+            if let Some(r) = self.rule(RuleKind::ClusterEgressRule, obj, obj.spec.common(), &exsvc_ns, sources) {
                 cluster_rules.push(r);
             }
         }
@@ -107,45 +100,19 @@ impl<'a> Compiler<'a> {
         let mut by_tenant: BTreeMap<String, TenantRules> = BTreeMap::new();
         for ((ns, name), obj) in &self.snap.namespace_rules {
             let sources = self.namespace_rule_sources(ns, name, obj.spec.pod_selector.as_ref());
-            if let Some(r) = self.rule(
-                RuleKind::NamespaceEgressRule,
-                obj,
-                obj.spec.common(),
-                ns,
-                sources,
-            ) {
-                by_tenant
-                    .entry(self.config.tenant_of(ns).to_string())
-                    .or_default()
-                    .namespace
-                    .push(r);
+            if let Some(r) = self.rule(RuleKind::NamespaceEgressRule, obj, obj.spec.common(), ns, sources) {
+                by_tenant.entry(self.config.tenant_of(ns).to_string()).or_default().namespace.push(r);
             }
         }
         for ((ns, _), obj) in &self.snap.service_rules {
-            let sources = self
-                .service_sources(ns, &obj.spec.service)
-                .map(|s| Sources::Sets(vec![s]));
-            if let Some(r) = self.rule(
-                RuleKind::ServiceEgressRule,
-                obj,
-                obj.spec.common(),
-                ns,
-                sources,
-            ) {
-                by_tenant
-                    .entry(self.config.tenant_of(ns).to_string())
-                    .or_default()
-                    .service
-                    .push(r);
+            let sources = self.service_sources(ns, &obj.spec.service).map(|s| Sources::Sets(vec![s]));
+            if let Some(r) = self.rule(RuleKind::ServiceEgressRule, obj, obj.spec.common(), ns, sources) {
+                by_tenant.entry(self.config.tenant_of(ns).to_string()).or_default().service.push(r);
             }
         }
         for ((ns, _), obj) in &self.snap.external_ip_rules {
             if let Some(r) = self.nat_rule(ns, obj) {
-                by_tenant
-                    .entry(self.config.tenant_of(ns).to_string())
-                    .or_default()
-                    .nat
-                    .push(r);
+                by_tenant.entry(self.config.tenant_of(ns).to_string()).or_default().nat.push(r);
             }
         }
 
@@ -172,11 +139,7 @@ impl<'a> Compiler<'a> {
         }
     }
 
-    fn external_service(
-        &mut self,
-        key: &Key,
-        obj: &Object<ExternalServiceSpec>,
-    ) -> Option<DestinationMatch> {
+    fn external_service(&mut self, key: &Key, obj: &Object<ExternalServiceSpec>) -> Option<DestinationMatch> {
         let mut problems: Vec<Problem> = Vec::new();
         let mut addresses = Vec::with_capacity(obj.spec.addresses.len());
         if obj.spec.addresses.is_empty() {
@@ -201,10 +164,7 @@ impl<'a> Compiler<'a> {
             let ranges = match p.port.as_deref() {
                 None => Vec::new(),
                 Some(_) if protocol == Protocol::Icmp => {
-                    problems.push((
-                        "InvalidPort",
-                        format!("{at}.port: ICMP has no ports; remove `port`"),
-                    ));
+                    problems.push(("InvalidPort", format!("{at}.port: ICMP has no ports; remove `port`")));
                     continue;
                 }
                 Some(s) => match parse_port_list(s) {
@@ -233,17 +193,9 @@ impl<'a> Compiler<'a> {
             });
         }
         if problems.is_empty() {
-            Some(DestinationMatch {
-                external_service: format!("{}/{}", key.0, key.1),
-                addresses,
-                ports,
-            })
+            Some(DestinationMatch { external_service: format!("{}/{}", key.0, key.1), addresses, ports })
         } else {
-            self.report(
-                ObjectRef::new("ExternalService", Some(&key.0), &key.1),
-                &obj.origin,
-                problems,
-            );
+            self.report(ObjectRef::new("ExternalService", Some(&key.0), &key.1), &obj.origin, problems);
             None
         }
     }
@@ -270,28 +222,18 @@ impl<'a> Compiler<'a> {
             }
         };
         if common.external_services.is_empty() {
-            problems.push((
-                "ExternalServiceNotFound",
-                "spec.externalServices is empty".into(),
-            ));
+            problems.push(("ExternalServiceNotFound", "spec.externalServices is empty".into()));
         }
         let mut destinations = Vec::with_capacity(common.external_services.len());
         for name in common.external_services {
-            match self
-                .external_services
-                .get(&(exsvc_namespace.to_string(), name.clone()))
-            {
+            match self.external_services.get(&(exsvc_namespace.to_string(), name.clone())) {
                 Some(Some(d)) => destinations.push(d.clone()),
                 Some(None) => problems.push((
                     "ExternalServiceInvalid",
-                    format!(
-                        "ExternalService {exsvc_namespace}/{name} is invalid (see its own errors)"
-                    ),
+                    format!("ExternalService {exsvc_namespace}/{name} is invalid (see its own errors)"),
                 )),
-                None => problems.push((
-                    "ExternalServiceNotFound",
-                    format!("ExternalService {exsvc_namespace}/{name} not found"),
-                )),
+                None => problems
+                    .push(("ExternalServiceNotFound", format!("ExternalService {exsvc_namespace}/{name} not found"))),
             }
         }
         if !problems.is_empty() {
@@ -317,26 +259,20 @@ impl<'a> Compiler<'a> {
     fn namespace_set(&mut self, ns: &str) -> String {
         let name = namespace_set(ns);
         if !self.sets.contains_key(&name) {
-            let mut addrs: Vec<IpNet> = self
-                .snap
-                .pods_in(ns)
-                .iter()
-                .flat_map(|p| p.ips.iter().copied().map(host_net))
-                .collect();
+            let mut addrs: Vec<IpNet> =
+                self.snap.pods_in(ns).iter().flat_map(|p| p.ips.iter().copied().map(host_net)).collect();
             if self.config.cni_type() == ces_config::DEFAULT_CNI_TYPE
                 && let Some(n) = self.snap.namespaces.get(ns)
             {
                 addrs.extend(n.cidrs.iter().copied());
             }
-            self.sets
-                .insert(name.clone(), AddressSet::from_unsorted(addrs));
+            self.sets.insert(name.clone(), AddressSet::from_unsorted(addrs));
         }
         name
     }
 
     fn namespace_selector_sources(&mut self, sel: &LabelSelector) -> Result<Sources, Problem> {
-        selector::validate(sel)
-            .map_err(|e| ("InvalidSelector", format!("spec.namespaceSelector: {e}")))?;
+        selector::validate(sel).map_err(|e| ("InvalidSelector", format!("spec.namespaceSelector: {e}")))?;
         let selected: Vec<String> = self
             .snap
             .namespaces
@@ -345,14 +281,9 @@ impl<'a> Compiler<'a> {
             .map(|n| n.name.clone())
             .collect();
         if selected.is_empty() {
-            return Err((
-                "SelectorMatchesNothing",
-                "spec.namespaceSelector selects no namespace".into(),
-            ));
+            return Err(("SelectorMatchesNothing", "spec.namespaceSelector selects no namespace".into()));
         }
-        Ok(Sources::Sets(
-            selected.iter().map(|ns| self.namespace_set(ns)).collect(),
-        ))
+        Ok(Sources::Sets(selected.iter().map(|ns| self.namespace_set(ns)).collect()))
     }
 
     fn namespace_rule_sources(
@@ -364,27 +295,14 @@ impl<'a> Compiler<'a> {
         let Some(sel) = sel else {
             return Ok(Sources::Sets(vec![self.namespace_set(ns)]));
         };
-        selector::validate(sel)
-            .map_err(|e| ("InvalidSelector", format!("spec.podSelector: {e}")))?;
-        let pods: Vec<_> = self
-            .snap
-            .pods_in(ns)
-            .iter()
-            .filter(|p| selector::matches(sel, &p.labels))
-            .collect();
+        selector::validate(sel).map_err(|e| ("InvalidSelector", format!("spec.podSelector: {e}")))?;
+        let pods: Vec<_> = self.snap.pods_in(ns).iter().filter(|p| selector::matches(sel, &p.labels)).collect();
         if pods.is_empty() {
-            return Err((
-                "SelectorMatchesNothing",
-                format!("spec.podSelector selects no pod in namespace {ns}"),
-            ));
+            return Err(("SelectorMatchesNothing", format!("spec.podSelector selects no pod in namespace {ns}")));
         }
         let name = pod_selector_set(ns, rule);
-        let addrs = pods
-            .iter()
-            .flat_map(|p| p.ips.iter().copied().map(host_net))
-            .collect();
-        self.sets
-            .insert(name.clone(), AddressSet::from_unsorted(addrs));
+        let addrs = pods.iter().flat_map(|p| p.ips.iter().copied().map(host_net)).collect();
+        self.sets.insert(name.clone(), AddressSet::from_unsorted(addrs));
         Ok(Sources::Sets(vec![name]))
     }
 
@@ -410,8 +328,7 @@ impl<'a> Compiler<'a> {
                 .collect(),
             (None, None) => Vec::new(),
         };
-        self.sets
-            .insert(name.clone(), AddressSet::from_unsorted(addrs));
+        self.sets.insert(name.clone(), AddressSet::from_unsorted(addrs));
         Ok(name)
     }
 
@@ -425,17 +342,12 @@ impl<'a> Compiler<'a> {
         for (i, a) in obj.spec.external_addresses.iter().enumerate() {
             match a.parse::<AddressEntry>() {
                 Ok(e @ AddressEntry::Range(..)) => external.push(e),
-                Ok(AddressEntry::Net(n)) if n.prefix_len() == n.max_prefix_len() => {
-                    external.push(AddressEntry::Net(n))
-                }
+                Ok(AddressEntry::Net(n)) if n.prefix_len() == n.max_prefix_len() => external.push(AddressEntry::Net(n)),
                 Ok(_) => problems.push((
                     "InvalidAddress",
                     format!("spec.externalAddresses[{i}]: `{a}` must be an IP address or range"),
                 )),
-                Err(e) => problems.push((
-                    "InvalidAddress",
-                    format!("spec.externalAddresses[{i}]: {e}"),
-                )),
+                Err(e) => problems.push(("InvalidAddress", format!("spec.externalAddresses[{i}]: {e}"))),
             }
         }
         let mut sources = Vec::new();
@@ -506,33 +418,21 @@ impl<'a> Compiler<'a> {
 
         let mut namespaces: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         let mut all = self.snap.all_namespace_names();
-        all.extend(
-            config
-                .tenant
-                .iter()
-                .flat_map(|t| t.namespaces.iter().cloned()),
-        );
+        all.extend(config.tenant.iter().flat_map(|t| t.namespaces.iter().cloned()));
         all.sort_unstable();
         all.dedup();
         for ns in all {
-            namespaces
-                .entry(config.tenant_of(&ns))
-                .or_default()
-                .push(ns);
+            namespaces.entry(config.tenant_of(&ns)).or_default().push(ns);
         }
 
         let mut out = Vec::with_capacity(names.len());
         for name in names {
             let tc = config.tenant(name);
             let route_domain = match tc.and_then(|t| t.route_domain.as_ref()) {
-                Some(rd) if name != COMMON && config.is_support_route_domain => RouteDomainRef {
-                    id: rd.id,
-                    name: rd.name.clone(),
-                },
-                _ => RouteDomainRef {
-                    id: 0,
-                    name: "0".into(),
-                },
+                Some(rd) if name != COMMON && config.is_support_route_domain => {
+                    RouteDomainRef { id: rd.id, name: rd.name.clone() }
+                }
+                _ => RouteDomainRef { id: 0, name: "0".into() },
             };
             let default_action = match tc.map(|t| t.default_action()).unwrap_or_default() {
                 DefaultAction::Accept => Verdict::Accept,
@@ -546,18 +446,12 @@ impl<'a> Compiler<'a> {
                 .flat_map(|ns| self.snap.pods_in(ns))
                 .flat_map(|p| p.ips.iter().copied().map(host_net))
                 .collect();
-            self.sets
-                .insert(members.clone(), AddressSet::from_unsorted(addrs));
-            let TenantRules {
-                namespace: mut ns_rules,
-                service: mut svc_rules,
-                nat: mut nat_rules,
-            } = by_tenant.remove(name).unwrap_or_default();
+            self.sets.insert(members.clone(), AddressSet::from_unsorted(addrs));
+            let TenantRules { namespace: mut ns_rules, service: mut svc_rules, nat: mut nat_rules } =
+                by_tenant.remove(name).unwrap_or_default();
             sort_rules(&mut ns_rules);
             sort_rules(&mut svc_rules);
-            nat_rules.sort_by(|a, b| {
-                (a.priority, &a.namespace, &a.name).cmp(&(b.priority, &b.namespace, &b.name))
-            });
+            nat_rules.sort_by(|a, b| (a.priority, &a.namespace, &a.name).cmp(&(b.priority, &b.namespace, &b.name)));
             out.push(TenantPolicy {
                 name: name.to_string(),
                 route_domain,
@@ -575,9 +469,7 @@ impl<'a> Compiler<'a> {
 
 /// Evaluation order inside a context: priority, then namespace, then name.
 fn sort_rules(rules: &mut [Rule]) {
-    rules.sort_by(|a, b| {
-        (a.priority, &a.namespace, &a.name).cmp(&(b.priority, &b.namespace, &b.name))
-    });
+    rules.sort_by(|a, b| (a.priority, &a.namespace, &a.name).cmp(&(b.priority, &b.namespace, &b.name)));
 }
 
 #[cfg(test)]

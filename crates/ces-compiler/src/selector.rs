@@ -11,16 +11,10 @@ pub fn validate(sel: &LabelSelector) -> Result<(), String> {
         }
         match req.operator {
             SelectorOperator::In | SelectorOperator::NotIn if req.values.is_empty() => {
-                return Err(format!(
-                    "matchExpressions[{i}]: operator {:?} needs values",
-                    req.operator
-                ));
+                return Err(format!("matchExpressions[{i}]: operator {:?} needs values", req.operator));
             }
             SelectorOperator::Exists | SelectorOperator::DoesNotExist if !req.values.is_empty() => {
-                return Err(format!(
-                    "matchExpressions[{i}]: operator {:?} takes no values",
-                    req.operator
-                ));
+                return Err(format!("matchExpressions[{i}]: operator {:?} takes no values", req.operator));
             }
             _ => {}
         }
@@ -30,9 +24,7 @@ pub fn validate(sel: &LabelSelector) -> Result<(), String> {
 
 /// Does the selector select an object with these labels? An empty selector selects everything.
 pub fn matches(sel: &LabelSelector, labels: &Labels) -> bool {
-    sel.match_labels
-        .iter()
-        .all(|(k, v)| labels.get(k) == Some(v))
+    sel.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
         && sel.match_expressions.iter().all(|req| {
             let value = labels.get(&req.key);
             match req.operator {
@@ -56,10 +48,7 @@ mod tests {
     use ces_api::LabelSelectorRequirement;
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     fn expr(key: &str, op: SelectorOperator, values: &[&str]) -> LabelSelector {
@@ -77,50 +66,27 @@ mod tests {
     fn operators() {
         let l = labels(&[("team", "a"), ("env", "prod")]);
         assert!(matches(&LabelSelector::default(), &l));
-        assert!(matches(
-            &expr("team", SelectorOperator::In, &["a", "b"]),
-            &l
-        ));
+        assert!(matches(&expr("team", SelectorOperator::In, &["a", "b"]), &l));
         assert!(!matches(&expr("team", SelectorOperator::In, &["c"]), &l));
         assert!(matches(&expr("team", SelectorOperator::NotIn, &["c"]), &l));
-        assert!(
-            matches(&expr("tier", SelectorOperator::NotIn, &["c"]), &l),
-            "NotIn holds when the label is absent"
-        );
+        assert!(matches(&expr("tier", SelectorOperator::NotIn, &["c"]), &l), "NotIn holds when the label is absent");
         assert!(matches(&expr("env", SelectorOperator::Exists, &[]), &l));
-        assert!(!matches(
-            &expr("env", SelectorOperator::DoesNotExist, &[]),
-            &l
-        ));
+        assert!(!matches(&expr("env", SelectorOperator::DoesNotExist, &[]), &l));
         let mut sel = expr("env", SelectorOperator::Exists, &[]);
         sel.match_labels.insert("team".into(), "b".into());
-        assert!(
-            !matches(&sel, &l),
-            "matchLabels and matchExpressions must both hold"
-        );
+        assert!(!matches(&sel, &l), "matchLabels and matchExpressions must both hold");
     }
 
     #[test]
     fn shape_errors() {
-        assert!(
-            validate(&expr("a", SelectorOperator::In, &[]))
-                .unwrap_err()
-                .contains("needs values")
-        );
-        assert!(
-            validate(&expr("a", SelectorOperator::Exists, &["x"]))
-                .unwrap_err()
-                .contains("takes no values")
-        );
+        assert!(validate(&expr("a", SelectorOperator::In, &[])).unwrap_err().contains("needs values"));
+        assert!(validate(&expr("a", SelectorOperator::Exists, &["x"])).unwrap_err().contains("takes no values"));
         assert!(validate(&expr("", SelectorOperator::Exists, &[])).is_err());
     }
 
     #[test]
     fn empty_service_selector_selects_nothing() {
         assert!(!service_selects(&Labels::new(), &labels(&[("a", "b")])));
-        assert!(service_selects(
-            &labels(&[("a", "b")]),
-            &labels(&[("a", "b"), ("c", "d")])
-        ));
+        assert!(service_selects(&labels(&[("a", "b")]), &labels(&[("a", "b"), ("c", "d")])));
     }
 }

@@ -43,11 +43,7 @@ pub struct CesConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cni_type: Option<String>,
     /// 0.6.x: addresses of the default SNAT translation.
-    #[serde(
-        default,
-        rename = "externalIPAddresses",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, rename = "externalIPAddresses", skip_serializing_if = "Vec::is_empty")]
     pub external_ip_addresses: Vec<String>,
 }
 
@@ -150,11 +146,7 @@ fn namespace_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Err
         Some(Form::Comma(s)) => s.split(',').map(str::to_string).collect(),
         Some(Form::List(v)) => v,
     };
-    Ok(items
-        .into_iter()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect())
+    Ok(items.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
 }
 
 /// One problem in a config file: the file, the key (a path such as `tenant[1].routeDomain.name`) and what is wrong.
@@ -199,26 +191,17 @@ impl CesConfig {
     pub fn from_file(path: &Path) -> Result<CesConfig, ConfigErrors> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                file: file.clone(),
-                key: String::new(),
-                message: e.to_string(),
-            }])
+            ConfigErrors(vec![ConfigError { file: file.clone(), key: String::new(), message: e.to_string() }])
         })?;
         CesConfig::from_yaml(&text, &file)
     }
 
     /// Parses and validates config text; `file` names it in errors.
     pub fn from_yaml(text: &str, file: &str) -> Result<CesConfig, ConfigErrors> {
-        let err = |key: String, message: String| {
-            ConfigErrors(vec![ConfigError {
-                file: file.to_string(),
-                key,
-                message,
-            }])
-        };
-        let value: serde_json::Value = serde_saphyr::from_str(text)
-            .map_err(|e| err(String::new(), format!("not valid YAML: {e}")))?;
+        let err =
+            |key: String, message: String| ConfigErrors(vec![ConfigError { file: file.to_string(), key, message }]);
+        let value: serde_json::Value =
+            serde_saphyr::from_str(text).map_err(|e| err(String::new(), format!("not valid YAML: {e}")))?;
         if value.is_null() {
             return Err(err(String::new(), "the file is empty".to_string()));
         }
@@ -234,11 +217,7 @@ impl CesConfig {
             Err(ConfigErrors(
                 problems
                     .into_iter()
-                    .map(|(key, message)| ConfigError {
-                        file: file.to_string(),
-                        key,
-                        message,
-                    })
+                    .map(|(key, message)| ConfigError { file: file.to_string(), key, message })
                     .collect(),
             ))
         }
@@ -246,8 +225,7 @@ impl CesConfig {
 
     /// The configuration used when none is given: one `Common` tenant, no route domains, default action drop.
     pub fn embedded_default() -> CesConfig {
-        CesConfig::from_yaml(EMBEDDED_DEFAULT, "<embedded default>")
-            .expect("the embedded default config is valid")
+        CesConfig::from_yaml(EMBEDDED_DEFAULT, "<embedded default>").expect("the embedded default config is valid")
     }
 
     pub fn master_cluster(&self) -> &str {
@@ -258,9 +236,7 @@ impl CesConfig {
     }
 
     pub fn schema_version(&self) -> &str {
-        self.schema_version
-            .as_deref()
-            .unwrap_or(DEFAULT_SCHEMA_VERSION)
+        self.schema_version.as_deref().unwrap_or(DEFAULT_SCHEMA_VERSION)
     }
 
     pub fn cni_type(&self) -> &str {
@@ -291,10 +267,7 @@ impl CesConfig {
         let mut p = |key: String, msg: String| out.push((key, msg));
 
         if self.cluster_name.is_empty() {
-            p(
-                "clusterName".into(),
-                "is required: it prefixes every AS3 object name".into(),
-            );
+            p("clusterName".into(), "is required: it prefixes every AS3 object name".into());
         } else if !is_as3_name(&self.cluster_name) {
             p(
                 "clusterName".into(),
@@ -308,36 +281,24 @@ impl CesConfig {
             && !m.is_empty()
             && !is_as3_name(m)
         {
-            p(
-                "masterCluster".into(),
-                format!("`{m}` is not a valid AS3 name prefix"),
-            );
+            p("masterCluster".into(), format!("`{m}` is not a valid AS3 name prefix"));
         }
         if let Some(v) = &self.schema_version {
             let ok = v.split('.').count() == 3
-                && v.split('.')
-                    .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+                && v.split('.').all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
             if !ok {
-                p(
-                    "schemaVersion".into(),
-                    format!("`{v}` is not an AS3 schema version such as 3.29.0"),
-                );
+                p("schemaVersion".into(), format!("`{v}` is not an AS3 schema version such as 3.29.0"));
             }
         }
         for (i, r) in self.i_rule.iter().enumerate() {
             if !is_as3_name(r) {
-                p(
-                    format!("iRule[{i}]"),
-                    format!("`{r}` is not a valid iRule name"),
-                );
+                p(format!("iRule[{i}]"), format!("`{r}` is not a valid iRule name"));
             }
         }
         if !self.tenant.iter().any(|t| t.name == COMMON) {
             p(
                 "tenant".into(),
-                format!(
-                    "no entry named `{COMMON}`: it holds the cluster rules and every unmapped namespace"
-                ),
+                format!("no entry named `{COMMON}`: it holds the cluster rules and every unmapped namespace"),
             );
         }
         let mut tenant_names: BTreeMap<&str, usize> = BTreeMap::new();
@@ -345,31 +306,19 @@ impl CesConfig {
         for (i, t) in self.tenant.iter().enumerate() {
             let key = format!("tenant[{i}]");
             if !is_as3_name(&t.name) || t.name.len() > 64 {
-                p(
-                    format!("{key}.name"),
-                    format!("`{}` is not a valid BIG-IP partition name", t.name),
-                );
+                p(format!("{key}.name"), format!("`{}` is not a valid BIG-IP partition name", t.name));
             }
             if let Some(j) = tenant_names.insert(&t.name, i) {
-                p(
-                    format!("{key}.name"),
-                    format!("`{}` is also the name of tenant[{j}]", t.name),
-                );
+                p(format!("{key}.name"), format!("`{}` is also the name of tenant[{j}]", t.name));
             }
             for ns in &t.namespaces {
                 if !is_dns_label(ns) {
-                    p(
-                        format!("{key}.namespaces"),
-                        format!("`{ns}` is not a valid namespace name"),
-                    );
+                    p(format!("{key}.namespaces"), format!("`{ns}` is not a valid namespace name"));
                 }
                 if let Some(other) = owner.insert(ns, &t.name)
                     && other != t.name
                 {
-                    p(
-                        format!("{key}.namespaces"),
-                        format!("namespace `{ns}` is already mapped to tenant `{other}`"),
-                    );
+                    p(format!("{key}.namespaces"), format!("namespace `{ns}` is already mapped to tenant `{other}`"));
                 }
             }
             if self.is_support_route_domain && t.name != COMMON {
@@ -388,10 +337,7 @@ impl CesConfig {
             if let Some(gw) = &t.gw_pool {
                 for (j, a) in gw.server_addresses.iter().enumerate() {
                     if a.parse::<IpAddr>().is_err() {
-                        p(
-                            format!("{key}.gwPool.serverAddresses[{j}]"),
-                            format!("`{a}` is not an IP address"),
-                        );
+                        p(format!("{key}.gwPool.serverAddresses[{j}]"), format!("`{a}` is not an IP address"));
                     }
                 }
             }
@@ -424,10 +370,7 @@ impl CesConfig {
         if let Some(lp) = &self.log_pool {
             for (j, a) in lp.server_addresses.iter().enumerate() {
                 if parse_host_port(a).is_none() {
-                    p(
-                        format!("logPool.serverAddresses[{j}]"),
-                        format!("`{a}` is not `ip` or `ip:port`"),
-                    );
+                    p(format!("logPool.serverAddresses[{j}]"), format!("`{a}` is not `ip` or `ip:port`"));
                 }
             }
             if let Some(tpl) = lp.template.as_deref().filter(|s| !s.trim().is_empty())
@@ -448,10 +391,7 @@ impl CesConfig {
                 None => a.parse::<IpAddr>().is_ok(),
             };
             if !ok {
-                p(
-                    format!("externalIPAddresses[{j}]"),
-                    format!("`{a}` is not an IP address or range"),
-                );
+                p(format!("externalIPAddresses[{j}]"), format!("`{a}` is not an IP address or range"));
             }
         }
         out
@@ -492,8 +432,7 @@ pub fn is_as3_name(s: &str) -> bool {
 pub fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+        && s.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }

@@ -16,30 +16,15 @@ fn the_original_sample_loads_with_every_key() {
     assert_eq!(c.master_cluster(), "k8s");
     assert!(c.is_support_route_domain);
     assert_eq!(c.schema_version(), "3.29.0");
-    assert_eq!(
-        c.i_rule,
-        ["bwc-1mbps-irule", "bwc-2mbps-irule", "bwc-3mbps-irule"]
-    );
+    assert_eq!(c.i_rule, ["bwc-1mbps-irule", "bwc-2mbps-irule", "bwc-3mbps-irule"]);
     let names: Vec<_> = c.tenant.iter().map(|t| t.name.as_str()).collect();
     assert_eq!(names, ["Common", "p2", "project3"]);
     assert_eq!(c.tenant[0].namespaces, ["dwb-test1", "dwb-test"]);
     assert_eq!(c.tenant[2].namespaces, ["project3", "test-ns-a"]);
     let rd = c.tenant[1].route_domain.as_ref().unwrap();
     assert_eq!((rd.id, rd.name.as_str()), (2, "rd2"));
-    assert_eq!(
-        c.tenant[1].gw_pool.as_ref().unwrap().server_addresses,
-        ["1.16.10.22", "192.168.10.22"]
-    );
-    assert!(
-        c.tenant[2]
-            .virtual_service
-            .as_ref()
-            .unwrap()
-            .template
-            .as_deref()
-            .unwrap()
-            .contains("Service_L4")
-    );
+    assert_eq!(c.tenant[1].gw_pool.as_ref().unwrap().server_addresses, ["1.16.10.22", "192.168.10.22"]);
+    assert!(c.tenant[2].virtual_service.as_ref().unwrap().template.as_deref().unwrap().contains("Service_L4"));
     let lp = c.log_pool.as_ref().unwrap();
     assert!(lp.logging_enabled && !lp.enable_remote_log);
     assert_eq!(lp.health_monitor, "tcp");
@@ -85,22 +70,15 @@ fn namespaces_may_be_a_list_and_are_trimmed() {
 
 #[test]
 fn an_unknown_key_names_file_and_path() {
-    let e = errors(
-        "clusterName: c\ntenant:\n- name: Common\n  virtualService:\n    virtualAddress: 1.2.3.4\n",
-    );
+    let e = errors("clusterName: c\ntenant:\n- name: Common\n  virtualService:\n    virtualAddress: 1.2.3.4\n");
     assert_eq!(e.len(), 1);
     assert!(e[0].starts_with("ces-conf.yaml: tenant[0].virtualService.virtualAddress: unknown field `virtualAddress`, expected `template` or `virtualAddresses`"), "{}", e[0]);
 }
 
 #[test]
 fn a_wrong_type_names_the_key() {
-    let e =
-        errors("clusterName: c\ntenant:\n- name: Common\n  routeDomain: {id: 70000, name: x}\n");
-    assert!(
-        e[0].starts_with("ces-conf.yaml: tenant[0].routeDomain.id: "),
-        "{}",
-        e[0]
-    );
+    let e = errors("clusterName: c\ntenant:\n- name: Common\n  routeDomain: {id: 70000, name: x}\n");
+    assert!(e[0].starts_with("ces-conf.yaml: tenant[0].routeDomain.id: "), "{}", e[0]);
     let e = errors("clusterName: c\nisSupportRouteDomain: sometimes\ntenant: [{name: Common}]\n");
     assert!(e[0].contains("isSupportRouteDomain"), "{}", e[0]);
 }
@@ -108,11 +86,7 @@ fn a_wrong_type_names_the_key() {
 #[test]
 fn malformed_yaml_is_reported_not_panicked() {
     let e = errors("clusterName: [unclosed\n");
-    assert!(
-        e[0].starts_with("ces-conf.yaml: not valid YAML"),
-        "{}",
-        e[0]
-    );
+    assert!(e[0].starts_with("ces-conf.yaml: not valid YAML"), "{}", e[0]);
     let e = errors("");
     assert!(e[0].contains("empty"), "{}", e[0]);
 }
@@ -146,46 +120,23 @@ fn semantic_problems_are_all_reported() {
 
 #[test]
 fn default_action_is_a_new_per_tenant_key() {
-    let c = CesConfig::from_yaml(
-        "clusterName: c\ntenant: [{name: Common, defaultAction: reject}]\n",
-        "f",
-    )
-    .unwrap();
-    assert_eq!(
-        c.tenant(COMMON).unwrap().default_action(),
-        DefaultAction::Reject
-    );
+    let c = CesConfig::from_yaml("clusterName: c\ntenant: [{name: Common, defaultAction: reject}]\n", "f").unwrap();
+    assert_eq!(c.tenant(COMMON).unwrap().default_action(), DefaultAction::Reject);
     let e = errors("clusterName: c\ntenant: [{name: Common, defaultAction: allow}]\n");
-    assert!(
-        e[0].contains("tenant[0].defaultAction: unknown variant `allow`"),
-        "{}",
-        e[0]
-    );
+    assert!(e[0].contains("tenant[0].defaultAction: unknown variant `allow`"), "{}", e[0]);
 }
 
 #[test]
 fn embedded_default_is_valid() {
     let c = CesConfig::embedded_default();
     assert_eq!(c.tenant_of("anything"), COMMON);
-    assert_eq!(
-        c.tenant(COMMON).unwrap().default_action(),
-        DefaultAction::Drop
-    );
+    assert_eq!(c.tenant(COMMON).unwrap().default_action(), DefaultAction::Drop);
 }
 
 #[test]
 fn host_port_parsing() {
-    assert_eq!(
-        parse_host_port("1.2.3.4"),
-        Some(("1.2.3.4".parse().unwrap(), 514))
-    );
-    assert_eq!(
-        parse_host_port("1.2.3.4:601"),
-        Some(("1.2.3.4".parse().unwrap(), 601))
-    );
-    assert_eq!(
-        parse_host_port("[::1]:601"),
-        Some(("::1".parse().unwrap(), 601))
-    );
+    assert_eq!(parse_host_port("1.2.3.4"), Some(("1.2.3.4".parse().unwrap(), 514)));
+    assert_eq!(parse_host_port("1.2.3.4:601"), Some(("1.2.3.4".parse().unwrap(), 601)));
+    assert_eq!(parse_host_port("[::1]:601"), Some(("::1".parse().unwrap(), 601)));
     assert_eq!(parse_host_port("host:1"), None);
 }

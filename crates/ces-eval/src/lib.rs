@@ -14,10 +14,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 use ces_api::{Action, Mode};
-use ces_model::{
-    COMMON_TENANT, Context, Destination, PolicyModel, Protocol, Rule, Sources, TenantPolicy,
-    Verdict,
-};
+use ces_model::{COMMON_TENANT, Context, Destination, PolicyModel, Protocol, Rule, Sources, TenantPolicy, Verdict};
 use ipnet::IpNet;
 use jiff::Timestamp;
 use serde::Serialize;
@@ -133,11 +130,7 @@ impl<'m> ContextIndex<'m> {
                 }
             }
         }
-        ContextIndex {
-            rules: rules.iter().collect(),
-            any_source,
-            by_set,
-        }
+        ContextIndex { rules: rules.iter().collect(), any_source, by_set }
     }
 
     /// The rules whose sources include an address in `sets`, in evaluation order.
@@ -194,29 +187,14 @@ impl<'m> Evaluator<'m> {
                 }
             }
         }
-        let tenant_sets = model
-            .tenants
-            .iter()
-            .map(|t| set_ids.get(t.members.as_str()).copied().unwrap_or(u32::MAX))
-            .collect();
-        let common = model
-            .tenants
-            .iter()
-            .position(|t| t.name == COMMON_TENANT)
-            .unwrap_or(0);
+        let tenant_sets =
+            model.tenants.iter().map(|t| set_ids.get(t.members.as_str()).copied().unwrap_or(u32::MAX)).collect();
+        let common = model.tenants.iter().position(|t| t.name == COMMON_TENANT).unwrap_or(0);
         Evaluator {
             model,
             cluster: ContextIndex::new(&model.cluster_rules, &set_ids),
-            namespace: model
-                .tenants
-                .iter()
-                .map(|t| ContextIndex::new(&t.namespace_rules, &set_ids))
-                .collect(),
-            service: model
-                .tenants
-                .iter()
-                .map(|t| ContextIndex::new(&t.service_rules, &set_ids))
-                .collect(),
+            namespace: model.tenants.iter().map(|t| ContextIndex::new(&t.namespace_rules, &set_ids)).collect(),
+            service: model.tenants.iter().map(|t| ContextIndex::new(&t.service_rules, &set_ids)).collect(),
             hosts,
             prefixes,
             tenant_sets,
@@ -247,17 +225,13 @@ impl<'m> Evaluator<'m> {
                 .position(|t| &t.name == name)
                 .ok_or_else(|| EvalError::UnknownTenant(name.clone()));
         }
-        let found: Vec<usize> = (0..self.tenant_sets.len())
-            .filter(|&t| sets.contains(&self.tenant_sets[t]))
-            .collect();
+        let found: Vec<usize> = (0..self.tenant_sets.len()).filter(|&t| sets.contains(&self.tenant_sets[t])).collect();
         match found.as_slice() {
             [] => Ok(self.common),
             [one] => Ok(*one),
             many => Err(EvalError::AmbiguousSource(
                 flow.source,
-                many.iter()
-                    .map(|&t| self.model.tenants[t].name.clone())
-                    .collect(),
+                many.iter().map(|&t| self.model.tenants[t].name.clone()).collect(),
             )),
         }
     }
@@ -266,11 +240,8 @@ impl<'m> Evaluator<'m> {
     pub fn decide(&self, flow: &Flow) -> Result<Decision, EvalError> {
         let sets = self.sets_of(flow.source);
         let t = self.tenant_index(flow, &sets)?;
-        let candidates = [
-            self.cluster.candidates(&sets),
-            self.namespace[t].candidates(&sets),
-            self.service[t].candidates(&sets),
-        ];
+        let candidates =
+            [self.cluster.candidates(&sets), self.namespace[t].candidates(&sets), self.service[t].candidates(&sets)];
         Ok(decide_with(flow, &self.model.tenants[t], candidates))
     }
 
@@ -283,10 +254,7 @@ impl<'m> Evaluator<'m> {
         let holds = |r: &&Rule| match &r.sources {
             Sources::Any => true,
             Sources::Sets(names) => names.iter().any(|n| {
-                self.model
-                    .address_sets
-                    .get(n)
-                    .is_some_and(|s| s.addresses.iter().any(|a| a.contains(&flow.source)))
+                self.model.address_sets.get(n).is_some_and(|s| s.addresses.iter().any(|a| a.contains(&flow.source)))
             }),
         };
         let candidates = [
@@ -305,9 +273,8 @@ impl<'m> Evaluator<'m> {
 /// Parses a flow target: `HOST:PORT/tcp`, `HOST:PORT/udp` or `HOST/icmp`. HOST is an IP address (IPv6 in
 /// brackets when a port follows) or a host name.
 pub fn parse_target(s: &str) -> Result<(Destination, Protocol, Option<u16>), String> {
-    let (hostport, proto) = s
-        .rsplit_once('/')
-        .ok_or_else(|| format!("`{s}`: expected HOST:PORT/tcp, HOST:PORT/udp or HOST/icmp"))?;
+    let (hostport, proto) =
+        s.rsplit_once('/').ok_or_else(|| format!("`{s}`: expected HOST:PORT/tcp, HOST:PORT/udp or HOST/icmp"))?;
     let protocol = match proto.to_ascii_lowercase().as_str() {
         "tcp" => Protocol::Tcp,
         "udp" => Protocol::Udp,
@@ -315,36 +282,22 @@ pub fn parse_target(s: &str) -> Result<(Destination, Protocol, Option<u16>), Str
         other => return Err(format!("`{s}`: protocol `{other}` is not tcp, udp or icmp")),
     };
     if protocol == Protocol::Icmp {
-        return Ok((
-            Destination::parse(hostport).map_err(|e| format!("`{s}`: {e}"))?,
-            protocol,
-            None,
-        ));
+        return Ok((Destination::parse(hostport).map_err(|e| format!("`{s}`: {e}"))?, protocol, None));
     }
     let (host, port) = if let Some(rest) = hostport.strip_prefix('[') {
-        let (h, p) = rest
-            .split_once("]:")
-            .ok_or_else(|| format!("`{s}`: expected [IPv6]:PORT"))?;
+        let (h, p) = rest.split_once("]:").ok_or_else(|| format!("`{s}`: expected [IPv6]:PORT"))?;
         (h, p)
     } else {
-        let (h, p) = hostport
-            .rsplit_once(':')
-            .ok_or_else(|| format!("`{s}`: {proto} needs a port, HOST:PORT/{proto}"))?;
+        let (h, p) =
+            hostport.rsplit_once(':').ok_or_else(|| format!("`{s}`: {proto} needs a port, HOST:PORT/{proto}"))?;
         if h.contains(':') {
             return Err(format!("`{s}`: write an IPv6 address as [ADDRESS]:PORT"));
         }
         (h, p)
     };
-    let port: u16 = port
-        .parse()
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| format!("`{s}`: port `{port}` is not in 1-65535"))?;
-    Ok((
-        Destination::parse(host).map_err(|e| format!("`{s}`: {e}"))?,
-        protocol,
-        Some(port),
-    ))
+    let port: u16 =
+        port.parse().ok().filter(|p| *p != 0).ok_or_else(|| format!("`{s}`: port `{port}` is not in 1-65535"))?;
+    Ok((Destination::parse(host).map_err(|e| format!("`{s}`: {e}"))?, protocol, Some(port)))
 }
 
 /// Which ExternalService and port entry of a rule match the flow's destination, if any.
@@ -358,10 +311,7 @@ fn destination_match(rule: &Rule, flow: &Flow) -> Option<(String, Option<String>
         }
         for p in &d.ports {
             let proto_ok = p.protocol == Protocol::Any || p.protocol == flow.protocol;
-            let port_ok = p.ports.is_empty()
-                || flow
-                    .port
-                    .is_some_and(|fp| p.ports.iter().any(|r| r.contains(fp)));
+            let port_ok = p.ports.is_empty() || flow.port.is_some_and(|fp| p.ports.iter().any(|r| r.contains(fp)));
             if proto_ok && port_ok {
                 let label = p.name.clone().unwrap_or_else(|| {
                     let ports: Vec<String> = p.ports.iter().map(|r| r.to_string()).collect();
@@ -395,11 +345,7 @@ fn decide_with(flow: &Flow, tenant: &TenantPolicy, candidates: [Vec<&Rule>; 3]) 
                 external_service,
                 port,
             };
-            if rule
-                .schedule
-                .as_ref()
-                .is_some_and(|s| !s.active_at(flow.at))
-            {
+            if rule.schedule.as_ref().is_some_and(|s| !s.active_at(flow.at)) {
                 entry.effect = Effect::OutsideSchedule;
                 trail.push(entry);
                 continue;
@@ -427,12 +373,7 @@ fn decide_with(flow: &Flow, tenant: &TenantPolicy, candidates: [Vec<&Rule>; 3]) 
                 logging: rule.logging,
             };
             trail.push(entry);
-            return Decision {
-                verdict,
-                tenant: tenant.name.clone(),
-                decided_by,
-                trail,
-            };
+            return Decision { verdict, tenant: tenant.name.clone(), decided_by, trail };
         }
     }
     Decision {

@@ -83,21 +83,11 @@ impl World {
 
     fn decide_at(&self, from: &str, to: &str, at: &str) -> Decision {
         let (destination, protocol, port) = parse_target(to).unwrap();
-        let flow = Flow {
-            source: from.parse().unwrap(),
-            tenant: None,
-            destination,
-            protocol,
-            port,
-            at: at.parse().unwrap(),
-        };
+        let flow =
+            Flow { source: from.parse().unwrap(), tenant: None, destination, protocol, port, at: at.parse().unwrap() };
         let ev = Evaluator::new(&self.model);
         let d = ev.decide(&flow).unwrap();
-        assert_eq!(
-            d,
-            ev.decide_by_scan(&flow).unwrap(),
-            "index and scan disagree"
-        );
+        assert_eq!(d, ev.decide_by_scan(&flow).unwrap(), "index and scan disagree");
         d
     }
 
@@ -118,9 +108,7 @@ fn es(ns: &str, name: &str, spec: &str) -> String {
     )
 }
 fn cgr(name: &str, spec: &str) -> String {
-    format!(
-        "---\napiVersion: kubeovn.io/v1alpha1\nkind: ClusterEgressRule\nmetadata: {{name: {name}}}\nspec: {spec}\n"
-    )
+    format!("---\napiVersion: kubeovn.io/v1alpha1\nkind: ClusterEgressRule\nmetadata: {{name: {name}}}\nspec: {spec}\n")
 }
 fn nsgr(ns: &str, name: &str, spec: &str) -> String {
     format!(
@@ -137,13 +125,7 @@ fn svcgr(ns: &str, name: &str, spec: &str) -> String {
 fn x_everywhere() -> String {
     ["kube-system", "a", "b", "c"]
         .iter()
-        .map(|ns| {
-            es(
-                ns,
-                "x",
-                "{addresses: [1.1.1.1], ports: [{protocol: tcp, port: '443'}]}",
-            )
-        })
+        .map(|ns| es(ns, "x", "{addresses: [1.1.1.1], ports: [{protocol: tcp, port: '443'}]}"))
         .collect()
 }
 
@@ -173,10 +155,7 @@ fn an_explicit_tenant_wins_and_must_exist() {
     };
     assert_eq!(Evaluator::new(&w.model).decide(&flow).unwrap().tenant, "t2");
     flow.tenant = Some("nope".into());
-    assert_eq!(
-        Evaluator::new(&w.model).decide(&flow).unwrap_err(),
-        EvalError::UnknownTenant("nope".into())
-    );
+    assert_eq!(Evaluator::new(&w.model).decide(&flow).unwrap_err(), EvalError::UnknownTenant("nope".into()));
 }
 
 // ---- contexts and actions ----
@@ -195,25 +174,15 @@ fn no_rule_means_the_default_action_drop() {
 fn default_action_is_per_tenant() {
     let conf = format!("{CONF}    defaultAction: reject\n");
     let w = World::with_conf(&x_everywhere(), &conf);
-    assert_eq!(
-        w.says("10.3.0.10", "1.1.1.1:443/tcp"),
-        "reject by Tenant/t2"
-    );
-    assert_eq!(
-        w.says("10.1.0.10", "1.1.1.1:443/tcp"),
-        "drop by Tenant/Common"
-    );
+    assert_eq!(w.says("10.3.0.10", "1.1.1.1:443/tcp"), "reject by Tenant/t2");
+    assert_eq!(w.says("10.1.0.10", "1.1.1.1:443/tcp"), "drop by Tenant/Common");
 }
 
 #[test]
 fn cluster_accept_alone_does_not_let_traffic_out() {
-    let w =
-        World::new(&(x_everywhere() + &cgr("allow", "{action: accept, externalServices: [x]}")));
+    let w = World::new(&(x_everywhere() + &cgr("allow", "{action: accept, externalServices: [x]}")));
     let d = w.decide("10.1.0.10", "1.1.1.1:443/tcp");
-    assert_eq!(
-        (d.verdict, d.decided_by.context),
-        (Verdict::Drop, Context::Default)
-    );
+    assert_eq!((d.verdict, d.decided_by.context), (Verdict::Drop, Context::Default));
     assert_eq!(d.trail[0].effect, Effect::NextContext);
     assert_eq!(d.trail[0].rule, "ClusterEgressRule/allow");
 }
@@ -221,17 +190,11 @@ fn cluster_accept_alone_does_not_let_traffic_out() {
 #[test]
 fn accept_decisively_skips_the_later_contexts() {
     let rules = x_everywhere()
-        + &cgr(
-            "allow",
-            "{action: accept-decisively, externalServices: [x]}",
-        )
+        + &cgr("allow", "{action: accept-decisively, externalServices: [x]}")
         + &nsgr("a", "deny", "{action: drop, externalServices: [x]}");
     let w = World::new(&rules);
     let d = w.decide("10.1.0.10", "1.1.1.1:443/tcp");
-    assert_eq!(
-        (d.verdict, d.decided_by.rule.as_str()),
-        (Verdict::Accept, "ClusterEgressRule/allow")
-    );
+    assert_eq!((d.verdict, d.decided_by.rule.as_str()), (Verdict::Accept, "ClusterEgressRule/allow"));
     assert_eq!(d.trail.len(), 1, "the namespace rule is never reached");
 }
 
@@ -240,17 +203,10 @@ fn accept_in_each_context_then_service_accept_lets_it_out() {
     let rules = x_everywhere()
         + &cgr("c", "{action: accept, externalServices: [x]}")
         + &nsgr("b", "nsr", "{action: accept, externalServices: [x]}")
-        + &svcgr(
-            "b",
-            "s",
-            "{action: accept, service: api, externalServices: [x]}",
-        );
+        + &svcgr("b", "s", "{action: accept, service: api, externalServices: [x]}");
     let w = World::new(&rules);
     let d = w.decide("10.2.0.10", "1.1.1.1:443/tcp");
-    assert_eq!(
-        (d.verdict, d.decided_by.context),
-        (Verdict::Accept, Context::Service)
-    );
+    assert_eq!((d.verdict, d.decided_by.context), (Verdict::Accept, Context::Service));
     let effects: Vec<(Context, Effect)> = d.trail.iter().map(|t| (t.context, t.effect)).collect();
     assert_eq!(
         effects,
@@ -266,27 +222,13 @@ fn accept_in_each_context_then_service_accept_lets_it_out() {
 fn drop_and_reject_decide_at_once() {
     let rules = x_everywhere()
         + &cgr("deny", "{action: reject, externalServices: [x]}")
-        + &svcgr(
-            "b",
-            "s",
-            "{action: accept, service: api, externalServices: [x]}",
-        );
+        + &svcgr("b", "s", "{action: accept, service: api, externalServices: [x]}");
     let w = World::new(&rules);
-    assert_eq!(
-        w.says("10.2.0.10", "1.1.1.1:443/tcp"),
-        "reject by ClusterEgressRule/deny"
-    );
+    assert_eq!(w.says("10.2.0.10", "1.1.1.1:443/tcp"), "reject by ClusterEgressRule/deny");
     let rules = x_everywhere()
         + &nsgr("b", "nsr", "{action: drop, externalServices: [x]}")
-        + &svcgr(
-            "b",
-            "s",
-            "{action: accept, service: api, externalServices: [x]}",
-        );
-    assert_eq!(
-        World::new(&rules).says("10.2.0.10", "1.1.1.1:443/tcp"),
-        "drop by NamespaceEgressRule/b/nsr"
-    );
+        + &svcgr("b", "s", "{action: accept, service: api, externalServices: [x]}");
+    assert_eq!(World::new(&rules).says("10.2.0.10", "1.1.1.1:443/tcp"), "drop by NamespaceEgressRule/b/nsr");
 }
 
 #[test]
@@ -294,104 +236,47 @@ fn the_namespace_context_is_the_source_tenants() {
     // Namespace c is in tenant t2; a rule there never sees Common's traffic and vice versa.
     let rules = x_everywhere() + &nsgr("c", "deny", "{action: reject, externalServices: [x]}");
     let w = World::new(&rules);
-    assert_eq!(
-        w.says("10.3.0.10", "1.1.1.1:443/tcp"),
-        "reject by NamespaceEgressRule/c/deny"
-    );
-    assert_eq!(
-        w.says("10.1.0.10", "1.1.1.1:443/tcp"),
-        "drop by Tenant/Common"
-    );
+    assert_eq!(w.says("10.3.0.10", "1.1.1.1:443/tcp"), "reject by NamespaceEgressRule/c/deny");
+    assert_eq!(w.says("10.1.0.10", "1.1.1.1:443/tcp"), "drop by Tenant/Common");
 }
 
 #[test]
 fn a_namespace_rule_matches_only_its_own_namespace_pods_and_cidr() {
     let rules = x_everywhere() + &nsgr("a", "deny", "{action: reject, externalServices: [x]}");
     let w = World::new(&rules);
-    assert_eq!(
-        w.says("10.1.0.10", "1.1.1.1:443/tcp"),
-        "reject by NamespaceEgressRule/a/deny"
-    );
-    assert_eq!(
-        w.says("10.2.0.10", "1.1.1.1:443/tcp"),
-        "drop by Tenant/Common",
-        "same tenant, other namespace"
-    );
+    assert_eq!(w.says("10.1.0.10", "1.1.1.1:443/tcp"), "reject by NamespaceEgressRule/a/deny");
+    assert_eq!(w.says("10.2.0.10", "1.1.1.1:443/tcp"), "drop by Tenant/Common", "same tenant, other namespace");
     // 10.1.99.99 is no pod but lies in a's kube-ovn CIDR; it is in Common, as a is.
-    assert_eq!(
-        w.says("10.1.99.99", "1.1.1.1:443/tcp"),
-        "reject by NamespaceEgressRule/a/deny"
-    );
+    assert_eq!(w.says("10.1.99.99", "1.1.1.1:443/tcp"), "reject by NamespaceEgressRule/a/deny");
 }
 
 #[test]
 fn pod_selector_narrows_a_namespace_rule() {
     let rules = x_everywhere()
-        + &nsgr(
-            "a",
-            "web",
-            "{action: reject, externalServices: [x], podSelector: {matchLabels: {app: web}}}",
-        );
+        + &nsgr("a", "web", "{action: reject, externalServices: [x], podSelector: {matchLabels: {app: web}}}");
     let w = World::new(&rules);
-    assert_eq!(
-        w.says("10.1.0.10", "1.1.1.1:443/tcp"),
-        "reject by NamespaceEgressRule/a/web"
-    );
-    assert_eq!(
-        w.says("10.1.0.20", "1.1.1.1:443/tcp"),
-        "drop by Tenant/Common"
-    );
-    assert_eq!(
-        w.says("10.1.99.99", "1.1.1.1:443/tcp"),
-        "drop by Tenant/Common",
-        "the CIDR is not a selected pod"
-    );
+    assert_eq!(w.says("10.1.0.10", "1.1.1.1:443/tcp"), "reject by NamespaceEgressRule/a/web");
+    assert_eq!(w.says("10.1.0.20", "1.1.1.1:443/tcp"), "drop by Tenant/Common");
+    assert_eq!(w.says("10.1.99.99", "1.1.1.1:443/tcp"), "drop by Tenant/Common", "the CIDR is not a selected pod");
 }
 
 #[test]
 fn namespace_selector_narrows_a_cluster_rule() {
     let rules = x_everywhere()
-        + &cgr(
-            "red",
-            "{action: reject, externalServices: [x], namespaceSelector: {matchLabels: {team: red}}}",
-        );
+        + &cgr("red", "{action: reject, externalServices: [x], namespaceSelector: {matchLabels: {team: red}}}");
     let w = World::new(&rules);
-    assert_eq!(
-        w.says("10.1.0.10", "1.1.1.1:443/tcp"),
-        "reject by ClusterEgressRule/red"
-    );
-    assert_eq!(
-        w.says("10.3.0.10", "1.1.1.1:443/tcp"),
-        "reject by ClusterEgressRule/red",
-        "across tenants"
-    );
-    assert_eq!(
-        w.says("10.2.0.10", "1.1.1.1:443/tcp"),
-        "drop by Tenant/Common"
-    );
-    assert_eq!(
-        w.says("192.0.2.1", "1.1.1.1:443/tcp"),
-        "drop by Tenant/Common"
-    );
+    assert_eq!(w.says("10.1.0.10", "1.1.1.1:443/tcp"), "reject by ClusterEgressRule/red");
+    assert_eq!(w.says("10.3.0.10", "1.1.1.1:443/tcp"), "reject by ClusterEgressRule/red", "across tenants");
+    assert_eq!(w.says("10.2.0.10", "1.1.1.1:443/tcp"), "drop by Tenant/Common");
+    assert_eq!(w.says("192.0.2.1", "1.1.1.1:443/tcp"), "drop by Tenant/Common");
 }
 
 #[test]
 fn a_service_rule_matches_only_endpoints_of_its_service() {
-    let rules = x_everywhere()
-        + &svcgr(
-            "b",
-            "s",
-            "{action: accept, service: api, externalServices: [x]}",
-        );
+    let rules = x_everywhere() + &svcgr("b", "s", "{action: accept, service: api, externalServices: [x]}");
     let w = World::new(&rules);
-    assert_eq!(
-        w.says("10.2.0.10", "1.1.1.1:443/tcp"),
-        "accept by ServiceEgressRule/b/s"
-    );
-    assert_eq!(
-        w.says("10.1.0.10", "1.1.1.1:443/tcp"),
-        "drop by Tenant/Common"
-    );
+    assert_eq!(w.says("10.2.0.10", "1.1.1.1:443/tcp"), "accept by ServiceEgressRule/b/s");
+    assert_eq!(w.says("10.1.0.10", "1.1.1.1:443/tcp"), "drop by Tenant/Common");
 }
 
 #[test]
@@ -399,20 +284,10 @@ fn the_service_context_is_the_source_tenants() {
     // A service rule of tenant t2 is not consulted for a Common source, even one listed as its endpoint.
     let rules = x_everywhere()
         + "---\napiVersion: v1\nkind: Endpoints\nmetadata: {name: job, namespace: c}\nsubsets: [{addresses: [{ip: 10.3.0.10}, {ip: 10.2.0.10}]}]\n"
-        + &svcgr(
-            "c",
-            "s",
-            "{action: accept, service: job, externalServices: [x]}",
-        );
+        + &svcgr("c", "s", "{action: accept, service: job, externalServices: [x]}");
     let w = World::new(&rules);
-    assert_eq!(
-        w.says("10.3.0.10", "1.1.1.1:443/tcp"),
-        "accept by ServiceEgressRule/c/s"
-    );
-    assert_eq!(
-        w.says("10.2.0.10", "1.1.1.1:443/tcp"),
-        "drop by Tenant/Common"
-    );
+    assert_eq!(w.says("10.3.0.10", "1.1.1.1:443/tcp"), "accept by ServiceEgressRule/c/s");
+    assert_eq!(w.says("10.2.0.10", "1.1.1.1:443/tcp"), "drop by Tenant/Common");
 }
 
 // ---- ordering ----
@@ -420,21 +295,11 @@ fn the_service_context_is_the_source_tenants() {
 #[test]
 fn inside_a_context_priority_then_namespace_then_name_decides() {
     let rules = x_everywhere()
-        + &cgr(
-            "b-accept",
-            "{action: accept-decisively, externalServices: [x]}",
-        )
+        + &cgr("b-accept", "{action: accept-decisively, externalServices: [x]}")
         + &cgr("a-drop", "{action: drop, externalServices: [x]}");
-    assert_eq!(
-        World::new(&rules).says("10.1.0.10", "1.1.1.1:443/tcp"),
-        "drop by ClusterEgressRule/a-drop",
-        "by name"
-    );
+    assert_eq!(World::new(&rules).says("10.1.0.10", "1.1.1.1:443/tcp"), "drop by ClusterEgressRule/a-drop", "by name");
     let rules = x_everywhere()
-        + &cgr(
-            "b-accept",
-            "{action: accept-decisively, externalServices: [x], priority: 999}",
-        )
+        + &cgr("b-accept", "{action: accept-decisively, externalServices: [x], priority: 999}")
         + &cgr("a-drop", "{action: drop, externalServices: [x]}");
     assert_eq!(
         World::new(&rules).says("10.1.0.10", "1.1.1.1:443/tcp"),
@@ -453,15 +318,9 @@ fn inside_a_rule_external_services_then_ports_run_in_order() {
         + &cgr("r", "{action: drop, externalServices: [second, first]}");
     let w = World::new(&rules);
     let d = w.decide("10.1.0.10", "1.1.1.1:443/tcp");
-    assert_eq!(
-        d.decided_by.external_service.as_deref(),
-        Some("kube-system/second")
-    );
+    assert_eq!(d.decided_by.external_service.as_deref(), Some("kube-system/second"));
     let d = w.decide("10.1.0.10", "1.1.1.2:443/tcp");
-    assert_eq!(
-        d.decided_by.external_service.as_deref(),
-        Some("kube-system/first")
-    );
+    assert_eq!(d.decided_by.external_service.as_deref(), Some("kube-system/first"));
     assert_eq!(d.decided_by.port.as_deref(), Some("web"));
 }
 
@@ -492,18 +351,10 @@ fn destinations_ip_cidr_range_host_and_wildcard() {
         "[2001:db9::1]:53/udp",
     ];
     for to in yes {
-        assert_eq!(
-            w.decide("10.1.0.10", to).verdict,
-            Verdict::Reject,
-            "{to} should match"
-        );
+        assert_eq!(w.decide("10.1.0.10", to).verdict, Verdict::Reject, "{to} should match");
     }
     for to in no {
-        assert_eq!(
-            w.decide("10.1.0.10", to).decided_by.context,
-            Context::Default,
-            "{to} should not match"
-        );
+        assert_eq!(w.decide("10.1.0.10", to).decided_by.context, Context::Default, "{to} should not match");
     }
 }
 
@@ -513,20 +364,10 @@ fn protocols_and_ports() {
         "kube-system",
         "p",
         "{addresses: [1.1.1.1], ports: [{protocol: UDP, port: '53'}, {protocol: tcp, port: '8000-8080'}, {protocol: icmp}]}",
-    ) + &es(
-        "kube-system",
-        "anyport",
-        "{addresses: [2.2.2.2], ports: [{protocol: any, port: '22'}]}",
-    ) + &es("kube-system", "all", "{addresses: [3.3.3.3]}")
-        + &es(
-            "kube-system",
-            "alltcp",
-            "{addresses: [4.4.4.4], ports: [{protocol: tcp}]}",
-        )
-        + &cgr(
-            "r",
-            "{action: reject, externalServices: [p, anyport, all, alltcp]}",
-        );
+    ) + &es("kube-system", "anyport", "{addresses: [2.2.2.2], ports: [{protocol: any, port: '22'}]}")
+        + &es("kube-system", "all", "{addresses: [3.3.3.3]}")
+        + &es("kube-system", "alltcp", "{addresses: [4.4.4.4], ports: [{protocol: tcp}]}")
+        + &cgr("r", "{action: reject, externalServices: [p, anyport, all, alltcp]}");
     let w = World::new(&rules);
     let check = |to: &str, hit: bool| {
         let d = w.decide("10.1.0.10", to);
@@ -559,40 +400,22 @@ fn a_rule_outside_its_schedule_does_not_take_part() {
     let w = World::new(&rules);
     // 2026-11-27 is a Friday; Paris is UTC+1 in November.
     let inside = w.decide_at("10.1.0.10", "1.1.1.1:443/tcp", "2026-11-28T04:30:00Z");
-    assert_eq!(
-        inside.verdict,
-        Verdict::Reject,
-        "Saturday 05:30 Paris, in Friday's window"
-    );
+    assert_eq!(inside.verdict, Verdict::Reject, "Saturday 05:30 Paris, in Friday's window");
     let outside = w.decide_at("10.1.0.10", "1.1.1.1:443/tcp", "2026-11-28T05:30:00Z");
-    assert_eq!(
-        outside.decided_by.context,
-        Context::Default,
-        "Saturday 06:30 Paris"
-    );
+    assert_eq!(outside.decided_by.context, Context::Default, "Saturday 06:30 Paris");
     assert_eq!(outside.trail[0].effect, Effect::OutsideSchedule);
 }
 
 #[test]
 fn an_audit_rule_is_reported_but_never_changes_the_verdict() {
     let rules = x_everywhere()
-        + &cgr(
-            "watch",
-            "{action: reject, mode: audit, externalServices: [x]}",
-        )
-        + &svcgr(
-            "b",
-            "s",
-            "{action: accept, service: api, externalServices: [x]}",
-        );
+        + &cgr("watch", "{action: reject, mode: audit, externalServices: [x]}")
+        + &svcgr("b", "s", "{action: accept, service: api, externalServices: [x]}");
     let w = World::new(&rules);
     let d = w.decide("10.2.0.10", "1.1.1.1:443/tcp");
     assert_eq!(d.verdict, Verdict::Accept);
     assert_eq!(d.trail[0].rule, "ClusterEgressRule/watch");
-    assert_eq!(
-        (d.trail[0].effect, d.trail[0].action),
-        (Effect::Audit, ces_api::Action::Reject)
-    );
+    assert_eq!((d.trail[0].effect, d.trail[0].action), (Effect::Audit, ces_api::Action::Reject));
 }
 
 // ---- targets ----
@@ -601,17 +424,10 @@ fn an_audit_rule_is_reported_but_never_changes_the_verdict() {
 fn target_parsing() {
     assert_eq!(
         parse_target("1.2.3.4:443/TCP").unwrap(),
-        (
-            Destination::Ip("1.2.3.4".parse().unwrap()),
-            Protocol::Tcp,
-            Some(443)
-        )
+        (Destination::Ip("1.2.3.4".parse().unwrap()), Protocol::Tcp, Some(443))
     );
     assert_eq!(parse_target("[::1]:53/udp").unwrap().2, Some(53));
-    assert_eq!(
-        parse_target("Example.COM/icmp").unwrap().0,
-        Destination::Host("example.com".into())
-    );
+    assert_eq!(parse_target("Example.COM/icmp").unwrap().0, Destination::Host("example.com".into()));
     for (bad, want) in [
         ("1.2.3.4:443", "expected HOST:PORT/tcp"),
         ("1.2.3.4:443/sctp", "protocol `sctp`"),
@@ -637,32 +453,14 @@ fn the_original_examples_give_the_verdicts_afm_would() {
         ),
         "e",
     );
-    let conf = CesConfig::from_yaml(
-        include_str!("../../../examples/original/ces-conf.yaml"),
-        "c",
-    )
-    .unwrap();
-    let w = World {
-        model: compile(&snap, &conf, DEFAULT_CES_NAMESPACE),
-    };
+    let conf = CesConfig::from_yaml(include_str!("../../../examples/original/ces-conf.yaml"), "c").unwrap();
+    let w = World { model: compile(&snap, &conf, DEFAULT_CES_NAMESPACE) };
     // rule4: mysql endpoints may reach 211.6.6.7:9090 (UDP and TCP).
-    assert_eq!(
-        w.says("10.16.0.11", "211.6.6.7:9090/udp"),
-        "accept by ServiceEgressRule/default/rule4"
-    );
-    assert_eq!(
-        w.says("10.16.0.12", "211.6.6.7:9090/tcp"),
-        "accept by ServiceEgressRule/default/rule4"
-    );
+    assert_eq!(w.says("10.16.0.11", "211.6.6.7:9090/udp"), "accept by ServiceEgressRule/default/rule4");
+    assert_eq!(w.says("10.16.0.12", "211.6.6.7:9090/tcp"), "accept by ServiceEgressRule/default/rule4");
     // Not an endpoint of mysql-service, or another port: the deny-all of tenant p2.
-    assert_eq!(
-        w.says("10.16.0.20", "211.6.6.7:9090/tcp"),
-        "drop by Tenant/p2"
-    );
-    assert_eq!(
-        w.says("10.16.0.11", "211.6.6.7:9091/tcp"),
-        "drop by Tenant/p2"
-    );
+    assert_eq!(w.says("10.16.0.20", "211.6.6.7:9090/tcp"), "drop by Tenant/p2");
+    assert_eq!(w.says("10.16.0.11", "211.6.6.7:9091/tcp"), "drop by Tenant/p2");
     // rule1 and rule3 are plain accepts: they pass their context, and the VS deny-all still drops.
     let d = w.decide("10.66.0.5", "22.6.6.5:9090/udp");
     assert_eq!((d.verdict, d.tenant.as_str()), (Verdict::Drop, "project3"));
@@ -678,18 +476,14 @@ fn the_original_examples_give_the_verdicts_afm_would() {
 // ---- properties: the index agrees with the scan on random policies and flows ----
 
 fn arb_world() -> impl Strategy<Value = String> {
-    let rule = (
-        0u8..3,
-        0u8..4,
-        0u8..4,
-        0usize..3,
-        prop::option::of(0i32..3),
-        any::<bool>(),
-        0u8..3,
-    );
+    let rule = (0u8..3, 0u8..4, 0u8..4, 0usize..3, prop::option::of(0i32..3), any::<bool>(), 0u8..3);
     prop::collection::vec(rule, 1..20).prop_map(|rules| {
         let mut y = String::new();
-        let dests = ["{addresses: [1.1.1.0/30]}", "{addresses: [1.1.1.1], ports: [{protocol: tcp, port: '443'}]}", "{addresses: [1.1.1.2-1.1.1.9], ports: [{protocol: udp}]}"];
+        let dests = [
+            "{addresses: [1.1.1.0/30]}",
+            "{addresses: [1.1.1.1], ports: [{protocol: tcp, port: '443'}]}",
+            "{addresses: [1.1.1.2-1.1.1.9], ports: [{protocol: udp}]}",
+        ];
         for ns in ["kube-system", "a", "b", "c"] {
             for (i, d) in dests.iter().enumerate() {
                 y += &es(ns, &format!("e{i}"), d);
@@ -707,7 +501,9 @@ fn arb_world() -> impl Strategy<Value = String> {
                 spec += ", mode: audit";
             }
             y += &match kind {
-                0 if sel == 1 => cgr(&format!("r{i}"), &format!("{{{spec}, namespaceSelector: {{matchLabels: {{team: red}}}}}}")),
+                0 if sel == 1 => {
+                    cgr(&format!("r{i}"), &format!("{{{spec}, namespaceSelector: {{matchLabels: {{team: red}}}}}}"))
+                }
                 0 => cgr(&format!("r{i}"), &format!("{{{spec}}}")),
                 1 => nsgr(ns, &format!("r{i}"), &format!("{{{spec}}}")),
                 _ => svcgr("a", &format!("r{i}"), &format!("{{{spec}, service: web}}")),

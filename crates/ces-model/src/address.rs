@@ -30,10 +30,7 @@ pub enum Destination {
 impl Destination {
     /// Parses an IP address, or else a host name (normalised to lower case, no trailing dot).
     pub fn parse(s: &str) -> Result<Destination, String> {
-        let t = s
-            .strip_prefix('[')
-            .and_then(|x| x.strip_suffix(']'))
-            .unwrap_or(s);
+        let t = s.strip_prefix('[').and_then(|x| x.strip_suffix(']')).unwrap_or(s);
         if let Ok(ip) = t.parse::<IpAddr>() {
             return Ok(Destination::Ip(ip));
         }
@@ -56,9 +53,7 @@ impl AddressEntry {
     pub fn matches(&self, dst: &Destination) -> bool {
         match (self, dst) {
             (AddressEntry::Net(n), Destination::Ip(ip)) => n.contains(ip),
-            (AddressEntry::Range(a, b), Destination::Ip(ip)) => {
-                a.is_ipv4() == ip.is_ipv4() && a <= ip && ip <= b
-            }
+            (AddressEntry::Range(a, b), Destination::Ip(ip)) => a.is_ipv4() == ip.is_ipv4() && a <= ip && ip <= b,
             (AddressEntry::Host(h), Destination::Host(d)) => h == d,
             (AddressEntry::Wildcard(suffix), Destination::Host(d)) => {
                 d.len() > suffix.len() + 1
@@ -83,14 +78,9 @@ impl FromStr for AddressEntry {
             return Err("empty address".into());
         }
         if s.contains('/') {
-            let net: IpNet = s
-                .parse()
-                .map_err(|_| format!("`{s}` is not a valid CIDR"))?;
+            let net: IpNet = s.parse().map_err(|_| format!("`{s}` is not a valid CIDR"))?;
             if net.trunc() != net {
-                return Err(format!(
-                    "`{s}` has host bits set; did you mean `{}`?",
-                    net.trunc()
-                ));
+                return Err(format!("`{s}` has host bits set; did you mean `{}`?", net.trunc()));
             }
             return Ok(AddressEntry::Net(net));
         }
@@ -115,9 +105,7 @@ impl FromStr for AddressEntry {
             }
         }
         if let Some(suffix) = s.strip_prefix("*.") {
-            return Ok(AddressEntry::Wildcard(
-                parse_host(suffix).map_err(|e| format!("wildcard `{s}`: {e}"))?,
-            ));
+            return Ok(AddressEntry::Wildcard(parse_host(suffix).map_err(|e| format!("wildcard `{s}`: {e}"))?));
         }
         if s.contains('*') {
             return Err(format!("`{s}`: a wildcard must be written `*.domain`"));
@@ -130,9 +118,7 @@ impl FromStr for AddressEntry {
 pub fn parse_host(raw: &str) -> Result<String, String> {
     let s = raw.strip_suffix('.').unwrap_or(raw);
     if s.is_empty() || s.len() > 253 {
-        return Err(format!(
-            "`{raw}` is not a valid host name (1 to 253 characters)"
-        ));
+        return Err(format!("`{raw}` is not a valid host name (1 to 253 characters)"));
     }
     if s.contains(':') {
         return Err(format!("`{raw}` is not a valid IP address"));
@@ -141,15 +127,11 @@ pub fn parse_host(raw: &str) -> Result<String, String> {
     for label in &labels {
         let ok = !label.is_empty()
             && label.len() <= 63
-            && label
-                .bytes()
-                .all(|c| c.is_ascii_alphanumeric() || c == b'-')
+            && label.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
             && !label.starts_with('-')
             && !label.ends_with('-');
         if !ok {
-            return Err(format!(
-                "`{raw}` is not a valid host name, IP address or CIDR"
-            ));
+            return Err(format!("`{raw}` is not a valid host name, IP address or CIDR"));
         }
     }
     if labels.iter().all(|l| l.bytes().all(|c| c.is_ascii_digit())) {
@@ -198,34 +180,13 @@ mod tests {
 
     #[test]
     fn parses_every_form() {
-        assert_eq!(
-            p("22.6.6.5"),
-            AddressEntry::Net("22.6.6.5/32".parse().unwrap())
-        );
-        assert_eq!(
-            p("2001:db8::1"),
-            AddressEntry::Net("2001:db8::1/128".parse().unwrap())
-        );
-        assert_eq!(
-            p("10.0.0.0/8"),
-            AddressEntry::Net("10.0.0.0/8".parse().unwrap())
-        );
-        assert_eq!(
-            p("10.0.0.1-10.0.0.9"),
-            AddressEntry::Range(ip_addr("10.0.0.1"), ip_addr("10.0.0.9"))
-        );
-        assert_eq!(
-            p("WWW.Example.COM."),
-            AddressEntry::Host("www.example.com".into())
-        );
-        assert_eq!(
-            p("*.Example.com"),
-            AddressEntry::Wildcard("example.com".into())
-        );
-        assert_eq!(
-            p("my-host-1.internal"),
-            AddressEntry::Host("my-host-1.internal".into())
-        );
+        assert_eq!(p("22.6.6.5"), AddressEntry::Net("22.6.6.5/32".parse().unwrap()));
+        assert_eq!(p("2001:db8::1"), AddressEntry::Net("2001:db8::1/128".parse().unwrap()));
+        assert_eq!(p("10.0.0.0/8"), AddressEntry::Net("10.0.0.0/8".parse().unwrap()));
+        assert_eq!(p("10.0.0.1-10.0.0.9"), AddressEntry::Range(ip_addr("10.0.0.1"), ip_addr("10.0.0.9")));
+        assert_eq!(p("WWW.Example.COM."), AddressEntry::Host("www.example.com".into()));
+        assert_eq!(p("*.Example.com"), AddressEntry::Wildcard("example.com".into()));
+        assert_eq!(p("my-host-1.internal"), AddressEntry::Host("my-host-1.internal".into()));
     }
 
     fn ip_addr(s: &str) -> IpAddr {
@@ -273,25 +234,14 @@ mod tests {
         let w = p("*.example.com");
         assert!(w.matches(&ip("a.example.com")));
         assert!(w.matches(&ip("a.b.EXAMPLE.com.")));
-        assert!(
-            !w.matches(&ip("example.com")),
-            "the wildcard needs at least one label before the suffix"
-        );
+        assert!(!w.matches(&ip("example.com")), "the wildcard needs at least one label before the suffix");
         assert!(!w.matches(&ip("badexample.com")));
         assert!(!w.matches(&ip("10.0.0.1")));
     }
 
     #[test]
     fn display_round_trips() {
-        for s in [
-            "1.2.3.4",
-            "10.0.0.0/8",
-            "1.1.1.1-1.1.1.5",
-            "a.b",
-            "*.a.b",
-            "::1",
-            "2001:db8::/32",
-        ] {
+        for s in ["1.2.3.4", "10.0.0.0/8", "1.1.1.1-1.1.1.5", "a.b", "*.a.b", "::1", "2001:db8::/32"] {
             assert_eq!(p(s).to_string(), s);
             assert_eq!(p(&p(s).to_string()), p(s));
         }

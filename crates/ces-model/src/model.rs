@@ -210,11 +210,7 @@ pub struct ObjectRef {
 
 impl ObjectRef {
     pub fn new(kind: &str, namespace: Option<&str>, name: &str) -> ObjectRef {
-        ObjectRef {
-            kind: kind.to_string(),
-            namespace: namespace.map(str::to_string),
-            name: name.to_string(),
-        }
+        ObjectRef { kind: kind.to_string(), namespace: namespace.map(str::to_string), name: name.to_string() }
     }
 }
 
@@ -256,15 +252,11 @@ impl fmt::Display for Diagnostic {
 impl PolicyModel {
     /// Every rule of every context, with the tenant that holds it (`None` for cluster rules).
     pub fn rules(&self) -> impl Iterator<Item = (Option<&TenantPolicy>, &Rule)> {
-        self.cluster_rules
-            .iter()
-            .map(|r| (None, r))
-            .chain(self.tenants.iter().flat_map(|t| {
-                t.namespace_rules
-                    .iter()
-                    .chain(&t.service_rules)
-                    .map(move |r| (Some(t), r))
-            }))
+        self.cluster_rules.iter().map(|r| (None, r)).chain(
+            self.tenants
+                .iter()
+                .flat_map(|t| t.namespace_rules.iter().chain(&t.service_rules).map(move |r| (Some(t), r))),
+        )
     }
 
     pub fn tenant(&self, name: &str) -> Option<&TenantPolicy> {
@@ -273,10 +265,7 @@ impl PolicyModel {
 
     /// The status CES writes on an object: `Failed` with the first problem's reason, else `Success`.
     pub fn status_of(&self, object: &ObjectRef, generation: Option<i64>) -> ResourceStatus {
-        let mut problems = self
-            .diagnostics
-            .iter()
-            .filter(|d| d.object.as_ref() == Some(object));
+        let mut problems = self.diagnostics.iter().filter(|d| d.object.as_ref() == Some(object));
         match problems.next() {
             None => succeeded_status(generation, "compiled into the policy model"),
             Some(first) => {

@@ -23,9 +23,7 @@ impl Protocol {
             "udp" => Ok(Protocol::Udp),
             "icmp" => Ok(Protocol::Icmp),
             "any" | "" => Ok(Protocol::Any),
-            other => Err(format!(
-                "unknown protocol `{other}`; expected tcp, udp, icmp or any"
-            )),
+            other => Err(format!("unknown protocol `{other}`; expected tcp, udp, icmp or any")),
         }
     }
 
@@ -65,23 +63,14 @@ impl PortRange {
 
 impl fmt::Display for PortRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.start == self.end {
-            write!(f, "{}", self.start)
-        } else {
-            write!(f, "{}-{}", self.start, self.end)
-        }
+        if self.start == self.end { write!(f, "{}", self.start) } else { write!(f, "{}-{}", self.start, self.end) }
     }
 }
 
 fn parse_port(s: &str, whole: &str) -> Result<u16, String> {
-    let n: u64 = s
-        .trim()
-        .parse()
-        .map_err(|_| format!("port list `{whole}`: `{s}` is not a port number"))?;
+    let n: u64 = s.trim().parse().map_err(|_| format!("port list `{whole}`: `{s}` is not a port number"))?;
     if n == 0 || n > 65535 {
-        return Err(format!(
-            "port list `{whole}`: port {n} is out of range 1-65535"
-        ));
+        return Err(format!("port list `{whole}`: port {n} is out of range 1-65535"));
     }
     Ok(n as u16)
 }
@@ -133,9 +122,7 @@ impl Serialize for PortRange {
 
 impl<'de> Deserialize<'de> for PortRange {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -160,20 +147,14 @@ impl Bandwidth {
         } else {
             Err(format!(
                 "bandwidth `{s}` is neither a rate such as 10Mbps nor an iRule listed in ces-conf.yaml `iRule` ({})",
-                if irules.is_empty() {
-                    "none listed".to_string()
-                } else {
-                    irules.join(", ")
-                }
+                if irules.is_empty() { "none listed".to_string() } else { irules.join(", ") }
             ))
         }
     }
 }
 
 fn parse_rate(s: &str) -> Result<u64, String> {
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (num, unit) = (&s[..split], s[split..].trim());
     let mult: f64 = match unit {
         "bps" => 1.0,
@@ -181,14 +162,10 @@ fn parse_rate(s: &str) -> Result<u64, String> {
         "mbps" | "Mbps" => 1e6,
         "gbps" | "Gbps" => 1e9,
         _ => {
-            return Err(format!(
-                "bandwidth `{s}`: unit must be bps, kbps, Mbps or Gbps (bits per second)"
-            ));
+            return Err(format!("bandwidth `{s}`: unit must be bps, kbps, Mbps or Gbps (bits per second)"));
         }
     };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("bandwidth `{s}`: `{num}` is not a number"))?;
+    let n: f64 = num.parse().map_err(|_| format!("bandwidth `{s}`: `{num}` is not a number"))?;
     let bps = n * mult;
     if !(1.0..=1e12).contains(&bps) {
         return Err(format!("bandwidth `{s}` is out of range 1bps-1000Gbps"));
@@ -224,39 +201,18 @@ mod tests {
         assert_eq!(Protocol::parse("Tcp").unwrap(), Protocol::Tcp);
         assert_eq!(Protocol::parse("ICMP").unwrap(), Protocol::Icmp);
         assert_eq!(Protocol::parse("").unwrap(), Protocol::Any);
-        assert!(
-            Protocol::parse("sctp")
-                .unwrap_err()
-                .contains("unknown protocol `sctp`")
-        );
+        assert!(Protocol::parse("sctp").unwrap_err().contains("unknown protocol `sctp`"));
     }
 
     #[test]
     fn bandwidth_rate_or_irule() {
         let irules = vec!["bwc-1mbps-irule".to_string()];
-        assert_eq!(
-            Bandwidth::parse("10Mbps", &irules).unwrap(),
-            Bandwidth::BitsPerSecond(10_000_000)
-        );
-        assert_eq!(
-            Bandwidth::parse("1.5 Gbps", &irules).unwrap(),
-            Bandwidth::BitsPerSecond(1_500_000_000)
-        );
-        assert_eq!(
-            Bandwidth::parse("bwc-1mbps-irule", &irules).unwrap(),
-            Bandwidth::IRule("bwc-1mbps-irule".into())
-        );
+        assert_eq!(Bandwidth::parse("10Mbps", &irules).unwrap(), Bandwidth::BitsPerSecond(10_000_000));
+        assert_eq!(Bandwidth::parse("1.5 Gbps", &irules).unwrap(), Bandwidth::BitsPerSecond(1_500_000_000));
+        assert_eq!(Bandwidth::parse("bwc-1mbps-irule", &irules).unwrap(), Bandwidth::IRule("bwc-1mbps-irule".into()));
         // The original used a substring test; `bwc-1mbps` is not a listed iRule.
         assert!(Bandwidth::parse("bwc-1mbps", &irules).is_err());
-        assert!(
-            Bandwidth::parse("10MBps", &irules)
-                .unwrap_err()
-                .contains("unit must be")
-        );
-        assert!(
-            Bandwidth::parse("0bps", &irules)
-                .unwrap_err()
-                .contains("out of range")
-        );
+        assert!(Bandwidth::parse("10MBps", &irules).unwrap_err().contains("unit must be"));
+        assert!(Bandwidth::parse("0bps", &irules).unwrap_err().contains("out of range"));
     }
 }

@@ -90,10 +90,7 @@ impl TryFrom<ScheduleRepr> for Schedule {
 
 impl From<Schedule> for ScheduleRepr {
     fn from(s: Schedule) -> ScheduleRepr {
-        ScheduleRepr {
-            timezone: s.timezone,
-            windows: s.windows,
-        }
+        ScheduleRepr { timezone: s.timezone, windows: s.windows }
     }
 }
 
@@ -105,36 +102,21 @@ impl Schedule {
         }
         for w in &windows {
             if w.start == w.end {
-                return Err(format!(
-                    "window {}-{} is empty; write 00:00-24:00 for a whole day",
-                    w.start, w.end
-                ));
+                return Err(format!("window {}-{} is empty; write 00:00-24:00 for a whole day", w.start, w.end));
             }
             if w.start.0 >= 1440 {
                 return Err(format!("window start {} must be before 24:00", w.start));
             }
         }
-        let day_mask = windows
-            .iter()
-            .map(|w| w.days.iter().fold(0u8, |m, d| m | 1 << d.index()))
-            .collect();
-        Ok(Schedule {
-            timezone: timezone.to_string(),
-            tz,
-            windows,
-            day_mask,
-        })
+        let day_mask = windows.iter().map(|w| w.days.iter().fold(0u8, |m, d| m | 1 << d.index())).collect();
+        Ok(Schedule { timezone: timezone.to_string(), tz, windows, day_mask })
     }
 
     /// Builds a schedule from the API form, reporting the first problem.
     pub fn from_api(s: &ces_api::Schedule) -> Result<Schedule, String> {
         let mut windows = Vec::with_capacity(s.windows.len());
         for w in &s.windows {
-            let days = if w.days.is_empty() {
-                Weekday::ALL.to_vec()
-            } else {
-                w.days.clone()
-            };
+            let days = if w.days.is_empty() { Weekday::ALL.to_vec() } else { w.days.clone() };
             windows.push(Window {
                 days,
                 start: TimeOfDay::parse(&w.start, false)?,
@@ -216,14 +198,8 @@ mod tests {
         assert!(s.active_at(at("2026-11-27T22:00:00Z")), "Friday 22:00");
         assert!(s.active_at(at("2026-11-28T05:59:00Z")), "Saturday 05:59");
         assert!(!s.active_at(at("2026-11-28T06:00:00Z")), "Saturday 06:00");
-        assert!(
-            !s.active_at(at("2026-11-28T22:30:00Z")),
-            "Saturday 22:30 is not a Friday start"
-        );
-        assert!(
-            !s.active_at(at("2026-11-27T05:00:00Z")),
-            "Friday 05:00 belongs to a Thursday start"
-        );
+        assert!(!s.active_at(at("2026-11-28T22:30:00Z")), "Saturday 22:30 is not a Friday start");
+        assert!(!s.active_at(at("2026-11-27T05:00:00Z")), "Friday 05:00 belongs to a Thursday start");
     }
 
     #[test]
@@ -231,20 +207,11 @@ mod tests {
         // New York springs forward on 2026-03-08 at 02:00 EST -> 03:00 EDT.
         let s = sched("America/New_York", &Weekday::ALL, "01:00", "03:00");
         assert!(s.active_at(at("2026-03-08T06:30:00Z")), "01:30 EST");
-        assert!(
-            !s.active_at(at("2026-03-08T07:30:00Z")),
-            "03:30 EDT: the hour 02:00-03:00 never happened"
-        );
+        assert!(!s.active_at(at("2026-03-08T07:30:00Z")), "03:30 EDT: the hour 02:00-03:00 never happened");
         // Same local window, different UTC instant across the change: 09:00 local.
         let nine = sched("America/New_York", &Weekday::ALL, "09:00", "09:01");
-        assert!(
-            nine.active_at(at("2026-03-06T14:00:00Z")),
-            "09:00 EST = 14:00 UTC"
-        );
-        assert!(
-            nine.active_at(at("2026-03-09T13:00:00Z")),
-            "09:00 EDT = 13:00 UTC"
-        );
+        assert!(nine.active_at(at("2026-03-06T14:00:00Z")), "09:00 EST = 14:00 UTC");
+        assert!(nine.active_at(at("2026-03-09T13:00:00Z")), "09:00 EDT = 13:00 UTC");
         assert!(!nine.active_at(at("2026-03-09T14:00:00Z")));
         // Falls back on 2026-11-01 at 02:00 EDT -> 01:00 EST: 01:30 happens twice, both match.
         let s = sched("America/New_York", &Weekday::ALL, "01:00", "02:00");
@@ -259,10 +226,7 @@ mod tests {
         let s = sched("Europe/Paris", &[Weekday::Sat], "23:00", "04:00");
         assert!(s.active_at(at("2026-03-28T22:30:00Z")), "Sat 23:30 CET");
         assert!(s.active_at(at("2026-03-29T01:30:00Z")), "Sun 03:30 CEST");
-        assert!(
-            !s.active_at(at("2026-03-29T02:00:00Z")),
-            "Sun 04:00 CEST ends it (only 4 real hours)"
-        );
+        assert!(!s.active_at(at("2026-03-29T02:00:00Z")), "Sun 04:00 CEST ends it (only 4 real hours)");
     }
 
     #[test]
@@ -272,16 +236,8 @@ mod tests {
             start: TimeOfDay::parse(s, false).unwrap(),
             end: TimeOfDay::parse(e, true).unwrap(),
         };
-        assert!(
-            Schedule::new("Mars/Olympus", vec![w("01:00", "02:00")])
-                .unwrap_err()
-                .contains("unknown time zone")
-        );
-        assert!(
-            Schedule::new("UTC", vec![w("01:00", "01:00")])
-                .unwrap_err()
-                .contains("empty")
-        );
+        assert!(Schedule::new("Mars/Olympus", vec![w("01:00", "02:00")]).unwrap_err().contains("unknown time zone"));
+        assert!(Schedule::new("UTC", vec![w("01:00", "01:00")]).unwrap_err().contains("empty"));
         assert!(Schedule::new("UTC", vec![]).is_err());
         assert!(TimeOfDay::parse("24:00", false).is_err());
         assert!(TimeOfDay::parse("7:00", false).is_err());
@@ -293,14 +249,9 @@ mod tests {
     fn serde_round_trip_validates() {
         let s = sched("Europe/Paris", &[Weekday::Mon], "22:00", "06:00");
         let json = serde_json::to_string(&s).unwrap();
-        assert_eq!(
-            json,
-            r#"{"timezone":"Europe/Paris","windows":[{"days":["Mon"],"start":"22:00","end":"06:00"}]}"#
-        );
+        assert_eq!(json, r#"{"timezone":"Europe/Paris","windows":[{"days":["Mon"],"start":"22:00","end":"06:00"}]}"#);
         let back: Schedule = serde_json::from_str(&json).unwrap();
         assert_eq!(back, s);
-        assert!(
-            serde_json::from_str::<Schedule>(r#"{"timezone":"Nowhere/X","windows":[]}"#).is_err()
-        );
+        assert!(serde_json::from_str::<Schedule>(r#"{"timezone":"Nowhere/X","windows":[]}"#).is_err());
     }
 }

@@ -10,8 +10,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ces_api::{
-    ClusterEgressRuleSpec, ExternalIPRuleSpec, ExternalServiceSpec, NamespaceEgressRuleSpec,
-    ServiceEgressRuleSpec,
+    ClusterEgressRuleSpec, ExternalIPRuleSpec, ExternalServiceSpec, NamespaceEgressRuleSpec, ServiceEgressRuleSpec,
 };
 use ces_model::{Diagnostic, ObjectRef};
 use ipnet::IpNet;
@@ -81,9 +80,7 @@ pub struct Snapshot {
 impl Snapshot {
     /// Pods of one namespace (the slice of the sorted pod list).
     pub fn pods_in(&self, namespace: &str) -> &[Pod] {
-        let start = self
-            .pods
-            .partition_point(|p| p.namespace.as_str() < namespace);
+        let start = self.pods.partition_point(|p| p.namespace.as_str() < namespace);
         let end = start + self.pods[start..].partition_point(|p| p.namespace == namespace);
         &self.pods[start..end]
     }
@@ -91,9 +88,7 @@ impl Snapshot {
     /// Looks a pod up by namespace and name.
     pub fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
         let pods = self.pods_in(namespace);
-        pods.binary_search_by(|p| p.name.as_str().cmp(name))
-            .ok()
-            .map(|i| &pods[i])
+        pods.binary_search_by(|p| p.name.as_str().cmp(name)).ok().map(|i| &pods[i])
     }
 
     /// Every namespace named anywhere: by a Namespace object, a pod, a Service or a namespaced CES object.
@@ -123,38 +118,21 @@ fn duplicate(object: ObjectRef, origin: Option<String>, first: Option<&String>) 
         Some(f) => format!("defined more than once; the first definition, at {f}, is kept"),
         None => "defined more than once; the first definition is kept".to_string(),
     };
-    Diagnostic {
-        object: Some(object),
-        origin,
-        reason: "DuplicateName".into(),
-        message,
-    }
+    Diagnostic { object: Some(object), origin, reason: "DuplicateName".into(), message }
 }
 
 macro_rules! add_object {
     ($fn:ident, $field:ident, $spec:ty, $kind:literal, namespaced) => {
         pub fn $fn(&mut self, obj: Object<$spec>) {
-            let ns = obj
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".to_string());
+            let ns = obj.namespace.clone().unwrap_or_else(|| "default".to_string());
             let key = (ns.clone(), obj.name.clone());
             if let Some(first) = self.snap.$field.get(&key) {
-                let d = duplicate(
-                    ObjectRef::new($kind, Some(&ns), &obj.name),
-                    obj.origin.clone(),
-                    first.origin.as_ref(),
-                );
+                let d =
+                    duplicate(ObjectRef::new($kind, Some(&ns), &obj.name), obj.origin.clone(), first.origin.as_ref());
                 self.snap.diagnostics.push(d);
                 return;
             }
-            self.snap.$field.insert(
-                key,
-                Object {
-                    namespace: Some(ns),
-                    ..obj
-                },
-            );
+            self.snap.$field.insert(key, Object { namespace: Some(ns), ..obj });
         }
     };
 }
@@ -170,11 +148,7 @@ impl SnapshotBuilder {
 
     pub fn add_namespace(&mut self, ns: Namespace, origin: Option<String>) {
         if self.snap.namespaces.contains_key(&ns.name) {
-            self.diagnostic(duplicate(
-                ObjectRef::new("Namespace", None, &ns.name),
-                origin,
-                None,
-            ));
+            self.diagnostic(duplicate(ObjectRef::new("Namespace", None, &ns.name), origin, None));
             return;
         }
         self.snap.namespaces.insert(ns.name.clone(), ns);
@@ -183,11 +157,7 @@ impl SnapshotBuilder {
     pub fn add_pod(&mut self, pod: Pod, origin: Option<String>) {
         let key = (pod.namespace.clone(), pod.name.clone());
         if let Some(first) = self.pod_origin.get(&key) {
-            let d = duplicate(
-                ObjectRef::new("Pod", Some(&pod.namespace), &pod.name),
-                origin,
-                first.as_ref(),
-            );
+            let d = duplicate(ObjectRef::new("Pod", Some(&pod.namespace), &pod.name), origin, first.as_ref());
             self.diagnostic(d);
             return;
         }
@@ -198,58 +168,21 @@ impl SnapshotBuilder {
     pub fn add_service(&mut self, svc: Service, origin: Option<String>) {
         let key = (svc.namespace.clone(), svc.name.clone());
         if self.snap.services.contains_key(&key) {
-            self.diagnostic(duplicate(
-                ObjectRef::new("Service", Some(&svc.namespace), &svc.name),
-                origin,
-                None,
-            ));
+            self.diagnostic(duplicate(ObjectRef::new("Service", Some(&svc.namespace), &svc.name), origin, None));
             return;
         }
         self.snap.services.insert(key, svc);
     }
 
     /// Adds ready endpoint addresses of a Service (from an Endpoints object or one EndpointSlice).
-    pub fn add_endpoints(
-        &mut self,
-        namespace: &str,
-        service: &str,
-        ready: impl IntoIterator<Item = IpAddr>,
-    ) {
-        self.snap
-            .endpoints
-            .entry((namespace.to_string(), service.to_string()))
-            .or_default()
-            .extend(ready);
+    pub fn add_endpoints(&mut self, namespace: &str, service: &str, ready: impl IntoIterator<Item = IpAddr>) {
+        self.snap.endpoints.entry((namespace.to_string(), service.to_string())).or_default().extend(ready);
     }
 
-    add_object!(
-        add_external_service,
-        external_services,
-        ExternalServiceSpec,
-        "ExternalService",
-        namespaced
-    );
-    add_object!(
-        add_namespace_rule,
-        namespace_rules,
-        NamespaceEgressRuleSpec,
-        "NamespaceEgressRule",
-        namespaced
-    );
-    add_object!(
-        add_service_rule,
-        service_rules,
-        ServiceEgressRuleSpec,
-        "ServiceEgressRule",
-        namespaced
-    );
-    add_object!(
-        add_external_ip_rule,
-        external_ip_rules,
-        ExternalIPRuleSpec,
-        "ExternalIPRule",
-        namespaced
-    );
+    add_object!(add_external_service, external_services, ExternalServiceSpec, "ExternalService", namespaced);
+    add_object!(add_namespace_rule, namespace_rules, NamespaceEgressRuleSpec, "NamespaceEgressRule", namespaced);
+    add_object!(add_service_rule, service_rules, ServiceEgressRuleSpec, "ServiceEgressRule", namespaced);
+    add_object!(add_external_ip_rule, external_ip_rules, ExternalIPRuleSpec, "ExternalIPRule", namespaced);
 
     pub fn add_cluster_rule(&mut self, obj: Object<ClusterEgressRuleSpec>) {
         if let Some(first) = self.snap.cluster_rules.get(&obj.name) {
@@ -261,19 +194,11 @@ impl SnapshotBuilder {
             self.diagnostic(d);
             return;
         }
-        self.snap.cluster_rules.insert(
-            obj.name.clone(),
-            Object {
-                namespace: None,
-                ..obj
-            },
-        );
+        self.snap.cluster_rules.insert(obj.name.clone(), Object { namespace: None, ..obj });
     }
 
     pub fn build(mut self) -> Snapshot {
-        self.snap
-            .pods
-            .sort_unstable_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        self.snap.pods.sort_unstable_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         for ips in self.snap.endpoints.values_mut() {
             ips.sort_unstable();
             ips.dedup();
@@ -287,11 +212,7 @@ mod tests {
     use super::*;
 
     fn pod(ns: &str, name: &str) -> Pod {
-        Pod {
-            namespace: ns.into(),
-            name: name.into(),
-            ..Default::default()
-        }
+        Pod { namespace: ns.into(), name: name.into(), ..Default::default() }
     }
 
     #[test]
@@ -316,19 +237,13 @@ mod tests {
             name: "e".into(),
             generation: None,
             origin: Some(origin.into()),
-            spec: ExternalServiceSpec {
-                addresses: vec![origin.into()],
-                ports: vec![],
-            },
+            spec: ExternalServiceSpec { addresses: vec![origin.into()], ports: vec![] },
         };
         b.add_external_service(obj("a.yaml:1"));
         b.add_external_service(obj("b.yaml:7"));
         let s = b.build();
         assert_eq!(s.external_services.len(), 1);
-        assert_eq!(
-            s.external_services.values().next().unwrap().spec.addresses,
-            ["a.yaml:1"]
-        );
+        assert_eq!(s.external_services.values().next().unwrap().spec.addresses, ["a.yaml:1"]);
         let d = &s.diagnostics[0];
         assert_eq!(d.reason, "DuplicateName");
         assert_eq!(d.origin.as_deref(), Some("b.yaml:7"));

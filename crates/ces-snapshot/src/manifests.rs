@@ -7,9 +7,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use ces_api::{
-    ClusterEgressRule, ExternalIPRule, ExternalService, NamespaceEgressRule, ServiceEgressRule,
-};
+use ces_api::{ClusterEgressRule, ExternalIPRule, ExternalService, NamespaceEgressRule, ServiceEgressRule};
 use ces_model::{Diagnostic, ObjectRef};
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
@@ -56,20 +54,11 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<(Snapshot, LoadStats), LoadError>
     let mut b = SnapshotBuilder::new();
     let mut stats = LoadStats::default();
     for f in files {
-        let meta = std::fs::metadata(&f).map_err(|e| LoadError {
-            path: f.clone(),
-            message: e.to_string(),
-        })?;
+        let meta = std::fs::metadata(&f).map_err(|e| LoadError { path: f.clone(), message: e.to_string() })?;
         if meta.len() > MAX_FILE_BYTES {
-            return Err(LoadError {
-                path: f,
-                message: format!("larger than {MAX_FILE_BYTES} bytes"),
-            });
+            return Err(LoadError { path: f, message: format!("larger than {MAX_FILE_BYTES} bytes") });
         }
-        let text = std::fs::read_to_string(&f).map_err(|e| LoadError {
-            path: f.clone(),
-            message: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(&f).map_err(|e| LoadError { path: f.clone(), message: e.to_string() })?;
         stats.files += 1;
         load_text(&mut b, &text, &f.display().to_string(), &mut stats);
     }
@@ -91,28 +80,19 @@ pub fn load_strs(texts: &[(&str, &str)]) -> Snapshot {
 }
 
 fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
-    let err = |e: std::io::Error| LoadError {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    };
+    let err = |e: std::io::Error| LoadError { path: path.to_path_buf(), message: e.to_string() };
     let meta = std::fs::metadata(path).map_err(err)?;
     if meta.is_file() {
         out.push(path.to_path_buf());
         return Ok(());
     }
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
-        .map_err(err)?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<Result<_, _>>()
-        .map_err(err)?;
+    let mut entries: Vec<PathBuf> =
+        std::fs::read_dir(path).map_err(err)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>().map_err(err)?;
     entries.sort();
     for e in entries {
         if e.is_dir() {
             collect_files(&e, out)?;
-        } else if matches!(
-            e.extension().and_then(|x| x.to_str()),
-            Some("yaml" | "yml" | "json")
-        ) {
+        } else if matches!(e.extension().and_then(|x| x.to_str()), Some("yaml" | "yml" | "json")) {
             out.push(e);
         }
     }
@@ -125,8 +105,7 @@ fn split_documents(text: &str) -> Vec<(usize, String)> {
     let mut current = String::new();
     let mut start = 0;
     for (i, line) in text.lines().enumerate() {
-        let marker =
-            line.starts_with("---") && line[3..].chars().next().is_none_or(char::is_whitespace);
+        let marker = line.starts_with("---") && line[3..].chars().next().is_none_or(char::is_whitespace);
         if marker || line == "..." {
             docs.push((start, std::mem::take(&mut current)));
             start = i + 1;
@@ -146,10 +125,7 @@ fn split_documents(text: &str) -> Vec<(usize, String)> {
 
 fn load_text(b: &mut SnapshotBuilder, text: &str, file: &str, stats: &mut LoadStats) {
     for (start, doc) in split_documents(text) {
-        if doc
-            .lines()
-            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
-        {
+        if doc.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
             continue;
         }
         let origin = format!("{file}:{}", start + 1);
@@ -172,11 +148,7 @@ fn load_text(b: &mut SnapshotBuilder, text: &str, file: &str, stats: &mut LoadSt
 }
 
 fn first_line(s: &str) -> String {
-    s.lines()
-        .next()
-        .unwrap_or(s)
-        .trim_start_matches("error: ")
-        .to_string()
+    s.lines().next().unwrap_or(s).trim_start_matches("error: ").to_string()
 }
 
 fn str_field<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
@@ -191,19 +163,11 @@ fn load_value(b: &mut SnapshotBuilder, value: Value, origin: &str, stats: &mut L
         message,
     };
     if !value.is_object() {
-        b.diagnostic(bad(
-            "InvalidManifest",
-            "a manifest must be a mapping with apiVersion and kind".into(),
-        ));
+        b.diagnostic(bad("InvalidManifest", "a manifest must be a mapping with apiVersion and kind".into()));
         return;
     }
-    let (Some(api_version), Some(kind)) =
-        (str_field(&value, "apiVersion"), str_field(&value, "kind"))
-    else {
-        b.diagnostic(bad(
-            "InvalidManifest",
-            "apiVersion and kind are required".into(),
-        ));
+    let (Some(api_version), Some(kind)) = (str_field(&value, "apiVersion"), str_field(&value, "kind")) else {
+        b.diagnostic(bad("InvalidManifest", "apiVersion and kind are required".into()));
         return;
     };
     let (api_version, kind) = (api_version.to_string(), kind.to_string());
@@ -218,21 +182,10 @@ fn load_value(b: &mut SnapshotBuilder, value: Value, origin: &str, stats: &mut L
         return;
     }
 
-    let name = value
-        .pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .map(str::to_string);
-    let namespace = value
-        .pointer("/metadata/namespace")
-        .and_then(Value::as_str)
-        .map(str::to_string);
-    let object_ref = |kind: &str| {
-        ObjectRef::new(
-            kind,
-            namespace.as_deref().or(Some("default")),
-            name.as_deref().unwrap_or(""),
-        )
-    };
+    let name = value.pointer("/metadata/name").and_then(Value::as_str).map(str::to_string);
+    let namespace = value.pointer("/metadata/namespace").and_then(Value::as_str).map(str::to_string);
+    let object_ref =
+        |kind: &str| ObjectRef::new(kind, namespace.as_deref().or(Some("default")), name.as_deref().unwrap_or(""));
 
     macro_rules! typed {
         ($t:ty, $kind:literal, $cluster_scoped:expr) => {{
@@ -337,11 +290,7 @@ fn load_value(b: &mut SnapshotBuilder, value: Value, origin: &str, stats: &mut L
     }
 }
 
-fn parse<T: DeserializeOwned>(
-    value: Value,
-    origin: &str,
-    obj: &ObjectRef,
-) -> Result<T, Box<Diagnostic>> {
+fn parse<T: DeserializeOwned>(value: Value, origin: &str, obj: &ObjectRef) -> Result<T, Box<Diagnostic>> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
@@ -349,19 +298,13 @@ fn parse<T: DeserializeOwned>(
             object: Some(obj.clone()),
             origin: Some(origin.to_string()),
             reason: "InvalidSpec".into(),
-            message: if path == "." {
-                inner
-            } else {
-                format!("{path}: {inner}")
-            },
+            message: if path == "." { inner } else { format!("{path}: {inner}") },
         })
     })
 }
 
 fn ns_of(meta: &ObjectMeta) -> String {
-    meta.namespace
-        .clone()
-        .unwrap_or_else(|| "default".to_string())
+    meta.namespace.clone().unwrap_or_else(|| "default".to_string())
 }
 
 fn object<S>(meta: ObjectMeta, spec: S, origin: &str) -> Object<S> {
@@ -374,12 +317,7 @@ fn object<S>(meta: ObjectMeta, spec: S, origin: &str) -> Object<S> {
     }
 }
 
-fn parse_ips(
-    b: &mut SnapshotBuilder,
-    raw: impl Iterator<Item = String>,
-    origin: &str,
-    obj: &ObjectRef,
-) -> Vec<IpAddr> {
+fn parse_ips(b: &mut SnapshotBuilder, raw: impl Iterator<Item = String>, origin: &str, obj: &ObjectRef) -> Vec<IpAddr> {
     let mut out = Vec::new();
     for s in raw {
         match s.parse::<IpAddr>() {
@@ -398,11 +336,7 @@ fn parse_ips(
 fn add_namespace(b: &mut SnapshotBuilder, meta: ObjectMeta, origin: &str) {
     let name = meta.name.unwrap_or_default();
     let mut cidrs = Vec::new();
-    if let Some(raw) = meta
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(OVN_CIDR_ANNOTATION))
-    {
+    if let Some(raw) = meta.annotations.as_ref().and_then(|a| a.get(OVN_CIDR_ANNOTATION)) {
         for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             match part.parse::<ipnet::IpNet>() {
                 Ok(n) => cidrs.push(n.trunc()),
@@ -416,25 +350,13 @@ fn add_namespace(b: &mut SnapshotBuilder, meta: ObjectMeta, origin: &str) {
         }
     }
     let labels = meta.labels.unwrap_or_default().into_iter().collect();
-    b.add_namespace(
-        Namespace {
-            name,
-            labels,
-            cidrs,
-        },
-        Some(origin.to_string()),
-    );
+    b.add_namespace(Namespace { name, labels, cidrs }, Some(origin.to_string()));
 }
 
 fn pod(p: core::Pod) -> Pod {
     let status = p.status.unwrap_or_default();
     let finished = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
-    let mut ips: Vec<IpAddr> = status
-        .pod_ips
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|i| i.ip.parse().ok())
-        .collect();
+    let mut ips: Vec<IpAddr> = status.pod_ips.unwrap_or_default().iter().filter_map(|i| i.ip.parse().ok()).collect();
     if ips.is_empty()
         && let Some(ip) = status.pod_ip.as_deref().and_then(|s| s.parse().ok())
     {

@@ -41,8 +41,7 @@ unsafe impl GlobalAlloc for Counting {
         let p = unsafe { System.realloc(ptr, layout, new_size) };
         if !p.is_null() {
             if new_size > layout.size() {
-                let now = LIVE.fetch_add(new_size - layout.size(), Ordering::Relaxed) + new_size
-                    - layout.size();
+                let now = LIVE.fetch_add(new_size - layout.size(), Ordering::Relaxed) + new_size - layout.size();
                 PEAK.fetch_max(now, Ordering::Relaxed);
             } else {
                 LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
@@ -104,48 +103,19 @@ fn flows(s: &Synth, n: usize, seed: u64) -> Vec<Flow> {
             let i = rng.below(ns_count);
             let (destination, protocol, port) = match rng.below(10) {
                 0..=3 => (
-                    Destination::Ip(
-                        format!("203.0.{}.{}", i % 256, rng.below(64))
-                            .parse()
-                            .unwrap(),
-                    ),
+                    Destination::Ip(format!("203.0.{}.{}", i % 256, rng.below(64)).parse().unwrap()),
                     Protocol::Tcp,
                     Some(443),
                 ),
-                4 => (
-                    Destination::Ip(format!("198.51.{}.15", i % 256).parse().unwrap()),
-                    Protocol::Udp,
-                    Some(53),
-                ),
-                5 | 6 => (
-                    Destination::Ip(format!("198.18.{}.9", rng.below(60)).parse().unwrap()),
-                    Protocol::Tcp,
-                    Some(443),
-                ),
-                7 => (
-                    Destination::Host(format!("api{i}.example.com")),
-                    Protocol::Tcp,
-                    Some(443),
-                ),
-                8 => (
-                    Destination::Host(format!("x.svc{i}.example.net")),
-                    Protocol::Tcp,
-                    Some(443),
-                ),
-                _ => (
-                    Destination::Ip("93.184.216.34".parse().unwrap()),
-                    Protocol::Tcp,
-                    Some(80),
-                ),
+                4 => (Destination::Ip(format!("198.51.{}.15", i % 256).parse().unwrap()), Protocol::Udp, Some(53)),
+                5 | 6 => {
+                    (Destination::Ip(format!("198.18.{}.9", rng.below(60)).parse().unwrap()), Protocol::Tcp, Some(443))
+                }
+                7 => (Destination::Host(format!("api{i}.example.com")), Protocol::Tcp, Some(443)),
+                8 => (Destination::Host(format!("x.svc{i}.example.net")), Protocol::Tcp, Some(443)),
+                _ => (Destination::Ip("93.184.216.34".parse().unwrap()), Protocol::Tcp, Some(80)),
             };
-            Flow {
-                source,
-                tenant: None,
-                destination,
-                protocol,
-                port,
-                at,
-            }
+            Flow { source, tenant: None, destination, protocol, port, at }
         })
         .collect()
 }
@@ -166,17 +136,9 @@ fn scenario(pods: usize, rules: usize) {
     let clone = time(5, || snapshot.clone());
     let compile_time = time(5, || compile(&snapshot, &config, "kube-system"));
     let (model, compile_peak) = peak_of(|| compile(&snapshot, &config, "kube-system"));
-    assert!(
-        model.diagnostics.is_empty(),
-        "the synthetic cluster compiles cleanly: {:?}",
-        &model.diagnostics[..1]
-    );
+    assert!(model.diagnostics.is_empty(), "the synthetic cluster compiles cleanly: {:?}", &model.diagnostics[..1]);
     let rules_out: usize = model.cluster_rules.len()
-        + model
-            .tenants
-            .iter()
-            .map(|t| t.namespace_rules.len() + t.service_rules.len())
-            .sum::<usize>();
+        + model.tenants.iter().map(|t| t.namespace_rules.len() + t.service_rules.len()).sum::<usize>();
     println!(
         "compile: {:>8.1} ms   (baseline: clone the snapshot {:.1} ms; ratio {:.1}x)   {} rules in the model",
         compile_time.as_secs_f64() * 1e3,
@@ -190,10 +152,7 @@ fn scenario(pods: usize, rules: usize) {
         mb(snapshot_heap),
         compile_peak as f64 / snapshot_heap as f64
     );
-    println!(
-        "heap at the compile peak, input snapshot included: {:.1} MB",
-        mb(snapshot_heap + compile_peak)
-    );
+    println!("heap at the compile peak, input snapshot included: {:.1} MB", mb(snapshot_heap + compile_peak));
 
     let index_build = time(3, || Evaluator::new(&model));
     let evaluator = Evaluator::new(&model);
@@ -201,11 +160,7 @@ fn scenario(pods: usize, rules: usize) {
     let (mut accept, mut drop, mut reject) = (0, 0, 0);
     let t = Instant::now();
     for f in &fast {
-        match evaluator
-            .decide(f)
-            .expect("every synthetic flow decides")
-            .verdict
-        {
+        match evaluator.decide(f).expect("every synthetic flow decides").verdict {
             Verdict::Accept => accept += 1,
             Verdict::Drop => drop += 1,
             Verdict::Reject => reject += 1,
@@ -225,16 +180,13 @@ fn scenario(pods: usize, rules: usize) {
         fast_rate / slow_rate,
         index_build.as_secs_f64() * 1e3
     );
-    println!(
-        "verdicts over {} flows: {accept} accept, {drop} drop, {reject} reject",
-        fast.len()
-    );
+    println!("verdicts over {} flows: {accept} accept, {drop} drop, {reject} reject", fast.len());
 }
 
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` passes nothing: run the quick size then.
-    let quick = std::env::var("CES_BENCH_QUICK").is_ok_and(|v| !v.is_empty())
-        || !std::env::args().any(|a| a == "--bench");
+    let quick =
+        std::env::var("CES_BENCH_QUICK").is_ok_and(|v| !v.is_empty()) || !std::env::args().any(|a| a == "--bench");
     println!("CES scale benchmark (release build, one thread; medians of 5 compiles)");
     scenario(10_000, 1_000);
     if quick {
@@ -242,7 +194,5 @@ fn main() {
         return;
     }
     scenario(100_000, 5_000);
-    println!(
-        "\ntargets at 100k pods / 5k rules: compile < 1 s and < 300 MB; simulate > 100k flows/s on one core"
-    );
+    println!("\ntargets at 100k pods / 5k rules: compile < 1 s and < 300 MB; simulate > 100k flows/s on one core");
 }

@@ -52,27 +52,15 @@ pub struct Synth {
 }
 
 fn obj<S>(namespace: Option<&str>, name: String, spec: S) -> Object<S> {
-    Object {
-        namespace: namespace.map(str::to_string),
-        name,
-        generation: Some(1),
-        origin: None,
-        spec,
-    }
+    Object { namespace: namespace.map(str::to_string), name, generation: Some(1), origin: None, spec }
 }
 
 fn labels(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.clone()))
-        .collect()
+    pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
 }
 
 fn selector(key: &str, value: String) -> LabelSelector {
-    LabelSelector {
-        match_labels: labels(&[(key, value)]),
-        match_expressions: vec![],
-    }
+    LabelSelector { match_labels: labels(&[(key, value)]), match_expressions: vec![] }
 }
 
 fn port(name: &str, protocol: &str, port: &str) -> ExternalServicePort {
@@ -86,12 +74,7 @@ fn port(name: &str, protocol: &str, port: &str) -> ExternalServicePort {
 
 /// The pod IP of pod `j` of namespace `i`: 10.(i/256).(i%256).(j+1).
 pub fn pod_ip(i: usize, j: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(
-        10,
-        (i / 256) as u8,
-        (i % 256) as u8,
-        (j + 1) as u8,
-    ))
+    IpAddr::V4(Ipv4Addr::new(10, (i / 256) as u8, (i % 256) as u8, (j + 1) as u8))
 }
 
 pub fn namespace_name(i: usize) -> String {
@@ -117,10 +100,7 @@ impl Synth {
             let cidr = format!("10.{}.{}.0/24", i / 256, i % 256).parse().unwrap();
             s.namespaces.push(Namespace {
                 name: name.clone(),
-                labels: labels(&[
-                    ("team", format!("team-{}", i % 10)),
-                    ("env", ["prod", "dev", "test"][i % 3].into()),
-                ]),
+                labels: labels(&[("team", format!("team-{}", i % 10)), ("env", ["prod", "dev", "test"][i % 3].into())]),
                 cidrs: vec![cidr],
             });
             let here = PODS_PER_NAMESPACE.min(pods - i * PODS_PER_NAMESPACE);
@@ -155,10 +135,7 @@ impl Synth {
                 Some(&name),
                 "ext-fqdn".into(),
                 ExternalServiceSpec {
-                    addresses: vec![
-                        format!("api{i}.example.com"),
-                        format!("*.svc{i}.example.net"),
-                    ],
+                    addresses: vec![format!("api{i}.example.com"), format!("*.svc{i}.example.net")],
                     ports: vec![port("https", "tcp", "443")],
                 },
             ));
@@ -174,12 +151,7 @@ impl Synth {
             ));
         }
 
-        let actions = [
-            Action::Drop,
-            Action::AcceptDecisively,
-            Action::Reject,
-            Action::Accept,
-        ];
+        let actions = [Action::Drop, Action::AcceptDecisively, Action::Reject, Action::Accept];
         let cluster = (rules / 20).max(1).min(rules);
         let namespace = (rules - cluster) / 2;
         let service = rules - cluster - namespace;
@@ -194,21 +166,14 @@ impl Synth {
                     priority: Some((k % 7) as i32 * 10),
                     mode: (k % 10 == 9).then_some(Mode::Audit),
                     schedule: None,
-                    namespace_selector: (k % 5 == 0)
-                        .then(|| selector("team", format!("team-{}", k % 10))),
+                    namespace_selector: (k % 5 == 0).then(|| selector("team", format!("team-{}", k % 10))),
                 },
             ));
         }
         let office_hours = Schedule {
             timezone: Some("Europe/Paris".into()),
             windows: vec![TimeWindow {
-                days: vec![
-                    Weekday::Mon,
-                    Weekday::Tue,
-                    Weekday::Wed,
-                    Weekday::Thu,
-                    Weekday::Fri,
-                ],
+                days: vec![Weekday::Mon, Weekday::Tue, Weekday::Wed, Weekday::Thu, Weekday::Fri],
                 start: "08:00".into(),
                 end: "18:00".into(),
             }],
@@ -230,8 +195,7 @@ impl Synth {
                     priority: (k % 4 == 0).then_some(rng.below(2000) as i32),
                     mode: (k % 25 == 0).then_some(Mode::Audit),
                     schedule: (k % 8 == 0).then(|| office_hours.clone()),
-                    pod_selector: (k % 4 == 1)
-                        .then(|| selector("app", format!("app-{}", k % SERVICES_PER_NAMESPACE))),
+                    pod_selector: (k % 4 == 1).then(|| selector("app", format!("app-{}", k % SERVICES_PER_NAMESPACE))),
                 },
             ));
         }
@@ -241,16 +205,10 @@ impl Synth {
                 Some(&ns),
                 format!("svcr-{k}"),
                 ServiceEgressRuleSpec {
-                    action: if k % 6 == 0 {
-                        Action::Drop
-                    } else {
-                        Action::Accept
-                    },
+                    action: if k % 6 == 0 { Action::Drop } else { Action::Accept },
                     logging: None,
                     service: format!("svc-{}", k % SERVICES_PER_NAMESPACE),
-                    external_services: vec![
-                        if k % 2 == 0 { "ext-ip" } else { "ext-fqdn" }.to_string(),
-                    ],
+                    external_services: vec![if k % 2 == 0 { "ext-ip" } else { "ext-fqdn" }.to_string()],
                     priority: None,
                     mode: None,
                     schedule: None,
@@ -271,18 +229,9 @@ impl Synth {
                 .filter(|(i, _)| i % TENANTS.len() == t)
                 .map(|(_, n)| n.name.as_str())
                 .collect();
-            let _ = writeln!(
-                yaml,
-                "  - name: {name}\n    namespaces: \"{}\"",
-                nss.join(",")
-            );
+            let _ = writeln!(yaml, "  - name: {name}\n    namespaces: \"{}\"", nss.join(","));
             if t > 0 {
-                let _ = writeln!(
-                    yaml,
-                    "    routeDomain: {{id: {}, name: rd{}}}",
-                    t * 10,
-                    t * 10
-                );
+                let _ = writeln!(yaml, "    routeDomain: {{id: {}, name: rd{}}}", t * 10, t * 10);
             }
         }
         CesConfig::from_yaml(&yaml, "<synthetic>").expect("the synthetic config is valid")
@@ -290,13 +239,7 @@ impl Synth {
 
     pub fn snapshot(&self) -> Snapshot {
         let mut b = SnapshotBuilder::new();
-        b.add_namespace(
-            Namespace {
-                name: "kube-system".into(),
-                ..Default::default()
-            },
-            None,
-        );
+        b.add_namespace(Namespace { name: "kube-system".into(), ..Default::default() }, None);
         for n in &self.namespaces {
             b.add_namespace(n.clone(), None);
         }
@@ -324,8 +267,7 @@ impl Synth {
     /// Writes `cluster.yaml`, `policies.yaml` and `ces-conf.yaml` into `dir`.
     pub fn write_yaml(&self, dir: &std::path::Path) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
-        let mut cluster =
-            String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: kube-system}\n");
+        let mut cluster = String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: kube-system}\n");
         for n in &self.namespaces {
             let cidrs: Vec<String> = n.cidrs.iter().map(|c| c.to_string()).collect();
             let _ = write!(
@@ -349,11 +291,7 @@ impl Synth {
             );
         }
         for svc in &self.services {
-            let sel = svc
-                .selector
-                .as_ref()
-                .map(flow_map)
-                .unwrap_or_else(|| "{}".into());
+            let sel = svc.selector.as_ref().map(flow_map).unwrap_or_else(|| "{}".into());
             let _ = write!(
                 cluster,
                 "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {}}}\nspec: {{selector: {sel}}}\n",
@@ -374,31 +312,16 @@ impl Synth {
             );
         };
         for e in &self.external_services {
-            doc(
-                "ExternalService",
-                e.namespace.as_ref(),
-                &e.name,
-                to_json(&e.spec),
-            );
+            doc("ExternalService", e.namespace.as_ref(), &e.name, to_json(&e.spec));
         }
         for r in &self.cluster_rules {
             doc("ClusterEgressRule", None, &r.name, to_json(&r.spec));
         }
         for r in &self.namespace_rules {
-            doc(
-                "NamespaceEgressRule",
-                r.namespace.as_ref(),
-                &r.name,
-                to_json(&r.spec),
-            );
+            doc("NamespaceEgressRule", r.namespace.as_ref(), &r.name, to_json(&r.spec));
         }
         for r in &self.service_rules {
-            doc(
-                "ServiceEgressRule",
-                r.namespace.as_ref(),
-                &r.name,
-                to_json(&r.spec),
-            );
+            doc("ServiceEgressRule", r.namespace.as_ref(), &r.name, to_json(&r.spec));
         }
         std::fs::write(dir.join("policies.yaml"), policies)?;
 
@@ -426,10 +349,7 @@ mod tests {
         let a = Synth::generate(1_000, 200, 7);
         assert_eq!(a.pods.len(), 1_000);
         assert_eq!(a.namespaces.len(), 10);
-        assert_eq!(
-            a.cluster_rules.len() + a.namespace_rules.len() + a.service_rules.len(),
-            200
-        );
+        assert_eq!(a.cluster_rules.len() + a.namespace_rules.len() + a.service_rules.len(), 200);
         assert_eq!(a.cluster_rules.len(), 10);
         let b = Synth::generate(1_000, 200, 7);
         assert_eq!(a.namespace_rules, b.namespace_rules);
@@ -445,21 +365,14 @@ mod tests {
         let s = Synth::generate(600, 120, 3);
         let dir = std::env::temp_dir().join(format!("ces-synth-{}", std::process::id()));
         s.write_yaml(&dir).unwrap();
-        let (loaded, _) = ces_snapshot::manifests::load_paths(&[
-            dir.join("cluster.yaml"),
-            dir.join("policies.yaml"),
-        ])
-        .unwrap();
+        let (loaded, _) =
+            ces_snapshot::manifests::load_paths(&[dir.join("cluster.yaml"), dir.join("policies.yaml")]).unwrap();
         let config = CesConfig::from_file(&dir.join("ces-conf.yaml")).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(config, s.config());
         let from_yaml = ces_compiler::compile(&loaded, &config, "kube-system");
         let direct = ces_compiler::compile(&s.snapshot(), &s.config(), "kube-system");
-        assert!(
-            from_yaml.diagnostics.is_empty(),
-            "{:?}",
-            from_yaml.diagnostics
-        );
+        assert!(from_yaml.diagnostics.is_empty(), "{:?}", from_yaml.diagnostics);
         assert_eq!(from_yaml, direct);
         assert_eq!(direct.cluster_rules.len(), 6);
     }

@@ -9,14 +9,8 @@ use crate::{Failure, InputArgs};
 
 /// The embedded example (examples/realistic), so the tool runs on a fresh machine with nothing but itself.
 const EXAMPLE_FILES: [(&str, &str); 2] = [
-    (
-        "examples/realistic/cluster.yaml",
-        include_str!("../../../examples/realistic/cluster.yaml"),
-    ),
-    (
-        "examples/realistic/policies.yaml",
-        include_str!("../../../examples/realistic/policies.yaml"),
-    ),
+    ("examples/realistic/cluster.yaml", include_str!("../../../examples/realistic/cluster.yaml")),
+    ("examples/realistic/policies.yaml", include_str!("../../../examples/realistic/policies.yaml")),
 ];
 const EXAMPLE_CONFIG: &str = include_str!("../../../examples/realistic/ces-conf.yaml");
 
@@ -31,30 +25,19 @@ impl Inputs {
     pub fn load(args: &InputArgs) -> Result<Inputs, Failure> {
         let (snapshot, stats, config) = if args.example {
             let snap = load_strs(&EXAMPLE_FILES);
-            let stats = LoadStats {
-                files: EXAMPLE_FILES.len(),
-                ..Default::default()
-            };
+            let stats = LoadStats { files: EXAMPLE_FILES.len(), ..Default::default() };
             let config = CesConfig::from_yaml(EXAMPLE_CONFIG, "examples/realistic/ces-conf.yaml")
                 .map_err(|e| Failure::input(e.to_string()))?;
             (snap, stats, config)
         } else {
-            let (snap, stats) =
-                load_paths(&args.manifests).map_err(|e| Failure::input(e.to_string()))?;
+            let (snap, stats) = load_paths(&args.manifests).map_err(|e| Failure::input(e.to_string()))?;
             let config = match &args.config {
-                Some(path) => {
-                    CesConfig::from_file(path).map_err(|e| Failure::input(e.to_string()))?
-                }
+                Some(path) => CesConfig::from_file(path).map_err(|e| Failure::input(e.to_string()))?,
                 None => CesConfig::embedded_default(),
             };
             (snap, stats, config)
         };
-        Ok(Inputs {
-            snapshot,
-            config,
-            stats,
-            ces_namespace: args.ces_namespace.clone(),
-        })
+        Ok(Inputs { snapshot, config, stats, ces_namespace: args.ces_namespace.clone() })
     }
 
     pub fn compile(&self) -> PolicyModel {

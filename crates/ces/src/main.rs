@@ -13,11 +13,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::inputs::Inputs;
 
 #[derive(Parser)]
-#[command(
-    name = "ces",
-    version,
-    about = "CES: Kubernetes egress policy for BIG-IP AFM and Linux nftables"
-)]
+#[command(name = "ces", version, about = "CES: Kubernetes egress policy for BIG-IP AFM and Linux nftables")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -94,10 +90,7 @@ pub struct Failure {
 
 impl Failure {
     pub fn input(message: impl Into<String>) -> Failure {
-        Failure {
-            code: 2,
-            message: message.into(),
-        }
+        Failure { code: 2, message: message.into() }
     }
 }
 
@@ -121,16 +114,10 @@ fn run(command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Validate { inputs, output } => validate(&inputs, output),
-        Command::Compile {
-            inputs,
-            backend: Backend::Model,
-        } => {
+        Command::Compile { inputs, backend: Backend::Model } => {
             let inputs = Inputs::load(&inputs)?;
             let model = inputs.compile();
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&model).expect("the model serialises")
-            );
+            println!("{}", serde_json::to_string_pretty(&model).expect("the model serialises"));
             if !model.diagnostics.is_empty() {
                 eprintln!(
                     "ces: {} problem(s) left objects out of the model; see `diagnostics` or run `ces validate`",
@@ -140,24 +127,14 @@ fn run(command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Simulate(args) => simulate::run(&args),
-        Command::Synth {
-            pods,
-            rules,
-            seed,
-            out,
-        } => {
+        Command::Synth { pods, rules, seed, out } => {
             if pods > 6_553_600 {
-                return Err(Failure::input(
-                    "--pods: at most 6553600 (65536 namespaces of 100 pods)",
-                ));
+                return Err(Failure::input("--pods: at most 6553600 (65536 namespaces of 100 pods)"));
             }
             ces_synth::Synth::generate(pods, rules, seed)
                 .write_yaml(&out)
                 .map_err(|e| Failure::input(format!("{}: {e}", out.display())))?;
-            eprintln!(
-                "ces: wrote {pods} pods and {rules} rules to {}",
-                out.display()
-            );
+            eprintln!("ces: wrote {pods} pods and {rules} rules to {}", out.display());
             Ok(())
         }
     }
@@ -168,24 +145,15 @@ fn validate(args: &InputArgs, output: Output) -> Result<(), Failure> {
     let inputs = match Inputs::load(args) {
         Ok(i) => i,
         Err(f) if f.code == 2 && output == Output::Json => {
-            println!(
-                "{}",
-                serde_json::json!({ "problems": [{ "reason": "InvalidConfig", "message": f.message }] })
-            );
-            return Err(Failure {
-                code: 1,
-                message: String::new(),
-            });
+            println!("{}", serde_json::json!({ "problems": [{ "reason": "InvalidConfig", "message": f.message }] }));
+            return Err(Failure { code: 1, message: String::new() });
         }
         Err(f) => return Err(Failure { code: 1, ..f }),
     };
     let model = inputs.compile();
     match output {
         Output::Json => {
-            println!(
-                "{}",
-                serde_json::json!({ "objects": inputs.object_count(), "problems": model.diagnostics })
-            );
+            println!("{}", serde_json::json!({ "objects": inputs.object_count(), "problems": model.diagnostics }));
         }
         Output::Text => {
             for d in &model.diagnostics {
@@ -199,12 +167,5 @@ fn validate(args: &InputArgs, output: Output) -> Result<(), Failure> {
             );
         }
     }
-    if model.diagnostics.is_empty() {
-        Ok(())
-    } else {
-        Err(Failure {
-            code: 1,
-            message: String::new(),
-        })
-    }
+    if model.diagnostics.is_empty() { Ok(()) } else { Err(Failure { code: 1, message: String::new() }) }
 }

@@ -18,20 +18,10 @@ pub struct SimulateArgs {
     #[command(flatten)]
     inputs: InputArgs,
     /// Source: NAMESPACE/POD (a pod of the manifests) or an IP address.
-    #[arg(
-        long,
-        value_name = "NAMESPACE/POD|IP",
-        required_unless_present = "flows",
-        conflicts_with = "flows"
-    )]
+    #[arg(long, value_name = "NAMESPACE/POD|IP", required_unless_present = "flows", conflicts_with = "flows")]
     from: Option<String>,
     /// Destination: HOST:PORT/tcp, HOST:PORT/udp or HOST/icmp; HOST is an IP ([v6] with a port) or a host name.
-    #[arg(
-        long,
-        value_name = "HOST:PORT/PROTO",
-        required_unless_present = "flows",
-        conflicts_with = "flows"
-    )]
+    #[arg(long, value_name = "HOST:PORT/PROTO", required_unless_present = "flows", conflicts_with = "flows")]
     to: Option<String>,
     /// When the flow happens (RFC 3339), for scheduled rules. Default: now.
     #[arg(long, value_name = "RFC3339")]
@@ -84,9 +74,7 @@ struct Request {
 fn parse_at(s: Option<&str>, default: Timestamp) -> Result<Timestamp, String> {
     match s {
         None => Ok(default),
-        Some(s) => s
-            .parse()
-            .map_err(|e| format!("`{s}` is not an RFC 3339 time: {e}")),
+        Some(s) => s.parse().map_err(|e| format!("`{s}` is not an RFC 3339 time: {e}")),
     }
 }
 
@@ -94,14 +82,7 @@ fn parse_at(s: Option<&str>, default: Timestamp) -> Result<Timestamp, String> {
 fn resolve(inputs: &Inputs, from: &str, to: &str, at: Timestamp) -> Result<Request, String> {
     let (destination, protocol, port) = parse_target(to)?;
     let (source, tenant) = if let Ok(ip) = from.parse::<IpAddr>() {
-        (
-            Source {
-                ip,
-                namespace: None,
-                pod: None,
-            },
-            None,
-        )
+        (Source { ip, namespace: None, pod: None }, None)
     } else if let Some((ns, name)) = from.split_once('/') {
         let pod = inputs
             .snapshot
@@ -119,63 +100,36 @@ fn resolve(inputs: &Inputs, from: &str, to: &str, at: Timestamp) -> Result<Reque
             .copied()
             .ok_or_else(|| format!("`{from}`: the pod has no IP address (not running?)"))?;
         let tenant = inputs.config.tenant_of(ns).to_string();
-        (
-            Source {
-                ip,
-                namespace: Some(ns.to_string()),
-                pod: Some(name.to_string()),
-            },
-            Some(tenant),
-        )
+        (Source { ip, namespace: Some(ns.to_string()), pod: Some(name.to_string()) }, Some(tenant))
     } else {
-        return Err(format!(
-            "`{from}` is neither NAMESPACE/POD nor an IP address"
-        ));
+        return Err(format!("`{from}` is neither NAMESPACE/POD nor an IP address"));
     };
     Ok(Request {
         from: from.to_string(),
         to: to.to_string(),
-        flow: Flow {
-            source: source.ip,
-            tenant,
-            destination,
-            protocol,
-            port,
-            at,
-        },
+        flow: Flow { source: source.ip, tenant, destination, protocol, port, at },
         source,
     })
 }
 
-fn read_flows(
-    path: &PathBuf,
-    inputs: &Inputs,
-    default_at: Timestamp,
-) -> Result<Vec<Request>, Failure> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Failure::input(format!("{}: {e}", path.display())))?;
+fn read_flows(path: &PathBuf, inputs: &Inputs, default_at: Timestamp) -> Result<Vec<Request>, Failure> {
+    let text = std::fs::read_to_string(path).map_err(|e| Failure::input(format!("{}: {e}", path.display())))?;
     let mut requests = Vec::new();
     let mut errors = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let parsed = serde_json::from_str::<FlowLine>(line)
-            .map_err(|e| e.to_string())
-            .and_then(|f| {
-                let at = parse_at(f.at.as_deref(), default_at)?;
-                resolve(inputs, &f.from, &f.to, at)
-            });
+        let parsed = serde_json::from_str::<FlowLine>(line).map_err(|e| e.to_string()).and_then(|f| {
+            let at = parse_at(f.at.as_deref(), default_at)?;
+            resolve(inputs, &f.from, &f.to, at)
+        });
         match parsed {
             Ok(r) => requests.push(r),
             Err(e) => errors.push(format!("{}:{}: {e}", path.display(), i + 1)),
         }
     }
-    if errors.is_empty() {
-        Ok(requests)
-    } else {
-        Err(Failure::input(errors.join("\n")))
-    }
+    if errors.is_empty() { Ok(requests) } else { Err(Failure::input(errors.join("\n"))) }
 }
 
 pub fn run(args: &SimulateArgs) -> Result<(), Failure> {
@@ -191,29 +145,15 @@ pub fn run(args: &SimulateArgs) -> Result<(), Failure> {
     let (requests, output) = match &args.flows {
         Some(path) => (read_flows(path, &inputs, default_at)?, Output::Json),
         None => {
-            let (from, to) = (
-                args.from.as_deref().unwrap_or_default(),
-                args.to.as_deref().unwrap_or_default(),
-            );
-            (
-                vec![resolve(&inputs, from, to, default_at).map_err(Failure::input)?],
-                args.output,
-            )
+            let (from, to) = (args.from.as_deref().unwrap_or_default(), args.to.as_deref().unwrap_or_default());
+            (vec![resolve(&inputs, from, to, default_at).map_err(Failure::input)?], args.output)
         }
     };
     let evaluator = Evaluator::new(&model);
     let mut out = String::new();
     for r in requests {
-        let decision = evaluator
-            .decide(&r.flow)
-            .map_err(|e| Failure::input(format!("`{}`: {e}", r.from)))?;
-        let result = SimResult {
-            from: r.from,
-            to: r.to,
-            at: r.flow.at.to_string(),
-            source: r.source,
-            decision,
-        };
+        let decision = evaluator.decide(&r.flow).map_err(|e| Failure::input(format!("`{}`: {e}", r.from)))?;
+        let result = SimResult { from: r.from, to: r.to, at: r.flow.at.to_string(), source: r.source, decision };
         match output {
             Output::Json => {
                 out.push_str(&serde_json::to_string(&result).expect("results serialise"));
@@ -229,54 +169,28 @@ pub fn run(args: &SimulateArgs) -> Result<(), Failure> {
 fn text(r: &SimResult, model: &PolicyModel) -> String {
     let d = &r.decision;
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "{}  {} -> {}",
-        d.verdict.as_str().to_uppercase(),
-        r.from,
-        r.to
-    );
+    let _ = writeln!(s, "{}  {} -> {}", d.verdict.as_str().to_uppercase(), r.from, r.to);
     let _ = writeln!(s, "  at       {}", r.at);
     let who = match (&r.source.namespace, &r.source.pod) {
         (Some(ns), Some(pod)) => format!("pod {ns}/{pod}, "),
         _ => "no known pod, ".to_string(),
     };
-    let rd = model
-        .tenant(&d.tenant)
-        .map(|t| format!(", route domain {}", t.route_domain.id))
-        .unwrap_or_default();
-    let _ = writeln!(
-        s,
-        "  source   {} ({who}tenant {}{rd})",
-        r.source.ip, d.tenant
-    );
+    let rd = model.tenant(&d.tenant).map(|t| format!(", route domain {}", t.route_domain.id)).unwrap_or_default();
+    let _ = writeln!(s, "  source   {} ({who}tenant {}{rd})", r.source.ip, d.tenant);
     let by = &d.decided_by;
     let what = match (&by.external_service, &by.port) {
         (Some(e), Some(p)) => format!(" (ExternalService {e}, port {p})"),
         (Some(e), None) => format!(" (ExternalService {e})"),
         _ => " (no rule matched)".to_string(),
     };
-    let ctx = serde_json::to_value(by.context)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default();
+    let ctx = serde_json::to_value(by.context).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
     let _ = writeln!(s, "  decided  by {} in the {ctx} context{what}", by.rule);
     for (i, t) in d.trail.iter().enumerate() {
-        let effect = serde_json::to_value(t.effect)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
-        let ctx = serde_json::to_value(t.context)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
+        let effect =
+            serde_json::to_value(t.effect).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        let ctx = serde_json::to_value(t.context).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
         let label = if i == 0 { "trail" } else { "" };
-        let _ = writeln!(
-            s,
-            "  {label:<8} {ctx:<9} {:<17} {effect:<16} {}",
-            t.action.as_str(),
-            t.rule
-        );
+        let _ = writeln!(s, "  {label:<8} {ctx:<9} {:<17} {effect:<16} {}", t.action.as_str(), t.rule);
     }
     s
 }

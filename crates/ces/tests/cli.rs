@@ -9,10 +9,7 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
 }
 
 fn ces(args: &[&str]) -> Output {
@@ -33,26 +30,15 @@ fn stderr(o: &Output) -> String {
 }
 
 fn golden(name: &str, actual: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden")
-        .join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::write(&path, actual).unwrap();
         return;
     }
-    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}; run with UPDATE_GOLDEN=1 to create it",
-            path.display()
-        )
-    });
+    let expected = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}; run with UPDATE_GOLDEN=1 to create it", path.display()));
     if expected != actual {
-        let line = expected
-            .lines()
-            .zip(actual.lines())
-            .position(|(a, b)| a != b)
-            .unwrap_or(0)
-            + 1;
+        let line = expected.lines().zip(actual.lines()).position(|(a, b)| a != b).unwrap_or(0) + 1;
         panic!(
             "{} differs from the output at line {line}; if the change is intended, run with UPDATE_GOLDEN=1 and review the diff",
             path.display()
@@ -79,48 +65,27 @@ fn the_model_of_the_example_is_golden() {
 
 #[test]
 fn simulating_the_example_flows_is_golden_and_keeps_the_contract() {
-    let o = ces(&[
-        "simulate",
-        "--example",
-        "--flows",
-        "examples/realistic/flows.jsonl",
-    ]);
+    let o = ces(&["simulate", "--example", "--flows", "examples/realistic/flows.jsonl"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    let results: Vec<Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let results: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let inputs = std::fs::read_to_string(root().join("examples/realistic/flows.jsonl")).unwrap();
-    assert_eq!(
-        results.len(),
-        inputs.lines().count(),
-        "one result per flow, in order"
-    );
+    assert_eq!(results.len(), inputs.lines().count(), "one result per flow, in order");
     for (r, line) in results.iter().zip(inputs.lines()) {
         let input: Value = serde_json::from_str(line).unwrap();
         assert_eq!(r["from"], input["from"]);
-        assert!(matches!(
-            r["verdict"].as_str(),
-            Some("accept" | "drop" | "reject")
-        ));
+        assert!(matches!(r["verdict"].as_str(), Some("accept" | "drop" | "reject")));
         assert!(r["tenant"].is_string());
-        assert!(matches!(
-            r["decidedBy"]["context"].as_str(),
-            Some("cluster" | "namespace" | "service" | "default")
-        ));
+        assert!(matches!(r["decidedBy"]["context"].as_str(), Some("cluster" | "namespace" | "service" | "default")));
         assert!(r["decidedBy"]["rule"].is_string());
         assert!(r["trail"].is_array());
     }
-    let verdicts: Vec<&str> = results
-        .iter()
-        .map(|r| r["verdict"].as_str().unwrap())
-        .collect();
+    let verdicts: Vec<&str> = results.iter().map(|r| r["verdict"].as_str().unwrap()).collect();
     assert_eq!(
         verdicts,
         [
-            "accept", "reject", "accept", "reject", "drop", "accept", "reject", "reject", "drop",
-            "accept", "drop", "accept", "accept", "accept", "drop"
+            "accept", "reject", "accept", "reject", "drop", "accept", "reject", "reject", "drop", "accept", "drop",
+            "accept", "accept", "accept", "drop"
         ]
     );
     golden("realistic-flows.jsonl", &out);
@@ -151,10 +116,7 @@ fn the_original_examples_simulate_through_the_cli() {
     assert_eq!(r["decidedBy"]["rule"], "ServiceEgressRule/default/rule4");
     assert_eq!(r["source"]["ip"], "10.16.0.11");
     let r = run("default/web-1", "211.6.6.7:9090/udp");
-    assert_eq!(
-        (r["verdict"].as_str(), r["decidedBy"]["context"].as_str()),
-        (Some("drop"), Some("default"))
-    );
+    assert_eq!((r["verdict"].as_str(), r["decidedBy"]["context"].as_str()), (Some("drop"), Some("default")));
     let r = run("10.66.0.5", "22.6.6.5:9090/tcp");
     assert_eq!(r["verdict"], "drop");
     assert_eq!(r["tenant"], "project3");
@@ -176,55 +138,21 @@ fn text_output_names_verdict_rule_and_trail() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    assert!(
-        out.starts_with("DROP  analytics/notebook-0 -> x.pastebin.example:443/tcp\n"),
-        "{out}"
-    );
+    assert!(out.starts_with("DROP  analytics/notebook-0 -> x.pastebin.example:443/tcp\n"), "{out}");
     assert!(out.contains("tenant analytics, route domain 20"), "{out}");
-    assert!(
-        out.contains("by Tenant/analytics in the default context"),
-        "{out}"
-    );
-    assert!(
-        out.contains("audit") && out.contains("ClusterEgressRule/audit-paste"),
-        "{out}"
-    );
+    assert!(out.contains("by Tenant/analytics in the default context"), "{out}");
+    assert!(out.contains("audit") && out.contains("ClusterEgressRule/audit-paste"), "{out}");
 }
 
 #[test]
 fn bad_simulate_input_exits_2_with_a_clear_message() {
     let cases: [(&[&str], &str); 7] = [
-        (
-            &["--from", "payments/ghost", "--to", "1.1.1.1:443/tcp"],
-            "no pod ghost in namespace payments",
-        ),
-        (
-            &["--from", "not-a-source", "--to", "1.1.1.1:443/tcp"],
-            "neither NAMESPACE/POD nor an IP address",
-        ),
-        (
-            &["--from", "10.0.0.1", "--to", "1.1.1.1:443"],
-            "expected HOST:PORT/tcp",
-        ),
-        (
-            &["--from", "10.0.0.1", "--to", "1.1.1.1:99999/tcp"],
-            "not in 1-65535",
-        ),
-        (
-            &[
-                "--from",
-                "10.0.0.1",
-                "--to",
-                "1.1.1.1:443/tcp",
-                "--at",
-                "noon",
-            ],
-            "is not an RFC 3339 time",
-        ),
-        (
-            &["--from", "10.0.0.1", "--to", "1.1.1.1/icmp", "--flows", "x"],
-            "cannot be used with",
-        ),
+        (&["--from", "payments/ghost", "--to", "1.1.1.1:443/tcp"], "no pod ghost in namespace payments"),
+        (&["--from", "not-a-source", "--to", "1.1.1.1:443/tcp"], "neither NAMESPACE/POD nor an IP address"),
+        (&["--from", "10.0.0.1", "--to", "1.1.1.1:443"], "expected HOST:PORT/tcp"),
+        (&["--from", "10.0.0.1", "--to", "1.1.1.1:99999/tcp"], "not in 1-65535"),
+        (&["--from", "10.0.0.1", "--to", "1.1.1.1:443/tcp", "--at", "noon"], "is not an RFC 3339 time"),
+        (&["--from", "10.0.0.1", "--to", "1.1.1.1/icmp", "--flows", "x"], "cannot be used with"),
         (&["--to", "1.1.1.1/icmp"], "--from"),
     ];
     for (args, want) in cases {
@@ -232,11 +160,7 @@ fn bad_simulate_input_exits_2_with_a_clear_message() {
         full.extend_from_slice(args);
         let o = ces(&full);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
-        assert!(
-            stderr(&o).contains(want),
-            "{args:?}: stderr `{}` lacks `{want}`",
-            stderr(&o)
-        );
+        assert!(stderr(&o).contains(want), "{args:?}: stderr `{}` lacks `{want}`", stderr(&o));
         assert!(stdout(&o).is_empty(), "nothing half-printed on bad input");
     }
 }
@@ -266,11 +190,7 @@ fn a_bad_config_names_the_file_and_the_key() {
     let dir = std::env::temp_dir().join(format!("ces-conf-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let conf = dir.join("ces-conf.yaml");
-    std::fs::write(
-        &conf,
-        "clusterName: k8s\ntenant:\n- name: Common\n  routeDomain: {id: 99999}\n",
-    )
-    .unwrap();
+    std::fs::write(&conf, "clusterName: k8s\ntenant:\n- name: Common\n  routeDomain: {id: 99999}\n").unwrap();
     let o = ces(&[
         "simulate",
         "--manifests",
@@ -285,10 +205,7 @@ fn a_bad_config_names_the_file_and_the_key() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(o.status.code(), Some(2));
     let err = stderr(&o);
-    assert!(
-        err.contains("ces-conf.yaml: tenant[0].routeDomain.id: "),
-        "{err}"
-    );
+    assert!(err.contains("ces-conf.yaml: tenant[0].routeDomain.id: "), "{err}");
 }
 
 #[test]
@@ -310,25 +227,13 @@ fn validate_reports_every_kind_of_bad_input_and_exits_1() {
     ] {
         assert!(out.contains(want), "validate output lacks `{want}`:\n{out}");
     }
-    assert!(
-        !out.contains("ClusterEgressRule/fine"),
-        "the good rule has no problem:\n{out}"
-    );
+    assert!(!out.contains("ClusterEgressRule/fine"), "the good rule has no problem:\n{out}");
     assert!(out.trim_end().ends_with("problem(s)"), "{out}");
 
-    let o = ces(&[
-        "validate",
-        "--manifests",
-        "crates/ces/tests/fixtures/bad",
-        "--output",
-        "json",
-    ]);
+    let o = ces(&["validate", "--manifests", "crates/ces/tests/fixtures/bad", "--output", "json"]);
     assert_eq!(o.status.code(), Some(1));
     let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
-    assert_eq!(
-        v["problems"].as_array().unwrap().len(),
-        out.lines().count() - 1
-    );
+    assert_eq!(v["problems"].as_array().unwrap().len(), out.lines().count() - 1);
 }
 
 #[test]
@@ -353,12 +258,7 @@ fn validate_passes_the_examples() {
         ],
     ] {
         let o = ces(&args);
-        assert!(
-            o.status.success(),
-            "{args:?}:\n{}{}",
-            stdout(&o),
-            stderr(&o)
-        );
+        assert!(o.status.success(), "{args:?}:\n{}{}", stdout(&o), stderr(&o));
     }
 }
 
@@ -394,19 +294,11 @@ fn ces_namespace_flag_and_env_move_cluster_external_services() {
         let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
         v["verdict"].as_str().unwrap().to_string()
     };
-    assert_eq!(
-        verdict(ces(&args)),
-        "drop",
-        "default kube-system: the rule is left out"
-    );
+    assert_eq!(verdict(ces(&args)), "drop", "default kube-system: the rule is left out");
     let mut with_flag = args.to_vec();
     with_flag.extend(["--ces-namespace", "ces"]);
     assert_eq!(verdict(ces(&with_flag)), "accept");
-    let o = Command::new(env!("CARGO_BIN_EXE_ces"))
-        .args(args)
-        .env("CES_NAMESPACE", "ces")
-        .output()
-        .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_ces")).args(args).env("CES_NAMESPACE", "ces").output().unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(verdict(o), "accept");
 }
