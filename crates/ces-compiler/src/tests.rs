@@ -13,31 +13,17 @@ fn original_model() -> PolicyModel {
 }
 
 fn default_model(yaml: &str) -> PolicyModel {
-    compile(
-        &load_str(yaml, "t.yaml"),
-        &CesConfig::embedded_default(),
-        DEFAULT_CES_NAMESPACE,
-    )
+    compile(&load_str(yaml, "t.yaml"), &CesConfig::embedded_default(), DEFAULT_CES_NAMESPACE)
 }
 
 fn set(m: &PolicyModel, name: &str) -> Vec<String> {
-    m.address_sets[name]
-        .addresses
-        .iter()
-        .map(|a| a.to_string())
-        .collect()
+    m.address_sets[name].addresses.iter().map(|a| a.to_string()).collect()
 }
 
 fn diags(m: &PolicyModel) -> Vec<(String, String, String)> {
     m.diagnostics
         .iter()
-        .map(|d| {
-            (
-                d.object.as_ref().map(|o| o.to_string()).unwrap_or_default(),
-                d.reason.clone(),
-                d.message.clone(),
-            )
-        })
+        .map(|d| (d.object.as_ref().map(|o| o.to_string()).unwrap_or_default(), d.reason.clone(), d.message.clone()))
         .collect()
 }
 
@@ -82,92 +68,38 @@ fn the_original_examples_compile_into_three_contexts_and_tenants() {
     assert_eq!(r1.sources, Sources::Any);
     assert!(r1.logging);
     assert_eq!(r1.destinations[0].external_service, "kube-system/exsvc1");
-    let protos: Vec<Protocol> = r1.destinations[0]
-        .ports
-        .iter()
-        .map(|p| p.protocol)
-        .collect();
-    assert_eq!(
-        protos,
-        [Protocol::Udp, Protocol::Tcp],
-        "UDP/TCP in upper case, in the order listed"
-    );
+    let protos: Vec<Protocol> = r1.destinations[0].ports.iter().map(|p| p.protocol).collect();
+    assert_eq!(protos, [Protocol::Udp, Protocol::Tcp], "UDP/TCP in upper case, in the order listed");
 
     let names: Vec<&str> = m.tenants.iter().map(|t| t.name.as_str()).collect();
     assert_eq!(names, ["Common", "p2", "project3"]);
     let p3 = m.tenant("project3").unwrap();
-    assert_eq!(
-        p3.route_domain,
-        RouteDomainRef {
-            id: 4,
-            name: "rd4".into()
-        }
-    );
+    assert_eq!(p3.route_domain, RouteDomainRef { id: 4, name: "rd4".into() });
     assert_eq!(p3.namespaces, ["project3", "test-ns-a"]);
-    assert_eq!(
-        p3.namespace_rules[0].id,
-        "NamespaceEgressRule/project3/rule3"
-    );
-    assert_eq!(
-        set(&m, "namespace/project3"),
-        ["10.66.0.0/16", "10.66.0.5/32"]
-    );
+    assert_eq!(p3.namespace_rules[0].id, "NamespaceEgressRule/project3/rule3");
+    assert_eq!(set(&m, "namespace/project3"), ["10.66.0.0/16", "10.66.0.5/32"]);
 
     let p2 = m.tenant("p2").unwrap();
     assert_eq!(p2.service_rules[0].id, "ServiceEgressRule/default/rule4");
-    assert_eq!(
-        p2.service_rules[0].sources,
-        Sources::Sets(vec!["service/default/mysql-service".into()])
-    );
-    assert_eq!(
-        set(&m, "service/default/mysql-service"),
-        ["10.16.0.11/32", "10.16.0.12/32"]
-    );
-    assert_eq!(
-        set(&m, "tenant/p2"),
-        [
-            "10.16.0.11/32",
-            "10.16.0.12/32",
-            "10.16.0.20/32",
-            "10.16.0.21/32"
-        ]
-    );
+    assert_eq!(p2.service_rules[0].sources, Sources::Sets(vec!["service/default/mysql-service".into()]));
+    assert_eq!(set(&m, "service/default/mysql-service"), ["10.16.0.11/32", "10.16.0.12/32"]);
+    assert_eq!(set(&m, "tenant/p2"), ["10.16.0.11/32", "10.16.0.12/32", "10.16.0.20/32", "10.16.0.21/32"]);
     let common = m.tenant("Common").unwrap();
-    assert!(
-        common.namespaces.contains(&"kube-system".to_string()),
-        "unlisted namespaces fall to Common"
-    );
+    assert!(common.namespaces.contains(&"kube-system".to_string()), "unlisted namespaces fall to Common");
     assert_eq!(common.default_action, Verdict::Drop);
 }
 
 #[test]
 fn rules_are_ordered_by_priority_then_namespace_then_name() {
-    let mut y =
-        exsvc("a", "e", "  addresses: [1.1.1.1]") + &exsvc("b", "e", "  addresses: [1.1.1.1]");
-    y += &nsgr(
-        "b",
-        "z",
-        "  action: drop\n  externalServices: [e]\n  priority: 10",
-    );
+    let mut y = exsvc("a", "e", "  addresses: [1.1.1.1]") + &exsvc("b", "e", "  addresses: [1.1.1.1]");
+    y += &nsgr("b", "z", "  action: drop\n  externalServices: [e]\n  priority: 10");
     y += &nsgr("a", "m", "  action: drop\n  externalServices: [e]");
     y += &nsgr("b", "a", "  action: drop\n  externalServices: [e]");
-    y += &nsgr(
-        "a",
-        "x",
-        "  action: drop\n  externalServices: [e]\n  priority: 1000",
-    );
-    y += &nsgr(
-        "a",
-        "w",
-        "  action: drop\n  externalServices: [e]\n  priority: -5",
-    );
+    y += &nsgr("a", "x", "  action: drop\n  externalServices: [e]\n  priority: 1000");
+    y += &nsgr("a", "w", "  action: drop\n  externalServices: [e]\n  priority: -5");
     let m = default_model(&y);
     assert!(m.diagnostics.is_empty(), "{:?}", diags(&m));
-    let ids: Vec<&str> = m.tenants[0]
-        .namespace_rules
-        .iter()
-        .map(|r| r.id.as_str())
-        .collect();
+    let ids: Vec<&str> = m.tenants[0].namespace_rules.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(
         ids,
         [
@@ -182,8 +114,7 @@ fn rules_are_ordered_by_priority_then_namespace_then_name() {
 
 #[test]
 fn cluster_rules_resolve_external_services_in_the_ces_namespace_only() {
-    let y = exsvc("default", "e", "  addresses: [1.1.1.1]")
-        + &cgr("r", "  action: drop\n  externalServices: [e]");
+    let y = exsvc("default", "e", "  addresses: [1.1.1.1]") + &cgr("r", "  action: drop\n  externalServices: [e]");
     let m = default_model(&y);
     assert!(m.cluster_rules.is_empty());
     assert_eq!(
@@ -196,11 +127,7 @@ fn cluster_rules_resolve_external_services_in_the_ces_namespace_only() {
     );
     let snap = load_str(&y, "t");
     let m = compile(&snap, &CesConfig::embedded_default(), "default");
-    assert_eq!(
-        m.cluster_rules.len(),
-        1,
-        "with CES_NAMESPACE=default it resolves"
-    );
+    assert_eq!(m.cluster_rules.len(), 1, "with CES_NAMESPACE=default it resolves");
 }
 
 #[test]
@@ -211,23 +138,14 @@ fn one_bad_object_never_blocks_the_others() {
         "bad",
         "  addresses: [10.0.0.1/24, 10.0.0.9-10.0.0.1, '*']\n  ports:\n  - {protocol: tcp, port: '99999'}\n  - {protocol: sctp, port: '1'}\n  - {protocol: icmp, port: '1'}\n  - {protocol: tcp, port: '90-80'}\n  - {protocol: tcp, port: '80', bandwidth: fast-irule}",
     );
-    y += &cgr(
-        "uses-good",
-        "  action: accept-decisively\n  externalServices: [good]",
-    );
-    y += &cgr(
-        "uses-bad",
-        "  action: drop\n  externalServices: [good, bad]",
-    );
+    y += &cgr("uses-good", "  action: accept-decisively\n  externalServices: [good]");
+    y += &cgr("uses-bad", "  action: drop\n  externalServices: [good, bad]");
     y += &cgr("uses-missing", "  action: drop\n  externalServices: [nope]");
     y += &cgr(
         "bad-schedule",
         "  action: drop\n  externalServices: [good]\n  schedule: {timezone: Nowhere/City, windows: [{start: '01:00', end: '02:00'}]}",
     );
-    y += &cgr(
-        "no-ns",
-        "  action: drop\n  externalServices: [good]\n  namespaceSelector: {matchLabels: {team: ghost}}",
-    );
+    y += &cgr("no-ns", "  action: drop\n  externalServices: [good]\n  namespaceSelector: {matchLabels: {team: ghost}}");
     let m = default_model(&y);
     let ids: Vec<&str> = m.cluster_rules.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(ids, ["ClusterEgressRule/uses-good"]);
@@ -235,75 +153,28 @@ fn one_bad_object_never_blocks_the_others() {
     let d = diags(&m);
     let has = |obj: &str, reason: &str, text: &str| {
         assert!(
-            d.iter()
-                .any(|(o, r, msg)| o == obj && r == reason && msg.contains(text)),
+            d.iter().any(|(o, r, msg)| o == obj && r == reason && msg.contains(text)),
             "missing {obj} {reason} `{text}` in {d:#?}"
         )
     };
     let bad = "ExternalService/kube-system/bad";
-    has(
-        bad,
-        "InvalidAddress",
-        "spec.addresses[0]: `10.0.0.1/24` has host bits set",
-    );
-    has(
-        bad,
-        "InvalidAddress",
-        "spec.addresses[1]: range `10.0.0.9-10.0.0.1` is reversed",
-    );
+    has(bad, "InvalidAddress", "spec.addresses[0]: `10.0.0.1/24` has host bits set");
+    has(bad, "InvalidAddress", "spec.addresses[1]: range `10.0.0.9-10.0.0.1` is reversed");
     has(bad, "InvalidAddress", "spec.addresses[2]");
-    has(
-        bad,
-        "InvalidPort",
-        "spec.ports[0].port: port list `99999`: port 99999 is out of range 1-65535",
-    );
-    has(
-        bad,
-        "UnknownProtocol",
-        "spec.ports[1].protocol: unknown protocol `sctp`",
-    );
+    has(bad, "InvalidPort", "spec.ports[0].port: port list `99999`: port 99999 is out of range 1-65535");
+    has(bad, "UnknownProtocol", "spec.ports[1].protocol: unknown protocol `sctp`");
     has(bad, "InvalidPort", "spec.ports[2].port: ICMP has no ports");
-    has(
-        bad,
-        "InvalidPort",
-        "spec.ports[3].port: port list `90-80`: range 90-80 is reversed",
-    );
-    has(
-        bad,
-        "InvalidBandwidth",
-        "spec.ports[4].bandwidth: bandwidth `fast-irule` is neither a rate",
-    );
-    has(
-        "ClusterEgressRule/uses-bad",
-        "ExternalServiceInvalid",
-        "ExternalService kube-system/bad is invalid",
-    );
-    has(
-        "ClusterEgressRule/uses-missing",
-        "ExternalServiceNotFound",
-        "kube-system/nope not found",
-    );
-    has(
-        "ClusterEgressRule/bad-schedule",
-        "InvalidSchedule",
-        "unknown time zone `Nowhere/City`",
-    );
-    has(
-        "ClusterEgressRule/no-ns",
-        "SelectorMatchesNothing",
-        "selects no namespace",
-    );
+    has(bad, "InvalidPort", "spec.ports[3].port: port list `90-80`: range 90-80 is reversed");
+    has(bad, "InvalidBandwidth", "spec.ports[4].bandwidth: bandwidth `fast-irule` is neither a rate");
+    has("ClusterEgressRule/uses-bad", "ExternalServiceInvalid", "ExternalService kube-system/bad is invalid");
+    has("ClusterEgressRule/uses-missing", "ExternalServiceNotFound", "kube-system/nope not found");
+    has("ClusterEgressRule/bad-schedule", "InvalidSchedule", "unknown time zone `Nowhere/City`");
+    has("ClusterEgressRule/no-ns", "SelectorMatchesNothing", "selects no namespace");
 
-    let status = m.status_of(
-        &ObjectRef::new("ClusterEgressRule", None, "uses-missing"),
-        Some(3),
-    );
+    let status = m.status_of(&ObjectRef::new("ClusterEgressRule", None, "uses-missing"), Some(3));
     assert_eq!(status.phase, Some(ces_api::Phase::Failed));
     assert_eq!(status.conditions[0].reason, "ExternalServiceNotFound");
-    let ok = m.status_of(
-        &ObjectRef::new("ClusterEgressRule", None, "uses-good"),
-        Some(1),
-    );
+    let ok = m.status_of(&ObjectRef::new("ClusterEgressRule", None, "uses-good"), Some(1));
     assert_eq!(ok.phase, Some(ces_api::Phase::Success));
 }
 
@@ -314,16 +185,8 @@ fn namespace_rules_match_their_pods_and_pod_selector_narrows() {
     y += &pod("a", "db", "10.0.0.2", "app: db");
     y += &pod("b", "web", "10.0.1.1", "app: web");
     y += &nsgr("a", "all", "  action: drop\n  externalServices: [e]");
-    y += &nsgr(
-        "a",
-        "web-only",
-        "  action: drop\n  externalServices: [e]\n  podSelector: {matchLabels: {app: web}}",
-    );
-    y += &nsgr(
-        "a",
-        "nobody",
-        "  action: drop\n  externalServices: [e]\n  podSelector: {matchLabels: {app: ghost}}",
-    );
+    y += &nsgr("a", "web-only", "  action: drop\n  externalServices: [e]\n  podSelector: {matchLabels: {app: web}}");
+    y += &nsgr("a", "nobody", "  action: drop\n  externalServices: [e]\n  podSelector: {matchLabels: {app: ghost}}");
     y += &nsgr(
         "a",
         "bad-sel",
@@ -333,16 +196,8 @@ fn namespace_rules_match_their_pods_and_pod_selector_narrows() {
     assert_eq!(set(&m, "namespace/a"), ["10.0.0.1/32", "10.0.0.2/32"]);
     assert_eq!(set(&m, "pods/a/web-only"), ["10.0.0.1/32"]);
     let d = diags(&m);
-    assert!(
-        d.iter()
-            .any(|(o, r, _)| o == "NamespaceEgressRule/a/nobody" && r == "SelectorMatchesNothing"),
-        "{d:?}"
-    );
-    assert!(
-        d.iter()
-            .any(|(o, r, _)| o == "NamespaceEgressRule/a/bad-sel" && r == "InvalidSelector"),
-        "{d:?}"
-    );
+    assert!(d.iter().any(|(o, r, _)| o == "NamespaceEgressRule/a/nobody" && r == "SelectorMatchesNothing"), "{d:?}");
+    assert!(d.iter().any(|(o, r, _)| o == "NamespaceEgressRule/a/bad-sel" && r == "InvalidSelector"), "{d:?}");
 }
 
 #[test]
@@ -353,35 +208,15 @@ fn service_sources_come_from_endpoints_or_else_ready_selected_pods() {
     y += "---\napiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: a}\nspec: {selector: {app: api}}\n";
     y += "---\napiVersion: v1\nkind: Service\nmetadata: {name: manual, namespace: a}\n";
     y += "---\napiVersion: v1\nkind: Endpoints\nmetadata: {name: manual, namespace: a}\nsubsets: [{addresses: [{ip: 10.9.9.9}], notReadyAddresses: [{ip: 10.9.9.8}]}]\n";
-    y += &svcgr(
-        "a",
-        "r-api",
-        "  action: accept\n  service: api\n  externalServices: [e]",
-    );
-    y += &svcgr(
-        "a",
-        "r-manual",
-        "  action: accept\n  service: manual\n  externalServices: [e]",
-    );
-    y += &svcgr(
-        "a",
-        "r-ghost",
-        "  action: accept\n  service: ghost\n  externalServices: [e]",
-    );
+    y += &svcgr("a", "r-api", "  action: accept\n  service: api\n  externalServices: [e]");
+    y += &svcgr("a", "r-manual", "  action: accept\n  service: manual\n  externalServices: [e]");
+    y += &svcgr("a", "r-ghost", "  action: accept\n  service: ghost\n  externalServices: [e]");
     let m = default_model(&y);
-    assert_eq!(
-        set(&m, "service/a/api"),
-        ["10.0.0.1/32"],
-        "not-ready pods are not sources"
-    );
+    assert_eq!(set(&m, "service/a/api"), ["10.0.0.1/32"], "not-ready pods are not sources");
     assert_eq!(set(&m, "service/a/manual"), ["10.9.9.9/32"]);
     assert_eq!(
         diags(&m),
-        [(
-            "ServiceEgressRule/a/r-ghost".into(),
-            "ServiceNotFound".into(),
-            "Service a/ghost not found".into()
-        )]
+        [("ServiceEgressRule/a/r-ghost".into(), "ServiceNotFound".into(), "Service a/ghost not found".into())]
     );
 }
 
@@ -409,10 +244,7 @@ fn non_kube_ovn_cni_ignores_the_subnet_annotation() {
 #[test]
 fn external_ip_rules_compile_into_their_tenant() {
     let snap = load_str(
-        &format!(
-            "{}\n---\n{ORIGINAL_CLUSTER}",
-            include_str!("../../../examples/original/examples-0.6.2.yaml")
-        ),
+        &format!("{}\n---\n{ORIGINAL_CLUSTER}", include_str!("../../../examples/original/examples-0.6.2.yaml")),
         "e",
     );
     let conf = CesConfig::from_yaml(ORIGINAL_CONF, "c").unwrap();
@@ -443,12 +275,7 @@ fn gen_docs(rules: &[GenRule]) -> Vec<String> {
             "e",
             "  addresses: [1.1.1.1, '*.example.com']\n  ports: [{protocol: tcp, port: '443'}]",
         ));
-        docs.push(pod(
-            &format!("ns{ns}"),
-            "p",
-            &format!("10.0.{ns}.1"),
-            "app: x",
-        ));
+        docs.push(pod(&format!("ns{ns}"), "p", &format!("10.0.{ns}.1"), "app: x"));
         docs.push(format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: ns{ns}}}\nspec: {{selector: {{app: x}}}}\n"));
     }
     docs.push(exsvc("kube-system", "e", "  addresses: [2.2.2.2]"));
@@ -457,10 +284,7 @@ fn gen_docs(rules: &[GenRule]) -> Vec<String> {
         if !seen.insert((r.kind, r.ns, r.name)) {
             continue;
         }
-        let prio = r
-            .priority
-            .map(|p| format!("\n  priority: {p}"))
-            .unwrap_or_default();
+        let prio = r.priority.map(|p| format!("\n  priority: {p}")).unwrap_or_default();
         let body = format!("  action: drop\n  externalServices: [e]{prio}");
         let (ns, name) = (format!("ns{}", r.ns), format!("r{}", r.name));
         docs.push(match r.kind {
@@ -474,14 +298,12 @@ fn gen_docs(rules: &[GenRule]) -> Vec<String> {
 
 fn arb_rules() -> impl Strategy<Value = Vec<GenRule>> {
     prop::collection::vec(
-        (0usize..3, 0usize..6, prop::option::of(-3i32..3), 0u8..3).prop_map(
-            |(ns, name, priority, kind)| GenRule {
-                ns,
-                name,
-                priority,
-                kind,
-            },
-        ),
+        (0usize..3, 0usize..6, prop::option::of(-3i32..3), 0u8..3).prop_map(|(ns, name, priority, kind)| GenRule {
+            ns,
+            name,
+            priority,
+            kind,
+        }),
         0..25,
     )
 }
@@ -513,6 +335,38 @@ proptest! {
         prop_assert_eq!(serde_json::to_string(&a.tenants).unwrap(), serde_json::to_string(&b.tenants).unwrap());
         for list in [&a.cluster_rules, &a.tenants[0].namespace_rules, &a.tenants[0].service_rules] {
             prop_assert!(list.windows(2).all(|w| key(&w[0]) < key(&w[1])), "not sorted: {:?}", list.iter().map(key).collect::<Vec<_>>());
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Hostile input: random edits of real manifests never panic the loader or the compiler, and every rule the
+    /// model keeps still refers only to address sets the model has.
+    #[test]
+    fn mutated_manifests_never_panic(edits in prop::collection::vec((any::<prop::sample::Index>(), 0u8..4, prop::sample::select(vec![
+        "", "-", "*", "/", ":", "{", "}", "[", "]", "\n", "99999", "::", " ", "'", "\"", "&a", "*a", "---\n", "0.0.0.0/0", "~", "é",
+    ])), 1..12)) {
+        let mut text: Vec<char> = format!("{ORIGINAL}\n---\n{ORIGINAL_CLUSTER}").chars().collect();
+        for (at, op, piece) in edits {
+            let i = at.index(text.len().max(1));
+            match op {
+                0 => { text.splice(i..i, piece.chars()); }
+                1 => { let end = (i + 3).min(text.len()); text.drain(i..end); }
+                2 => { if i < text.len() { text[i] = piece.chars().next().unwrap_or(' '); } }
+                _ => { let end = (i + piece.len()).min(text.len()); text.splice(i..end, piece.chars()); }
+            }
+        }
+        let text: String = text.into_iter().collect();
+        let config = CesConfig::from_yaml(ORIGINAL_CONF, "c").unwrap();
+        let model = compile(&load_str(&text, "mutated.yaml"), &config, DEFAULT_CES_NAMESPACE);
+        for (_, rule) in model.rules() {
+            if let Sources::Sets(sets) = &rule.sources {
+                for s in sets {
+                    prop_assert!(model.address_sets.contains_key(s), "{} refers to missing set {s}", rule.id);
+                }
+            }
         }
     }
 }

@@ -21,12 +21,7 @@ fn the_original_examples_load_unchanged() {
     assert_eq!(e.origin.as_deref(), Some("examples.yaml:2"));
     let r = &s.cluster_rules["rule1"];
     assert_eq!(r.spec.logging, Some(true));
-    assert_eq!(
-        s.service_rules[&("default".into(), "rule4".into())]
-            .spec
-            .service,
-        "mysql-service"
-    );
+    assert_eq!(s.service_rules[&("default".into(), "rule4".into())].spec.service, "mysql-service");
 }
 
 #[test]
@@ -35,34 +30,19 @@ fn the_062_examples_with_finalizers_and_external_ip_rule_load() {
     assert!(s.diagnostics.is_empty(), "{:?}", reasons(&s));
     let eipr = &s.external_ip_rules[&("default".into(), "busybox-test-rule".into())];
     assert_eq!(eipr.spec.services, ["busybox-svc"]);
-    assert_eq!(
-        eipr.spec.destination_match.as_ref().unwrap().addresses,
-        ["1.2.3.4"]
-    );
+    assert_eq!(eipr.spec.destination_match.as_ref().unwrap().addresses, ["1.2.3.4"]);
 }
 
 #[test]
 fn core_objects_are_reduced_to_what_ces_reads() {
     let s = load_str(CLUSTER, "cluster.yaml");
     assert!(s.diagnostics.is_empty(), "{:?}", reasons(&s));
-    assert_eq!(
-        s.namespaces["project3"].cidrs,
-        ["10.66.0.0/16".parse::<ipnet::IpNet>().unwrap()]
-    );
+    assert_eq!(s.namespaces["project3"].cidrs, ["10.66.0.0/16".parse::<ipnet::IpNet>().unwrap()]);
     let mysql = s.pod("default", "mysql-0").unwrap();
     assert_eq!(mysql.ips, ["10.16.0.11".parse::<IpAddr>().unwrap()]);
     assert!(mysql.ready);
-    assert_eq!(
-        s.services[&("default".into(), "mysql-service".into())]
-            .selector
-            .as_ref()
-            .unwrap()["app"],
-        "mysql"
-    );
-    assert_eq!(
-        s.endpoints[&("default".into(), "mysql-service".into())].len(),
-        2
-    );
+    assert_eq!(s.services[&("default".into(), "mysql-service".into())].selector.as_ref().unwrap()["app"], "mysql");
+    assert_eq!(s.endpoints[&("default".into(), "mysql-service".into())].len(), 2);
 }
 
 #[test]
@@ -92,43 +72,25 @@ fn bad_custom_resources_name_the_object_and_the_field() {
     let d = one_error(
         "apiVersion: kubeovn.io/v1alpha1\nkind: ExternalService\nmetadata: {name: e, namespace: ns1}\nspec:\n  addresses: [1.1.1.1]\n  ports: [{protocol: tcp, port: 443, colour: red}]\n",
     );
-    assert_eq!(
-        d.object.as_ref().unwrap().to_string(),
-        "ExternalService/ns1/e"
-    );
+    assert_eq!(d.object.as_ref().unwrap().to_string(), "ExternalService/ns1/e");
     assert_eq!(d.reason, "InvalidSpec");
     assert!(d.message.starts_with("spec.ports[0]"), "{}", d.message);
 
     let d = one_error(
         "apiVersion: kubeovn.io/v1alpha1\nkind: ClusterEgressRule\nmetadata: {name: r}\nspec: {action: allow, externalServices: [x]}\n",
     );
-    assert_eq!(
-        d.object.as_ref().unwrap().to_string(),
-        "ClusterEgressRule/r"
-    );
-    assert!(
-        d.message.contains("spec.action: unknown variant `allow`"),
-        "{}",
-        d.message
-    );
+    assert_eq!(d.object.as_ref().unwrap().to_string(), "ClusterEgressRule/r");
+    assert!(d.message.contains("spec.action: unknown variant `allow`"), "{}", d.message);
 
     let d = one_error(
         "apiVersion: kubeovn.io/v1alpha1\nkind: ServiceEgressRule\nmetadata: {name: r, namespace: ns1}\nspec: {action: drop, externalServices: [x]}\n",
     );
-    assert!(
-        d.message.contains("missing field `service`"),
-        "{}",
-        d.message
-    );
+    assert!(d.message.contains("missing field `service`"), "{}", d.message);
 
     let d = one_error(
         "apiVersion: kubeovn.io/v1alpha1\nkind: NamespaceEgressRule\nmetadata: {name: r, namespace: ns1}\nspec: {action: drop, externalServices: [x], podSelector: {matchLabel: {a: b}}}\n",
     );
-    assert!(
-        d.message.contains("unknown field `matchLabel`"),
-        "{}",
-        d.message
-    );
+    assert!(d.message.contains("unknown field `matchLabel`"), "{}", d.message);
 }
 
 #[test]
@@ -140,17 +102,10 @@ fn unknown_ces_kinds_and_missing_names_are_errors_other_kinds_are_skipped() {
     let d = one_error("apiVersion: v1\nkind: Pod\nmetadata: {namespace: a}\n");
     assert!(d.message.contains("metadata.name is required"));
     let d = one_error("apiVersion: v1\nkind: Pod\nmetadata: {name: n, namespace: a}\n");
-    assert!(
-        d.message.contains("must be a string, not `false`"),
-        "{}",
-        d.message
-    );
+    assert!(d.message.contains("must be a string, not `false`"), "{}", d.message);
     let d = one_error("- just\n- a list\n");
     assert_eq!(d.reason, "InvalidManifest");
-    let s = load_str(
-        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n",
-        "f",
-    );
+    let s = load_str("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n", "f");
     assert!(s.diagnostics.is_empty());
 }
 
@@ -177,16 +132,10 @@ items:
 "#;
     let s = load_str(text, "f");
     assert!(s.diagnostics.is_empty(), "{:?}", reasons(&s));
-    let ips: Vec<String> = s.endpoints[&("a".into(), "s".into())]
-        .iter()
-        .map(|i| i.to_string())
-        .collect();
+    let ips: Vec<String> = s.endpoints[&("a".into(), "s".into())].iter().map(|i| i.to_string()).collect();
     assert_eq!(ips, ["10.0.0.1", "10.0.0.3"]);
     let done = s.pod("a", "done").unwrap();
-    assert!(
-        done.ips.is_empty() && !done.ready,
-        "a finished pod's IP may belong to another pod now"
-    );
+    assert!(done.ips.is_empty() && !done.ready, "a finished pod's IP may belong to another pod now");
 }
 
 #[test]
@@ -195,11 +144,7 @@ fn bad_ovn_annotation_is_reported_and_ignored() {
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: a, annotations: {ovn.kubernetes.io/cidr: '10.1.0.0/16,fd00::/112,nope'}}\n",
         "f",
     );
-    assert_eq!(
-        s.namespaces["a"].cidrs.len(),
-        2,
-        "dual-stack annotations are split on commas"
-    );
+    assert_eq!(s.namespaces["a"].cidrs.len(), 2, "dual-stack annotations are split on commas");
     assert_eq!(s.diagnostics[0].reason, "InvalidAnnotation");
 }
 
@@ -213,33 +158,29 @@ fn missing_paths_fail_the_load() {
 fn folders_load_recursively_in_name_order() {
     let dir = std::env::temp_dir().join(format!("ces-load-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("sub")).unwrap();
-    std::fs::write(
-        dir.join("b.yaml"),
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: dup}\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("sub/a.yml"),
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("a.yaml"),
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: dup}\n",
-    )
-    .unwrap();
+    std::fs::write(dir.join("b.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: dup}\n").unwrap();
+    std::fs::write(dir.join("sub/a.yml"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n").unwrap();
+    std::fs::write(dir.join("a.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: dup}\n").unwrap();
     std::fs::write(dir.join("notes.txt"), "not yaml: [").unwrap();
     let (s, stats) = load_paths(std::slice::from_ref(&dir)).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(stats.files, 3);
     assert_eq!(s.namespaces.len(), 2);
     assert_eq!(s.diagnostics.len(), 1);
-    assert!(
-        s.diagnostics[0]
-            .origin
-            .as_ref()
-            .unwrap()
-            .ends_with("b.yaml:1"),
-        "a.yaml is read first"
-    );
+    assert!(s.diagnostics[0].origin.as_ref().unwrap().ends_with("b.yaml:1"), "a.yaml is read first");
+}
+
+#[test]
+fn alias_bombs_are_refused_not_expanded() {
+    // Seven levels of ten aliases would expand to ten million nodes.
+    let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..7 {
+        let refs = vec![format!("*a{}", i - 1); 10].join(", ");
+        text.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+    }
+    text.push_str("apiVersion: v1\nkind: Namespace\nmetadata: {name: boom}\n");
+    let s = load_str(&text, "bomb.yaml");
+    assert_eq!(s.diagnostics.len(), 1);
+    assert_eq!(s.diagnostics[0].reason, "InvalidYAML");
+    assert!(s.diagnostics[0].message.contains("budget"), "{}", s.diagnostics[0].message);
 }
