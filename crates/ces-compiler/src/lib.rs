@@ -30,6 +30,9 @@ pub const DEFAULT_CES_NAMESPACE: &str = "kube-system";
 pub fn namespace_set(ns: &str) -> String {
     format!("namespace/{ns}")
 }
+pub fn namespace_pods_set(ns: &str) -> String {
+    format!("namespace-pods/{ns}")
+}
 pub fn pod_selector_set(ns: &str, rule: &str) -> String {
     format!("pods/{ns}/{rule}")
 }
@@ -271,6 +274,16 @@ impl<'a> Compiler<'a> {
         name
     }
 
+    /// The pod IPs of a namespace, without its CIDRs: the sources a cluster rule's namespace selector picks.
+    fn namespace_pods_set(&mut self, ns: &str) -> String {
+        let name = namespace_pods_set(ns);
+        if !self.sets.contains_key(&name) {
+            let addrs = self.snap.pods_in(ns).iter().flat_map(|p| p.ips.iter().copied().map(host_net)).collect();
+            self.sets.insert(name.clone(), AddressSet::from_unsorted(addrs));
+        }
+        name
+    }
+
     fn namespace_selector_sources(&mut self, sel: &LabelSelector) -> Result<Sources, Problem> {
         selector::validate(sel).map_err(|e| ("InvalidSelector", format!("spec.namespaceSelector: {e}")))?;
         let selected: Vec<String> = self
@@ -283,7 +296,7 @@ impl<'a> Compiler<'a> {
         if selected.is_empty() {
             return Err(("SelectorMatchesNothing", "spec.namespaceSelector selects no namespace".into()));
         }
-        Ok(Sources::Sets(selected.iter().map(|ns| self.namespace_set(ns)).collect()))
+        Ok(Sources::Sets(selected.iter().map(|ns| self.namespace_pods_set(ns)).collect()))
     }
 
     fn namespace_rule_sources(

@@ -269,6 +269,8 @@ fn namespace_selector_narrows_a_cluster_rule() {
     assert_eq!(w.says("10.3.0.10", "1.1.1.1:443/tcp"), "reject by ClusterEgressRule/red", "across tenants");
     assert_eq!(w.says("10.2.0.10", "1.1.1.1:443/tcp"), "drop by Tenant/Common");
     assert_eq!(w.says("192.0.2.1", "1.1.1.1:443/tcp"), "drop by Tenant/Common");
+    // Namespace a (team red) has the kube-ovn CIDR 10.1.0.0/16, but the selector picks pods, not subnets.
+    assert_eq!(w.says("10.1.99.99", "1.1.1.1:443/tcp"), "drop by Tenant/Common");
 }
 
 #[test]
