@@ -29,8 +29,9 @@ pub struct SimulateArgs {
     /// A file of flows, one JSON object {"from", "to", "at"} per line; prints one JSON result per line.
     #[arg(long, value_name = "FILE")]
     flows: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "text")]
-    output: Output,
+    /// Default: text for one flow, JSON lines with --flows.
+    #[arg(long, value_enum)]
+    output: Option<Output>,
 }
 
 /// One line of a `--flows` file.
@@ -143,10 +144,10 @@ pub fn run(args: &SimulateArgs) -> Result<(), Failure> {
     }
     let default_at = parse_at(args.at.as_deref(), Timestamp::now()).map_err(Failure::input)?;
     let (requests, output) = match &args.flows {
-        Some(path) => (read_flows(path, &inputs, default_at)?, Output::Json),
+        Some(path) => (read_flows(path, &inputs, default_at)?, args.output.unwrap_or(Output::Json)),
         None => {
             let (from, to) = (args.from.as_deref().unwrap_or_default(), args.to.as_deref().unwrap_or_default());
-            (vec![resolve(&inputs, from, to, default_at).map_err(Failure::input)?], args.output)
+            (vec![resolve(&inputs, from, to, default_at).map_err(Failure::input)?], args.output.unwrap_or(Output::Text))
         }
     };
     let evaluator = Evaluator::new(&model);

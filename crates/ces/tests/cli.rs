@@ -125,6 +125,15 @@ fn the_original_examples_simulate_through_the_cli() {
 }
 
 #[test]
+fn flows_print_json_lines_unless_text_is_asked_for() {
+    let o = ces(&["simulate", "--example", "--flows", "examples/realistic/flows.jsonl", "--output", "text"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.starts_with("ACCEPT  payments/checkout-0 -> api.stripe.com:443/tcp\n"), "{out}");
+    assert_eq!(out.lines().filter(|l| !l.starts_with(' ')).count(), 15, "one block per flow:\n{out}");
+}
+
+#[test]
 fn text_output_names_verdict_rule_and_trail() {
     let o = ces(&[
         "simulate",
