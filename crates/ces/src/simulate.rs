@@ -1,11 +1,13 @@
 //! `ces simulate`: decide flows against manifests, before anything is deployed.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
 use ces_eval::{Decision, Evaluator, Flow, parse_target};
 use ces_model::{Destination, PolicyModel};
+use ces_snapshot::Pod;
 use clap::Args;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -79,41 +81,65 @@ fn parse_at(s: Option<&str>, default: Timestamp) -> Result<Timestamp, String> {
     }
 }
 
-/// Resolves a source: a pod by name (its tenant is its namespace's) or a bare address.
-fn resolve(inputs: &Inputs, from: &str, to: &str, at: Timestamp) -> Result<Request, String> {
-    let (destination, protocol, port) = parse_target(to)?;
-    let (source, tenant) = if let Ok(ip) = from.parse::<IpAddr>() {
-        (Source { ip, namespace: None, pod: None }, None)
-    } else if let Some((ns, name)) = from.split_once('/') {
-        let pod = inputs
-            .snapshot
-            .pod(ns, name)
-            .ok_or_else(|| format!("`{from}`: no pod {name} in namespace {ns} in the manifests"))?;
-        let want_v4 = match &destination {
-            Destination::Ip(ip) => ip.is_ipv4(),
-            Destination::Host(_) => true,
-        };
-        let ip = pod
-            .ips
-            .iter()
-            .find(|ip| ip.is_ipv4() == want_v4)
-            .or(pod.ips.first())
-            .copied()
-            .ok_or_else(|| format!("`{from}`: the pod has no IP address (not running?)"))?;
-        let tenant = inputs.config.tenant_of(ns).to_string();
-        (Source { ip, namespace: Some(ns.to_string()), pod: Some(name.to_string()) }, Some(tenant))
-    } else {
-        return Err(format!("`{from}` is neither NAMESPACE/POD nor an IP address"));
-    };
-    Ok(Request {
-        from: from.to_string(),
-        to: to.to_string(),
-        flow: Flow { source: source.ip, tenant, destination, protocol, port, at },
-        source,
-    })
+/// Turns `--from`/`--to` into flows, with the pods of the manifests indexed by address once.
+struct Resolver<'a> {
+    inputs: &'a Inputs,
+    pods_by_ip: HashMap<IpAddr, Vec<&'a Pod>>,
 }
 
-fn read_flows(path: &PathBuf, inputs: &Inputs, default_at: Timestamp) -> Result<Vec<Request>, Failure> {
+impl<'a> Resolver<'a> {
+    fn new(inputs: &'a Inputs) -> Resolver<'a> {
+        let mut pods_by_ip: HashMap<IpAddr, Vec<&Pod>> = HashMap::new();
+        for p in &inputs.snapshot.pods {
+            for ip in &p.ips {
+                pods_by_ip.entry(*ip).or_default().push(p);
+            }
+        }
+        Resolver { inputs, pods_by_ip }
+    }
+
+    /// Resolves a source: a pod by name (its tenant is its namespace's) or an address, which names its pod when
+    /// exactly one pod has it (the evaluator finds the tenant from the address either way).
+    fn resolve(&self, from: &str, to: &str, at: Timestamp) -> Result<Request, String> {
+        let inputs = self.inputs;
+        let (destination, protocol, port) = parse_target(to)?;
+        let (source, tenant) = if let Ok(ip) = from.parse::<IpAddr>() {
+            let (namespace, pod) = match self.pods_by_ip.get(&ip).map(Vec::as_slice) {
+                Some([p]) => (Some(p.namespace.clone()), Some(p.name.clone())),
+                _ => (None, None),
+            };
+            (Source { ip, namespace, pod }, None)
+        } else if let Some((ns, name)) = from.split_once('/') {
+            let pod = inputs
+                .snapshot
+                .pod(ns, name)
+                .ok_or_else(|| format!("`{from}`: no pod {name} in namespace {ns} in the manifests"))?;
+            let want_v4 = match &destination {
+                Destination::Ip(ip) => ip.is_ipv4(),
+                Destination::Host(_) => true,
+            };
+            let ip = pod
+                .ips
+                .iter()
+                .find(|ip| ip.is_ipv4() == want_v4)
+                .or(pod.ips.first())
+                .copied()
+                .ok_or_else(|| format!("`{from}`: the pod has no IP address (not running?)"))?;
+            let tenant = inputs.config.tenant_of(ns).to_string();
+            (Source { ip, namespace: Some(ns.to_string()), pod: Some(name.to_string()) }, Some(tenant))
+        } else {
+            return Err(format!("`{from}` is neither NAMESPACE/POD nor an IP address"));
+        };
+        Ok(Request {
+            from: from.to_string(),
+            to: to.to_string(),
+            flow: Flow { source: source.ip, tenant, destination, protocol, port, at },
+            source,
+        })
+    }
+}
+
+fn read_flows(path: &PathBuf, resolver: &Resolver, default_at: Timestamp) -> Result<Vec<Request>, Failure> {
     let text = std::fs::read_to_string(path).map_err(|e| Failure::input(format!("{}: {e}", path.display())))?;
     let mut requests = Vec::new();
     let mut errors = Vec::new();
@@ -123,7 +149,7 @@ fn read_flows(path: &PathBuf, inputs: &Inputs, default_at: Timestamp) -> Result<
         }
         let parsed = serde_json::from_str::<FlowLine>(line).map_err(|e| e.to_string()).and_then(|f| {
             let at = parse_at(f.at.as_deref(), default_at)?;
-            resolve(inputs, &f.from, &f.to, at)
+            resolver.resolve(&f.from, &f.to, at)
         });
         match parsed {
             Ok(r) => requests.push(r),
@@ -143,11 +169,12 @@ pub fn run(args: &SimulateArgs) -> Result<(), Failure> {
         );
     }
     let default_at = parse_at(args.at.as_deref(), Timestamp::now()).map_err(Failure::input)?;
+    let resolver = Resolver::new(&inputs);
     let (requests, output) = match &args.flows {
-        Some(path) => (read_flows(path, &inputs, default_at)?, args.output.unwrap_or(Output::Json)),
+        Some(path) => (read_flows(path, &resolver, default_at)?, args.output.unwrap_or(Output::Json)),
         None => {
             let (from, to) = (args.from.as_deref().unwrap_or_default(), args.to.as_deref().unwrap_or_default());
-            (vec![resolve(&inputs, from, to, default_at).map_err(Failure::input)?], args.output.unwrap_or(Output::Text))
+            (vec![resolver.resolve(from, to, default_at).map_err(Failure::input)?], args.output.unwrap_or(Output::Text))
         }
     };
     let evaluator = Evaluator::new(&model);

@@ -134,6 +134,24 @@ fn flows_print_json_lines_unless_text_is_asked_for() {
 }
 
 #[test]
+fn an_address_source_names_its_pod_when_one_pod_has_it() {
+    let json = |from: &str| -> Value {
+        let o = ces(&["simulate", "--example", "--from", from, "--to", "api.stripe.com:443/tcp", "--output", "json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_str(&stdout(&o)).unwrap()
+    };
+    let r = json("10.10.0.11");
+    assert_eq!(
+        (r["source"]["namespace"].as_str(), r["source"]["pod"].as_str()),
+        (Some("payments"), Some("checkout-0"))
+    );
+    assert_eq!(r["verdict"], "accept");
+    let r = json("10.99.0.1");
+    assert!(r["source"].get("pod").is_none(), "{r}");
+    assert_eq!(r["tenant"], "Common");
+}
+
+#[test]
 fn text_output_names_verdict_rule_and_trail() {
     let o = ces(&[
         "simulate",
