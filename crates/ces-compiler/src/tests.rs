@@ -131,6 +131,31 @@ fn cluster_rules_resolve_external_services_in_the_ces_namespace_only() {
 }
 
 #[test]
+fn namespaced_rules_resolve_external_services_in_their_own_namespace() {
+    let mut y = exsvc("other", "e", "  addresses: [1.1.1.1]") + &exsvc("kube-system", "e", "  addresses: [1.1.1.1]");
+    y += &nsgr("mine", "r", "  action: drop\n  externalServices: [e]");
+    y += &svcgr("mine", "s", "  action: drop\n  service: x\n  externalServices: [e]");
+    y += "---\napiVersion: v1\nkind: Service\nmetadata: {name: x, namespace: mine}\n";
+    let m = default_model(&y);
+    assert!(m.tenants[0].namespace_rules.is_empty() && m.tenants[0].service_rules.is_empty());
+    assert_eq!(
+        diags(&m),
+        [
+            (
+                "NamespaceEgressRule/mine/r".into(),
+                "ExternalServiceNotFound".into(),
+                "ExternalService mine/e not found".into()
+            ),
+            (
+                "ServiceEgressRule/mine/s".into(),
+                "ExternalServiceNotFound".into(),
+                "ExternalService mine/e not found".into()
+            ),
+        ]
+    );
+}
+
+#[test]
 fn one_bad_object_never_blocks_the_others() {
     let mut y = exsvc("kube-system", "good", "  addresses: [1.1.1.1]");
     y += &exsvc(
