@@ -174,7 +174,9 @@ fn load_value(b: &mut SnapshotBuilder, value: Value, origin: &str, stats: &mut L
     let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
 
     if kind.ends_with("List") && value.get("items").is_some_and(Value::is_array) {
-        if let Some(Value::Array(items)) = value.get("items").cloned() {
+        if let Value::Object(mut map) = value
+            && let Some(Value::Array(items)) = map.remove("items")
+        {
             for item in items {
                 load_value(b, item, origin, stats);
             }
@@ -194,7 +196,7 @@ fn load_value(b: &mut SnapshotBuilder, value: Value, origin: &str, stats: &mut L
             } else {
                 object_ref($kind)
             };
-            match parse::<$t>(value.clone(), origin, &obj) {
+            match parse::<$t>(value, origin, &obj) {
                 Ok(o) => Some(o),
                 Err(d) => {
                     b.diagnostic(*d);
