@@ -71,6 +71,17 @@ pub enum Effect {
     OutsideSchedule,
 }
 
+impl Effect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Effect::Decided => "decided",
+            Effect::NextContext => "next-context",
+            Effect::Audit => "audit",
+            Effect::OutsideSchedule => "outside-schedule",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TrailEntry {

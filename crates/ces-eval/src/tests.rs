@@ -544,3 +544,13 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn as_str_names_match_the_json_names() {
+    for c in [Context::Cluster, Context::Namespace, Context::Service, Context::Default] {
+        assert_eq!(serde_json::to_value(c).unwrap(), c.as_str());
+    }
+    for e in [Effect::Decided, Effect::NextContext, Effect::Audit, Effect::OutsideSchedule] {
+        assert_eq!(serde_json::to_value(e).unwrap(), e.as_str());
+    }
+}

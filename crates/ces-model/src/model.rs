@@ -199,6 +199,17 @@ pub enum Context {
     Default,
 }
 
+impl Context {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Context::Cluster => "cluster",
+            Context::Namespace => "namespace",
+            Context::Service => "service",
+            Context::Default => "default",
+        }
+    }
+}
+
 /// A reference to a Kubernetes object, shown as `Kind/namespace/name` or `Kind/name`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ObjectRef {

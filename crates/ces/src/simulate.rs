@@ -211,14 +211,11 @@ fn text(r: &SimResult, model: &PolicyModel) -> String {
         (Some(e), None) => format!(" (ExternalService {e})"),
         _ => " (no rule matched)".to_string(),
     };
-    let ctx = serde_json::to_value(by.context).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
-    let _ = writeln!(s, "  decided  by {} in the {ctx} context{what}", by.rule);
+    let _ = writeln!(s, "  decided  by {} in the {} context{what}", by.rule, by.context.as_str());
     for (i, t) in d.trail.iter().enumerate() {
-        let effect =
-            serde_json::to_value(t.effect).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
-        let ctx = serde_json::to_value(t.context).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
         let label = if i == 0 { "trail" } else { "" };
-        let _ = writeln!(s, "  {label:<8} {ctx:<9} {:<17} {effect:<16} {}", t.action.as_str(), t.rule);
+        let (ctx, action, effect) = (t.context.as_str(), t.action.as_str(), t.effect.as_str());
+        let _ = writeln!(s, "  {label:<8} {ctx:<9} {action:<17} {effect:<16} {}", t.rule);
     }
     s
 }
