@@ -18,7 +18,7 @@ use ces_model::{
     AddressEntry, AddressSet, Bandwidth, DestinationMatch, Diagnostic, MODEL_VERSION, NatRule, ObjectRef, PolicyModel,
     PortMatch, Protocol, RouteDomainRef, Rule, RuleKind, Schedule, Sources, TenantPolicy, Verdict, parse_port_list,
 };
-use ces_snapshot::{Key, Object, Snapshot};
+use ces_snapshot::{Key, Object, Pod, Snapshot};
 use ipnet::IpNet;
 
 pub use selector::{matches as selector_matches, validate as validate_selector};
@@ -77,8 +77,9 @@ struct Compiler<'a> {
     external_services: HashMap<Key, Option<DestinationMatch>>,
 }
 
-fn host_net(ip: std::net::IpAddr) -> IpNet {
-    IpNet::from(ip)
+/// The IPs of these pods, as host networks (/32, /128).
+fn pod_nets<'p>(pods: impl IntoIterator<Item = &'p Pod>) -> Vec<IpNet> {
+    pods.into_iter().flat_map(|p| p.ips.iter().copied().map(IpNet::from)).collect()
 }
 
 impl<'a> Compiler<'a> {
@@ -262,8 +263,7 @@ impl<'a> Compiler<'a> {
     fn namespace_set(&mut self, ns: &str) -> String {
         let name = namespace_set(ns);
         if !self.sets.contains_key(&name) {
-            let mut addrs: Vec<IpNet> =
-                self.snap.pods_in(ns).iter().flat_map(|p| p.ips.iter().copied().map(host_net)).collect();
+            let mut addrs: Vec<IpNet> = pod_nets(self.snap.pods_in(ns));
             if self.config.cni_type() == ces_config::DEFAULT_CNI_TYPE
                 && let Some(n) = self.snap.namespaces.get(ns)
             {
@@ -278,7 +278,7 @@ impl<'a> Compiler<'a> {
     fn namespace_pods_set(&mut self, ns: &str) -> String {
         let name = namespace_pods_set(ns);
         if !self.sets.contains_key(&name) {
-            let addrs = self.snap.pods_in(ns).iter().flat_map(|p| p.ips.iter().copied().map(host_net)).collect();
+            let addrs = pod_nets(self.snap.pods_in(ns));
             self.sets.insert(name.clone(), AddressSet::from_unsorted(addrs));
         }
         name
@@ -314,7 +314,7 @@ impl<'a> Compiler<'a> {
             return Err(("SelectorMatchesNothing", format!("spec.podSelector selects no pod in namespace {ns}")));
         }
         let name = pod_selector_set(ns, rule);
-        let addrs = pods.iter().flat_map(|p| p.ips.iter().copied().map(host_net)).collect();
+        let addrs = pod_nets(pods);
         self.sets.insert(name.clone(), AddressSet::from_unsorted(addrs));
         Ok(Sources::Sets(vec![name]))
     }
@@ -331,14 +331,10 @@ impl<'a> Compiler<'a> {
             return Ok(name);
         }
         let addrs: Vec<IpNet> = match (self.snap.endpoints.get(&key), &service.selector) {
-            (Some(ips), _) => ips.iter().copied().map(host_net).collect(),
-            (None, Some(sel)) => self
-                .snap
-                .pods_in(ns)
-                .iter()
-                .filter(|p| p.ready && selector::service_selects(sel, &p.labels))
-                .flat_map(|p| p.ips.iter().copied().map(host_net))
-                .collect(),
+            (Some(ips), _) => ips.iter().copied().map(IpNet::from).collect(),
+            (None, Some(sel)) => {
+                pod_nets(self.snap.pods_in(ns).iter().filter(|p| p.ready && selector::service_selects(sel, &p.labels)))
+            }
             (None, None) => Vec::new(),
         };
         self.sets.insert(name.clone(), AddressSet::from_unsorted(addrs));
@@ -454,11 +450,7 @@ impl<'a> Compiler<'a> {
             };
             let nss = namespaces.remove(name).unwrap_or_default();
             let members = tenant_set(name);
-            let addrs = nss
-                .iter()
-                .flat_map(|ns| self.snap.pods_in(ns))
-                .flat_map(|p| p.ips.iter().copied().map(host_net))
-                .collect();
+            let addrs = pod_nets(nss.iter().flat_map(|ns| self.snap.pods_in(ns)));
             self.sets.insert(members.clone(), AddressSet::from_unsorted(addrs));
             let TenantRules { namespace: mut ns_rules, service: mut svc_rules, nat: mut nat_rules } =
                 by_tenant.remove(name).unwrap_or_default();
