@@ -3,8 +3,9 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// The condition type CES sets on every object it processes.
-pub const CONDITION_READY: &str = "Ready";
+/// The condition CES sets on every object it compiles: `True` when the object is valid and in the policy model
+/// (its reason may still be a warning such as `NoSources`), `False` with the error's reason otherwise.
+pub const CONDITION_ACCEPTED: &str = "Accepted";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum Phase {
@@ -42,13 +43,13 @@ pub struct Condition {
     pub message: String,
 }
 
-fn status(phase: Phase, generation: Option<i64>, ready: bool, reason: &str, message: &str) -> ResourceStatus {
+fn status(phase: Phase, generation: Option<i64>, accepted: bool, reason: &str, message: &str) -> ResourceStatus {
     ResourceStatus {
         phase: Some(phase),
         observed_generation: generation,
         conditions: vec![Condition {
-            type_: CONDITION_READY.to_string(),
-            status: if ready { "True" } else { "False" }.to_string(),
+            type_: CONDITION_ACCEPTED.to_string(),
+            status: if accepted { "True" } else { "False" }.to_string(),
             observed_generation: generation,
             last_transition_time: None,
             reason: reason.to_string(),
@@ -57,13 +58,14 @@ fn status(phase: Phase, generation: Option<i64>, ready: bool, reason: &str, mess
     }
 }
 
-/// Status of an object that compiled and was applied.
-pub fn succeeded_status(generation: Option<i64>, message: &str) -> ResourceStatus {
-    status(Phase::Success, generation, true, "Compiled", message)
+/// Status of an object that compiled into the policy model; `reason` is `Accepted`, or a warning such as
+/// `NoSources`.
+pub fn accepted_status(generation: Option<i64>, reason: &str, message: &str) -> ResourceStatus {
+    status(Phase::Success, generation, true, reason, message)
 }
 
 /// Status of an object rejected with `reason` (a CamelCase code) and a human `message`.
-pub fn failed_status(generation: Option<i64>, reason: &str, message: &str) -> ResourceStatus {
+pub fn rejected_status(generation: Option<i64>, reason: &str, message: &str) -> ResourceStatus {
     status(Phase::Failed, generation, false, reason, message)
 }
 
@@ -72,12 +74,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn failed_status_carries_reason_and_generation() {
-        let s = failed_status(Some(7), "ExternalServiceNotFound", "ExternalService default/x not found");
+    fn rejected_status_carries_reason_and_generation() {
+        let s = rejected_status(Some(7), "ExternalServiceNotFound", "ExternalService default/x not found");
         assert_eq!(s.phase, Some(Phase::Failed));
         assert_eq!(s.observed_generation, Some(7));
         let c = &s.conditions[0];
-        assert_eq!((c.type_.as_str(), c.status.as_str()), ("Ready", "False"));
+        assert_eq!((c.type_.as_str(), c.status.as_str()), ("Accepted", "False"));
         assert_eq!(c.reason, "ExternalServiceNotFound");
         let json = serde_json::to_value(&s).unwrap();
         assert_eq!(json["phase"], "Failed");

@@ -1,22 +1,29 @@
 //! The CES policy compiler: a pure function from a cluster snapshot and the config to the policy model.
 //!
 //! What it guarantees:
-//! - every rule in the model is fully resolved and valid; a rule with any problem (a missing or invalid
-//!   ExternalService, a bad schedule, a selector that selects nothing, a missing Service) is left out whole and gets
-//!   one diagnostic per problem, which becomes its status. Nothing is half-applied, and one bad object never keeps
-//!   another, unrelated one out;
+//! - every rule in the model is fully resolved and valid; a rule with an error (a missing or invalid
+//!   ExternalService, a bad schedule, an invalid selector, a missing Service) is left out whole and gets one
+//!   diagnostic per problem, which becomes its status. Nothing is half-applied, and one bad object never keeps
+//!   another, unrelated one out. What the user need not fix (a selector that matches nothing yet, an endpoint CES
+//!   refuses to trust) is a warning: the rule stays in and says so;
+//! - every source set belongs to one tenant (docs/semantics.md §2): the tenant of the namespace it was built from;
+//! - no namespace can make another namespace's pods its sources: Service endpoints that are pods of another namespace
+//!   (by `targetRef` or by address), subnets that several namespaces of a tenant share, and `hostNetwork` pods are
+//!   never sources;
 //! - each context's rules are sorted by priority, then namespace, then name;
 //! - the output depends only on the input: no clock, no I/O, no hash-map iteration order.
 
 mod selector;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
 
 use ces_api::{DEFAULT_PRIORITY, ExternalServiceSpec, LabelSelector, RuleCommon};
 use ces_config::{COMMON, CesConfig, DefaultAction};
 use ces_model::{
-    AddressEntry, AddressSet, Bandwidth, DestinationMatch, Diagnostic, MODEL_VERSION, NatRule, ObjectRef, PolicyModel,
-    PortMatch, Protocol, RouteDomainRef, Rule, RuleKind, Schedule, Sources, TenantPolicy, Verdict, parse_port_list,
+    AddressEntry, AddressSet, Bandwidth, DestinationSet, Diagnostic, Identity, LogPoolSettings, MODEL_VERSION, NatRule,
+    ObjectRef, PolicyModel, PortMatch, Protocol, RouteDomainRef, Rule, RuleKind, Schedule, Settings, Severity, Sources,
+    TenantBackend, TenantPolicy, TenantRef, Verdict, VirtualServerSettings, parse_port_list,
 };
 use ces_snapshot::{Key, Object, Pod, Snapshot};
 use ipnet::IpNet;
@@ -26,7 +33,8 @@ pub use selector::{matches as selector_matches, validate as validate_selector};
 /// The namespace that holds the ExternalServices of ClusterEgressRules when none is configured.
 pub const DEFAULT_CES_NAMESPACE: &str = "kube-system";
 
-/// Address-set names. Stable: backends derive object names from them.
+/// Address-set names. Stable: the AS3 backend derives object names from them. A namespace belongs to one tenant, so
+/// each name is one tenant's; the set itself states which (`AddressSet::tenant`).
 pub fn namespace_set(ns: &str) -> String {
     format!("namespace/{ns}")
 }
@@ -45,15 +53,7 @@ pub fn tenant_set(tenant: &str) -> String {
 
 /// Compiles a snapshot. `ces_namespace` is where ClusterEgressRules find their ExternalServices.
 pub fn compile(snap: &Snapshot, config: &CesConfig, ces_namespace: &str) -> PolicyModel {
-    Compiler {
-        snap,
-        config,
-        ces_namespace,
-        diagnostics: snap.diagnostics.clone(),
-        sets: BTreeMap::new(),
-        external_services: HashMap::new(),
-    }
-    .run()
+    Compiler::new(snap, config, ces_namespace).run()
 }
 
 /// The rules compiled into one tenant, before sorting.
@@ -67,22 +67,132 @@ struct TenantRules {
 /// A problem found while compiling one object: a reason code and a message.
 type Problem = (&'static str, String);
 
+/// What a rule's sources came to: the sources, and warnings about them (the rule stays in).
+struct Resolved<T> {
+    value: T,
+    warnings: Vec<Problem>,
+}
+
+/// A namespace's kube-ovn subnets: those that are its own, and those it shares with other namespaces of its tenant
+/// (with their names).
+#[derive(Default)]
+struct Subnets {
+    own: Vec<IpNet>,
+    shared: Vec<(IpNet, Vec<String>)>,
+}
+
+/// A Service's source set, once computed: its name, whether it is empty, and the endpoints refused.
+#[derive(Clone)]
+struct ServiceSources {
+    set: String,
+    empty: bool,
+    refused: Vec<Problem>,
+}
+
 struct Compiler<'a> {
     snap: &'a Snapshot,
     config: &'a CesConfig,
     ces_namespace: &'a str,
     diagnostics: Vec<Diagnostic>,
     sets: BTreeMap<String, AddressSet>,
-    /// Compiled ExternalServices; `None` when invalid.
-    external_services: HashMap<Key, Option<DestinationMatch>>,
+    destinations: BTreeMap<String, DestinationSet>,
+    /// Whether each ExternalService compiled (`false`: it has errors of its own).
+    external_services: HashMap<Key, bool>,
+    /// Each tenant by name, with its route domain id.
+    tenant_refs: BTreeMap<&'a str, TenantRef>,
+    /// Source pods (not finished, not hostNetwork) by address, across tenants; check the tenant before use.
+    pods_by_ip: HashMap<IpAddr, Vec<&'a Pod>>,
+    /// Each namespace's subnets: `(exclusive, shared)`. A subnet is shared when another namespace of the same tenant
+    /// carries an overlapping one (kube-ovn writes the default subnet on every namespace without its own).
+    subnets: HashMap<&'a str, Subnets>,
+    service_sources: HashMap<Key, ServiceSources>,
 }
 
-/// The IPs of these pods, as host networks (/32, /128).
+/// Pods CES takes as sources: not finished (they then have no IP) and not on the host network.
+fn is_source(p: &Pod) -> bool {
+    !p.host_network && !p.ips.is_empty()
+}
+
+/// The IPs of these pods, as host networks (/32, /128). hostNetwork pods are left out.
 fn pod_nets<'p>(pods: impl IntoIterator<Item = &'p Pod>) -> Vec<IpNet> {
-    pods.into_iter().flat_map(|p| p.ips.iter().copied().map(IpNet::from)).collect()
+    pods.into_iter().filter(|p| !p.host_network).flat_map(|p| p.ips.iter().copied().map(IpNet::from)).collect()
+}
+
+fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+fn identity<S>(obj: &Object<S>) -> Identity {
+    Identity { uid: obj.uid.clone(), generation: obj.generation }
 }
 
 impl<'a> Compiler<'a> {
+    fn new(snap: &'a Snapshot, config: &'a CesConfig, ces_namespace: &'a str) -> Compiler<'a> {
+        let mut tenant_refs = BTreeMap::new();
+        tenant_refs.insert(COMMON, TenantRef { name: COMMON.to_string(), route_domain: 0 });
+        if config.is_support_route_domain {
+            for t in config.tenant.iter().filter(|t| t.name != COMMON) {
+                let id = t.route_domain.as_ref().and_then(|rd| rd.id).unwrap_or(0);
+                tenant_refs.insert(t.name.as_str(), TenantRef { name: t.name.clone(), route_domain: id });
+            }
+        }
+        let mut pods_by_ip: HashMap<IpAddr, Vec<&Pod>> = HashMap::new();
+        for p in snap.pods.iter().filter(|p| is_source(p)) {
+            for ip in &p.ips {
+                pods_by_ip.entry(*ip).or_default().push(p);
+            }
+        }
+        let mut c = Compiler {
+            snap,
+            config,
+            ces_namespace,
+            diagnostics: snap.diagnostics.clone(),
+            sets: BTreeMap::new(),
+            destinations: BTreeMap::new(),
+            external_services: HashMap::new(),
+            tenant_refs,
+            pods_by_ip,
+            subnets: HashMap::new(),
+            service_sources: HashMap::new(),
+        };
+        c.subnets = c.classify_subnets();
+        c
+    }
+
+    fn tenant_of(&self, ns: &str) -> &TenantRef {
+        &self.tenant_refs[self.config.tenant_of(ns)]
+    }
+
+    /// Splits every namespace's subnet CIDRs into exclusive ones and ones shared inside its tenant.
+    fn classify_subnets(&self) -> HashMap<&'a str, Subnets> {
+        let mut out = HashMap::new();
+        if self.config.cni_type() != ces_config::DEFAULT_CNI_TYPE {
+            return out;
+        }
+        let mut by_tenant: BTreeMap<&str, Vec<(&'a str, IpNet)>> = BTreeMap::new();
+        for n in self.snap.namespaces.values() {
+            for c in &n.cidrs {
+                by_tenant.entry(self.config.tenant_of(&n.name)).or_default().push((n.name.as_str(), *c));
+            }
+        }
+        for entries in by_tenant.values() {
+            for (ns, net) in entries {
+                let sharers: BTreeSet<String> = entries
+                    .iter()
+                    .filter(|(other, o)| other != ns && overlaps(net, o))
+                    .map(|(other, _)| other.to_string())
+                    .collect();
+                let slot: &mut Subnets = out.entry(*ns).or_default();
+                if sharers.is_empty() {
+                    slot.own.push(*net);
+                } else {
+                    slot.shared.push((*net, sharers.into_iter().collect()));
+                }
+            }
+        }
+        out
+    }
+
     fn run(mut self) -> PolicyModel {
         for (key, obj) in &self.snap.external_services {
             let compiled = self.external_service(key, obj);
@@ -92,7 +202,7 @@ impl<'a> Compiler<'a> {
         let mut cluster_rules = Vec::new();
         for obj in self.snap.cluster_rules.values() {
             let sources = match &obj.spec.namespace_selector {
-                None => Ok(Sources::Any),
+                None => Ok(Resolved { value: Sources::Any, warnings: Vec::new() }),
                 Some(sel) => self.namespace_selector_sources(sel),
             };
             let exsvc_ns = self.ces_namespace.to_string();
@@ -109,7 +219,19 @@ impl<'a> Compiler<'a> {
             }
         }
         for ((ns, _), obj) in &self.snap.service_rules {
-            let sources = self.service_sources(ns, &obj.spec.service).map(|s| Sources::Sets(vec![s]));
+            let sources = self.service_sources(ns, &obj.spec.service).map(|s| {
+                let mut warnings = s.refused;
+                if s.empty {
+                    warnings.push((
+                        "NoSources",
+                        format!(
+                            "Service {ns}/{} has no ready endpoint yet; the rule applies when one appears",
+                            obj.spec.service
+                        ),
+                    ));
+                }
+                Resolved { value: Sources::Sets(vec![s.set]), warnings }
+            });
             if let Some(r) = self.rule(RuleKind::ServiceEgressRule, obj, obj.spec.common(), ns, sources) {
                 by_tenant.entry(self.config.tenant_of(ns).to_string()).or_default().service.push(r);
             }
@@ -125,16 +247,19 @@ impl<'a> Compiler<'a> {
         PolicyModel {
             version: MODEL_VERSION,
             ces_namespace: self.ces_namespace.to_string(),
+            settings: settings(self.config),
             address_sets: self.sets,
+            destination_sets: self.destinations,
             cluster_rules,
             tenants,
             diagnostics: self.diagnostics,
         }
     }
 
-    fn report(&mut self, object: ObjectRef, origin: &Option<String>, problems: Vec<Problem>) {
+    fn report(&mut self, object: &ObjectRef, origin: &Option<String>, severity: Severity, problems: Vec<Problem>) {
         for (reason, message) in problems {
             self.diagnostics.push(Diagnostic {
+                severity,
                 object: Some(object.clone()),
                 origin: origin.clone(),
                 reason: reason.to_string(),
@@ -143,7 +268,7 @@ impl<'a> Compiler<'a> {
         }
     }
 
-    fn external_service(&mut self, key: &Key, obj: &Object<ExternalServiceSpec>) -> Option<DestinationMatch> {
+    fn external_service(&mut self, key: &Key, obj: &Object<ExternalServiceSpec>) -> bool {
         let mut problems: Vec<Problem> = Vec::new();
         let mut addresses = Vec::with_capacity(obj.spec.addresses.len());
         if obj.spec.addresses.is_empty() {
@@ -196,12 +321,15 @@ impl<'a> Compiler<'a> {
                 bandwidth,
             });
         }
-        if problems.is_empty() {
-            Some(DestinationMatch { external_service: format!("{}/{}", key.0, key.1), addresses, ports })
-        } else {
-            self.report(ObjectRef::new("ExternalService", Some(&key.0), &key.1), &obj.origin, problems);
-            None
+        if !problems.is_empty() {
+            let object = ObjectRef::new("ExternalService", Some(&key.0), &key.1);
+            self.report(&object, &obj.origin, Severity::Error, problems);
+            return false;
         }
+        let set =
+            DestinationSet { namespace: key.0.clone(), name: key.1.clone(), identity: identity(obj), addresses, ports };
+        self.destinations.insert(set.id(), set);
+        true
     }
 
     fn rule<S>(
@@ -210,7 +338,7 @@ impl<'a> Compiler<'a> {
         obj: &Object<S>,
         common: RuleCommon<'_>,
         exsvc_namespace: &str,
-        sources: Result<Sources, Problem>,
+        sources: Result<Resolved<Sources>, Problem>,
     ) -> Option<Rule> {
         let namespace = obj.namespace.as_deref();
         let object = ObjectRef::new(kind.as_str(), namespace, &obj.name);
@@ -230,9 +358,10 @@ impl<'a> Compiler<'a> {
         }
         let mut destinations = Vec::with_capacity(common.external_services.len());
         for name in common.external_services {
-            match self.external_services.get(&(exsvc_namespace.to_string(), name.clone())) {
-                Some(Some(d)) => destinations.push(d.clone()),
-                Some(None) => problems.push((
+            let key = (exsvc_namespace.to_string(), name.clone());
+            match self.external_services.get(&key) {
+                Some(true) => destinations.push(format!("{exsvc_namespace}/{name}")),
+                Some(false) => problems.push((
                     "ExternalServiceInvalid",
                     format!("ExternalService {exsvc_namespace}/{name} is invalid (see its own errors)"),
                 )),
@@ -241,50 +370,82 @@ impl<'a> Compiler<'a> {
             }
         }
         if !problems.is_empty() {
-            self.report(object, &obj.origin, problems);
+            self.report(&object, &obj.origin, Severity::Error, problems);
             return None;
         }
+        let Resolved { value: sources, warnings } = sources.expect("no problems means sources resolved");
+        self.report(&object, &obj.origin, Severity::Warning, warnings);
         Some(Rule {
             id: object.to_string(),
             kind,
             namespace: namespace.map(str::to_string),
             name: obj.name.clone(),
+            identity: identity(obj),
             priority: common.priority.unwrap_or(DEFAULT_PRIORITY),
             action: common.action,
             mode: common.mode,
             logging: common.logging,
             schedule,
-            sources: sources.expect("no problems means sources resolved"),
+            sources,
             destinations,
         })
     }
 
-    /// The set of a namespace: its pods' IPs, plus its kube-ovn subnet CIDRs when the CNI is kube-ovn.
-    fn namespace_set(&mut self, ns: &str) -> String {
+    fn insert_set(&mut self, name: &str, tenant_of_ns: &str, addrs: Vec<IpNet>) -> bool {
+        let set = AddressSet::new(self.tenant_of(tenant_of_ns), addrs);
+        let empty = set.addresses.is_empty();
+        self.sets.insert(name.to_string(), set);
+        empty
+    }
+
+    /// The set of a namespace: its pods' IPs, plus the kube-ovn subnet CIDRs that are its own. Returns the set's
+    /// name and whether it is empty.
+    fn namespace_set(&mut self, ns: &str) -> (String, bool) {
         let name = namespace_set(ns);
-        if !self.sets.contains_key(&name) {
-            let mut addrs: Vec<IpNet> = pod_nets(self.snap.pods_in(ns));
-            if self.config.cni_type() == ces_config::DEFAULT_CNI_TYPE
-                && let Some(n) = self.snap.namespaces.get(ns)
-            {
-                addrs.extend(n.cidrs.iter().copied());
-            }
-            self.sets.insert(name.clone(), AddressSet::from_unsorted(addrs));
+        if let Some(s) = self.sets.get(&name) {
+            return (name, s.addresses.is_empty());
         }
-        name
+        let mut addrs: Vec<IpNet> = pod_nets(self.snap.pods_in(ns));
+        if let Some(subnets) = self.subnets.get(ns) {
+            addrs.extend(subnets.own.iter().copied());
+        }
+        let empty = self.insert_set(&name, ns, addrs);
+        (name, empty)
     }
 
-    /// The pod IPs of a namespace, without its CIDRs: the sources a cluster rule's namespace selector picks.
-    fn namespace_pods_set(&mut self, ns: &str) -> String {
+    /// The pod IPs of a namespace, without its subnets: the sources a cluster rule's namespace selector picks.
+    fn namespace_pods_set(&mut self, ns: &str) -> (String, bool) {
         let name = namespace_pods_set(ns);
-        if !self.sets.contains_key(&name) {
-            let addrs = pod_nets(self.snap.pods_in(ns));
-            self.sets.insert(name.clone(), AddressSet::from_unsorted(addrs));
+        if let Some(s) = self.sets.get(&name) {
+            return (name, s.addresses.is_empty());
         }
-        name
+        let addrs = pod_nets(self.snap.pods_in(ns));
+        let empty = self.insert_set(&name, ns, addrs);
+        (name, empty)
     }
 
-    fn namespace_selector_sources(&mut self, sel: &LabelSelector) -> Result<Sources, Problem> {
+    /// The subnets of a namespace that are not used as sources, as warnings.
+    fn shared_subnet_warnings(&self, ns: &str) -> Vec<Problem> {
+        let Some(subnets) = self.subnets.get(ns) else { return Vec::new() };
+        subnets
+            .shared
+            .iter()
+            .map(|(net, others)| {
+                (
+                    "SharedSubnet",
+                    format!(
+                        "subnet {net} of namespace {ns} (annotation {}) is also carried by namespace(s) {} of tenant {}, \
+                         such as kube-ovn's default subnet; it is not used as a source, only the namespace's pods are",
+                        ces_snapshot::OVN_CIDR_ANNOTATION,
+                        others.join(", "),
+                        self.config.tenant_of(ns)
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    fn namespace_selector_sources(&mut self, sel: &LabelSelector) -> Result<Resolved<Sources>, Problem> {
         selector::validate(sel).map_err(|e| ("InvalidSelector", format!("spec.namespaceSelector: {e}")))?;
         let selected: Vec<String> = self
             .snap
@@ -293,10 +454,20 @@ impl<'a> Compiler<'a> {
             .filter(|n| selector::matches(sel, &n.labels))
             .map(|n| n.name.clone())
             .collect();
-        if selected.is_empty() {
-            return Err(("SelectorMatchesNothing", "spec.namespaceSelector selects no namespace".into()));
+        let mut sets = Vec::with_capacity(selected.len());
+        let mut all_empty = true;
+        for ns in &selected {
+            let (set, empty) = self.namespace_pods_set(ns);
+            all_empty &= empty;
+            sets.push(set);
         }
-        Ok(Sources::Sets(selected.iter().map(|ns| self.namespace_pods_set(ns)).collect()))
+        let mut warnings = Vec::new();
+        if selected.is_empty() {
+            warnings.push(("NoSources", "spec.namespaceSelector selects no namespace yet".to_string()));
+        } else if all_empty {
+            warnings.push(("NoSources", format!("the selected namespace(s) {} have no pod yet", selected.join(", "))));
+        }
+        Ok(Resolved { value: Sources::Sets(sets), warnings })
     }
 
     fn namespace_rule_sources(
@@ -304,46 +475,101 @@ impl<'a> Compiler<'a> {
         ns: &str,
         rule: &str,
         sel: Option<&LabelSelector>,
-    ) -> Result<Sources, Problem> {
+    ) -> Result<Resolved<Sources>, Problem> {
         let Some(sel) = sel else {
-            return Ok(Sources::Sets(vec![self.namespace_set(ns)]));
+            let (set, empty) = self.namespace_set(ns);
+            let mut warnings = self.shared_subnet_warnings(ns);
+            if empty {
+                warnings.push(("NoSources", format!("namespace {ns} has no pod and no subnet of its own yet")));
+            }
+            return Ok(Resolved { value: Sources::Sets(vec![set]), warnings });
         };
         selector::validate(sel).map_err(|e| ("InvalidSelector", format!("spec.podSelector: {e}")))?;
         let pods: Vec<_> = self.snap.pods_in(ns).iter().filter(|p| selector::matches(sel, &p.labels)).collect();
-        if pods.is_empty() {
-            return Err(("SelectorMatchesNothing", format!("spec.podSelector selects no pod in namespace {ns}")));
-        }
         let name = pod_selector_set(ns, rule);
-        let addrs = pod_nets(pods);
-        self.sets.insert(name.clone(), AddressSet::from_unsorted(addrs));
-        Ok(Sources::Sets(vec![name]))
+        let empty = self.insert_set(&name, ns, pod_nets(pods));
+        let warnings = if empty {
+            vec![("NoSources", format!("spec.podSelector selects no pod in namespace {ns} yet"))]
+        } else {
+            Vec::new()
+        };
+        Ok(Resolved { value: Sources::Sets(vec![name]), warnings })
     }
 
-    /// The set of a Service's endpoints: the addresses its Endpoints/EndpointSlices list as ready, or, when it has
-    /// none, the IPs of the ready pods its selector picks.
-    fn service_sources(&mut self, ns: &str, svc: &str) -> Result<String, Problem> {
+    /// Why an endpoint address of a Service in `ns` is not trusted, if it is not: it names a pod of another
+    /// namespace, its address is a pod of another namespace of the tenant, or it lies in another namespace's own
+    /// subnet. An address of a pod of `ns`, or of nothing CES knows (a VM), is trusted.
+    fn foreign_endpoint(&self, ns: &str, svc: &str, ep: &ces_snapshot::Endpoint) -> Option<String> {
+        let ip = ep.ip;
+        if let Some((pns, pname)) = &ep.pod
+            && pns != ns
+        {
+            return Some(format!("endpoint {ip} of Service {ns}/{svc} names pod {pns}/{pname} of another namespace"));
+        }
+        let tenant = self.config.tenant_of(ns);
+        let pods: Vec<&Pod> = self
+            .pods_by_ip
+            .get(&ip)
+            .map(|v| v.iter().copied().filter(|p| self.config.tenant_of(&p.namespace) == tenant).collect())
+            .unwrap_or_default();
+        if pods.iter().any(|p| p.namespace == ns) {
+            return None;
+        }
+        if let Some(p) = pods.first() {
+            return Some(format!(
+                "endpoint {ip} of Service {ns}/{svc} is the address of pod {}/{} of another namespace",
+                p.namespace, p.name
+            ));
+        }
+        for n in self.snap.namespaces.values().filter(|n| n.name != ns && self.config.tenant_of(&n.name) == tenant) {
+            if let Some(net) = self.subnets.get(n.name.as_str()).and_then(|s| s.own.iter().find(|c| c.contains(&ip))) {
+                return Some(format!(
+                    "endpoint {ip} of Service {ns}/{svc} lies in subnet {net} of namespace {}",
+                    n.name
+                ));
+            }
+        }
+        None
+    }
+
+    /// The set of a Service's endpoints: the ready addresses of its Endpoints/EndpointSlices that CES trusts, or,
+    /// when it has none, the IPs of the ready pods its selector picks.
+    fn service_sources(&mut self, ns: &str, svc: &str) -> Result<ServiceSources, Problem> {
         let key = (ns.to_string(), svc.to_string());
+        if let Some(s) = self.service_sources.get(&key) {
+            return Ok(s.clone());
+        }
         let Some(service) = self.snap.services.get(&key) else {
             return Err(("ServiceNotFound", format!("Service {ns}/{svc} not found")));
         };
-        let name = service_set(ns, svc);
-        if self.sets.contains_key(&name) {
-            return Ok(name);
-        }
+        let mut refused = Vec::new();
         let addrs: Vec<IpNet> = match (self.snap.endpoints.get(&key), &service.selector) {
-            (Some(ips), _) => ips.iter().copied().map(IpNet::from).collect(),
+            (Some(eps), _) => {
+                let mut addrs = Vec::with_capacity(eps.len());
+                for ep in eps {
+                    match self.foreign_endpoint(ns, svc, ep) {
+                        None => addrs.push(IpNet::from(ep.ip)),
+                        Some(why) => refused.push(("ForeignEndpoint", format!("{why}; it is not a source"))),
+                    }
+                }
+                addrs
+            }
             (None, Some(sel)) => {
                 pod_nets(self.snap.pods_in(ns).iter().filter(|p| p.ready && selector::service_selects(sel, &p.labels)))
             }
             (None, None) => Vec::new(),
         };
-        self.sets.insert(name.clone(), AddressSet::from_unsorted(addrs));
-        Ok(name)
+        let name = service_set(ns, svc);
+        let empty = self.insert_set(&name, ns, addrs);
+        let s = ServiceSources { set: name, empty, refused };
+        self.service_sources.insert(key, s.clone());
+        Ok(s)
     }
 
     fn nat_rule(&mut self, ns: &str, obj: &Object<ces_api::ExternalIPRuleSpec>) -> Option<NatRule> {
         let object = ObjectRef::new("ExternalIPRule", Some(ns), &obj.name);
         let mut problems: Vec<Problem> = Vec::new();
+        let mut warnings: Vec<Problem> = Vec::new();
         let mut external = Vec::new();
         if obj.spec.external_addresses.is_empty() {
             problems.push(("InvalidAddress", "spec.externalAddresses is empty".into()));
@@ -363,11 +589,19 @@ impl<'a> Compiler<'a> {
         if obj.spec.services.is_empty() {
             problems.push(("ServiceNotFound", "spec.services is empty".into()));
         }
+        let mut all_empty = true;
         for svc in &obj.spec.services {
             match self.service_sources(ns, svc) {
-                Ok(s) => sources.push(s),
+                Ok(s) => {
+                    all_empty &= s.empty;
+                    warnings.extend(s.refused);
+                    sources.push(s.set);
+                }
                 Err(p) => problems.push(p),
             }
+        }
+        if all_empty && !obj.spec.services.is_empty() {
+            warnings.push(("NoSources", "the Services have no ready endpoint yet".into()));
         }
         let (mut dst_addrs, mut dst_proto, mut dst_ports) = (Vec::new(), None, Vec::new());
         if let Some(dm) = &obj.spec.destination_match {
@@ -398,13 +632,15 @@ impl<'a> Compiler<'a> {
             }
         }
         if !problems.is_empty() {
-            self.report(object, &obj.origin, problems);
+            self.report(&object, &obj.origin, Severity::Error, problems);
             return None;
         }
+        self.report(&object, &obj.origin, Severity::Warning, warnings);
         Some(NatRule {
             id: object.to_string(),
             namespace: ns.to_string(),
             name: obj.name.clone(),
+            identity: identity(obj),
             priority: obj.spec.priority.unwrap_or(DEFAULT_PRIORITY as u32),
             external_addresses: external,
             sources,
@@ -416,15 +652,6 @@ impl<'a> Compiler<'a> {
 
     fn tenants(&mut self, mut by_tenant: BTreeMap<String, TenantRules>) -> Vec<TenantPolicy> {
         let config = self.config;
-        let mut names: Vec<&str> = if config.is_support_route_domain {
-            config.tenant.iter().map(|t| t.name.as_str()).collect()
-        } else {
-            Vec::new()
-        };
-        names.push(COMMON);
-        names.sort_unstable();
-        names.dedup();
-
         let mut namespaces: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         let mut all = self.snap.all_namespace_names();
         all.extend(config.tenant.iter().flat_map(|t| t.namespaces.iter().cloned()));
@@ -434,12 +661,29 @@ impl<'a> Compiler<'a> {
             namespaces.entry(config.tenant_of(&ns)).or_default().push(ns);
         }
 
-        let mut out = Vec::with_capacity(names.len());
-        for name in names {
+        // Trusted non-pod endpoints belong to their Service's tenant too (an address that is no pod's is in the
+        // tenant where it enters).
+        let mut endpoint_members: BTreeMap<&str, Vec<IpNet>> = BTreeMap::new();
+        for (key, eps) in &self.snap.endpoints {
+            if !self.snap.services.contains_key(key) {
+                continue;
+            }
+            let tenant = config.tenant_of(&key.0);
+            for ep in eps {
+                if self.foreign_endpoint(&key.0, &key.1, ep).is_none() {
+                    endpoint_members.entry(tenant).or_default().push(IpNet::from(ep.ip));
+                }
+            }
+        }
+
+        let refs: Vec<TenantRef> = self.tenant_refs.values().cloned().collect();
+        let mut out = Vec::with_capacity(refs.len());
+        for tref in refs {
+            let name = tref.name.as_str();
             let tc = config.tenant(name);
             let route_domain = match tc.and_then(|t| t.route_domain.as_ref()) {
                 Some(rd) if name != COMMON && config.is_support_route_domain => {
-                    RouteDomainRef { id: rd.id, name: rd.name.clone() }
+                    RouteDomainRef { id: tref.route_domain, name: rd.name.clone() }
                 }
                 _ => RouteDomainRef { id: 0, name: "0".into() },
             };
@@ -450,8 +694,15 @@ impl<'a> Compiler<'a> {
             };
             let nss = namespaces.remove(name).unwrap_or_default();
             let members = tenant_set(name);
-            let addrs = pod_nets(nss.iter().flat_map(|ns| self.snap.pods_in(ns)));
-            self.sets.insert(members.clone(), AddressSet::from_unsorted(addrs));
+            let mut addrs = pod_nets(nss.iter().flat_map(|ns| self.snap.pods_in(ns)));
+            for ns in &nss {
+                if let Some(subnets) = self.subnets.get(ns.as_str()) {
+                    addrs.extend(subnets.own.iter().copied());
+                    addrs.extend(subnets.shared.iter().map(|(n, _)| *n));
+                }
+            }
+            addrs.extend(endpoint_members.remove(name).unwrap_or_default());
+            self.sets.insert(members.clone(), AddressSet::new(&tref, addrs));
             let TenantRules { namespace: mut ns_rules, service: mut svc_rules, nat: mut nat_rules } =
                 by_tenant.remove(name).unwrap_or_default();
             sort_rules(&mut ns_rules);
@@ -463,12 +714,62 @@ impl<'a> Compiler<'a> {
                 default_action,
                 namespaces: nss,
                 members,
+                backend: tenant_backend(tc),
                 namespace_rules: ns_rules,
                 service_rules: svc_rules,
                 nat_rules,
             });
         }
         out
+    }
+}
+
+/// The model's settings from a config that `CesConfig::from_yaml` has validated.
+fn settings(config: &CesConfig) -> Settings {
+    Settings {
+        cluster_name: config.cluster_name.clone(),
+        master_cluster: config.master_cluster().to_string(),
+        schema_version: config.schema_version().to_string(),
+        route_domains: config.is_support_route_domain,
+        cni_type: config.cni_type().to_string(),
+        i_rules: config.i_rule.clone(),
+        log_pool: config.log_pool.as_ref().map(|lp| LogPoolSettings {
+            logging_enabled: lp.logging_enabled,
+            enable_remote_log: lp.enable_remote_log,
+            health_monitor: lp.health_monitor.clone(),
+            servers: if lp.server_addresses.is_empty() {
+                vec![std::net::SocketAddr::from(([0, 0, 0, 0], 514))]
+            } else {
+                lp.server_addresses
+                    .iter()
+                    .filter_map(|a| ces_config::parse_host_port(a))
+                    .map(std::net::SocketAddr::from)
+                    .collect()
+            },
+            template: lp.template.as_deref().and_then(ces_config::json_object),
+        }),
+        snat_addresses: config.external_ip_addresses.iter().filter_map(|a| a.parse().ok()).collect(),
+    }
+}
+
+fn tenant_backend(tc: Option<&ces_config::TenantConfig>) -> TenantBackend {
+    let Some(tc) = tc else { return TenantBackend::default() };
+    let mut vs = VirtualServerSettings::default();
+    if let Some(v) = &tc.virtual_service {
+        vs.template = v.template.as_deref().and_then(ces_config::json_object);
+        if let Some(va) = &v.virtual_addresses {
+            if let Some(a) = va.virtual_address.as_deref().and_then(|a| a.parse().ok()) {
+                vs.virtual_address = a;
+            }
+            if let Some(e) = &va.icmp_echo {
+                vs.icmp_echo = e.clone();
+            }
+            vs.arp_enabled = va.arp_enabled.unwrap_or(false);
+        }
+    }
+    TenantBackend {
+        gateway_pool: tc.gw_pool.iter().flat_map(|g| &g.server_addresses).filter_map(|a| a.parse().ok()).collect(),
+        virtual_server: vs,
     }
 }
 

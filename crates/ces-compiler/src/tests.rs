@@ -16,8 +16,9 @@ fn default_model(yaml: &str) -> PolicyModel {
     compile(&load_str(yaml, "t.yaml"), &CesConfig::embedded_default(), DEFAULT_CES_NAMESPACE)
 }
 
+/// The addresses of a set; none when the set was not built.
 fn set(m: &PolicyModel, name: &str) -> Vec<String> {
-    m.address_sets[name].addresses.iter().map(|a| a.to_string()).collect()
+    m.address_sets.get(name).map(|s| s.addresses.iter().map(|a| a.to_string()).collect()).unwrap_or_default()
 }
 
 fn diags(m: &PolicyModel) -> Vec<(String, String, String)> {
@@ -67,8 +68,8 @@ fn the_original_examples_compile_into_three_contexts_and_tenants() {
     assert_eq!(r1.id, "ClusterEgressRule/rule1");
     assert_eq!(r1.sources, Sources::Any);
     assert!(r1.logging);
-    assert_eq!(r1.destinations[0].external_service, "kube-system/exsvc1");
-    let protos: Vec<Protocol> = r1.destinations[0].ports.iter().map(|p| p.protocol).collect();
+    assert_eq!(r1.destinations[0], "kube-system/exsvc1");
+    let protos: Vec<Protocol> = m.destination_sets[&r1.destinations[0]].ports.iter().map(|p| p.protocol).collect();
     assert_eq!(protos, [Protocol::Udp, Protocol::Tcp], "UDP/TCP in upper case, in the order listed");
 
     let names: Vec<&str> = m.tenants.iter().map(|t| t.name.as_str()).collect();
@@ -98,7 +99,7 @@ fn rules_are_ordered_by_priority_then_namespace_then_name() {
     y += &nsgr("a", "x", "  action: drop\n  externalServices: [e]\n  priority: 1000");
     y += &nsgr("a", "w", "  action: drop\n  externalServices: [e]\n  priority: -5");
     let m = default_model(&y);
-    assert!(m.diagnostics.is_empty(), "{:?}", diags(&m));
+    assert!(m.errors().next().is_none(), "{:?}", diags(&m));
     let ids: Vec<&str> = m.tenants[0].namespace_rules.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(
         ids,
@@ -173,7 +174,8 @@ fn one_bad_object_never_blocks_the_others() {
     y += &cgr("no-ns", "  action: drop\n  externalServices: [good]\n  namespaceSelector: {matchLabels: {team: ghost}}");
     let m = default_model(&y);
     let ids: Vec<&str> = m.cluster_rules.iter().map(|r| r.id.as_str()).collect();
-    assert_eq!(ids, ["ClusterEgressRule/uses-good"]);
+    // A selector that matches nothing yet is not an error: the rule is in, and waits for a namespace.
+    assert_eq!(ids, ["ClusterEgressRule/no-ns", "ClusterEgressRule/uses-good"]);
 
     let d = diags(&m);
     let has = |obj: &str, reason: &str, text: &str| {
@@ -194,13 +196,18 @@ fn one_bad_object_never_blocks_the_others() {
     has("ClusterEgressRule/uses-bad", "ExternalServiceInvalid", "ExternalService kube-system/bad is invalid");
     has("ClusterEgressRule/uses-missing", "ExternalServiceNotFound", "kube-system/nope not found");
     has("ClusterEgressRule/bad-schedule", "InvalidSchedule", "unknown time zone `Nowhere/City`");
-    has("ClusterEgressRule/no-ns", "SelectorMatchesNothing", "selects no namespace");
+    has("ClusterEgressRule/no-ns", "NoSources", "selects no namespace yet");
 
     let status = m.status_of(&ObjectRef::new("ClusterEgressRule", None, "uses-missing"), Some(3));
     assert_eq!(status.phase, Some(ces_api::Phase::Failed));
     assert_eq!(status.conditions[0].reason, "ExternalServiceNotFound");
     let ok = m.status_of(&ObjectRef::new("ClusterEgressRule", None, "uses-good"), Some(1));
     assert_eq!(ok.phase, Some(ces_api::Phase::Success));
+    assert_eq!((ok.conditions[0].type_.as_str(), ok.conditions[0].reason.as_str()), ("Accepted", "Accepted"));
+    let waiting = m.status_of(&ObjectRef::new("ClusterEgressRule", None, "no-ns"), Some(2));
+    assert_eq!(waiting.phase, Some(ces_api::Phase::Success));
+    let c = &waiting.conditions[0];
+    assert_eq!((c.status.as_str(), c.reason.as_str(), c.observed_generation), ("True", "NoSources", Some(2)));
 }
 
 #[test]
@@ -221,8 +228,138 @@ fn namespace_rules_match_their_pods_and_pod_selector_narrows() {
     assert_eq!(set(&m, "namespace/a"), ["10.0.0.1/32", "10.0.0.2/32"]);
     assert_eq!(set(&m, "pods/a/web-only"), ["10.0.0.1/32"]);
     let d = diags(&m);
-    assert!(d.iter().any(|(o, r, _)| o == "NamespaceEgressRule/a/nobody" && r == "SelectorMatchesNothing"), "{d:?}");
+    assert!(d.iter().any(|(o, r, _)| o == "NamespaceEgressRule/a/nobody" && r == "NoSources"), "{d:?}");
     assert!(d.iter().any(|(o, r, _)| o == "NamespaceEgressRule/a/bad-sel" && r == "InvalidSelector"), "{d:?}");
+    let ids: Vec<&str> = m.tenants[0].namespace_rules.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["NamespaceEgressRule/a/all", "NamespaceEgressRule/a/nobody", "NamespaceEgressRule/a/web-only"]);
+}
+
+#[test]
+fn a_rule_whose_selector_matches_nothing_stays_and_applies_when_a_pod_appears() {
+    // Issue 2 marked such a rule Failed and left it out, so it flapped as a Deployment scaled to zero and back.
+    let rules = exsvc("a", "e", "  addresses: [1.1.1.1]")
+        + &nsgr("a", "web", "  action: drop\n  externalServices: [e]\n  podSelector: {matchLabels: {app: web}}");
+    let object = ObjectRef::new("NamespaceEgressRule", Some("a"), "web");
+    let scaled_to_zero = default_model(&rules);
+    assert_eq!(scaled_to_zero.tenants[0].namespace_rules.len(), 1);
+    assert!(set(&scaled_to_zero, "pods/a/web").is_empty());
+    assert_eq!(scaled_to_zero.errors().count(), 0);
+    assert_eq!(scaled_to_zero.status_of(&object, None).conditions[0].reason, "NoSources");
+
+    let scaled_up = default_model(&(rules + &pod("a", "web-1", "10.0.0.7", "app: web")));
+    assert_eq!(set(&scaled_up, "pods/a/web"), ["10.0.0.7/32"]);
+    assert!(scaled_up.diagnostics.is_empty(), "{:?}", diags(&scaled_up));
+    assert_eq!(scaled_up.status_of(&object, None).conditions[0].reason, "Accepted");
+}
+
+/// Two namespaces of one tenant (a, b), one of another (c); pods in each; b with its own subnet.
+fn hostile_world() -> String {
+    let mut y = String::new();
+    y += "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n";
+    y += "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: b, annotations: {ovn.kubernetes.io/cidr: 10.2.0.0/16}}\n";
+    y += "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: c}\n";
+    y += &pod("a", "app", "10.1.0.1", "app: x");
+    y += &pod("b", "victim", "10.2.0.5", "app: v");
+    y += &pod("c", "other", "10.1.0.9", "app: o");
+    y += &exsvc("a", "e", "  addresses: [1.1.1.1]");
+    y
+}
+
+const TWO_TENANTS: &str = "clusterName: k\nisSupportRouteDomain: true\ntenant:\n- {name: Common, namespaces: 'a,b'}\n- {name: t2, namespaces: c, routeDomain: {id: 2, name: rd2}}\n";
+
+fn two_tenant_model(yaml: &str) -> PolicyModel {
+    compile(&load_str(yaml, "t.yaml"), &CesConfig::from_yaml(TWO_TENANTS, "c").unwrap(), DEFAULT_CES_NAMESPACE)
+}
+
+#[test]
+fn endpoints_naming_another_namespaces_pods_are_never_sources() {
+    // Whoever can write Endpoints in namespace a must not make b's pods sources of a's rules (CVE-2021-25740's
+    // shape). Refused: b's pod by address, b's pod by targetRef, an address in b's own subnet. Kept: a's own pod, an
+    // address that is no pod's (a VM), and 10.1.0.9, which is a pod of c, but c is in another tenant, so in this
+    // tenant's address space it is nobody's.
+    let mut y = hostile_world();
+    y += "---\napiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: a}\n";
+    y += "---\napiVersion: v1\nkind: Endpoints\nmetadata: {name: s, namespace: a}\nsubsets: [{addresses: [\
+          {ip: 10.1.0.1}, {ip: 10.2.0.5}, {ip: 172.16.0.4}, {ip: 10.1.0.9},\
+          {ip: 172.16.0.5, targetRef: {kind: Pod, namespace: b, name: victim}}, {ip: 10.2.7.7}]}]\n";
+    y += &svcgr("a", "r", "  action: accept\n  service: s\n  externalServices: [e]");
+    y += "---\napiVersion: bigip.io/v1alpha1\nkind: ExternalIPRule\nmetadata: {name: nat, namespace: a}\nspec: {externalAddresses: [192.0.2.9], services: [s]}\n";
+    let m = two_tenant_model(&y);
+    assert_eq!(set(&m, "service/a/s"), ["10.1.0.1/32", "10.1.0.9/32", "172.16.0.4/32"]);
+    assert_eq!(m.address_sets["service/a/s"].tenant, "Common");
+    assert_eq!(m.tenants[0].service_rules.len(), 1, "the rule stays in: what it may use, it uses");
+    assert_eq!(m.tenants[0].nat_rules.len(), 1);
+    for object in ["ServiceEgressRule/a/r", "ExternalIPRule/a/nat"] {
+        let warnings: Vec<String> = diags(&m)
+            .into_iter()
+            .filter(|(o, r, _)| o == object && r == "ForeignEndpoint")
+            .map(|(_, _, msg)| msg)
+            .collect();
+        let joined = warnings.join("\n");
+        assert_eq!(warnings.len(), 3, "{object}: {joined}");
+        for needle in [
+            "endpoint 10.2.0.5 of Service a/s is the address of pod b/victim of another namespace",
+            "endpoint 172.16.0.5 of Service a/s names pod b/victim of another namespace",
+            "endpoint 10.2.7.7 of Service a/s lies in subnet 10.2.0.0/16 of namespace b",
+        ] {
+            assert!(joined.contains(needle), "{object}: missing `{needle}` in {joined}");
+        }
+    }
+    assert!(m.errors().next().is_none(), "{:?}", diags(&m));
+}
+
+#[test]
+fn a_subnet_that_several_namespaces_share_is_not_a_source() {
+    // kube-ovn writes the default subnet's CIDR on every namespace without a subnet of its own: a namespace rule of
+    // one of them must not decide the others' traffic. Several subnets are joined by `;` (and `,` for dual stack).
+    let mut y = String::new();
+    for (ns, cidr) in [("a", "10.16.0.0/16"), ("b", "10.16.0.0/16"), ("d", "10.20.0.0/16;10.21.0.0/16,fd00:21::/64")] {
+        y += &format!(
+            "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, annotations: {{ovn.kubernetes.io/cidr: '{cidr}'}}}}\n"
+        );
+    }
+    y += &pod("a", "p", "10.16.0.7", "app: p");
+    y += &exsvc("a", "e", "  addresses: [1.1.1.1]");
+    y += &exsvc("d", "e", "  addresses: [1.1.1.1]");
+    y += &nsgr("a", "r", "  action: drop\n  externalServices: [e]");
+    y += &nsgr("d", "r", "  action: drop\n  externalServices: [e]");
+    let m = default_model(&y);
+    assert_eq!(set(&m, "namespace/a"), ["10.16.0.7/32"], "the shared default subnet is not a's");
+    assert_eq!(set(&m, "namespace/d"), ["10.20.0.0/16", "10.21.0.0/16", "fd00:21::/64"]);
+    let d = diags(&m);
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert_eq!((d[0].0.as_str(), d[0].1.as_str()), ("NamespaceEgressRule/a/r", "SharedSubnet"));
+    assert!(d[0].2.contains("subnet 10.16.0.0/16 of namespace a") && d[0].2.contains("namespace(s) b"), "{}", d[0].2);
+    // The shared subnet still belongs to the tenant: an address in it enters there.
+    assert!(set(&m, "tenant/Common").contains(&"10.16.0.0/16".to_string()));
+}
+
+#[test]
+fn the_same_subnet_in_two_tenants_is_each_namespaces_own() {
+    // Overlapping pod networks across tenants are what route domains are for: not shared.
+    let mut y = String::new();
+    for ns in ["a", "c"] {
+        y += &format!(
+            "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, annotations: {{ovn.kubernetes.io/cidr: 10.16.0.0/16}}}}\n"
+        );
+    }
+    let m = two_tenant_model(&y);
+    assert_eq!(set(&m, "namespace/a").len(), 0, "not built: no rule uses it");
+    assert_eq!(set(&m, "tenant/Common"), ["10.16.0.0/16"]);
+    assert_eq!(set(&m, "tenant/t2"), ["10.16.0.0/16"]);
+    assert_eq!((m.address_sets["tenant/t2"].tenant.as_str(), m.address_sets["tenant/t2"].route_domain), ("t2", 2));
+}
+
+#[test]
+fn host_network_pods_are_never_sources() {
+    let mut y = hostile_world();
+    y += "---\napiVersion: v1\nkind: Pod\nmetadata: {name: agent, namespace: a, labels: {app: x}}\nspec: {hostNetwork: true, containers: []}\nstatus: {phase: Running, podIPs: [{ip: 192.168.1.10}]}\n";
+    y += &nsgr("a", "r", "  action: drop\n  externalServices: [e]");
+    y += &nsgr("a", "sel", "  action: drop\n  externalServices: [e]\n  podSelector: {matchLabels: {app: x}}");
+    let m = two_tenant_model(&y);
+    assert_eq!(set(&m, "namespace/a"), ["10.1.0.1/32"]);
+    assert_eq!(set(&m, "pods/a/sel"), ["10.1.0.1/32"]);
+    assert!(!set(&m, "tenant/Common").contains(&"192.168.1.10/32".to_string()), "the node's address is no tenant's");
 }
 
 #[test]
@@ -353,7 +490,7 @@ proptest! {
         }
         let a = default_model(&docs.concat());
         let b = default_model(&shuffled.concat());
-        prop_assert!(a.diagnostics.is_empty(), "{:?}", diags(&a));
+        prop_assert!(a.errors().next().is_none(), "{:?}", diags(&a));
         prop_assert_eq!(&a.cluster_rules, &b.cluster_rules);
         prop_assert_eq!(&a.tenants, &b.tenants);
         prop_assert_eq!(&a.address_sets, &b.address_sets);
@@ -386,11 +523,19 @@ proptest! {
         let text: String = text.into_iter().collect();
         let config = CesConfig::from_yaml(ORIGINAL_CONF, "c").unwrap();
         let model = compile(&load_str(&text, "mutated.yaml"), &config, DEFAULT_CES_NAMESPACE);
-        for (_, rule) in model.rules() {
+        for (tenant, rule) in model.rules() {
             if let Sources::Sets(sets) = &rule.sources {
                 for s in sets {
-                    prop_assert!(model.address_sets.contains_key(s), "{} refers to missing set {s}", rule.id);
+                    let set = model.address_sets.get(s);
+                    prop_assert!(set.is_some(), "{} refers to missing set {s}", rule.id);
+                    // A namespaced rule's sets are its own tenant's.
+                    if let Some(t) = tenant {
+                        prop_assert_eq!(&set.unwrap().tenant, &t.name, "{} uses set {} of another tenant", rule.id, s);
+                    }
                 }
+            }
+            for d in &rule.destinations {
+                prop_assert!(model.destination_sets.contains_key(d), "{} refers to missing destination {d}", rule.id);
             }
         }
     }

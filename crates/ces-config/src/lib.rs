@@ -77,8 +77,9 @@ pub enum DefaultAction {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RouteDomain {
-    #[serde(default)]
-    pub id: u16,
+    /// Required for every tenant but `Common` when route domains are on; unique; never 0 (that is Common's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u16>,
     #[serde(default)]
     pub name: String,
     /// Parsed and unused, as in the original.
@@ -302,6 +303,8 @@ impl CesConfig {
             );
         }
         let mut tenant_names: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut rd_names: BTreeMap<String, usize> = BTreeMap::new();
+        let mut rd_ids: BTreeMap<u16, usize> = BTreeMap::new();
         let mut owner: BTreeMap<&str, &str> = BTreeMap::new();
         for (i, t) in self.tenant.iter().enumerate() {
             let key = format!("tenant[{i}]");
@@ -322,16 +325,31 @@ impl CesConfig {
                 }
             }
             if self.is_support_route_domain && t.name != COMMON {
-                match &t.route_domain {
-                    Some(rd) if !rd.name.is_empty() => {
-                        if !is_as3_name(&rd.name) {
-                            p(format!("{key}.routeDomain.name"), format!("`{}` is not a valid route-domain name", rd.name));
-                        }
-                    }
-                    _ => p(
+                let rd = t.route_domain.clone().unwrap_or_default();
+                if rd.name.is_empty() {
+                    p(
                         format!("{key}.routeDomain.name"),
                         "is required when isSupportRouteDomain is true: it names the route domain and suffixes the policy names".into(),
+                    );
+                } else if !is_as3_name(&rd.name) {
+                    p(format!("{key}.routeDomain.name"), format!("`{}` is not a valid route-domain name", rd.name));
+                } else if let Some(j) = rd_names.insert(rd.name.clone(), i) {
+                    p(
+                        format!("{key}.routeDomain.name"),
+                        format!("`{}` is also the route domain of tenant[{j}]", rd.name),
+                    );
+                }
+                match rd.id {
+                    None => p(
+                        format!("{key}.routeDomain.id"),
+                        "is required when isSupportRouteDomain is true: without it the tenant would share route domain 0 with Common".into(),
                     ),
+                    Some(0) => p(format!("{key}.routeDomain.id"), "0 is the route domain of Common; choose another id".into()),
+                    Some(id) => {
+                        if let Some(j) = rd_ids.insert(id, i) {
+                            p(format!("{key}.routeDomain.id"), format!("{id} is also the route domain of tenant[{j}]"));
+                        }
+                    }
                 }
             }
             if let Some(gw) = &t.gw_pool {
@@ -386,12 +404,8 @@ impl CesConfig {
             }
         }
         for (j, a) in self.external_ip_addresses.iter().enumerate() {
-            let ok = match a.split_once('-') {
-                Some((x, y)) => x.parse::<IpAddr>().is_ok() && y.parse::<IpAddr>().is_ok(),
-                None => a.parse::<IpAddr>().is_ok(),
-            };
-            if !ok {
-                p(format!("externalIPAddresses[{j}]"), format!("`{a}` is not an IP address or range"));
+            if let Err(e) = check_address_or_range(a) {
+                p(format!("externalIPAddresses[{j}]"), e);
             }
         }
         out
@@ -411,6 +425,29 @@ pub fn parse_host_port(s: &str) -> Option<(IpAddr, u16)> {
     }
     let sock: std::net::SocketAddr = s.parse().ok()?;
     Some((sock.ip(), sock.port()))
+}
+
+/// `a` or `a-b` (one address family, `a` not after `b`).
+fn check_address_or_range(s: &str) -> Result<(), String> {
+    let bad = || format!("`{s}` is not an IP address or a range `a-b`");
+    match s.split_once('-') {
+        None => s.parse::<IpAddr>().map(|_| ()).map_err(|_| bad()),
+        Some((x, y)) => {
+            let (x, y) = (x.parse::<IpAddr>().map_err(|_| bad())?, y.parse::<IpAddr>().map_err(|_| bad())?);
+            if x.is_ipv4() != y.is_ipv4() {
+                return Err(format!("range `{s}` mixes IPv4 and IPv6"));
+            }
+            if x > y {
+                return Err(format!("range `{s}` is reversed (start is after end)"));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A template string as a JSON object; `None` when empty or not an object (validation reports those).
+pub fn json_object(text: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
+    if text.trim().is_empty() { None } else { parse_json_object(text).ok() }
 }
 
 fn parse_json_object(text: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {

@@ -22,7 +22,7 @@ fn the_original_sample_loads_with_every_key() {
     assert_eq!(c.tenant[0].namespaces, ["dwb-test1", "dwb-test"]);
     assert_eq!(c.tenant[2].namespaces, ["project3", "test-ns-a"]);
     let rd = c.tenant[1].route_domain.as_ref().unwrap();
-    assert_eq!((rd.id, rd.name.as_str()), (2, "rd2"));
+    assert_eq!((rd.id, rd.name.as_str()), (Some(2), "rd2"));
     assert_eq!(c.tenant[1].gw_pool.as_ref().unwrap().server_addresses, ["1.16.10.22", "192.168.10.22"]);
     assert!(c.tenant[2].virtual_service.as_ref().unwrap().template.as_deref().unwrap().contains("Service_L4"));
     let lp = c.log_pool.as_ref().unwrap();
@@ -139,4 +139,46 @@ fn host_port_parsing() {
     assert_eq!(parse_host_port("1.2.3.4:601"), Some(("1.2.3.4".parse().unwrap(), 601)));
     assert_eq!(parse_host_port("[::1]:601"), Some(("::1".parse().unwrap(), 601)));
     assert_eq!(parse_host_port("host:1"), None);
+}
+
+#[test]
+fn route_domains_need_an_id_and_are_unique_across_tenants() {
+    // Issue 2's code took `{name: x}` as id 0 (Common's) and let two tenants share a route domain.
+    let e = errors(
+        "clusterName: c\nisSupportRouteDomain: true\ntenant:\n\
+         - {name: Common}\n\
+         - {name: a, namespaces: a, routeDomain: {name: rda}}\n\
+         - {name: b, namespaces: b, routeDomain: {id: 7, name: rdb}}\n\
+         - {name: c, namespaces: c, routeDomain: {id: 7, name: rdb}}\n\
+         - {name: d, namespaces: d, routeDomain: {id: 0, name: rdd}}\n",
+    );
+    let joined = e.join("\n");
+    for needle in [
+        "tenant[1].routeDomain.id: is required when isSupportRouteDomain is true",
+        "tenant[3].routeDomain.id: 7 is also the route domain of tenant[2]",
+        "tenant[3].routeDomain.name: `rdb` is also the route domain of tenant[2]",
+        "tenant[4].routeDomain.id: 0 is the route domain of Common",
+    ] {
+        assert!(joined.contains(needle), "missing `{needle}` in:\n{joined}");
+    }
+    assert_eq!(e.len(), 4, "{joined}");
+}
+
+#[test]
+fn values_follow_the_crd_patterns() {
+    let e = errors(
+        "clusterName: c\ntenant: [{name: Common}]\n\
+         externalIPAddresses: ['10.0.0.9-10.0.0.1', '10.0.0.1-2001:db8::1', '10.0.0.1-', '+10.0.0.1']\n\
+         logPool: {serverAddresses: ['1.2.3.4:+514'], healthMonitor: tcp}\n",
+    );
+    let joined = e.join("\n");
+    for needle in [
+        "externalIPAddresses[0]: range `10.0.0.9-10.0.0.1` is reversed",
+        "externalIPAddresses[1]: range `10.0.0.1-2001:db8::1` mixes IPv4 and IPv6",
+        "externalIPAddresses[2]: `10.0.0.1-` is not an IP address or a range",
+        "externalIPAddresses[3]: `+10.0.0.1` is not an IP address",
+        "logPool.serverAddresses[0]: `1.2.3.4:+514` is not `ip` or `ip:port`",
+    ] {
+        assert!(joined.contains(needle), "missing `{needle}` in:\n{joined}");
+    }
 }

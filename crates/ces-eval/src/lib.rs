@@ -1,7 +1,8 @@
 //! The CES evaluator: the single definition of what the policy model means for a flow.
 //!
 //! `ces simulate` uses it, and every data plane is tested against it. The semantics (docs/semantics.md):
-//! three contexts run in order (cluster, the source tenant's namespace rules, its service rules); inside a context
+//! a flow carries the tenant where it enters the data plane, and only that tenant's source sets match it;
+//! three contexts run in order (cluster, the flow tenant's namespace rules, its service rules); inside a context
 //! the first matching rule acts: `accept` ends the context (and accepts in the service context),
 //! `accept-decisively` accepts at once, `drop` and `reject` decide at once. A rule outside its schedule does not
 //! take part; an `audit` rule is reported and ignored. When nothing decides, the tenant's default action does.
@@ -14,7 +15,10 @@ use std::fmt;
 use std::net::IpAddr;
 
 use ces_api::{Action, Mode};
-use ces_model::{COMMON_TENANT, Context, Destination, PolicyModel, Protocol, Rule, Sources, TenantPolicy, Verdict};
+use ces_model::{
+    COMMON_TENANT, Context, Destination, DestinationSet, PolicyModel, Protocol, Rule, Sources, TenantPolicy, Verdict,
+    parse_decimal,
+};
 use ipnet::IpNet;
 use jiff::Timestamp;
 use serde::Serialize;
@@ -23,9 +27,10 @@ use serde::Serialize;
 #[derive(Clone, Debug, PartialEq)]
 pub struct Flow {
     pub source: IpAddr,
-    /// The source's tenant when it is known (the flow comes from a named pod); otherwise it is found from the
-    /// tenants' member sets, and an address of no known pod is in `Common`.
-    pub tenant: Option<String>,
+    /// The tenant where the flow enters the data plane: the route domain on a BIG-IP, the ingress interface group on
+    /// the gateway. Only this tenant's source sets (and cluster rules without a namespace selector) can match it.
+    /// [`Evaluator::tenant_of`] finds it from an address when nothing else tells.
+    pub tenant: String,
     pub destination: Destination,
     /// `Tcp`, `Udp` or `Icmp`.
     pub protocol: Protocol,
@@ -97,20 +102,24 @@ pub struct TrailEntry {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EvalError {
     UnknownTenant(String),
-    /// The address belongs to pods of several tenants (overlapping pod networks); name the pod instead.
+    /// The address is a source of several tenants (overlapping pod networks); say which tenant the flow enters.
     AmbiguousSource(IpAddr, Vec<String>),
+    /// An IPv4 source cannot reach an IPv6 destination, nor the reverse: no data plane sees such a flow.
+    FamilyMismatch(IpAddr, IpAddr),
 }
 
 impl fmt::Display for EvalError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             EvalError::UnknownTenant(t) => write!(f, "unknown tenant `{t}`"),
-            EvalError::AmbiguousSource(ip, ts) => {
-                write!(
-                    f,
-                    "{ip} belongs to pods of several tenants ({}); give the source as NAMESPACE/POD",
-                    ts.join(", ")
-                )
+            EvalError::AmbiguousSource(ip, ts) => write!(
+                f,
+                "{ip} is a source address of several tenants ({}); give the tenant the flow enters (--tenant), or the source as NAMESPACE/POD",
+                ts.join(", ")
+            ),
+            EvalError::FamilyMismatch(src, dst) => {
+                let fam = |ip: &IpAddr| if ip.is_ipv4() { "IPv4" } else { "IPv6" };
+                write!(f, "source {src} is {} but destination {dst} is {}: no such flow exists", fam(src), fam(dst))
             }
         }
     }
@@ -118,15 +127,21 @@ impl fmt::Display for EvalError {
 
 impl std::error::Error for EvalError {}
 
+/// A rule with its destination sets resolved.
+struct Compiled<'m> {
+    rule: &'m Rule,
+    destinations: Vec<&'m DestinationSet>,
+}
+
 /// Rules of one context, with the rules each source set brings in.
 struct ContextIndex<'m> {
-    rules: Vec<&'m Rule>,
+    rules: Vec<Compiled<'m>>,
     any_source: Vec<u32>,
     by_set: HashMap<u32, Vec<u32>>,
 }
 
 impl<'m> ContextIndex<'m> {
-    fn new(rules: &'m [Rule], set_ids: &HashMap<&str, u32>) -> ContextIndex<'m> {
+    fn new(model: &'m PolicyModel, rules: &'m [Rule], set_ids: &HashMap<&str, u32>) -> ContextIndex<'m> {
         let mut any_source = Vec::new();
         let mut by_set: HashMap<u32, Vec<u32>> = HashMap::new();
         for (i, r) in rules.iter().enumerate() {
@@ -141,11 +156,18 @@ impl<'m> ContextIndex<'m> {
                 }
             }
         }
-        ContextIndex { rules: rules.iter().collect(), any_source, by_set }
+        let rules = rules
+            .iter()
+            .map(|rule| Compiled {
+                rule,
+                destinations: rule.destinations.iter().filter_map(|d| model.destination_sets.get(d)).collect(),
+            })
+            .collect();
+        ContextIndex { rules, any_source, by_set }
     }
 
-    /// The rules whose sources include an address in `sets`, in evaluation order.
-    fn candidates(&self, sets: &[u32]) -> Vec<&'m Rule> {
+    /// The rules whose sources include one of `sets`, in evaluation order.
+    fn candidates(&self, sets: &[u32]) -> Vec<&Compiled<'m>> {
         let mut idx: Vec<u32> = self.any_source.clone();
         for s in sets {
             if let Some(v) = self.by_set.get(s) {
@@ -154,7 +176,7 @@ impl<'m> ContextIndex<'m> {
         }
         idx.sort_unstable();
         idx.dedup();
-        idx.into_iter().map(|i| self.rules[i as usize]).collect()
+        idx.into_iter().map(|i| &self.rules[i as usize]).collect()
     }
 }
 
@@ -163,9 +185,11 @@ pub struct Evaluator<'m> {
     model: &'m PolicyModel,
     /// Host addresses (/32, /128) to the sets that hold them.
     hosts: HashMap<IpAddr, Vec<u32>>,
-    /// Wider prefixes (namespace CIDRs) to their sets, bucketed by family and length: a lookup costs one hash
-    /// probe per distinct prefix length, not one test per prefix.
+    /// Wider prefixes (subnets) to their sets, bucketed by family and length: a lookup costs one hash probe per
+    /// distinct prefix length, not one test per prefix.
     prefixes: Vec<(bool, u8, HashMap<IpNet, Vec<u32>>)>,
+    /// The tenant index of each set, by set id (`u32::MAX` for a set of no known tenant).
+    set_tenant: Vec<u32>,
     /// Set id of each tenant's member set, by tenant index.
     tenant_sets: Vec<u32>,
     cluster: ContextIndex<'m>,
@@ -176,12 +200,16 @@ pub struct Evaluator<'m> {
 
 impl<'m> Evaluator<'m> {
     pub fn new(model: &'m PolicyModel) -> Evaluator<'m> {
+        let tenant_index: HashMap<&str, u32> =
+            model.tenants.iter().enumerate().map(|(i, t)| (t.name.as_str(), i as u32)).collect();
         let mut set_ids = HashMap::new();
+        let mut set_tenant = Vec::with_capacity(model.address_sets.len());
         let mut hosts: HashMap<IpAddr, Vec<u32>> = HashMap::new();
         let mut prefixes: Vec<(bool, u8, HashMap<IpNet, Vec<u32>>)> = Vec::new();
         for (i, (name, set)) in model.address_sets.iter().enumerate() {
             let id = i as u32;
             set_ids.insert(name.as_str(), id);
+            set_tenant.push(tenant_index.get(set.tenant.as_str()).copied().unwrap_or(u32::MAX));
             for net in &set.addresses {
                 if net.prefix_len() == net.max_prefix_len() {
                     hosts.entry(net.addr()).or_default().push(id);
@@ -203,17 +231,18 @@ impl<'m> Evaluator<'m> {
         let common = model.tenants.iter().position(|t| t.name == COMMON_TENANT).unwrap_or(0);
         Evaluator {
             model,
-            cluster: ContextIndex::new(&model.cluster_rules, &set_ids),
-            namespace: model.tenants.iter().map(|t| ContextIndex::new(&t.namespace_rules, &set_ids)).collect(),
-            service: model.tenants.iter().map(|t| ContextIndex::new(&t.service_rules, &set_ids)).collect(),
+            cluster: ContextIndex::new(model, &model.cluster_rules, &set_ids),
+            namespace: model.tenants.iter().map(|t| ContextIndex::new(model, &t.namespace_rules, &set_ids)).collect(),
+            service: model.tenants.iter().map(|t| ContextIndex::new(model, &t.service_rules, &set_ids)).collect(),
             hosts,
             prefixes,
+            set_tenant,
             tenant_sets,
             common,
         }
     }
 
-    /// The ids of every set holding `ip`.
+    /// The ids of every set holding `ip`, of any tenant.
     fn sets_of(&self, ip: IpAddr) -> Vec<u32> {
         let mut out: Vec<u32> = self.hosts.get(&ip).cloned().unwrap_or_default();
         for (v4, len, nets) in &self.prefixes {
@@ -227,30 +256,38 @@ impl<'m> Evaluator<'m> {
         out
     }
 
-    fn tenant_index(&self, flow: &Flow, sets: &[u32]) -> Result<usize, EvalError> {
-        if let Some(name) = &flow.tenant {
-            return self
-                .model
-                .tenants
-                .iter()
-                .position(|t| &t.name == name)
-                .ok_or_else(|| EvalError::UnknownTenant(name.clone()));
-        }
+    /// The tenant a source address is in when nothing else tells (docs/semantics.md §2): the one tenant whose pods,
+    /// own subnets or Service endpoints hold it; `Common` when none does; an error naming them when several do.
+    pub fn tenant_of(&self, ip: IpAddr) -> Result<&'m str, EvalError> {
+        let sets = self.sets_of(ip);
         let found: Vec<usize> = (0..self.tenant_sets.len()).filter(|&t| sets.contains(&self.tenant_sets[t])).collect();
         match found.as_slice() {
-            [] => Ok(self.common),
-            [one] => Ok(*one),
-            many => Err(EvalError::AmbiguousSource(
-                flow.source,
-                many.iter().map(|&t| self.model.tenants[t].name.clone()).collect(),
-            )),
+            [] => Ok(&self.model.tenants[self.common].name),
+            [one] => Ok(&self.model.tenants[*one].name),
+            many => {
+                Err(EvalError::AmbiguousSource(ip, many.iter().map(|&t| self.model.tenants[t].name.clone()).collect()))
+            }
         }
+    }
+
+    fn check(&self, flow: &Flow) -> Result<usize, EvalError> {
+        if let Destination::Ip(dst) = &flow.destination
+            && dst.is_ipv4() != flow.source.is_ipv4()
+        {
+            return Err(EvalError::FamilyMismatch(flow.source, *dst));
+        }
+        self.model
+            .tenants
+            .iter()
+            .position(|t| t.name == flow.tenant)
+            .ok_or_else(|| EvalError::UnknownTenant(flow.tenant.clone()))
     }
 
     /// Decides a flow, finding candidate rules through the source index.
     pub fn decide(&self, flow: &Flow) -> Result<Decision, EvalError> {
-        let sets = self.sets_of(flow.source);
-        let t = self.tenant_index(flow, &sets)?;
+        let t = self.check(flow)?;
+        let mut sets = self.sets_of(flow.source);
+        sets.retain(|&s| self.set_tenant[s as usize] == t as u32);
         let candidates =
             [self.cluster.candidates(&sets), self.namespace[t].candidates(&sets), self.service[t].candidates(&sets)];
         Ok(decide_with(flow, &self.model.tenants[t], candidates))
@@ -259,19 +296,21 @@ impl<'m> Evaluator<'m> {
     /// Decides a flow by testing every rule's sources directly, without the index. Same answers as
     /// [`Evaluator::decide`], slower; kept as the reference the index is checked against.
     pub fn decide_by_scan(&self, flow: &Flow) -> Result<Decision, EvalError> {
-        let sets = self.sets_of(flow.source);
-        let t = self.tenant_index(flow, &sets)?;
+        let t = self.check(flow)?;
         let tenant = &self.model.tenants[t];
-        let holds = |r: &&Rule| match &r.sources {
+        let holds = |c: &&Compiled| match &c.rule.sources {
             Sources::Any => true,
             Sources::Sets(names) => names.iter().any(|n| {
-                self.model.address_sets.get(n).is_some_and(|s| s.addresses.iter().any(|a| a.contains(&flow.source)))
+                self.model
+                    .address_sets
+                    .get(n)
+                    .is_some_and(|s| s.tenant == flow.tenant && s.addresses.iter().any(|a| a.contains(&flow.source)))
             }),
         };
         let candidates = [
-            self.model.cluster_rules.iter().filter(holds).collect(),
-            tenant.namespace_rules.iter().filter(holds).collect(),
-            tenant.service_rules.iter().filter(holds).collect(),
+            self.cluster.rules.iter().filter(holds).collect(),
+            self.namespace[t].rules.iter().filter(holds).collect(),
+            self.service[t].rules.iter().filter(holds).collect(),
         ];
         Ok(decide_with(flow, tenant, candidates))
     }
@@ -292,8 +331,20 @@ pub fn parse_target(s: &str) -> Result<(Destination, Protocol, Option<u16>), Str
         "icmp" => Protocol::Icmp,
         other => return Err(format!("`{s}`: protocol `{other}` is not tcp, udp or icmp")),
     };
+    let host_only = |h: &str| -> Result<Destination, String> {
+        if h.contains('/') {
+            return Err(format!("`{s}`: a target is one address or host name, not a network (`{h}`)"));
+        }
+        Destination::parse(h).map_err(|e| format!("`{s}`: {e}"))
+    };
     if protocol == Protocol::Icmp {
-        return Ok((Destination::parse(hostport).map_err(|e| format!("`{s}`: {e}"))?, protocol, None));
+        let bare = hostport.strip_prefix('[').and_then(|r| r.split_once("]:")).map(|(h, _)| h);
+        let with_port = bare.is_some()
+            || hostport.rsplit_once(':').is_some_and(|(h, p)| !h.contains(':') && parse_decimal::<u16>(p).is_some());
+        if with_port {
+            return Err(format!("`{s}`: ICMP has no port; write HOST/icmp"));
+        }
+        return Ok((host_only(hostport)?, protocol, None));
     }
     let (host, port) = if let Some(rest) = hostport.strip_prefix('[') {
         let (h, p) = rest.split_once("]:").ok_or_else(|| format!("`{s}`: expected [IPv6]:PORT"))?;
@@ -306,19 +357,20 @@ pub fn parse_target(s: &str) -> Result<(Destination, Protocol, Option<u16>), Str
         }
         (h, p)
     };
-    let port: u16 =
-        port.parse().ok().filter(|p| *p != 0).ok_or_else(|| format!("`{s}`: port `{port}` is not in 1-65535"))?;
-    Ok((Destination::parse(host).map_err(|e| format!("`{s}`: {e}"))?, protocol, Some(port)))
+    let port: u16 = parse_decimal(port)
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("`{s}`: port `{port}` is not a number in 1-65535"))?;
+    Ok((host_only(host)?, protocol, Some(port)))
 }
 
 /// Which ExternalService and port entry of a rule match the flow's destination, if any.
-fn destination_match(rule: &Rule, flow: &Flow) -> Option<(String, Option<String>)> {
+fn destination_match(rule: &Compiled, flow: &Flow) -> Option<(String, Option<String>)> {
     for d in &rule.destinations {
         if !d.addresses.iter().any(|a| a.matches(&flow.destination)) {
             continue;
         }
         if d.ports.is_empty() {
-            return Some((d.external_service.clone(), None));
+            return Some((d.id(), None));
         }
         for p in &d.ports {
             let proto_ok = p.protocol == Protocol::Any || p.protocol == flow.protocol;
@@ -332,7 +384,7 @@ fn destination_match(rule: &Rule, flow: &Flow) -> Option<(String, Option<String>
                         format!("{}:{}", p.protocol, ports.join(","))
                     }
                 });
-                return Some((d.external_service.clone(), Some(label)));
+                return Some((d.id(), Some(label)));
             }
         }
     }
@@ -340,14 +392,15 @@ fn destination_match(rule: &Rule, flow: &Flow) -> Option<(String, Option<String>
 }
 
 /// The decision, given each context's candidate rules (in evaluation order, sources already known to hold).
-fn decide_with(flow: &Flow, tenant: &TenantPolicy, candidates: [Vec<&Rule>; 3]) -> Decision {
+fn decide_with(flow: &Flow, tenant: &TenantPolicy, candidates: [Vec<&Compiled>; 3]) -> Decision {
     let mut trail = Vec::new();
     let contexts = [Context::Cluster, Context::Namespace, Context::Service];
     for (ctx, rules) in contexts.into_iter().zip(candidates) {
-        for rule in rules {
-            let Some((external_service, port)) = destination_match(rule, flow) else {
+        for compiled in rules {
+            let Some((external_service, port)) = destination_match(compiled, flow) else {
                 continue;
             };
+            let rule = compiled.rule;
             let mut entry = TrailEntry {
                 context: ctx,
                 rule: rule.id.clone(),

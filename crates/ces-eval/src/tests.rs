@@ -31,7 +31,7 @@ metadata: {name: b, labels: {team: blue}}
 ---
 apiVersion: v1
 kind: Namespace
-metadata: {name: c, labels: {team: red}}
+metadata: {name: c, labels: {team: red}, annotations: {ovn.kubernetes.io/cidr: 10.3.0.0/16}}
 ---
 apiVersion: v1
 kind: Pod
@@ -81,14 +81,32 @@ impl World {
         World { model }
     }
 
+    /// Decides a flow whose tenant is found from its source address, as `simulate --from IP` does.
     fn decide_at(&self, from: &str, to: &str, at: &str) -> Decision {
+        let tenant = Evaluator::new(&self.model).tenant_of(from.parse().unwrap()).unwrap().to_string();
+        self.decide_in(&tenant, from, to, at)
+    }
+
+    /// Decides a flow entering the data plane in `tenant`.
+    fn decide_in(&self, tenant: &str, from: &str, to: &str, at: &str) -> Decision {
         let (destination, protocol, port) = parse_target(to).unwrap();
-        let flow =
-            Flow { source: from.parse().unwrap(), tenant: None, destination, protocol, port, at: at.parse().unwrap() };
+        let flow = Flow {
+            source: from.parse().unwrap(),
+            tenant: tenant.into(),
+            destination,
+            protocol,
+            port,
+            at: at.parse().unwrap(),
+        };
         let ev = Evaluator::new(&self.model);
         let d = ev.decide(&flow).unwrap();
         assert_eq!(d, ev.decide_by_scan(&flow).unwrap(), "index and scan disagree");
         d
+    }
+
+    fn says_in(&self, tenant: &str, from: &str, to: &str) -> String {
+        let d = self.decide_in(tenant, from, to, NOON);
+        format!("{} by {}", d.verdict.as_str(), d.decided_by.rule)
     }
 
     fn decide(&self, from: &str, to: &str) -> Decision {
@@ -132,30 +150,131 @@ fn x_everywhere() -> String {
 // ---- tenants ----
 
 #[test]
-fn the_source_tenant_comes_from_its_pod_and_unknown_sources_are_common() {
+fn an_address_is_in_the_one_tenant_whose_pods_subnets_or_endpoints_hold_it() {
     let w = World::new(&x_everywhere());
-    assert_eq!(w.decide("10.3.0.10", "1.1.1.1:443/tcp").tenant, "t2");
-    assert_eq!(w.decide("10.1.0.10", "1.1.1.1:443/tcp").tenant, "Common");
-    assert_eq!(w.decide("192.0.2.1", "1.1.1.1:443/tcp").tenant, "Common");
-    // An address only in namespace a's CIDR, not a pod, is still an unknown source: Common, no namespace.
-    assert_eq!(w.decide("10.1.99.99", "1.1.1.1:443/tcp").tenant, "Common");
+    let ev = Evaluator::new(&w.model);
+    let t = |ip: &str| ev.tenant_of(ip.parse().unwrap()).map(str::to_string);
+    assert_eq!(t("10.3.0.10").unwrap(), "t2", "a pod of namespace c");
+    assert_eq!(t("10.1.0.10").unwrap(), "Common");
+    assert_eq!(t("192.0.2.1").unwrap(), "Common", "no tenant holds it");
+    // An address in namespace c's own subnet is no pod, but it enters in c's tenant (issue 2 put it in Common).
+    assert_eq!(t("10.3.99.99").unwrap(), "t2");
+    assert_eq!(w.decide("10.3.99.99", "1.1.1.1:443/tcp").tenant, "t2");
 }
 
 #[test]
-fn an_explicit_tenant_wins_and_must_exist() {
+fn a_flow_carries_its_tenant_which_must_exist() {
     let w = World::new(&x_everywhere());
     let (destination, protocol, port) = parse_target("1.1.1.1:443/tcp").unwrap();
     let mut flow = Flow {
         source: "192.0.2.1".parse().unwrap(),
-        tenant: Some("t2".into()),
+        tenant: "t2".into(),
         destination,
         protocol,
         port,
         at: NOON.parse().unwrap(),
     };
     assert_eq!(Evaluator::new(&w.model).decide(&flow).unwrap().tenant, "t2");
-    flow.tenant = Some("nope".into());
+    flow.tenant = "nope".into();
     assert_eq!(Evaluator::new(&w.model).decide(&flow).unwrap_err(), EvalError::UnknownTenant("nope".into()));
+}
+
+#[test]
+fn an_ipv4_source_never_reaches_an_ipv6_destination() {
+    let w = World::new(&x_everywhere());
+    let (destination, protocol, port) = parse_target("[2001:db8::1]:443/tcp").unwrap();
+    let flow = Flow {
+        source: "10.1.0.10".parse().unwrap(),
+        tenant: "Common".into(),
+        destination,
+        protocol,
+        port,
+        at: NOON.parse().unwrap(),
+    };
+    let e = Evaluator::new(&w.model).decide(&flow).unwrap_err();
+    assert!(matches!(e, EvalError::FamilyMismatch(..)), "{e:?}");
+    assert!(e.to_string().contains("is IPv4 but destination 2001:db8::1 is IPv6"), "{e}");
+}
+
+/// Two tenants whose pod networks overlap: pod nx/p and pod ny/q both have 10.9.0.5 (and 2001:db8::5).
+const OVERLAP_CONF: &str = "
+clusterName: k8s
+isSupportRouteDomain: true
+tenant:
+  - name: Common
+  - name: t1
+    namespaces: nx
+    routeDomain: {id: 11, name: rd11}
+  - name: t2
+    namespaces: ny
+    routeDomain: {id: 12, name: rd12}
+";
+
+fn overlap_world(rules: &str) -> World {
+    let cluster = "
+apiVersion: v1
+kind: Namespace
+metadata: {name: nx, labels: {pci: 'yes'}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: ny}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: p, namespace: nx}
+status: {phase: Running, podIPs: [{ip: 10.9.0.5}, {ip: '2001:db8::5'}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: q, namespace: ny}
+status: {phase: Running, podIPs: [{ip: 10.9.0.5}, {ip: '2001:db8::5'}]}
+";
+    let snap = load_str(&format!("{cluster}\n---\n{rules}"), "t.yaml");
+    let config = CesConfig::from_yaml(OVERLAP_CONF, "c").unwrap();
+    let model = compile(&snap, &config, DEFAULT_CES_NAMESPACE);
+    assert!(model.errors().next().is_none(), "{:#?}", model.diagnostics);
+    World { model }
+}
+
+#[test]
+fn a_namespace_selector_never_reaches_a_pod_of_another_tenant_with_the_same_ip() {
+    // Issue 2: the cluster rule selecting nx's pods also rejected ny's pod, which has the same address in another
+    // route domain.
+    let rules = es("kube-system", "x", "{addresses: [1.1.1.1, '2001:db8:ff::1']}")
+        + &cgr("pci", "{action: reject, externalServices: [x], namespaceSelector: {matchLabels: {pci: 'yes'}}}");
+    let w = overlap_world(&rules);
+    for (src, dst) in [("10.9.0.5", "1.1.1.1:443/tcp"), ("2001:db8::5", "[2001:db8:ff::1]:443/tcp")] {
+        assert_eq!(w.says_in("t1", src, dst), "reject by ClusterEgressRule/pci");
+        assert_eq!(w.says_in("t2", src, dst), "drop by Tenant/t2", "{src} in t2 is pod ny/q, not nx/p");
+    }
+    // Without a tenant, the address is ambiguous: the evaluator names both tenants rather than guess.
+    let e = Evaluator::new(&w.model).tenant_of("10.9.0.5".parse().unwrap()).unwrap_err();
+    assert_eq!(e, EvalError::AmbiguousSource("10.9.0.5".parse().unwrap(), vec!["t1".into(), "t2".into()]));
+    assert!(e.to_string().contains("--tenant"), "{e}");
+}
+
+#[test]
+fn a_cluster_rule_without_selector_matches_every_tenant() {
+    let rules = es("kube-system", "x", "{addresses: [1.1.1.1]}") + &cgr("all", "{action: drop, externalServices: [x]}");
+    let w = overlap_world(&rules);
+    for t in ["t1", "t2", "Common"] {
+        assert_eq!(w.says_in(t, "10.9.0.5", "1.1.1.1:443/tcp"), "drop by ClusterEgressRule/all");
+    }
+}
+
+#[test]
+fn a_non_pod_endpoint_is_in_its_services_tenant() {
+    // A VM behind a selector-less Service of namespace ny: its address is no pod's, so it enters in ny's tenant and
+    // ny's service rule decides it. Issue 2 put it in Common, where the rule never applied.
+    let rules = es("ny", "x", "{addresses: [1.1.1.1]}")
+        + "---\napiVersion: v1\nkind: Service\nmetadata: {name: vm, namespace: ny}\n"
+        + "---\napiVersion: v1\nkind: Endpoints\nmetadata: {name: vm, namespace: ny}\nsubsets: [{addresses: [{ip: 172.20.0.9}]}]\n"
+        + &svcgr("ny", "vm", "{action: accept, service: vm, externalServices: [x]}");
+    let w = overlap_world(&rules);
+    assert_eq!(w.decide("172.20.0.9", "1.1.1.1:443/tcp").tenant, "t2");
+    assert_eq!(w.says("172.20.0.9", "1.1.1.1:443/tcp"), "accept by ServiceEgressRule/ny/vm");
+    assert_eq!(w.says_in("t1", "172.20.0.9", "1.1.1.1:443/tcp"), "drop by Tenant/t1");
 }
 
 // ---- contexts and actions ----
@@ -282,14 +401,16 @@ fn a_service_rule_matches_only_endpoints_of_its_service() {
 }
 
 #[test]
-fn the_service_context_is_the_source_tenants() {
-    // A service rule of tenant t2 is not consulted for a Common source, even one listed as its endpoint.
+fn the_service_context_is_the_flow_tenants() {
+    // Service c/job (tenant t2) lists 10.2.0.10, which is pod b/api in Common but no pod in t2. Entering in t2 it
+    // is an endpoint of c/job; entering in Common it is b's pod, and t2's rule is never consulted.
     let rules = x_everywhere()
         + "---\napiVersion: v1\nkind: Endpoints\nmetadata: {name: job, namespace: c}\nsubsets: [{addresses: [{ip: 10.3.0.10}, {ip: 10.2.0.10}]}]\n"
         + &svcgr("c", "s", "{action: accept, service: job, externalServices: [x]}");
     let w = World::new(&rules);
     assert_eq!(w.says("10.3.0.10", "1.1.1.1:443/tcp"), "accept by ServiceEgressRule/c/s");
-    assert_eq!(w.says("10.2.0.10", "1.1.1.1:443/tcp"), "drop by Tenant/Common");
+    assert_eq!(w.says_in("t2", "10.2.0.10", "1.1.1.1:443/tcp"), "accept by ServiceEgressRule/c/s");
+    assert_eq!(w.says_in("Common", "10.2.0.10", "1.1.1.1:443/tcp"), "drop by Tenant/Common");
 }
 
 // ---- ordering ----
@@ -352,11 +473,13 @@ fn destinations_ip_cidr_range_host_and_wildcard() {
         "evilcorp.example:1/tcp",
         "[2001:db9::1]:53/udp",
     ];
+    // A source of the destination's family (an IPv4 source never reaches an IPv6 destination).
+    let from = |to: &str| if to.starts_with('[') { "fd00::10" } else { "10.1.0.10" };
     for to in yes {
-        assert_eq!(w.decide("10.1.0.10", to).verdict, Verdict::Reject, "{to} should match");
+        assert_eq!(w.decide(from(to), to).verdict, Verdict::Reject, "{to} should match");
     }
     for to in no {
-        assert_eq!(w.decide("10.1.0.10", to).decided_by.context, Context::Default, "{to} should not match");
+        assert_eq!(w.decide(from(to), to).decided_by.context, Context::Default, "{to} should not match");
     }
 }
 
@@ -434,9 +557,14 @@ fn target_parsing() {
         ("1.2.3.4:443", "expected HOST:PORT/tcp"),
         ("1.2.3.4:443/sctp", "protocol `sctp`"),
         ("1.2.3.4/tcp", "needs a port"),
-        ("1.2.3.4:99999/tcp", "not in 1-65535"),
+        ("1.2.3.4:99999/tcp", "not a number in 1-65535"),
+        ("1.2.3.4:+80/tcp", "port `+80` is not a number"),
         ("::1:53/udp", "[ADDRESS]:PORT"),
         ("bad_host:1/tcp", "not a valid host name"),
+        ("api.example.com:443/icmp", "ICMP has no port; write HOST/icmp"),
+        ("[::1]:443/icmp", "ICMP has no port"),
+        ("10.0.0.0/8:443/tcp", "not a network (`10.0.0.0/8`)"),
+        ("10.0.0.0/8/icmp", "not a network"),
     ] {
         let e = parse_target(bad).unwrap_err();
         assert!(e.contains(want), "{bad}: {e}");
@@ -525,9 +653,10 @@ proptest! {
         let sources = ["10.1.0.10", "10.1.0.20", "10.2.0.10", "10.3.0.10", "10.1.99.1", "192.0.2.1"];
         for (src, dst, proto, port) in flows {
             let protocol = [Protocol::Tcp, Protocol::Udp, Protocol::Icmp][proto as usize];
+            let source: IpAddr = sources[src].parse().unwrap();
             let flow = Flow {
-                source: sources[src].parse().unwrap(),
-                tenant: None,
+                source,
+                tenant: ev.tenant_of(source).unwrap().to_string(),
                 destination: Destination::Ip(format!("1.1.1.{dst}").parse().unwrap()),
                 protocol,
                 port: (protocol != Protocol::Icmp).then_some(port),

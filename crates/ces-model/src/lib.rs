@@ -10,5 +10,5 @@ pub mod schedule;
 
 pub use address::{AddressEntry, Destination};
 pub use model::*;
-pub use ports::{Bandwidth, PortRange, Protocol, parse_port_list};
+pub use ports::{Bandwidth, PortRange, Protocol, parse_decimal, parse_port_list};
 pub use schedule::{Schedule, TimeOfDay, Window};

@@ -1,13 +1,20 @@
 //! The intermediate policy model: what the compiler produces and every backend and the evaluator consume.
 //!
 //! It is plain, ordered data: rules already sorted in evaluation order, references already resolved, every value
-//! already validated. Source addresses are kept in named sets (one per namespace, pod selector, Service, tenant) so
-//! that a set shared by many rules is stored once, as the data planes store it (AS3 address lists, nft sets).
+//! already validated. It is the interface between the compiler and every backend (docs/model.md): a backend renders
+//! from the model alone and never parses a name to learn a fact.
+//!
+//! - Source addresses are kept in named sets (one per namespace, pod selector, Service, tenant). Each set belongs to
+//!   exactly one tenant and carries that tenant's route domain; a set matches only flows of its tenant. A set shared
+//!   by many rules is stored once, as the data planes store it (AS3 address lists, nft sets).
+//! - Each ExternalService is one named destination set; rules refer to it by id.
+//! - `settings` and each tenant's `backend` carry what the data planes need from `ces-conf.yaml`.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 
-use ces_api::{Action, Mode, ResourceStatus, failed_status, succeeded_status};
+use ces_api::{Action, Mode, ResourceStatus, accepted_status, rejected_status};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -18,8 +25,8 @@ use crate::schedule::Schedule;
 /// The tenant of unmapped namespaces, unknown sources and cluster rules.
 pub const COMMON_TENANT: &str = "Common";
 
-/// Bumped when the JSON shape changes incompatibly.
-pub const MODEL_VERSION: u32 = 1;
+/// Bumped when the JSON shape changes incompatibly. 2: tenant-qualified sets, destination sets, settings, identity.
+pub const MODEL_VERSION: u32 = 2;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -27,28 +34,114 @@ pub struct PolicyModel {
     pub version: u32,
     /// Where ClusterEgressRules find their ExternalServices.
     pub ces_namespace: String,
-    /// Named source address sets, referenced by rules and tenants.
+    /// What the backends need from `ces-conf.yaml`, beyond the per-tenant settings.
+    pub settings: Settings,
+    /// Named source address sets, referenced by rules, NAT rules and tenants. Each belongs to one tenant.
     pub address_sets: BTreeMap<String, AddressSet>,
+    /// Every valid ExternalService, by id `namespace/name`, referenced by rules.
+    pub destination_sets: BTreeMap<String, DestinationSet>,
     /// The cluster context (AFM global context), in evaluation order.
     pub cluster_rules: Vec<Rule>,
     /// One entry per tenant, sorted by name.
     pub tenants: Vec<TenantPolicy>,
-    /// One entry per problem, each naming its object; the objects are left out of the model.
+    /// One entry per problem, each naming its object. Objects with an error are left out of the model; warnings
+    /// leave them in.
     pub diagnostics: Vec<Diagnostic>,
 }
 
-/// A set of source addresses: pod IPs as /32 or /128, and namespace CIDRs. Sorted and without duplicates.
+/// Settings of `ces-conf.yaml` that are not per tenant, parsed and validated.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Settings {
+    /// Prefix of per-rule AS3 objects.
+    pub cluster_name: String,
+    /// Prefix of shared AS3 objects (policies, pools, virtual server, log objects).
+    pub master_cluster: String,
+    /// AS3 `schemaVersion`.
+    pub schema_version: String,
+    /// `isSupportRouteDomain`: tenants are partitions with their own route domains.
+    pub route_domains: bool,
+    /// `cniType`.
+    pub cni_type: String,
+    /// iRule names that bandwidth entries may name (they live in `/Common`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub i_rules: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_pool: Option<LogPoolSettings>,
+    /// `externalIPAddresses`: addresses of the default SNAT translation (0.6.x).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snat_addresses: Vec<AddressEntry>,
+}
+
+/// `logPool`, parsed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LogPoolSettings {
+    pub logging_enabled: bool,
+    pub enable_remote_log: bool,
+    pub health_monitor: String,
+    /// Log servers; the port defaults to 514.
+    pub servers: Vec<SocketAddr>,
+    /// The AS3 log objects, by name, as written (the `k8s` substitution is the AS3 backend's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// A set of source addresses of one tenant: pod IPs as /32 or /128, subnet CIDRs, non-pod endpoint addresses.
+/// Sorted and without duplicates.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct AddressSet {
+    /// The tenant whose flows this set can match.
+    pub tenant: String,
+    /// That tenant's route domain id (0 for `Common` or without route domains).
+    pub route_domain: u16,
     pub addresses: Vec<IpNet>,
 }
 
 impl AddressSet {
-    pub fn from_unsorted(mut addresses: Vec<IpNet>) -> AddressSet {
+    pub fn new(tenant: &TenantRef, mut addresses: Vec<IpNet>) -> AddressSet {
         addresses.sort_unstable();
         addresses.dedup();
-        AddressSet { addresses }
+        AddressSet { tenant: tenant.name.clone(), route_domain: tenant.route_domain, addresses }
     }
+}
+
+/// A tenant and its route domain id, as sets carry them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TenantRef {
+    pub name: String,
+    pub route_domain: u16,
+}
+
+/// One ExternalService: where traffic may go.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DestinationSet {
+    pub namespace: String,
+    pub name: String,
+    #[serde(flatten)]
+    pub identity: Identity,
+    pub addresses: Vec<AddressEntry>,
+    /// In the order listed. Empty means any protocol and any port.
+    pub ports: Vec<PortMatch>,
+}
+
+impl DestinationSet {
+    /// `namespace/name`, the key of `PolicyModel::destination_sets`.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// What identifies the Kubernetes object a model entry came from, for writing its status.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Identity {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -60,8 +153,11 @@ pub struct TenantPolicy {
     pub default_action: Verdict,
     /// Namespaces of this tenant: those the config lists and those seen in the cluster that map here.
     pub namespaces: Vec<String>,
-    /// Name of the address set of this tenant's pod IPs.
+    /// Name of the address set of every source address of this tenant: its pods, its namespaces' own subnets,
+    /// and the non-pod endpoints of its Services.
     pub members: String,
+    /// What the data planes need for this tenant from `ces-conf.yaml`.
+    pub backend: TenantBackend,
     /// The namespace context (AFM route-domain context), in evaluation order.
     pub namespace_rules: Vec<Rule>,
     /// The service context (AFM virtual-server context), in evaluation order.
@@ -69,6 +165,47 @@ pub struct TenantPolicy {
     /// Source NAT rules (ExternalIPRule), in priority order. Not part of the allow/deny decision.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nat_rules: Vec<NatRule>,
+}
+
+impl TenantPolicy {
+    pub fn tenant_ref(&self) -> TenantRef {
+        TenantRef { name: self.name.clone(), route_domain: self.route_domain.id }
+    }
+}
+
+/// Per-tenant backend settings: the egress gateway pool and the outbound virtual server.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TenantBackend {
+    /// `gwPool.serverAddresses`: the egress next hops.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateway_pool: Vec<IpAddr>,
+    pub virtual_server: VirtualServerSettings,
+}
+
+/// `virtualService`, with the original's defaults filled in.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualServerSettings {
+    /// A full AS3 `Service_L4` body, as written (substitutions are the AS3 backend's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Default `0.0.0.0`.
+    pub virtual_address: IpAddr,
+    /// `enable`, `disable` (default) or `selective`.
+    pub icmp_echo: String,
+    pub arp_enabled: bool,
+}
+
+impl Default for VirtualServerSettings {
+    fn default() -> Self {
+        VirtualServerSettings {
+            template: None,
+            virtual_address: IpAddr::from([0, 0, 0, 0]),
+            icmp_echo: "disable".into(),
+            arp_enabled: false,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +244,8 @@ pub struct Rule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     pub name: String,
+    #[serde(flatten)]
+    pub identity: Identity,
     pub priority: i32,
     pub action: Action,
     pub mode: Mode,
@@ -114,29 +253,20 @@ pub struct Rule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<Schedule>,
     pub sources: Sources,
-    /// One entry per referenced ExternalService, in the order the rule lists them.
-    pub destinations: Vec<DestinationMatch>,
+    /// Ids of the referenced destination sets (`namespace/name` of ExternalServices), in the order the rule lists
+    /// them.
+    pub destinations: Vec<String>,
 }
 
 /// Which sources a rule applies to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Sources {
-    /// Every source (a cluster rule without a namespace selector).
+    /// Every source of every tenant (a cluster rule without a namespace selector).
     Any,
-    /// Any address in any of these named sets.
+    /// Any address in any of these named sets, for flows of the set's tenant. May be empty (a selector that
+    /// matches nothing yet): the rule then matches no flow.
     Sets(Vec<String>),
-}
-
-/// The destinations of one ExternalService.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DestinationMatch {
-    /// `namespace/name` of the ExternalService.
-    pub external_service: String,
-    pub addresses: Vec<AddressEntry>,
-    /// In the order listed. Empty means any protocol and any port.
-    pub ports: Vec<PortMatch>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,6 +288,8 @@ pub struct NatRule {
     pub id: String,
     pub namespace: String,
     pub name: String,
+    #[serde(flatten)]
+    pub identity: Identity,
     pub priority: u32,
     pub external_addresses: Vec<AddressEntry>,
     /// One set per Service, in the order listed.
@@ -234,13 +366,25 @@ impl fmt::Display for ObjectRef {
     }
 }
 
+/// An error leaves its object out of the model (the user must fix it); a warning leaves it in and says what CES
+/// did not use, or that the object has no effect yet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    #[default]
+    Error,
+    Warning,
+}
+
 /// One problem with one object (or, for unparseable input, one file).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Diagnostic {
+    #[serde(default)]
+    pub severity: Severity,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub object: Option<ObjectRef>,
-    /// Where the object came from, such as `manifests/a.yaml#3` (third document).
+    /// Where the object came from, such as `manifests/a.yaml:3` (the line its document starts on).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<String>,
     /// A CamelCase reason code, used as the condition reason in the object's status.
@@ -248,10 +392,19 @@ pub struct Diagnostic {
     pub message: String,
 }
 
+impl Diagnostic {
+    pub fn is_error(&self) -> bool {
+        self.severity == Severity::Error
+    }
+}
+
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(o) = &self.origin {
             write!(f, "{o}: ")?;
+        }
+        if self.severity == Severity::Warning {
+            write!(f, "warning: ")?;
         }
         if let Some(obj) = &self.object {
             write!(f, "{obj}: ")?;
@@ -274,19 +427,21 @@ impl PolicyModel {
         self.tenants.iter().find(|t| t.name == name)
     }
 
-    /// The status CES writes on an object: `Failed` with the first problem's reason, else `Success`.
+    /// The diagnostics that left an object out.
+    pub fn errors(&self) -> impl Iterator<Item = &Diagnostic> {
+        self.diagnostics.iter().filter(|d| d.is_error())
+    }
+
+    /// The status CES writes on an object: `Failed` with the first error's reason; else `Success`, with the first
+    /// warning's reason when there is one (the object is applied, and says what it lacks).
     pub fn status_of(&self, object: &ObjectRef, generation: Option<i64>) -> ResourceStatus {
-        let mut problems = self.diagnostics.iter().filter(|d| d.object.as_ref() == Some(object));
-        match problems.next() {
-            None => succeeded_status(generation, "compiled into the policy model"),
-            Some(first) => {
-                let mut message = first.message.clone();
-                for more in problems {
-                    message.push_str("; ");
-                    message.push_str(&more.message);
-                }
-                failed_status(generation, &first.reason, &message)
-            }
+        let mine: Vec<&Diagnostic> = self.diagnostics.iter().filter(|d| d.object.as_ref() == Some(object)).collect();
+        let errors: Vec<&Diagnostic> = mine.iter().copied().filter(|d| d.is_error()).collect();
+        let join = |ds: &[&Diagnostic]| ds.iter().map(|d| d.message.as_str()).collect::<Vec<_>>().join("; ");
+        match (errors.first(), mine.first()) {
+            (Some(first), _) => rejected_status(generation, &first.reason, &join(&errors)),
+            (None, Some(warning)) => accepted_status(generation, &warning.reason, &join(&mine)),
+            (None, None) => accepted_status(generation, "Accepted", "compiled into the policy model"),
         }
     }
 }

@@ -67,8 +67,17 @@ impl fmt::Display for PortRange {
     }
 }
 
+/// Parses a decimal number of ASCII digits only, as the CRD patterns allow: no sign, no spaces, no `_`.
+/// (Rust's `str::parse` accepts a leading `+`.)
+pub fn parse_decimal<T: FromStr>(s: &str) -> Option<T> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
 fn parse_port(s: &str, whole: &str) -> Result<u16, String> {
-    let n: u64 = s.trim().parse().map_err(|_| format!("port list `{whole}`: `{s}` is not a port number"))?;
+    let n: u64 = parse_decimal(s.trim()).ok_or_else(|| format!("port list `{whole}`: `{s}` is not a port number"))?;
     if n == 0 || n > 65535 {
         return Err(format!("port list `{whole}`: port {n} is out of range 1-65535"));
     }
@@ -189,6 +198,9 @@ mod tests {
             ("80,,81", "empty item"),
             ("http", "not a port number"),
             ("", "empty port list"),
+            // The CRD pattern allows digits only; `str::parse` would take a sign.
+            ("+443", "not a port number"),
+            ("80-+90", "not a port number"),
         ] {
             let e = parse_port_list(bad).unwrap_err();
             assert!(e.contains(want), "{bad}: {e}");

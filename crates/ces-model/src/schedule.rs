@@ -8,6 +8,8 @@
 use std::fmt;
 
 use ces_api::Weekday;
+
+use crate::ports::parse_decimal;
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -23,7 +25,7 @@ impl TimeOfDay {
         if h.len() != 2 || m.len() != 2 {
             return Err(bad());
         }
-        let (h, m): (u16, u16) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+        let (h, m): (u16, u16) = (parse_decimal(h).ok_or_else(bad)?, parse_decimal(m).ok_or_else(bad)?);
         if m > 59 || h > 24 || (h == 24 && (m != 0 || !allow_24)) {
             return Err(bad());
         }
@@ -169,6 +171,15 @@ mod tests {
 
     fn at(s: &str) -> Timestamp {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn times_are_two_digits_each_as_the_crd_pattern_says() {
+        assert_eq!(TimeOfDay::parse("09:30", false), Ok(TimeOfDay(570)));
+        assert_eq!(TimeOfDay::parse("24:00", true), Ok(TimeOfDay(1440)));
+        for bad in ["+9:00", "09:+5", "9:00", "24:00", "23:60", " 9:00"] {
+            assert!(TimeOfDay::parse(bad, false).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

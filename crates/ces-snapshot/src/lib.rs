@@ -12,10 +12,11 @@ use std::net::IpAddr;
 use ces_api::{
     ClusterEgressRuleSpec, ExternalIPRuleSpec, ExternalServiceSpec, NamespaceEgressRuleSpec, ServiceEgressRuleSpec,
 };
-use ces_model::{Diagnostic, ObjectRef};
+use ces_model::{Diagnostic, ObjectRef, Severity};
 use ipnet::IpNet;
 
-/// The kube-ovn annotation holding a namespace's subnet CIDR(s), comma-separated.
+/// The kube-ovn annotation holding a namespace's subnet CIDR(s), separated by `,` (dual stack) or `;` (several
+/// subnets, current kube-ovn).
 pub const OVN_CIDR_ANNOTATION: &str = "ovn.kubernetes.io/cidr";
 
 pub type Labels = BTreeMap<String, String>;
@@ -30,6 +31,15 @@ pub struct Namespace {
     pub cidrs: Vec<IpNet>,
 }
 
+/// One ready endpoint address of a Service.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    /// The pod the endpoint says it is (`targetRef` of kind Pod), as `(namespace, name)`. Claimed by whoever wrote
+    /// the Endpoints object, so the compiler checks it.
+    pub pod: Option<Key>,
+}
+
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Pod {
     pub namespace: String,
@@ -39,6 +49,8 @@ pub struct Pod {
     pub ips: Vec<IpAddr>,
     /// The `Ready` condition is `True` (or, with no conditions reported, the pod is `Running`).
     pub ready: bool,
+    /// `spec.hostNetwork`: the pod has its node's address, so it is never a CES source.
+    pub host_network: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -54,6 +66,7 @@ pub struct Service {
 pub struct Object<S> {
     pub namespace: Option<String>,
     pub name: String,
+    pub uid: Option<String>,
     pub generation: Option<i64>,
     pub origin: Option<String>,
     pub spec: S,
@@ -65,9 +78,9 @@ pub struct Snapshot {
     /// Sorted by namespace, then name.
     pub pods: Vec<Pod>,
     pub services: BTreeMap<Key, Service>,
-    /// Ready endpoint addresses per Service, from Endpoints and EndpointSlices together. A Service with endpoint
+    /// Ready endpoints per Service, from Endpoints and EndpointSlices together, sorted. A Service with endpoint
     /// objects that list no ready address has an empty entry; a Service with no endpoint object has none.
-    pub endpoints: BTreeMap<Key, Vec<IpAddr>>,
+    pub endpoints: BTreeMap<Key, Vec<Endpoint>>,
     pub external_services: BTreeMap<Key, Object<ExternalServiceSpec>>,
     pub cluster_rules: BTreeMap<String, Object<ClusterEgressRuleSpec>>,
     pub namespace_rules: BTreeMap<Key, Object<NamespaceEgressRuleSpec>>,
@@ -118,7 +131,7 @@ fn duplicate(object: ObjectRef, origin: Option<String>, first: Option<&String>) 
         Some(f) => format!("defined more than once; the first definition, at {f}, is kept"),
         None => "defined more than once; the first definition is kept".to_string(),
     };
-    Diagnostic { object: Some(object), origin, reason: "DuplicateName".into(), message }
+    Diagnostic { severity: Severity::Error, object: Some(object), origin, reason: "DuplicateName".into(), message }
 }
 
 macro_rules! add_object {
@@ -174,8 +187,8 @@ impl SnapshotBuilder {
         self.snap.services.insert(key, svc);
     }
 
-    /// Adds ready endpoint addresses of a Service (from an Endpoints object or one EndpointSlice).
-    pub fn add_endpoints(&mut self, namespace: &str, service: &str, ready: impl IntoIterator<Item = IpAddr>) {
+    /// Adds ready endpoints of a Service (from an Endpoints object or one EndpointSlice).
+    pub fn add_endpoints(&mut self, namespace: &str, service: &str, ready: impl IntoIterator<Item = Endpoint>) {
         self.snap.endpoints.entry((namespace.to_string(), service.to_string())).or_default().extend(ready);
     }
 
@@ -235,6 +248,7 @@ mod tests {
         let obj = |origin: &str| Object {
             namespace: Some("ns".into()),
             name: "e".into(),
+            uid: None,
             generation: None,
             origin: Some(origin.into()),
             spec: ExternalServiceSpec { addresses: vec![origin.into()], ports: vec![] },

@@ -8,14 +8,14 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use ces_api::{ClusterEgressRule, ExternalIPRule, ExternalService, NamespaceEgressRule, ServiceEgressRule};
-use ces_model::{Diagnostic, ObjectRef};
+use ces_model::{Diagnostic, ObjectRef, Severity};
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
 use kube::core::ObjectMeta;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::{Namespace, OVN_CIDR_ANNOTATION, Object, Pod, Service, Snapshot, SnapshotBuilder};
+use crate::{Endpoint, Namespace, OVN_CIDR_ANNOTATION, Object, Pod, Service, Snapshot, SnapshotBuilder};
 
 /// Files larger than this are refused rather than read into memory.
 pub const MAX_FILE_BYTES: u64 = 256 * 1024 * 1024;
@@ -42,6 +42,9 @@ pub struct LoadStats {
     pub documents: usize,
     /// Documents of kinds CES does not read.
     pub skipped: usize,
+    /// Where `ces-conf.yaml` documents were found among the manifests (`file:line`). They are not manifests and are
+    /// not loaded as such; a config is given on its own (`--config`).
+    pub configs: Vec<String>,
 }
 
 /// Loads every `.yaml`, `.yml` and `.json` file under the given files and folders (folders recursively, in name
@@ -99,28 +102,51 @@ fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
     Ok(())
 }
 
-/// Splits a YAML stream at `---` lines. Returns each document with the 0-based line it starts on.
-fn split_documents(text: &str) -> Vec<(usize, String)> {
+/// Splits a YAML stream at `---` lines, in one pass. Returns each document's text with the 0-based line it starts
+/// on. A document is a slice of the input, except when content follows `--- ` on the marker line.
+fn split_documents(text: &str) -> Vec<(usize, std::borrow::Cow<'_, str>)> {
+    use std::borrow::Cow;
     let mut docs = Vec::new();
-    let mut current = String::new();
-    let mut start = 0;
-    for (i, line) in text.lines().enumerate() {
-        let marker = line.starts_with("---") && line[3..].chars().next().is_none_or(char::is_whitespace);
-        if marker || line == "..." {
-            docs.push((start, std::mem::take(&mut current)));
-            start = i + 1;
-            // Content after `--- ` on the marker line belongs to the new document.
-            if marker && line.len() > 3 {
-                current.push_str(&line[3..]);
-            }
-            current.push('\n');
-            continue;
-        }
-        current.push_str(line);
-        current.push('\n');
+    // The current document: its first line, where its text starts, and text put before it on its marker line.
+    let (mut start_line, mut start_byte, mut head): (usize, usize, Option<&str>) = (0, 0, None);
+    let mut offset = 0;
+    fn close<'t>(docs: &mut Vec<(usize, Cow<'t, str>)>, line: usize, body: &'t str, head: Option<&str>) {
+        docs.push((
+            line,
+            match head {
+                None => Cow::Borrowed(body),
+                Some(h) => Cow::Owned(format!("{h}\n{body}")),
+            },
+        ));
     }
-    docs.push((start, current));
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        let marker = bare.starts_with("---") && bare[3..].chars().next().is_none_or(char::is_whitespace);
+        if marker || bare == "..." {
+            close(&mut docs, start_line, &text[start_byte..offset], head);
+            // Content after `--- ` on the marker line belongs to the new document.
+            head = (marker && bare.len() > 3).then(|| &bare[3..]);
+            start_line = if head.is_some() { i } else { i + 1 };
+            start_byte = offset + line.len();
+        }
+        offset += line.len();
+    }
+    close(&mut docs, start_line, &text[start_byte..], head);
     docs
+}
+
+/// Parse options for one document of `len` bytes. The node and event budgets grow with the text: a document without
+/// aliases has at most about one node per byte, so real inputs (a `kubectl get -o yaml` List of thousands of pods)
+/// always fit, while aliases that expand far beyond the text (an "alias bomb") are still refused.
+fn parse_options(len: usize) -> serde_saphyr::Options {
+    let defaults = serde_saphyr::Budget::default();
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_nodes: defaults.max_nodes.max(len + 64),
+            max_events: defaults.max_events.max(2 * len + 128),
+            max_total_scalar_bytes: defaults.max_total_scalar_bytes.max(len),
+        },
+    }
 }
 
 fn load_text(b: &mut SnapshotBuilder, text: &str, file: &str, stats: &mut LoadStats) {
@@ -129,22 +155,42 @@ fn load_text(b: &mut SnapshotBuilder, text: &str, file: &str, stats: &mut LoadSt
             continue;
         }
         let origin = format!("{file}:{}", start + 1);
-        // Pad with blank lines so the parser's line numbers are the file's.
-        let padded = format!("{}{}", "\n".repeat(start), doc);
-        match serde_saphyr::from_str::<Value>(&padded) {
+        match serde_saphyr::from_str_with_options::<Value>(&doc, parse_options(doc.len())) {
             Ok(Value::Null) => {}
+            Ok(value) if is_config(&value) => stats.configs.push(origin),
             Ok(value) => {
                 stats.documents += 1;
                 load_value(b, value, &origin, stats);
             }
             Err(e) => b.diagnostic(Diagnostic {
+                severity: Severity::Error,
                 object: None,
                 origin: Some(origin),
                 reason: "InvalidYAML".into(),
-                message: first_line(&e.to_string()),
+                message: yaml_error_message(&e, start),
             }),
         }
     }
+}
+
+/// A parse error in the file's terms: its own line numbers, and a budget breach said plainly.
+fn yaml_error_message(e: &serde_saphyr::Error, start: usize) -> String {
+    let options = serde_saphyr::render_options! { line_offset: start as u64, snippets: serde_saphyr::SnippetMode::Off };
+    let message = first_line(&e.render_with_options(options));
+    if message.contains("budget") {
+        format!(
+            "the document expands to far more YAML nodes than its text holds (aliases that multiply, an \"alias bomb\"?); refused ({message})"
+        )
+    } else {
+        message
+    }
+}
+
+/// A `ces-conf.yaml` that sits among the manifests: no apiVersion or kind, and the config's own keys.
+fn is_config(v: &Value) -> bool {
+    v.get("apiVersion").is_none()
+        && v.get("kind").is_none()
+        && (v.get("clusterName").is_some() || v.get("tenant").is_some())
 }
 
 fn first_line(s: &str) -> String {
@@ -157,6 +203,7 @@ fn str_field<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
 
 fn load_value(b: &mut SnapshotBuilder, value: Value, origin: &str, stats: &mut LoadStats) {
     let bad = |reason: &str, message: String| Diagnostic {
+        severity: Severity::Error,
         object: None,
         origin: Some(origin.to_string()),
         reason: reason.into(),
@@ -264,23 +311,29 @@ fn load_value(b: &mut SnapshotBuilder, value: Value, origin: &str, stats: &mut L
         }
         ("v1", "Endpoints") => {
             if let Some(o) = typed!(core::Endpoints, "Endpoints", false) {
+                let ns = ns_of(&o.metadata);
                 let ready = o.subsets.unwrap_or_default().into_iter().flat_map(|s| s.addresses.unwrap_or_default());
-                let ips = parse_ips(b, ready.map(|a| a.ip), origin, &object_ref("Endpoints"));
-                b.add_endpoints(&ns_of(&o.metadata), o.metadata.name.as_deref().unwrap_or_default(), ips);
+                let raw = ready.map(|a| (a.ip, target_pod(a.target_ref.as_ref(), &ns)));
+                let eps = parse_endpoints(b, raw, origin, &object_ref("Endpoints"));
+                b.add_endpoints(&ns, o.metadata.name.as_deref().unwrap_or_default(), eps);
             }
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             if let Some(o) = typed!(discovery::EndpointSlice, "EndpointSlice", false) {
                 let service = o.metadata.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name")).cloned();
                 if let Some(service) = service {
+                    let ns = ns_of(&o.metadata);
                     // An endpoint whose ready condition is unknown (absent) counts as ready, as kube-proxy does.
                     let ready = o
                         .endpoints
                         .into_iter()
                         .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
-                        .flat_map(|e| e.addresses);
-                    let ips = parse_ips(b, ready, origin, &object_ref("EndpointSlice"));
-                    b.add_endpoints(&ns_of(&o.metadata), &service, ips);
+                        .flat_map(|e| {
+                            let pod = target_pod(e.target_ref.as_ref(), &ns);
+                            e.addresses.into_iter().map(move |a| (a, pod.clone()))
+                        });
+                    let eps = parse_endpoints(b, ready, origin, &object_ref("EndpointSlice"));
+                    b.add_endpoints(&ns, &service, eps);
                 }
             }
         }
@@ -297,6 +350,7 @@ fn parse<T: DeserializeOwned>(value: Value, origin: &str, obj: &ObjectRef) -> Re
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
         Box::new(Diagnostic {
+            severity: Severity::Error,
             object: Some(obj.clone()),
             origin: Some(origin.to_string()),
             reason: "InvalidSpec".into(),
@@ -313,18 +367,31 @@ fn object<S>(meta: ObjectMeta, spec: S, origin: &str) -> Object<S> {
     Object {
         namespace: meta.namespace,
         name: meta.name.unwrap_or_default(),
+        uid: meta.uid,
         generation: meta.generation,
         origin: Some(origin.to_string()),
         spec,
     }
 }
 
-fn parse_ips(b: &mut SnapshotBuilder, raw: impl Iterator<Item = String>, origin: &str, obj: &ObjectRef) -> Vec<IpAddr> {
+/// The pod an endpoint's `targetRef` names, as `(namespace, name)`; its namespace defaults to the endpoint's.
+fn target_pod(r: Option<&core::ObjectReference>, ns: &str) -> Option<crate::Key> {
+    let r = r.filter(|r| r.kind.as_deref() == Some("Pod"))?;
+    Some((r.namespace.clone().unwrap_or_else(|| ns.to_string()), r.name.clone()?))
+}
+
+fn parse_endpoints(
+    b: &mut SnapshotBuilder,
+    raw: impl Iterator<Item = (String, Option<crate::Key>)>,
+    origin: &str,
+    obj: &ObjectRef,
+) -> Vec<Endpoint> {
     let mut out = Vec::new();
-    for s in raw {
+    for (s, pod) in raw {
         match s.parse::<IpAddr>() {
-            Ok(ip) => out.push(ip),
+            Ok(ip) => out.push(Endpoint { ip, pod }),
             Err(_) => b.diagnostic(Diagnostic {
+                severity: Severity::Warning,
                 object: Some(obj.clone()),
                 origin: Some(origin.to_string()),
                 reason: "InvalidAddress".into(),
@@ -339,10 +406,11 @@ fn add_namespace(b: &mut SnapshotBuilder, meta: ObjectMeta, origin: &str) {
     let name = meta.name.unwrap_or_default();
     let mut cidrs = Vec::new();
     if let Some(raw) = meta.annotations.as_ref().and_then(|a| a.get(OVN_CIDR_ANNOTATION)) {
-        for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        for part in raw.split([',', ';']).map(str::trim).filter(|p| !p.is_empty()) {
             match part.parse::<ipnet::IpNet>() {
                 Ok(n) => cidrs.push(n.trunc()),
                 Err(_) => b.diagnostic(Diagnostic {
+                    severity: Severity::Warning,
                     object: Some(ObjectRef::new("Namespace", None, &name)),
                     origin: Some(origin.to_string()),
                     reason: "InvalidAnnotation".into(),
@@ -377,6 +445,7 @@ fn pod(p: core::Pod) -> Pod {
         labels: p.metadata.labels.unwrap_or_default().into_iter().collect(),
         ips,
         ready: ready && !finished,
+        host_network: p.spec.and_then(|s| s.host_network).unwrap_or(false),
     }
 }
 

@@ -1,9 +1,11 @@
 //! Synthetic clusters for scale tests and benchmarks.
 //!
 //! A cluster of `pods` pods and `rules` egress rules, deterministic for a given seed. Its shape follows a large
-//! multi-team cluster: 100 pods per namespace, five Services per namespace, one namespace in four in each of three
-//! route-domain tenants, and rules split 5% cluster, 47.5% namespace, 47.5% service, with selectors, priorities,
-//! audit rules and schedules mixed in. [`Synth::snapshot`] builds the snapshot directly (for benchmarks);
+//! multi-team cluster: 100 pods per namespace, five Services per namespace (each with an EndpointSlice of its ready
+//! pods), one namespace in four in each of three route-domain tenants, and rules split 5% cluster, 47.5% namespace,
+//! 47.5% service, with selectors, priorities, audit rules and schedules mixed in. The tenants' pod networks overlap,
+//! as route domains allow: the n-th namespace of every tenant has the same subnet and pod addresses. One namespace in
+//! ten also runs a hostNetwork pod with its node's address. [`Synth::snapshot`] builds the snapshot directly (for benchmarks);
 //! [`Synth::write_yaml`] writes the same cluster as manifests and a config (for `ces synth` and the CLI).
 
 use std::collections::BTreeMap;
@@ -15,7 +17,7 @@ use ces_api::{
     NamespaceEgressRuleSpec, Schedule, ServiceEgressRuleSpec, TimeWindow, Weekday,
 };
 use ces_config::CesConfig;
-use ces_snapshot::{Namespace, Object, Pod, Service, Snapshot, SnapshotBuilder};
+use ces_snapshot::{Endpoint, Namespace, Object, Pod, Service, Snapshot, SnapshotBuilder};
 
 pub const PODS_PER_NAMESPACE: usize = 100;
 pub const SERVICES_PER_NAMESPACE: usize = 5;
@@ -45,6 +47,8 @@ pub struct Synth {
     pub namespaces: Vec<Namespace>,
     pub pods: Vec<Pod>,
     pub services: Vec<Service>,
+    /// Ready endpoints of each Service, as its EndpointSlice lists them (with `targetRef`s).
+    pub endpoints: Vec<(String, String, Vec<Endpoint>)>,
     pub external_services: Vec<Object<ExternalServiceSpec>>,
     pub cluster_rules: Vec<Object<ClusterEgressRuleSpec>>,
     pub namespace_rules: Vec<Object<NamespaceEgressRuleSpec>>,
@@ -52,7 +56,7 @@ pub struct Synth {
 }
 
 fn obj<S>(namespace: Option<&str>, name: String, spec: S) -> Object<S> {
-    Object { namespace: namespace.map(str::to_string), name, generation: Some(1), origin: None, spec }
+    Object { namespace: namespace.map(str::to_string), name, uid: None, generation: Some(1), origin: None, spec }
 }
 
 fn labels(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
@@ -72,9 +76,21 @@ fn port(name: &str, protocol: &str, port: &str) -> ExternalServicePort {
     }
 }
 
-/// The pod IP of pod `j` of namespace `i`: 10.(i/256).(i%256).(j+1).
+/// The index of namespace `i` inside its tenant: namespaces are dealt to the tenants in turn.
+pub fn index_in_tenant(i: usize) -> usize {
+    i / TENANTS.len()
+}
+
+/// The pod IP of pod `j` of namespace `i`: 10.(l/256).(l%256).(j+1), where `l` is the namespace's index in its
+/// tenant. Unique inside a tenant; the same in every tenant (overlapping pod networks).
 pub fn pod_ip(i: usize, j: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(10, (i / 256) as u8, (i % 256) as u8, (j + 1) as u8))
+    let l = index_in_tenant(i);
+    IpAddr::V4(Ipv4Addr::new(10, (l / 256) as u8, (l % 256) as u8, (j + 1) as u8))
+}
+
+/// The node address of the hostNetwork pod of namespace `i` (one namespace in ten has one).
+pub fn node_ip(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(172, 31, (i / 256) as u8, (i % 256) as u8))
 }
 
 pub fn namespace_name(i: usize) -> String {
@@ -85,11 +101,12 @@ impl Synth {
     pub fn generate(pods: usize, rules: usize, seed: u64) -> Synth {
         let mut rng = Rng::new(seed);
         let ns_count = pods.div_ceil(PODS_PER_NAMESPACE).max(1);
-        assert!(ns_count <= 65536, "at most 65536 namespaces");
+        assert!(ns_count <= 4 * 65536, "at most 262144 namespaces");
         let mut s = Synth {
             namespaces: Vec::with_capacity(ns_count),
             pods: Vec::with_capacity(pods),
             services: Vec::new(),
+            endpoints: Vec::new(),
             external_services: Vec::new(),
             cluster_rules: Vec::new(),
             namespace_rules: Vec::new(),
@@ -97,7 +114,8 @@ impl Synth {
         };
         for i in 0..ns_count {
             let name = namespace_name(i);
-            let cidr = format!("10.{}.{}.0/24", i / 256, i % 256).parse().unwrap();
+            let l = index_in_tenant(i);
+            let cidr = format!("10.{}.{}.0/24", l / 256, l % 256).parse().unwrap();
             s.namespaces.push(Namespace {
                 name: name.clone(),
                 labels: labels(&[("team", format!("team-{}", i % 10)), ("env", ["prod", "dev", "test"][i % 3].into())]),
@@ -111,6 +129,17 @@ impl Synth {
                     labels: labels(&[("app", format!("app-{}", j % SERVICES_PER_NAMESPACE))]),
                     ips: vec![pod_ip(i, j)],
                     ready: j % 17 != 0,
+                    host_network: false,
+                });
+            }
+            if i % 10 == 0 {
+                s.pods.push(Pod {
+                    namespace: name.clone(),
+                    name: "node-agent".into(),
+                    labels: labels(&[("app", "node-agent".into())]),
+                    ips: vec![node_ip(i)],
+                    ready: true,
+                    host_network: true,
                 });
             }
             for k in 0..SERVICES_PER_NAMESPACE {
@@ -119,6 +148,11 @@ impl Synth {
                     name: format!("svc-{k}"),
                     selector: Some(labels(&[("app", format!("app-{k}"))])),
                 });
+                let ready = (0..here)
+                    .filter(|j| j % SERVICES_PER_NAMESPACE == k && j % 17 != 0)
+                    .map(|j| Endpoint { ip: pod_ip(i, j), pod: Some((name.clone(), format!("pod-{j}"))) })
+                    .collect();
+                s.endpoints.push((name.clone(), format!("svc-{k}"), ready));
             }
             s.external_services.push(obj(
                 Some(&name),
@@ -249,6 +283,9 @@ impl Synth {
         for svc in &self.services {
             b.add_service(svc.clone(), None);
         }
+        for (ns, svc, eps) in &self.endpoints {
+            b.add_endpoints(ns, svc, eps.iter().cloned());
+        }
         for e in &self.external_services {
             b.add_external_service(e.clone());
         }
@@ -282,13 +319,28 @@ impl Synth {
             let ips: Vec<String> = p.ips.iter().map(|ip| format!("{{ip: \"{ip}\"}}")).collect();
             let _ = write!(
                 cluster,
-                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, labels: {}}}\nstatus: {{phase: Running, conditions: [{{type: Ready, status: \"{}\"}}], podIPs: [{}]}}\n",
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, labels: {}}}\nspec: {{hostNetwork: {}, containers: [{{name: app, image: app}}]}}\nstatus: {{phase: Running, conditions: [{{type: Ready, status: \"{}\"}}], podIPs: [{}]}}\n",
                 p.name,
                 p.namespace,
                 flow_map(&p.labels),
+                p.host_network,
                 if p.ready { "True" } else { "False" },
                 ips.join(", ")
             );
+        }
+        for (ns, svc, eps) in &self.endpoints {
+            let _ = write!(
+                cluster,
+                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {svc}-1, namespace: {ns}, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nendpoints:\n"
+            );
+            for e in eps {
+                let (pns, pname) = e.pod.as_ref().expect("synthetic endpoints are pods");
+                let _ = writeln!(
+                    cluster,
+                    "- {{addresses: [\"{}\"], conditions: {{ready: true}}, targetRef: {{kind: Pod, namespace: {pns}, name: {pname}}}}}",
+                    e.ip
+                );
+            }
         }
         for svc in &self.services {
             let sel = svc.selector.as_ref().map(flow_map).unwrap_or_else(|| "{}".into());
@@ -303,8 +355,8 @@ impl Synth {
         let mut policies = String::new();
         let mut doc = |kind: &str, o_ns: Option<&String>, name: &str, spec: String| {
             let meta = match o_ns {
-                Some(ns) => format!("{{name: {name}, namespace: {ns}}}"),
-                None => format!("{{name: {name}}}"),
+                Some(ns) => format!("{{name: {name}, namespace: {ns}, generation: 1}}"),
+                None => format!("{{name: {name}, generation: 1}}"),
             };
             let _ = write!(
                 policies,
@@ -347,7 +399,7 @@ mod tests {
     #[test]
     fn shape_and_determinism() {
         let a = Synth::generate(1_000, 200, 7);
-        assert_eq!(a.pods.len(), 1_000);
+        assert_eq!(a.pods.len(), 1_000 + 1, "and one hostNetwork pod");
         assert_eq!(a.namespaces.len(), 10);
         assert_eq!(a.cluster_rules.len() + a.namespace_rules.len() + a.service_rules.len(), 200);
         assert_eq!(a.cluster_rules.len(), 10);
@@ -357,7 +409,7 @@ mod tests {
         assert_ne!(a.namespace_rules, c.namespace_rules, "the seed matters");
         let snap = a.snapshot();
         assert!(snap.diagnostics.is_empty());
-        assert_eq!(snap.pods.len(), 1_000);
+        assert_eq!(snap.pods.len(), 1_001);
     }
 
     #[test]
@@ -372,7 +424,13 @@ mod tests {
         assert_eq!(config, s.config());
         let from_yaml = ces_compiler::compile(&loaded, &config, "kube-system");
         let direct = ces_compiler::compile(&s.snapshot(), &s.config(), "kube-system");
-        assert!(from_yaml.diagnostics.is_empty(), "{:?}", from_yaml.diagnostics);
+        assert!(from_yaml.errors().next().is_none(), "{:?}", from_yaml.diagnostics);
+        // Compared as JSON text, so that a failure prints a readable first difference rather than two whole models.
+        let (a, b) =
+            (serde_json::to_string_pretty(&from_yaml).unwrap(), serde_json::to_string_pretty(&direct).unwrap());
+        if let Some((i, (x, y))) = a.lines().zip(b.lines()).enumerate().find(|(_, (x, y))| x != y) {
+            panic!("the models differ at line {i}: `{x}` (from YAML) vs `{y}` (direct)");
+        }
         assert_eq!(from_yaml, direct);
         assert_eq!(direct.cluster_rules.len(), 6);
     }
@@ -384,5 +442,23 @@ mod tests {
         assert_eq!(c.tenant_of(&namespace_name(0)), "Common");
         assert_eq!(c.tenant_of(&namespace_name(1)), "tenant-a");
         assert_eq!(c.tenant_of(&namespace_name(7)), "tenant-c");
+    }
+
+    #[test]
+    fn pod_networks_overlap_across_tenants_and_not_inside_one() {
+        let s = Synth::generate(2_000, 10, 1);
+        let c = s.config();
+        let mut seen: BTreeMap<(String, IpAddr), String> = BTreeMap::new();
+        let mut across = 0;
+        for p in s.pods.iter().filter(|p| !p.host_network) {
+            let t = c.tenant_of(&p.namespace).to_string();
+            if let Some(other) = seen.insert((t, p.ips[0]), p.name.clone()) {
+                panic!("{} and {other} share {} inside one tenant", p.name, p.ips[0]);
+            }
+        }
+        for (t, ip) in seen.keys() {
+            across += seen.keys().filter(|(u, i)| u != t && i == ip).count();
+        }
+        assert!(across > 1000, "the tenants' pod networks should overlap: {across}");
     }
 }

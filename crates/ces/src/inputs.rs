@@ -37,7 +37,27 @@ impl Inputs {
             };
             (snap, stats, config)
         };
+        if args.config.is_none() {
+            for at in &stats.configs {
+                eprintln!(
+                    "ces: note: {at} is a ces-conf.yaml, not a manifest; it is not used unless given with --config"
+                );
+            }
+        }
         Ok(Inputs { snapshot, config, stats, ces_namespace: args.ces_namespace.clone() })
+    }
+
+    /// Like [`Inputs::load`], and refuses inputs that define an object twice: which definition counts would depend
+    /// on file order. (`validate` reports them as problems instead.)
+    pub fn load_unique(args: &InputArgs) -> Result<Inputs, Failure> {
+        let inputs = Inputs::load(args)?;
+        let dups: Vec<String> =
+            inputs.snapshot.diagnostics.iter().filter(|d| d.reason == "DuplicateName").map(|d| d.to_string()).collect();
+        if dups.is_empty() {
+            Ok(inputs)
+        } else {
+            Err(Failure::input(format!("objects defined more than once (remove one of each):\n{}", dups.join("\n"))))
+        }
     }
 
     pub fn compile(&self) -> PolicyModel {

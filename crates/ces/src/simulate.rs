@@ -22,6 +22,10 @@ pub struct SimulateArgs {
     /// Source: NAMESPACE/POD (a pod of the manifests) or an IP address.
     #[arg(long, value_name = "NAMESPACE/POD|IP", required_unless_present = "flows", conflicts_with = "flows")]
     from: Option<String>,
+    /// The tenant the flow enters the data plane in (its route domain, or the gateway's ingress interface), for an
+    /// IP source. Default: the one tenant whose pods, subnets or endpoints hold the address, else Common.
+    #[arg(long, value_name = "TENANT", conflicts_with = "flows")]
+    tenant: Option<String>,
     /// Destination: HOST:PORT/tcp, HOST:PORT/udp or HOST/icmp; HOST is an IP ([v6] with a port) or a host name.
     #[arg(long, value_name = "HOST:PORT/PROTO", required_unless_present = "flows", conflicts_with = "flows")]
     to: Option<String>,
@@ -44,6 +48,8 @@ struct FlowLine {
     to: String,
     #[serde(default)]
     at: Option<String>,
+    #[serde(default)]
+    tenant: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -72,6 +78,7 @@ struct Request {
     to: String,
     flow: Flow,
     source: Source,
+    decision: Decision,
 }
 
 fn parse_at(s: Option<&str>, default: Timestamp) -> Result<Timestamp, String> {
@@ -84,36 +91,64 @@ fn parse_at(s: Option<&str>, default: Timestamp) -> Result<Timestamp, String> {
 /// Turns `--from`/`--to` into flows, with the pods of the manifests indexed by address once.
 struct Resolver<'a> {
     inputs: &'a Inputs,
+    evaluator: &'a Evaluator<'a>,
     pods_by_ip: HashMap<IpAddr, Vec<&'a Pod>>,
 }
 
 impl<'a> Resolver<'a> {
-    fn new(inputs: &'a Inputs) -> Resolver<'a> {
+    fn new(inputs: &'a Inputs, evaluator: &'a Evaluator<'a>) -> Resolver<'a> {
         let mut pods_by_ip: HashMap<IpAddr, Vec<&Pod>> = HashMap::new();
-        for p in &inputs.snapshot.pods {
+        for p in inputs.snapshot.pods.iter().filter(|p| !p.host_network) {
             for ip in &p.ips {
                 pods_by_ip.entry(*ip).or_default().push(p);
             }
         }
-        Resolver { inputs, pods_by_ip }
+        Resolver { inputs, evaluator, pods_by_ip }
     }
 
-    /// Resolves a source: a pod by name (its tenant is its namespace's) or an address, which names its pod when
-    /// exactly one pod has it (the evaluator finds the tenant from the address either way).
-    fn resolve(&self, from: &str, to: &str, at: Timestamp) -> Result<Request, String> {
+    /// Resolves a source: a pod by name (its tenant is its namespace's), or an address in the given tenant, or else
+    /// in the tenant that holds it (docs/semantics.md §2). An address names its pod when one pod of that tenant has it.
+    fn resolve(&self, from: &str, to: &str, tenant: Option<&str>, at: Timestamp) -> Result<Request, String> {
         let inputs = self.inputs;
         let (destination, protocol, port) = parse_target(to)?;
         let (source, tenant) = if let Ok(ip) = from.parse::<IpAddr>() {
-            let (namespace, pod) = match self.pods_by_ip.get(&ip).map(Vec::as_slice) {
-                Some([p]) => (Some(p.namespace.clone()), Some(p.name.clone())),
+            let tenant = match tenant {
+                Some(t) => {
+                    self.evaluator.model().tenant(t).ok_or_else(|| {
+                        let known: Vec<&str> = self.evaluator.model().tenants.iter().map(|t| t.name.as_str()).collect();
+                        format!("--tenant: no tenant `{t}` (the tenants are {})", known.join(", "))
+                    })?;
+                    t.to_string()
+                }
+                None => self.evaluator.tenant_of(ip).map_err(|e| format!("`{from}`: {e}"))?.to_string(),
+            };
+            let mut pods = self
+                .pods_by_ip
+                .get(&ip)
+                .into_iter()
+                .flatten()
+                .filter(|p| inputs.config.tenant_of(&p.namespace) == tenant);
+            let (namespace, pod) = match (pods.next(), pods.next()) {
+                (Some(p), None) => (Some(p.namespace.clone()), Some(p.name.clone())),
                 _ => (None, None),
             };
-            (Source { ip, namespace, pod }, None)
+            (Source { ip, namespace, pod }, tenant)
+        } else if from.split_once('/').is_some_and(|(a, len)| a.parse::<IpAddr>().is_ok() && len.parse::<u8>().is_ok())
+        {
+            return Err(format!(
+                "`{from}`: a source is one address, not a network; write it without the prefix length"
+            ));
         } else if let Some((ns, name)) = from.split_once('/') {
             let pod = inputs
                 .snapshot
                 .pod(ns, name)
                 .ok_or_else(|| format!("`{from}`: no pod {name} in namespace {ns} in the manifests"))?;
+            if pod.host_network {
+                return Err(format!(
+                    "`{from}`: the pod uses the host network, so its traffic leaves with the node's address and is no \
+                     CES source; give the node's address with --from IP --tenant TENANT"
+                ));
+            }
             let want_v4 = match &destination {
                 Destination::Ip(ip) => ip.is_ipv4(),
                 Destination::Host(_) => true,
@@ -125,17 +160,18 @@ impl<'a> Resolver<'a> {
                 .or(pod.ips.first())
                 .copied()
                 .ok_or_else(|| format!("`{from}`: the pod has no IP address (not running?)"))?;
-            let tenant = inputs.config.tenant_of(ns).to_string();
-            (Source { ip, namespace: Some(ns.to_string()), pod: Some(name.to_string()) }, Some(tenant))
+            let own = inputs.config.tenant_of(ns);
+            if let Some(t) = tenant.filter(|t| *t != own) {
+                return Err(format!("`{from}`: the pod is in tenant {own}, not {t}"));
+            }
+            (Source { ip, namespace: Some(ns.to_string()), pod: Some(name.to_string()) }, own.to_string())
         } else {
             return Err(format!("`{from}` is neither NAMESPACE/POD nor an IP address"));
         };
-        Ok(Request {
-            from: from.to_string(),
-            to: to.to_string(),
-            flow: Flow { source: source.ip, tenant, destination, protocol, port, at },
-            source,
-        })
+        let flow = Flow { source: source.ip, tenant, destination, protocol, port, at };
+        // Decide now, so that a flow no data plane can see (IPv4 to IPv6) is an error of this line.
+        let decision = self.evaluator.decide(&flow).map_err(|e| format!("`{from}` -> `{to}`: {e}"))?;
+        Ok(Request { from: from.to_string(), to: to.to_string(), flow, source, decision })
     }
 }
 
@@ -149,7 +185,7 @@ fn read_flows(path: &PathBuf, resolver: &Resolver, default_at: Timestamp) -> Res
         }
         let parsed = serde_json::from_str::<FlowLine>(line).map_err(|e| e.to_string()).and_then(|f| {
             let at = parse_at(f.at.as_deref(), default_at)?;
-            resolver.resolve(&f.from, &f.to, at)
+            resolver.resolve(&f.from, &f.to, f.tenant.as_deref(), at)
         });
         match parsed {
             Ok(r) => requests.push(r),
@@ -160,28 +196,29 @@ fn read_flows(path: &PathBuf, resolver: &Resolver, default_at: Timestamp) -> Res
 }
 
 pub fn run(args: &SimulateArgs) -> Result<(), Failure> {
-    let inputs = Inputs::load(&args.inputs)?;
+    let inputs = Inputs::load_unique(&args.inputs)?;
     let model = inputs.compile();
-    if !model.diagnostics.is_empty() {
+    let errors = model.errors().count();
+    if errors > 0 {
         eprintln!(
-            "ces: warning: {} problem(s) in the manifests; the objects concerned are left out (run `ces validate`)",
-            model.diagnostics.len()
+            "ces: warning: {errors} problem(s) in the manifests; the objects concerned are left out (run `ces validate`)"
         );
     }
     let default_at = parse_at(args.at.as_deref(), Timestamp::now()).map_err(Failure::input)?;
-    let resolver = Resolver::new(&inputs);
+    let evaluator = Evaluator::new(&model);
+    let resolver = Resolver::new(&inputs, &evaluator);
     let (requests, output) = match &args.flows {
         Some(path) => (read_flows(path, &resolver, default_at)?, args.output.unwrap_or(Output::Json)),
         None => {
             let (from, to) = (args.from.as_deref().unwrap_or_default(), args.to.as_deref().unwrap_or_default());
-            (vec![resolver.resolve(from, to, default_at).map_err(Failure::input)?], args.output.unwrap_or(Output::Text))
+            let request = resolver.resolve(from, to, args.tenant.as_deref(), default_at).map_err(Failure::input)?;
+            (vec![request], args.output.unwrap_or(Output::Text))
         }
     };
-    let evaluator = Evaluator::new(&model);
     let mut out = String::new();
     for r in requests {
-        let decision = evaluator.decide(&r.flow).map_err(|e| Failure::input(format!("`{}`: {e}", r.from)))?;
-        let result = SimResult { from: r.from, to: r.to, at: r.flow.at.to_string(), source: r.source, decision };
+        let result =
+            SimResult { from: r.from, to: r.to, at: r.flow.at.to_string(), source: r.source, decision: r.decision };
         match output {
             Output::Json => {
                 out.push_str(&serde_json::to_string(&result).expect("results serialise"));
