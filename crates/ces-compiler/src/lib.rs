@@ -102,8 +102,8 @@ struct Compiler<'a> {
     tenant_refs: BTreeMap<&'a str, TenantRef>,
     /// Source pods (not finished, not hostNetwork) by address, across tenants; check the tenant before use.
     pods_by_ip: HashMap<IpAddr, Vec<&'a Pod>>,
-    /// Each namespace's subnets: `(exclusive, shared)`. A subnet is shared when another namespace of the same tenant
-    /// carries an overlapping one (kube-ovn writes the default subnet on every namespace without its own).
+    /// Each namespace's subnets, own or shared. A subnet is shared when another namespace of the same tenant carries
+    /// an overlapping one (kube-ovn writes the default subnet on every namespace without its own) or has a pod in it.
     subnets: HashMap<&'a str, Subnets>,
     service_sources: HashMap<Key, ServiceSources>,
 }
@@ -169,24 +169,48 @@ impl<'a> Compiler<'a> {
         if self.config.cni_type() != ces_config::DEFAULT_CNI_TYPE {
             return out;
         }
+        // Per tenant: every subnet with its namespace, and, by prefix length, where each subnet is.
         let mut by_tenant: BTreeMap<&str, Vec<(&'a str, IpNet)>> = BTreeMap::new();
         for n in self.snap.namespaces.values() {
             for c in &n.cidrs {
                 by_tenant.entry(self.config.tenant_of(&n.name)).or_default().push((n.name.as_str(), *c));
             }
         }
+        // Who else is in each subnet: namespaces with an overlapping subnet, and namespaces with a pod in it.
+        let mut sharers: HashMap<(&str, IpNet), BTreeSet<String>> = HashMap::new();
         for entries in by_tenant.values() {
             for (ns, net) in entries {
-                let sharers: BTreeSet<String> = entries
-                    .iter()
-                    .filter(|(other, o)| other != ns && overlaps(net, o))
-                    .map(|(other, _)| other.to_string())
-                    .collect();
+                let others = entries.iter().filter(|(other, o)| other != ns && overlaps(net, o));
+                sharers.entry((ns, *net)).or_default().extend(others.map(|(other, _)| other.to_string()));
+            }
+        }
+        let mut lookup: HashMap<(&str, u8, IpNet), Vec<(&'a str, IpNet)>> = HashMap::new();
+        let mut lengths: BTreeSet<(&str, bool, u8)> = BTreeSet::new();
+        for (tenant, entries) in &by_tenant {
+            for (ns, net) in entries {
+                lookup.entry((tenant, net.prefix_len(), net.trunc())).or_default().push((ns, *net));
+                lengths.insert((tenant, net.addr().is_ipv4(), net.prefix_len()));
+            }
+        }
+        for p in self.snap.pods.iter().filter(|p| is_source(p)) {
+            let tenant = self.config.tenant_of(&p.namespace);
+            for ip in &p.ips {
+                for &(_, _, len) in lengths.range((tenant, ip.is_ipv4(), 0)..=(tenant, ip.is_ipv4(), u8::MAX)) {
+                    let Ok(key) = IpNet::new(*ip, len).map(|n| n.trunc()) else { continue };
+                    for (ns, net) in lookup.get(&(tenant, len, key)).into_iter().flatten() {
+                        if *ns != p.namespace {
+                            sharers.entry((ns, *net)).or_default().insert(p.namespace.clone());
+                        }
+                    }
+                }
+            }
+        }
+        for entries in by_tenant.values() {
+            for (ns, net) in entries {
                 let slot: &mut Subnets = out.entry(*ns).or_default();
-                if sharers.is_empty() {
-                    slot.own.push(*net);
-                } else {
-                    slot.shared.push((*net, sharers.into_iter().collect()));
+                match sharers.remove(&(*ns, *net)).filter(|s| !s.is_empty()) {
+                    None => slot.own.push(*net),
+                    Some(others) => slot.shared.push((*net, others.into_iter().collect())),
                 }
             }
         }
@@ -434,8 +458,9 @@ impl<'a> Compiler<'a> {
                 (
                     "SharedSubnet",
                     format!(
-                        "subnet {net} of namespace {ns} (annotation {}) is also carried by namespace(s) {} of tenant {}, \
-                         such as kube-ovn's default subnet; it is not used as a source, only the namespace's pods are",
+                        "subnet {net} of namespace {ns} (annotation {}) is also used by namespace(s) {} of tenant {} \
+                         (their subnet overlaps it, as kube-ovn's default subnet does, or their pods are in it); it is \
+                         not used as a source, only the namespace's pods are",
                         ces_snapshot::OVN_CIDR_ANNOTATION,
                         others.join(", "),
                         self.config.tenant_of(ns)

@@ -329,9 +329,27 @@ fn a_subnet_that_several_namespaces_share_is_not_a_source() {
     let d = diags(&m);
     assert_eq!(d.len(), 1, "{d:#?}");
     assert_eq!((d[0].0.as_str(), d[0].1.as_str()), ("NamespaceEgressRule/a/r", "SharedSubnet"));
-    assert!(d[0].2.contains("subnet 10.16.0.0/16 of namespace a") && d[0].2.contains("namespace(s) b"), "{}", d[0].2);
+    assert!(d[0].2.contains("subnet 10.16.0.0/16 of namespace a") && d[0].2.contains("namespace(s) b "), "{}", d[0].2);
     // The shared subnet still belongs to the tenant: an address in it enters there.
     assert!(set(&m, "tenant/Common").contains(&"10.16.0.0/16".to_string()));
+}
+
+#[test]
+fn a_subnet_that_holds_a_pod_of_another_namespace_is_not_a_source() {
+    // Found by the namespace-isolation property: b's pod has an address in a's annotated subnet, so a's namespace
+    // rule would have decided b's pod.
+    let mut y = String::new();
+    y += "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: a, annotations: {ovn.kubernetes.io/cidr: 'fd00:1::/64'}}\n";
+    y += &pod("b", "p", "fd00:1::4", "app: p");
+    y += &pod("a", "q", "fd00:1::5", "app: q");
+    y += &exsvc("a", "e", "  addresses: [1.1.1.1]");
+    y += &nsgr("a", "r", "  action: drop\n  externalServices: [e]");
+    let m = default_model(&y);
+    assert_eq!(set(&m, "namespace/a"), ["fd00:1::5/128"]);
+    let d = diags(&m);
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert_eq!(d[0].1, "SharedSubnet");
+    assert!(d[0].2.contains("namespace(s) b of tenant Common"), "{}", d[0].2);
 }
 
 #[test]
