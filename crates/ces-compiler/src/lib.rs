@@ -100,6 +100,8 @@ struct Compiler<'a> {
     external_services: HashMap<Key, bool>,
     /// Each tenant by name, with its route domain id.
     tenant_refs: BTreeMap<&'a str, TenantRef>,
+    /// The tenant of each namespace the config lists (`CesConfig::tenant_of`, as a map: it is asked per pod).
+    namespace_tenants: HashMap<&'a str, &'a str>,
     /// Source pods (not finished, not hostNetwork) by address, across tenants; check the tenant before use.
     pods_by_ip: HashMap<IpAddr, Vec<&'a Pod>>,
     /// Each namespace's subnets, own or shared. A subnet is shared when another namespace of the same tenant carries
@@ -130,6 +132,12 @@ impl<'a> Compiler<'a> {
     fn new(snap: &'a Snapshot, config: &'a CesConfig, ces_namespace: &'a str) -> Compiler<'a> {
         let mut tenant_refs = BTreeMap::new();
         tenant_refs.insert(COMMON, TenantRef { name: COMMON.to_string(), route_domain: 0 });
+        let mut namespace_tenants = HashMap::new();
+        for t in &config.tenant {
+            for ns in &t.namespaces {
+                namespace_tenants.insert(ns.as_str(), config.tenant_of(ns));
+            }
+        }
         if config.is_support_route_domain {
             for t in config.tenant.iter().filter(|t| t.name != COMMON) {
                 let id = t.route_domain.as_ref().and_then(|rd| rd.id).unwrap_or(0);
@@ -151,6 +159,7 @@ impl<'a> Compiler<'a> {
             destinations: BTreeMap::new(),
             external_services: HashMap::new(),
             tenant_refs,
+            namespace_tenants,
             pods_by_ip,
             subnets: HashMap::new(),
             service_sources: HashMap::new(),
@@ -160,7 +169,12 @@ impl<'a> Compiler<'a> {
     }
 
     fn tenant_of(&self, ns: &str) -> &TenantRef {
-        &self.tenant_refs[self.config.tenant_of(ns)]
+        &self.tenant_refs[self.tenant_name(ns)]
+    }
+
+    /// The name of a namespace's tenant: `CesConfig::tenant_of`, looked up in a map.
+    fn tenant_name(&self, ns: &str) -> &'a str {
+        self.namespace_tenants.get(ns).copied().unwrap_or(COMMON)
     }
 
     /// Splits every namespace's subnet CIDRs into exclusive ones and ones shared inside its tenant.
@@ -173,7 +187,7 @@ impl<'a> Compiler<'a> {
         let mut by_tenant: BTreeMap<&str, Vec<(&'a str, IpNet)>> = BTreeMap::new();
         for n in self.snap.namespaces.values() {
             for c in &n.cidrs {
-                by_tenant.entry(self.config.tenant_of(&n.name)).or_default().push((n.name.as_str(), *c));
+                by_tenant.entry(self.tenant_name(&n.name)).or_default().push((n.name.as_str(), *c));
             }
         }
         // Who else is in each subnet: namespaces with an overlapping subnet, and namespaces with a pod in it.
@@ -193,7 +207,7 @@ impl<'a> Compiler<'a> {
             }
         }
         for p in self.snap.pods.iter().filter(|p| is_source(p)) {
-            let tenant = self.config.tenant_of(&p.namespace);
+            let tenant = self.tenant_name(&p.namespace);
             for ip in &p.ips {
                 for &(_, _, len) in lengths.range((tenant, ip.is_ipv4(), 0)..=(tenant, ip.is_ipv4(), u8::MAX)) {
                     let Ok(key) = IpNet::new(*ip, len).map(|n| n.trunc()) else { continue };
@@ -239,7 +253,7 @@ impl<'a> Compiler<'a> {
         for ((ns, name), obj) in &self.snap.namespace_rules {
             let sources = self.namespace_rule_sources(ns, name, obj.spec.pod_selector.as_ref());
             if let Some(r) = self.rule(RuleKind::NamespaceEgressRule, obj, obj.spec.common(), ns, sources) {
-                by_tenant.entry(self.config.tenant_of(ns).to_string()).or_default().namespace.push(r);
+                by_tenant.entry(self.tenant_name(ns).to_string()).or_default().namespace.push(r);
             }
         }
         for ((ns, _), obj) in &self.snap.service_rules {
@@ -257,12 +271,12 @@ impl<'a> Compiler<'a> {
                 Resolved { value: Sources::Sets(vec![s.set]), warnings }
             });
             if let Some(r) = self.rule(RuleKind::ServiceEgressRule, obj, obj.spec.common(), ns, sources) {
-                by_tenant.entry(self.config.tenant_of(ns).to_string()).or_default().service.push(r);
+                by_tenant.entry(self.tenant_name(ns).to_string()).or_default().service.push(r);
             }
         }
         for ((ns, _), obj) in &self.snap.external_ip_rules {
             if let Some(r) = self.nat_rule(ns, obj) {
-                by_tenant.entry(self.config.tenant_of(ns).to_string()).or_default().nat.push(r);
+                by_tenant.entry(self.tenant_name(ns).to_string()).or_default().nat.push(r);
             }
         }
 
@@ -463,7 +477,7 @@ impl<'a> Compiler<'a> {
                          not used as a source, only the namespace's pods are",
                         ces_snapshot::OVN_CIDR_ANNOTATION,
                         others.join(", "),
-                        self.config.tenant_of(ns)
+                        self.tenant_name(ns)
                     ),
                 )
             })
@@ -531,11 +545,11 @@ impl<'a> Compiler<'a> {
         {
             return Some(format!("endpoint {ip} of Service {ns}/{svc} names pod {pns}/{pname} of another namespace"));
         }
-        let tenant = self.config.tenant_of(ns);
+        let tenant = self.tenant_name(ns);
         let pods: Vec<&Pod> = self
             .pods_by_ip
             .get(&ip)
-            .map(|v| v.iter().copied().filter(|p| self.config.tenant_of(&p.namespace) == tenant).collect())
+            .map(|v| v.iter().copied().filter(|p| self.tenant_name(&p.namespace) == tenant).collect())
             .unwrap_or_default();
         if pods.iter().any(|p| p.namespace == ns) {
             return None;
@@ -546,7 +560,7 @@ impl<'a> Compiler<'a> {
                 p.namespace, p.name
             ));
         }
-        for n in self.snap.namespaces.values().filter(|n| n.name != ns && self.config.tenant_of(&n.name) == tenant) {
+        for n in self.snap.namespaces.values().filter(|n| n.name != ns && self.tenant_name(&n.name) == tenant) {
             if let Some(net) = self.subnets.get(n.name.as_str()).and_then(|s| s.own.iter().find(|c| c.contains(&ip))) {
                 return Some(format!(
                     "endpoint {ip} of Service {ns}/{svc} lies in subnet {net} of namespace {}",
@@ -683,7 +697,7 @@ impl<'a> Compiler<'a> {
         all.sort_unstable();
         all.dedup();
         for ns in all {
-            namespaces.entry(config.tenant_of(&ns)).or_default().push(ns);
+            namespaces.entry(self.tenant_name(&ns)).or_default().push(ns);
         }
 
         // Trusted non-pod endpoints belong to their Service's tenant too (an address that is no pod's is in the
@@ -693,7 +707,7 @@ impl<'a> Compiler<'a> {
             if !self.snap.services.contains_key(key) {
                 continue;
             }
-            let tenant = config.tenant_of(&key.0);
+            let tenant = self.tenant_name(&key.0);
             for ep in eps {
                 if self.foreign_endpoint(&key.0, &key.1, ep).is_none() {
                     endpoint_members.entry(tenant).or_default().push(IpNet::from(ep.ip));

@@ -149,28 +149,115 @@ fn parse_options(len: usize) -> serde_saphyr::Options {
     }
 }
 
+/// What loading a run of documents found, in document order: applied to the builder afterwards, so documents can
+/// be parsed on several threads while duplicates and diagnostics keep the order of the files.
+#[derive(Default)]
+struct Items {
+    items: Vec<Item>,
+    stats: LoadStats,
+}
+
+enum Item {
+    Diagnostic(Diagnostic),
+    Namespace(Namespace, String),
+    Pod(Pod, String),
+    Service(Service, String),
+    Endpoints(String, String, Vec<Endpoint>),
+    ExternalService(Object<ces_api::ExternalServiceSpec>),
+    ClusterRule(Object<ces_api::ClusterEgressRuleSpec>),
+    NamespaceRule(Object<ces_api::NamespaceEgressRuleSpec>),
+    ServiceRule(Object<ces_api::ServiceEgressRuleSpec>),
+    ExternalIpRule(Object<ces_api::ExternalIPRuleSpec>),
+}
+
+impl Items {
+    fn diagnostic(&mut self, d: Diagnostic) {
+        self.items.push(Item::Diagnostic(d));
+    }
+
+    fn apply(self, b: &mut SnapshotBuilder, stats: &mut LoadStats) {
+        stats.documents += self.stats.documents;
+        stats.skipped += self.stats.skipped;
+        stats.configs.extend(self.stats.configs);
+        for item in self.items {
+            match item {
+                Item::Diagnostic(d) => b.diagnostic(d),
+                Item::Namespace(n, origin) => b.add_namespace(n, Some(origin)),
+                Item::Pod(p, origin) => b.add_pod(p, Some(origin)),
+                Item::Service(svc, origin) => b.add_service(svc, Some(origin)),
+                Item::Endpoints(ns, svc, eps) => b.add_endpoints(&ns, &svc, eps),
+                Item::ExternalService(o) => b.add_external_service(o),
+                Item::ClusterRule(o) => b.add_cluster_rule(o),
+                Item::NamespaceRule(o) => b.add_namespace_rule(o),
+                Item::ServiceRule(o) => b.add_service_rule(o),
+                Item::ExternalIpRule(o) => b.add_external_ip_rule(o),
+            }
+        }
+    }
+}
+
+/// Below this many bytes a text is loaded on the calling thread: threads would cost more than they save.
+const PARALLEL_BYTES: usize = 256 * 1024;
+
 fn load_text(b: &mut SnapshotBuilder, text: &str, file: &str, stats: &mut LoadStats) {
-    for (start, doc) in split_documents(text) {
+    let workers =
+        if text.len() < PARALLEL_BYTES { 1 } else { std::thread::available_parallelism().map_or(1, |n| n.get()) };
+    load_text_on(b, text, file, stats, workers);
+}
+
+/// Loads a text with up to `workers` threads.
+fn load_text_on(b: &mut SnapshotBuilder, text: &str, file: &str, stats: &mut LoadStats, workers: usize) {
+    let docs = split_documents(text);
+    let workers = workers.min(docs.len()).max(1);
+    if workers == 1 {
+        load_documents(&docs, file).apply(b, stats);
+        return;
+    }
+    // Contiguous runs of about equal size, one per worker.
+    let per = text.len().div_ceil(workers);
+    let mut runs: Vec<&[(usize, std::borrow::Cow<'_, str>)]> = Vec::with_capacity(workers);
+    let (mut from, mut bytes) = (0, 0);
+    for (i, (_, d)) in docs.iter().enumerate() {
+        bytes += d.len();
+        if bytes >= per && runs.len() + 1 < workers {
+            runs.push(&docs[from..=i]);
+            (from, bytes) = (i + 1, 0);
+        }
+    }
+    runs.push(&docs[from..]);
+    let loaded: Vec<Items> = std::thread::scope(|scope| {
+        let handles: Vec<_> = runs.into_iter().map(|run| scope.spawn(move || load_documents(run, file))).collect();
+        handles.into_iter().map(|h| h.join().expect("a loader thread panicked")).collect()
+    });
+    for items in loaded {
+        items.apply(b, stats);
+    }
+}
+
+fn load_documents(docs: &[(usize, std::borrow::Cow<'_, str>)], file: &str) -> Items {
+    let mut out = Items::default();
+    for (start, doc) in docs {
         if doc.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
             continue;
         }
         let origin = format!("{file}:{}", start + 1);
-        match serde_saphyr::from_str_with_options::<Value>(&doc, parse_options(doc.len())) {
+        match serde_saphyr::from_str_with_options::<Value>(doc, parse_options(doc.len())) {
             Ok(Value::Null) => {}
-            Ok(value) if is_config(&value) => stats.configs.push(origin),
+            Ok(value) if is_config(&value) => out.stats.configs.push(origin),
             Ok(value) => {
-                stats.documents += 1;
-                load_value(b, value, &origin, stats);
+                out.stats.documents += 1;
+                load_value(&mut out, value, &origin);
             }
-            Err(e) => b.diagnostic(Diagnostic {
+            Err(e) => out.diagnostic(Diagnostic {
                 severity: Severity::Error,
                 object: None,
                 origin: Some(origin),
                 reason: "InvalidYAML".into(),
-                message: yaml_error_message(&e, start),
+                message: yaml_error_message(&e, *start),
             }),
         }
     }
+    out
 }
 
 /// A parse error in the file's terms: its own line numbers, and a budget breach said plainly.
@@ -201,7 +288,7 @@ fn str_field<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
     v.get(key).and_then(Value::as_str)
 }
 
-fn load_value(b: &mut SnapshotBuilder, value: Value, origin: &str, stats: &mut LoadStats) {
+fn load_value(b: &mut Items, value: Value, origin: &str) {
     let bad = |reason: &str, message: String| Diagnostic {
         severity: Severity::Error,
         object: None,
@@ -225,7 +312,7 @@ fn load_value(b: &mut SnapshotBuilder, value: Value, origin: &str, stats: &mut L
             && let Some(Value::Array(items)) = map.remove("items")
         {
             for item in items {
-                load_value(b, item, origin, stats);
+                load_value(b, item, origin);
             }
         }
         return;
@@ -267,27 +354,27 @@ fn load_value(b: &mut SnapshotBuilder, value: Value, origin: &str, stats: &mut L
     match (api_version.as_str(), kind.as_str()) {
         ("kubeovn.io/v1alpha1", "ExternalService") => {
             if let Some(o) = typed!(ExternalService, "ExternalService", false) {
-                b.add_external_service(object(o.metadata, o.spec, origin));
+                b.items.push(Item::ExternalService(object(o.metadata, o.spec, origin)));
             }
         }
         ("kubeovn.io/v1alpha1", "ClusterEgressRule") => {
             if let Some(o) = typed!(ClusterEgressRule, "ClusterEgressRule", true) {
-                b.add_cluster_rule(object(o.metadata, o.spec, origin));
+                b.items.push(Item::ClusterRule(object(o.metadata, o.spec, origin)));
             }
         }
         ("kubeovn.io/v1alpha1", "NamespaceEgressRule") => {
             if let Some(o) = typed!(NamespaceEgressRule, "NamespaceEgressRule", false) {
-                b.add_namespace_rule(object(o.metadata, o.spec, origin));
+                b.items.push(Item::NamespaceRule(object(o.metadata, o.spec, origin)));
             }
         }
         ("kubeovn.io/v1alpha1", "ServiceEgressRule") => {
             if let Some(o) = typed!(ServiceEgressRule, "ServiceEgressRule", false) {
-                b.add_service_rule(object(o.metadata, o.spec, origin));
+                b.items.push(Item::ServiceRule(object(o.metadata, o.spec, origin)));
             }
         }
         ("bigip.io/v1alpha1", "ExternalIPRule") => {
             if let Some(o) = typed!(ExternalIPRule, "ExternalIPRule", false) {
-                b.add_external_ip_rule(object(o.metadata, o.spec, origin));
+                b.items.push(Item::ExternalIpRule(object(o.metadata, o.spec, origin)));
             }
         }
         ("v1", "Namespace") => {
@@ -297,16 +384,14 @@ fn load_value(b: &mut SnapshotBuilder, value: Value, origin: &str, stats: &mut L
         }
         ("v1", "Pod") => {
             if let Some(o) = typed!(core::Pod, "Pod", false) {
-                b.add_pod(pod(o), Some(origin.to_string()));
+                b.items.push(Item::Pod(pod(o), origin.to_string()));
             }
         }
         ("v1", "Service") => {
             if let Some(o) = typed!(core::Service, "Service", false) {
                 let selector = o.spec.and_then(|s| s.selector).map(|m| m.into_iter().collect());
-                b.add_service(
-                    Service { namespace: ns_of(&o.metadata), name: o.metadata.name.unwrap_or_default(), selector },
-                    Some(origin.to_string()),
-                );
+                let svc = Service { namespace: ns_of(&o.metadata), name: o.metadata.name.unwrap_or_default(), selector };
+                b.items.push(Item::Service(svc, origin.to_string()));
             }
         }
         ("v1", "Endpoints") => {
@@ -315,7 +400,8 @@ fn load_value(b: &mut SnapshotBuilder, value: Value, origin: &str, stats: &mut L
                 let ready = o.subsets.unwrap_or_default().into_iter().flat_map(|s| s.addresses.unwrap_or_default());
                 let raw = ready.map(|a| (a.ip, target_pod(a.target_ref.as_ref(), &ns)));
                 let eps = parse_endpoints(b, raw, origin, &object_ref("Endpoints"));
-                b.add_endpoints(&ns, o.metadata.name.as_deref().unwrap_or_default(), eps);
+                let name = o.metadata.name.unwrap_or_default();
+                b.items.push(Item::Endpoints(ns, name, eps));
             }
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
@@ -333,7 +419,7 @@ fn load_value(b: &mut SnapshotBuilder, value: Value, origin: &str, stats: &mut L
                             e.addresses.into_iter().map(move |a| (a, pod.clone()))
                         });
                     let eps = parse_endpoints(b, ready, origin, &object_ref("EndpointSlice"));
-                    b.add_endpoints(&ns, &service, eps);
+                    b.items.push(Item::Endpoints(ns, service, eps));
                 }
             }
         }
@@ -341,7 +427,7 @@ fn load_value(b: &mut SnapshotBuilder, value: Value, origin: &str, stats: &mut L
             "UnknownKind",
             format!("{api_version} {kind} is not a CES kind (expected kubeovn.io/v1alpha1 ExternalService, ClusterEgressRule, NamespaceEgressRule, ServiceEgressRule or bigip.io/v1alpha1 ExternalIPRule)"),
         )),
-        _ => stats.skipped += 1,
+        _ => b.stats.skipped += 1,
     }
 }
 
@@ -381,7 +467,7 @@ fn target_pod(r: Option<&core::ObjectReference>, ns: &str) -> Option<crate::Key>
 }
 
 fn parse_endpoints(
-    b: &mut SnapshotBuilder,
+    b: &mut Items,
     raw: impl Iterator<Item = (String, Option<crate::Key>)>,
     origin: &str,
     obj: &ObjectRef,
@@ -402,7 +488,7 @@ fn parse_endpoints(
     out
 }
 
-fn add_namespace(b: &mut SnapshotBuilder, meta: ObjectMeta, origin: &str) {
+fn add_namespace(b: &mut Items, meta: ObjectMeta, origin: &str) {
     let name = meta.name.unwrap_or_default();
     let mut cidrs = Vec::new();
     if let Some(raw) = meta.annotations.as_ref().and_then(|a| a.get(OVN_CIDR_ANNOTATION)) {
@@ -420,7 +506,7 @@ fn add_namespace(b: &mut SnapshotBuilder, meta: ObjectMeta, origin: &str) {
         }
     }
     let labels = meta.labels.unwrap_or_default().into_iter().collect();
-    b.add_namespace(Namespace { name, labels, cidrs }, Some(origin.to_string()));
+    b.items.push(Item::Namespace(Namespace { name, labels, cidrs }, origin.to_string()));
 }
 
 fn pod(p: core::Pod) -> Pod {

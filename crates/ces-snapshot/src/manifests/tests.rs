@@ -255,3 +255,43 @@ fn a_config_among_the_manifests_is_recognised_not_loaded() {
     assert_eq!(stats.configs.len(), 1);
     assert!(stats.configs[0].ends_with("ces-conf.yaml:1"), "{:?}", stats.configs);
 }
+
+#[test]
+fn parallel_loading_gives_what_sequential_loading_gives() {
+    // Duplicates, bad documents and ordinary ones spread over every run: the snapshot and its diagnostics (which
+    // definition of a duplicate is kept, in which order problems are reported) must not depend on the threads.
+    let mut text = String::new();
+    for i in 0..3000 {
+        let doc = match i % 7 {
+            0 => format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: p{}, namespace: a}}\nstatus: {{podIP: 10.0.{}.{}}}\n",
+                i % 500,
+                i / 256 % 256,
+                i % 256
+            ),
+            1 => "kind: [unclosed\n".to_string(),
+            2 => format!(
+                "apiVersion: kubeovn.io/v1alpha1\nkind: ExternalService\nmetadata: {{name: e{}, namespace: a}}\nspec: {{addresses: [10.9.{}.1]}}\n",
+                i % 300,
+                i % 200
+            ),
+            3 => "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n".to_string(),
+            _ => format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: n{}}}\n", i % 900),
+        };
+        text += "---\n";
+        text += &doc;
+    }
+    let load = |workers: usize| {
+        let mut b = SnapshotBuilder::new();
+        let mut stats = LoadStats::default();
+        load_text_on(&mut b, &text, "big.yaml", &mut stats, workers);
+        (format!("{:?}", b.build()), stats)
+    };
+    let (one, stats_one) = load(1);
+    for workers in [2, 3, 8] {
+        let (many, stats_many) = load(workers);
+        assert_eq!(stats_one, stats_many, "{workers} workers");
+        assert!(one == many, "{workers} workers give another snapshot");
+    }
+    assert!(one.contains("DuplicateName") && one.contains("InvalidYAML"));
+}
