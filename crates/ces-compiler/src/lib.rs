@@ -81,6 +81,9 @@ struct Subnets {
     shared: Vec<(IpNet, Vec<String>)>,
 }
 
+/// A subnet as the pod lookup finds it: tenant, prefix length, network.
+type SubnetKey<'t> = (&'t str, u8, IpNet);
+
 /// A Service's source set, once computed: its name, whether it is empty, and the endpoints refused.
 #[derive(Clone)]
 struct ServiceSources {
@@ -198,7 +201,7 @@ impl<'a> Compiler<'a> {
                 sharers.entry((ns, *net)).or_default().extend(others.map(|(other, _)| other.to_string()));
             }
         }
-        let mut lookup: HashMap<(&str, u8, IpNet), Vec<(&'a str, IpNet)>> = HashMap::new();
+        let mut lookup: HashMap<SubnetKey, Vec<(&'a str, IpNet)>> = HashMap::new();
         let mut lengths: BTreeSet<(&str, bool, u8)> = BTreeSet::new();
         for (tenant, entries) in &by_tenant {
             for (ns, net) in entries {
