@@ -277,7 +277,7 @@ fn load(docs: &[Doc], seed: u64) -> PolicyModel {
     for i in (1..order.len()).rev() {
         order.swap(i, r.below(i + 1));
     }
-    let mut files = vec![String::new(), String::new(), String::new()];
+    let mut files = [String::new(), String::new(), String::new()];
     for d in order {
         let f = r.below(3);
         files[f] += "---\n";
