@@ -96,7 +96,7 @@ impl Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli.command) {
+    let code = match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             if !f.message.is_empty() {
@@ -104,6 +104,20 @@ fn main() -> ExitCode {
             }
             ExitCode::from(f.code)
         }
+    };
+    if std::env::var_os("CES_REPORT_PEAK_RSS").is_some() {
+        report_peak_rss();
+    }
+    code
+}
+
+/// Prints this process's peak resident memory (`VmHWM`) to stderr, for benchmarks: a parent cannot measure it with
+/// `getrusage`, which carries the parent's own peak into the child at exec.
+fn report_peak_rss() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    match status.lines().find_map(|l| l.strip_prefix("VmHWM:")) {
+        Some(v) => eprintln!("ces: peak RSS {}", v.trim()),
+        None => eprintln!("ces: peak RSS unknown (no VmHWM in /proc/self/status)"),
     }
 }
 

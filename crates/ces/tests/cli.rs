@@ -467,3 +467,20 @@ fn a_synth_folder_compiles_as_written() {
     let model: Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(model["tenants"].as_array().unwrap().len(), 4);
 }
+
+#[test]
+fn the_peak_rss_hook_reports_a_plausible_figure() {
+    let o = Command::new(env!("CARGO_BIN_EXE_ces"))
+        .args(["validate", "--example"])
+        .current_dir(root())
+        .env("CES_REPORT_PEAK_RSS", "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let kb: u64 = stderr(&o)
+        .lines()
+        .find_map(|l| l.strip_prefix("ces: peak RSS ")?.strip_suffix(" kB")?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{}", stderr(&o)));
+    assert!((500..2_000_000).contains(&kb), "{kb} kB");
+    assert!(!stderr(&ces(&["validate", "--example"])).contains("peak RSS"), "only when asked for");
+}
