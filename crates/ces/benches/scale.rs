@@ -279,7 +279,10 @@ fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` passes nothing: run the quick size then.
     let quick =
         std::env::var("CES_BENCH_QUICK").is_ok_and(|v| !v.is_empty()) || !std::env::args().any(|a| a == "--bench");
-    println!("CES scale benchmark (release build, one thread; medians of 3 loads and 5 compiles)");
+    println!(
+        "CES scale benchmark (release build; loading parses on every core, the baseline and compile on one; medians of \
+         3 loads and 5 compiles)"
+    );
     scenario(10_000, 1_000);
     if quick {
         println!("\n(quick run: only the small size)");
