@@ -432,8 +432,9 @@ impl<'a> Compiler<'a> {
         })
     }
 
-    fn insert_set(&mut self, name: &str, tenant_of_ns: &str, addrs: Vec<IpNet>) -> bool {
-        let set = AddressSet::new(self.tenant_of(tenant_of_ns), addrs);
+    /// Stores a source set of namespace `ns` (so of its tenant); returns whether it is empty.
+    fn insert_set(&mut self, name: &str, ns: &str, addrs: Vec<IpNet>) -> bool {
+        let set = AddressSet::new(self.tenant_of(ns), addrs);
         let empty = set.addresses.is_empty();
         self.sets.insert(name.to_string(), set);
         empty

@@ -171,6 +171,18 @@ fn text_output_names_verdict_rule_and_trail() {
     assert!(out.contains("audit") && out.contains("ClusterEgressRule/audit-paste"), "{out}");
 }
 
+/// Each `simulate --example ARGS` exits 2, says `want` on stderr and prints nothing on stdout.
+fn simulate_refuses(cases: &[(&[&str], &str)]) {
+    for (args, want) in cases {
+        let mut full = vec!["simulate", "--example"];
+        full.extend_from_slice(args);
+        let o = ces(&full);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(want), "{args:?}: stderr `{}` lacks `{want}`", stderr(&o));
+        assert!(stdout(&o).is_empty(), "nothing half-printed on bad input");
+    }
+}
+
 #[test]
 fn bad_simulate_input_exits_2_with_a_clear_message() {
     let cases: [(&[&str], &str); 7] = [
@@ -182,14 +194,7 @@ fn bad_simulate_input_exits_2_with_a_clear_message() {
         (&["--from", "10.0.0.1", "--to", "1.1.1.1/icmp", "--flows", "x"], "cannot be used with"),
         (&["--to", "1.1.1.1/icmp"], "--from"),
     ];
-    for (args, want) in cases {
-        let mut full = vec!["simulate", "--example"];
-        full.extend_from_slice(args);
-        let o = ces(&full);
-        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
-        assert!(stderr(&o).contains(want), "{args:?}: stderr `{}` lacks `{want}`", stderr(&o));
-        assert!(stdout(&o).is_empty(), "nothing half-printed on bad input");
-    }
+    simulate_refuses(&cases);
 }
 
 #[test]
@@ -346,14 +351,7 @@ fn simulate_mistakes_get_messages_that_name_the_mistake() {
             "in tenant payments, not analytics",
         ),
     ];
-    for (args, want) in cases {
-        let mut full = vec!["simulate", "--example"];
-        full.extend_from_slice(args);
-        let o = ces(&full);
-        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
-        assert!(stderr(&o).contains(want), "{args:?}: stderr `{}` lacks `{want}`", stderr(&o));
-        assert!(stdout(&o).is_empty(), "nothing half-printed on bad input");
-    }
+    simulate_refuses(&cases);
 }
 
 #[test]
