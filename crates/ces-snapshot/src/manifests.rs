@@ -234,6 +234,12 @@ fn load_text_on(b: &mut SnapshotBuilder, text: &str, file: &str, stats: &mut Loa
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Bytes handed to the YAML parser on this thread: the tests check that loading is linear in the input.
+    static PARSER_BYTES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 fn load_documents(docs: &[(usize, std::borrow::Cow<'_, str>)], file: &str) -> Items {
     let mut out = Items::default();
     for (start, doc) in docs {
@@ -241,6 +247,8 @@ fn load_documents(docs: &[(usize, std::borrow::Cow<'_, str>)], file: &str) -> It
             continue;
         }
         let origin = format!("{file}:{}", start + 1);
+        #[cfg(test)]
+        PARSER_BYTES.with(|b| b.set(b.get() + doc.len()));
         match serde_saphyr::from_str_with_options::<Value>(doc, parse_options(doc.len())) {
             Ok(Value::Null) => {}
             Ok(value) if is_config(&value) => out.stats.configs.push(origin),
