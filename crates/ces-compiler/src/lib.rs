@@ -792,6 +792,7 @@ fn settings(config: &CesConfig) -> Settings {
             template: lp.template.as_deref().and_then(ces_config::json_object),
         }),
         snat_addresses: config.external_ip_addresses.iter().filter_map(|a| a.parse().ok()).collect(),
+        gateway_table: config.gateway_table().to_string(),
     }
 }
 
@@ -813,6 +814,7 @@ fn tenant_backend(tc: Option<&ces_config::TenantConfig>) -> TenantBackend {
     TenantBackend {
         gateway_pool: tc.gw_pool.iter().flat_map(|g| &g.server_addresses).filter_map(|a| a.parse().ok()).collect(),
         virtual_server: vs,
+        gateway_interfaces: tc.gateway.iter().flat_map(|g| g.interfaces.iter().cloned()).collect(),
     }
 }
 

@@ -45,6 +45,28 @@ pub struct CesConfig {
     /// 0.6.x: addresses of the default SNAT translation.
     #[serde(default, rename = "externalIPAddresses", skip_serializing_if = "Vec::is_empty")]
     pub external_ip_addresses: Vec<String>,
+    /// New: settings of the nftables egress gateway (`ces gateway`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayConfig>,
+}
+
+/// `gateway`: the nftables egress gateway.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// The gateway's private nftables table (family `inet`). Default `ces`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
+}
+
+/// `tenant[].gateway`: how the gateway recognises this tenant's traffic.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TenantGateway {
+    /// Interfaces on which this tenant's traffic enters the gateway. Needed when tenants' pod networks overlap: the
+    /// gateway then tells tenants apart by interface, not by address.
+    #[serde(default)]
+    pub interfaces: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -63,6 +85,9 @@ pub struct TenantConfig {
     /// New: what happens to a flow no service rule matched. Default `drop` (the original's `deny_all_rule`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_action: Option<DefaultAction>,
+    /// New: the nftables gateway's view of this tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<TenantGateway>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -240,6 +265,11 @@ impl CesConfig {
         self.schema_version.as_deref().unwrap_or(DEFAULT_SCHEMA_VERSION)
     }
 
+    /// The gateway's nftables table (family `inet`).
+    pub fn gateway_table(&self) -> &str {
+        self.gateway.as_ref().and_then(|g| g.table.as_deref()).unwrap_or("ces")
+    }
+
     pub fn cni_type(&self) -> &str {
         self.cni_type.as_deref().unwrap_or(DEFAULT_CNI_TYPE)
     }
@@ -401,6 +431,33 @@ impl CesConfig {
                     "logPool.healthMonitor".into(),
                     "is required when loggingEnabled is true (a monitor such as `tcp`)".into(),
                 );
+            }
+        }
+        if let Some(table) = self.gateway.as_ref().and_then(|g| g.table.as_ref()) {
+            let ok = table.len() <= 64
+                && table.bytes().next().is_some_and(|b| b.is_ascii_alphabetic())
+                && table.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !ok {
+                p(
+                    "gateway.table".into(),
+                    format!("`{table}` is not a table name (a letter, then letters, digits, `_`)"),
+                );
+            }
+        }
+        let mut interface_owner: BTreeMap<&str, &str> = BTreeMap::new();
+        for (i, t) in self.tenant.iter().enumerate() {
+            for (j, name) in t.gateway.iter().flat_map(|g| g.interfaces.iter()).enumerate() {
+                let key = format!("tenant[{i}].gateway.interfaces[{j}]");
+                let ok = !name.is_empty()
+                    && name.len() <= 15
+                    && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'));
+                if !ok {
+                    p(key, format!("`{name}` is not an interface name (1 to 15 letters, digits, `-`, `_`, `.`, `@`)"));
+                } else if let Some(other) = interface_owner.insert(name, &t.name)
+                    && other != t.name
+                {
+                    p(key, format!("interface `{name}` is already tenant `{other}`'s"));
+                }
             }
         }
         for (j, a) in self.external_ip_addresses.iter().enumerate() {

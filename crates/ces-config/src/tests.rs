@@ -182,3 +182,28 @@ fn values_follow_the_crd_patterns() {
         assert!(joined.contains(needle), "missing `{needle}` in:\n{joined}");
     }
 }
+
+#[test]
+fn gateway_keys_are_checked() {
+    let c = CesConfig::from_yaml(
+        "clusterName: c\ngateway: {table: ces_gw}\ntenant: [{name: Common, gateway: {interfaces: [veth-a, eth1]}}]\n",
+        "f",
+    )
+    .unwrap();
+    assert_eq!(c.gateway_table(), "ces_gw");
+    assert_eq!(CesConfig::embedded_default().gateway_table(), "ces");
+    let e = errors(
+        "clusterName: c\nisSupportRouteDomain: true\ngateway: {table: 'my table'}\ntenant:\n\
+         - {name: Common, gateway: {interfaces: [eth1, 'a/b']}}\n\
+         - {name: t, routeDomain: {id: 2, name: rd2}, gateway: {interfaces: [eth1, averyveryverylongname]}}\n",
+    );
+    let joined = e.join("\n");
+    for needle in [
+        "gateway.table: `my table` is not a table name",
+        "tenant[0].gateway.interfaces[1]: `a/b` is not an interface name",
+        "tenant[1].gateway.interfaces[0]: interface `eth1` is already tenant `Common`'s",
+        "tenant[1].gateway.interfaces[1]: `averyveryverylongname` is not an interface name",
+    ] {
+        assert!(joined.contains(needle), "missing `{needle}` in:\n{joined}");
+    }
+}

@@ -11,4 +11,4 @@ pub mod schedule;
 pub use address::{AddressEntry, Destination};
 pub use model::*;
 pub use ports::{Bandwidth, PortRange, Protocol, parse_decimal, parse_port_list};
-pub use schedule::{Schedule, TimeOfDay, Window};
+pub use schedule::{Schedule, TimeOfDay, UtcSpan, Window};

@@ -71,6 +71,8 @@ pub struct Settings {
     /// `externalIPAddresses`: addresses of the default SNAT translation (0.6.x).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snat_addresses: Vec<AddressEntry>,
+    /// The nftables gateway's private table (family `inet`).
+    pub gateway_table: String,
 }
 
 /// `logPool`, parsed.
@@ -181,6 +183,9 @@ pub struct TenantBackend {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gateway_pool: Vec<IpAddr>,
     pub virtual_server: VirtualServerSettings,
+    /// `gateway.interfaces`: where this tenant's traffic enters the nftables gateway (empty: by source address).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateway_interfaces: Vec<String>,
 }
 
 /// `virtualService`, with the original's defaults filled in.

@@ -60,6 +60,26 @@ pub struct Window {
     pub end: TimeOfDay,
 }
 
+/// A span of one UTC day: `day` (Monday = 0), seconds since UTC midnight `start` (included) to `end` (excluded,
+/// at most 86400).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UtcSpan {
+    pub day: u8,
+    pub start: u32,
+    pub end: u32,
+}
+
+impl UtcSpan {
+    /// Does the span hold at this UTC instant?
+    pub fn holds_at(&self, at: Timestamp) -> bool {
+        let t = at.as_second().rem_euclid(86_400 * 7);
+        // 1970-01-01 was a Thursday (Monday = 0: day 3).
+        let day = ((t / 86_400 + 3) % 7) as u8;
+        let sec = (t % 86_400) as u32;
+        day == self.day && self.start <= sec && sec < self.end
+    }
+}
+
 /// A validated schedule with its time zone resolved.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(try_from = "ScheduleRepr", into = "ScheduleRepr")]
@@ -136,6 +156,45 @@ impl Schedule {
         &self.windows
     }
 
+    /// The schedule as weekly spans in UTC, for data planes that match UTC day and time (nft `meta day`/`meta hour`):
+    /// exact from `at` until the zone's next offset change, which is returned so the caller re-renders then (`None`
+    /// for zones without changes). Spans do not cross UTC midnight, are sorted and may touch.
+    pub fn utc_week(&self, at: Timestamp) -> (Vec<UtcSpan>, Option<Timestamp>) {
+        const DAY: i64 = 86_400;
+        const WEEK: i64 = 7 * DAY;
+        let offset = self.tz.to_offset(at).seconds() as i64;
+        let mut spans = Vec::new();
+        // Local second-of-week intervals (Monday 00:00 = 0), then shifted to UTC and split at UTC midnights.
+        let mut push = |from: i64, to: i64| {
+            let (mut a, mut b) = (from - offset, to - offset);
+            a = a.rem_euclid(WEEK);
+            b = a + (b - (from - offset));
+            while a < b {
+                let day_end = (a / DAY + 1) * DAY;
+                let end = b.min(day_end);
+                let day = ((a / DAY) % 7) as u8;
+                spans.push(UtcSpan { day, start: (a % DAY) as u32, end: (end - (a / DAY) * DAY) as u32 });
+                a = end;
+            }
+        };
+        for (w, &mask) in self.windows.iter().zip(&self.day_mask) {
+            for d in 0..7i64 {
+                if mask & (1 << d) == 0 {
+                    continue;
+                }
+                let (start, end) = (w.start.0 as i64 * 60, w.end.0 as i64 * 60);
+                if start < end {
+                    push(d * DAY + start, d * DAY + end);
+                } else {
+                    push(d * DAY + start, (d + 1) * DAY + end);
+                }
+            }
+        }
+        spans.sort_by_key(|s| (s.day, s.start, s.end));
+        let next = self.tz.following(at).next().map(|t| t.timestamp());
+        (spans, next)
+    }
+
     /// Does the schedule hold at instant `at`?
     pub fn active_at(&self, at: Timestamp) -> bool {
         let local = self.tz.to_datetime(at);
@@ -179,6 +238,31 @@ mod tests {
         assert_eq!(TimeOfDay::parse("24:00", true), Ok(TimeOfDay(1440)));
         for bad in ["+9:00", "09:+5", "9:00", "24:00", "23:60", " 9:00"] {
             assert!(TimeOfDay::parse(bad, false).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn utc_weeks_agree_with_active_at_until_the_next_offset_change() {
+        // Every minute of two weeks around the spring-forward and fall-back changes in Paris, New York and UTC,
+        // for windows inside a day and across midnight: the UTC spans say what `active_at` says.
+        let cases = [
+            sched("Europe/Paris", &[Weekday::Mon, Weekday::Fri], "09:00", "17:30"),
+            sched("America/New_York", &[Weekday::Sat], "22:00", "04:00"),
+            sched("UTC", &Weekday::ALL, "00:00", "24:00"),
+            sched("Asia/Kolkata", &[Weekday::Sun], "23:45", "00:15"),
+        ];
+        for s in &cases {
+            for start in ["2026-03-25T00:00:00Z", "2026-10-21T00:00:00Z", "2026-11-26T00:00:00Z"] {
+                let at = at(start);
+                let (spans, until) = s.utc_week(at);
+                let end = until.unwrap_or(at + jiff::SignedDuration::from_hours(24 * 14));
+                let mut t = at;
+                while t < end && t < at + jiff::SignedDuration::from_hours(24 * 14) {
+                    let by_spans = spans.iter().any(|sp| sp.holds_at(t));
+                    assert_eq!(by_spans, s.active_at(t), "{} at {t}: spans {spans:?}", s.timezone());
+                    t += jiff::SignedDuration::from_mins(7);
+                }
+            }
         }
     }
 
