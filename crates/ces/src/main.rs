@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 success (a `drop` verdict is a success), 1 `validate` found problems, 2 bad input or usage.
 
+mod gateway;
 mod inputs;
 mod simulate;
 
@@ -46,6 +47,8 @@ pub enum Output {
 enum Backend {
     /// The intermediate policy model, as JSON.
     Model,
+    /// The nftables gateway's table: DIR/ruleset.nft, which `nft -f` loads (needs --out).
+    Nft,
 }
 
 #[derive(Subcommand)]
@@ -59,13 +62,21 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
-    /// Compile manifests and config for a backend and print the result.
+    /// Compile manifests and config for a backend and print (model) or write (--out) the result.
     Compile {
         #[command(flatten)]
         inputs: InputArgs,
         #[arg(long, value_enum, default_value = "model")]
         backend: Backend,
+        /// Folder to write the backend's files into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// For time-based rules: the instant the output is rendered for (RFC 3339). Default: now.
+        #[arg(long, value_name = "RFC3339")]
+        at: Option<String>,
     },
+    /// The nftables egress gateway: programs this host's (this network namespace's) nftables from the policy.
+    Gateway(gateway::GatewayArgs),
     /// Decide flows: the verdict, the rule that decided it, and the rules met on the way.
     Simulate(simulate::SimulateArgs),
     /// Write a synthetic cluster (cluster.yaml, policies.yaml, ces-conf.yaml) for scale experiments.
@@ -128,7 +139,20 @@ fn run(command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Validate { inputs, output } => validate(&inputs, output),
-        Command::Compile { inputs, backend: Backend::Model } => {
+        Command::Compile { inputs, backend: Backend::Nft, out, at } => {
+            let out = out.ok_or_else(|| Failure::input("--backend nft writes files: give --out DIR"))?;
+            let at = gateway::parse_at(at.as_deref())?;
+            let inputs = Inputs::load_unique(&inputs)?;
+            let model = inputs.compile();
+            let rs = ces_nft::render(&model, at).map_err(|e| Failure::input(e.to_string()))?;
+            std::fs::create_dir_all(&out).map_err(|e| Failure::input(format!("{}: {e}", out.display())))?;
+            let file = out.join("ruleset.nft");
+            std::fs::write(&file, rs.to_text()).map_err(|e| Failure::input(format!("{}: {e}", file.display())))?;
+            gateway::report(&model, &rs);
+            eprintln!("ces: wrote {} (load it with: TZ=UTC nft -f {})", file.display(), file.display());
+            Ok(())
+        }
+        Command::Compile { inputs, backend: Backend::Model, .. } => {
             let inputs = Inputs::load_unique(&inputs)?;
             let model = inputs.compile();
             println!("{}", serde_json::to_string_pretty(&model).expect("the model serialises"));
@@ -141,6 +165,7 @@ fn run(command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Simulate(args) => simulate::run(&args),
+        Command::Gateway(args) => gateway::run(&args),
         Command::Synth { pods, rules, seed, out } => {
             if pods > 6_553_600 {
                 return Err(Failure::input("--pods: at most 6553600 (65536 namespaces of 100 pods)"));

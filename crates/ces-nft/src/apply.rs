@@ -1,0 +1,144 @@
+//! Loading rulesets into the kernel with the `nft` command, one atomic transaction per sync.
+//!
+//! The first load, any change of chains or set declarations, and every full resync replace the table whole in one
+//! transaction (`add table; delete table; table {...}`): no packet ever sees a missing or half-loaded table, and a
+//! restarted agent adopts the table it finds without a window. Pod churn changes set elements only, in one
+//! transaction. When a transaction fails, nothing of it is applied and the next apply replaces the table whole.
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+use crate::Ruleset;
+
+/// How to run `nft`: the program and the arguments before `-f -` (for example `ip netns exec gw nft`).
+#[derive(Clone, Debug)]
+pub struct Nft {
+    pub program: Vec<String>,
+}
+
+impl Default for Nft {
+    fn default() -> Self {
+        Nft { program: vec!["nft".into()] }
+    }
+}
+
+#[derive(Debug)]
+pub struct ApplyError(pub String);
+
+impl std::fmt::Display for ApplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ApplyError {}
+
+impl Nft {
+    fn command(&self) -> Command {
+        let mut c = Command::new(&self.program[0]);
+        c.args(&self.program[1..]);
+        // `meta hour` values are read in the nft process's time zone; the renderer writes UTC.
+        c.env("TZ", "UTC");
+        c
+    }
+
+    fn not_found(&self, e: std::io::Error) -> ApplyError {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            ApplyError(format!(
+                "`{}` was not found: the gateway needs the nftables command (Debian: apt-get install nftables)",
+                self.program[0]
+            ))
+        } else {
+            ApplyError(format!("cannot run {}: {e}", self.program[0]))
+        }
+    }
+
+    /// Runs one transaction (`nft -f -`).
+    pub fn run(&self, transaction: &str) -> Result<(), ApplyError> {
+        let mut child = self
+            .command()
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| self.not_found(e))?;
+        child.stdin.take().expect("piped").write_all(transaction.as_bytes()).map_err(|e| ApplyError(e.to_string()))?;
+        let out = child.wait_with_output().map_err(|e| ApplyError(e.to_string()))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(ApplyError(format!("nft refused the transaction: {}", String::from_utf8_lossy(&out.stderr).trim())))
+        }
+    }
+
+    /// `nft list table inet NAME`, or `None` when there is no such table.
+    pub fn list_table(&self, table: &str) -> Result<Option<String>, ApplyError> {
+        let out = self.command().args(["list", "table", "inet", table]).output().map_err(|e| self.not_found(e))?;
+        if out.status.success() { Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned())) } else { Ok(None) }
+    }
+
+    /// Removes the table; `false` when there was none.
+    pub fn delete_table(&self, table: &str) -> Result<bool, ApplyError> {
+        if self.list_table(table)?.is_none() {
+            return Ok(false);
+        }
+        self.run(&format!("delete table inet {table}\n"))?;
+        Ok(true)
+    }
+}
+
+/// What an apply did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// The table was replaced whole.
+    Replaced,
+    /// Only the elements of this many sets changed.
+    Updated(usize),
+    /// Nothing changed; no transaction was run.
+    Unchanged,
+}
+
+/// Keeps the kernel's table equal to the last ruleset applied.
+#[derive(Debug, Default)]
+pub struct Applier {
+    pub nft: Nft,
+    last: Option<Ruleset>,
+}
+
+impl Applier {
+    pub fn new(nft: Nft) -> Applier {
+        Applier { nft, last: None }
+    }
+
+    /// Applies a ruleset: elements only when the structure is unchanged, else (and always with `full`) the whole
+    /// table.
+    pub fn apply(&mut self, rs: &Ruleset, full: bool) -> Result<Applied, ApplyError> {
+        if !full && let Some(update) = self.last.as_ref().and_then(|prev| rs.update_transaction(prev)) {
+            if update.is_empty() {
+                return Ok(Applied::Unchanged);
+            }
+            let sets = update.lines().filter(|l| l.starts_with("flush ")).count();
+            return match self.nft.run(&update) {
+                Ok(()) => {
+                    self.last = Some(rs.clone());
+                    Ok(Applied::Updated(sets))
+                }
+                Err(e) => {
+                    self.last = None;
+                    Err(e)
+                }
+            };
+        }
+        match self.nft.run(&rs.replace_transaction()) {
+            Ok(()) => {
+                self.last = Some(rs.clone());
+                Ok(Applied::Replaced)
+            }
+            Err(e) => {
+                self.last = None;
+                Err(e)
+            }
+        }
+    }
+}

@@ -1,0 +1,488 @@
+//! The policy model as one nftables table (text syntax, as `nft -f` reads it).
+//!
+//! Layout (docs/nft.md):
+//! - `forward` (base chain, hook forward, priority filter): established and related traffic is accepted; a new flow
+//!   is sent to its tenant's chain: by ingress interface for tenants that name interfaces, else by source address
+//!   (interval verdict maps `tenants_v4`/`tenants_v6`, built from each tenant's members), else to `Common`.
+//! - `t<i>` (one per tenant): jumps to `t<i>_cluster`, `t<i>_namespace`, `t<i>_service` in turn, then the tenant's
+//!   default action. In the cluster and namespace chains `accept` is `return` (the flow goes on to the next context);
+//!   `accept-decisively` is `accept`; `drop` and `reject` decide. An audit rule counts and never decides.
+//! - Source sets `s<k>_v4`/`_v6` (one per model address set) and destination sets `d<k>_v4`/`_v6` (one per
+//!   ExternalService) are interval sets of coalesced addresses; a rule with several source sets has a union set
+//!   `u<n>_v4`/`_v6`. Source sets are declared even when empty, so pod churn only changes set elements.
+//! - Schedules are `meta day`/`meta hour` matches in UTC, exact until the next offset change of the rule's time zone
+//!   (`Ruleset::valid_until`), when the ruleset must be rendered again.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+use ces_api::{Action, Mode};
+use ces_model::{
+    AddressEntry, Context, Diagnostic, ObjectRef, PolicyModel, PortMatch, Protocol, Rule, Severity, Sources,
+    TenantPolicy, UtcSpan, Verdict,
+};
+use jiff::Timestamp;
+
+use crate::intervals::{Intervals, first_overlap};
+
+/// A set or map of the table, with its elements.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NftSet {
+    pub kind: SetKind,
+    /// Elements in nft syntax (`10.0.0.0-10.0.255.255`, or `10.0.0.0-10.0.255.255 : jump t1` for maps).
+    pub elements: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetKind {
+    V4,
+    V6,
+    /// Interval map from IPv4 addresses to verdicts.
+    VerdictMapV4,
+    VerdictMapV6,
+}
+
+impl SetKind {
+    fn keyword(self) -> &'static str {
+        match self {
+            SetKind::V4 | SetKind::V6 => "set",
+            SetKind::VerdictMapV4 | SetKind::VerdictMapV6 => "map",
+        }
+    }
+    fn type_line(self) -> &'static str {
+        match self {
+            SetKind::V4 => "type ipv4_addr",
+            SetKind::V6 => "type ipv6_addr",
+            SetKind::VerdictMapV4 => "type ipv4_addr : verdict",
+            SetKind::VerdictMapV6 => "type ipv6_addr : verdict",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chain {
+    pub name: String,
+    /// The base-chain line (`type filter hook ...`), for base chains.
+    pub hook: Option<String>,
+    pub rules: Vec<String>,
+}
+
+/// A rendered table: everything `nft -f` needs, and what the gateway could not enforce.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ruleset {
+    /// The table name (family `inet`).
+    pub table: String,
+    pub sets: BTreeMap<String, NftSet>,
+    pub chains: Vec<Chain>,
+    /// One warning per model entry the gateway does not enforce (host names, bandwidth, NAT), naming its object.
+    pub diagnostics: Vec<Diagnostic>,
+    /// When schedules must be rendered again (the next offset change of a schedule's time zone).
+    pub valid_until: Option<Timestamp>,
+}
+
+/// A model the gateway cannot enforce at all.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RenderError {
+    /// Two tenants that are told apart by address both hold an address: name their interfaces.
+    AmbiguousAddress { a: String, b: String, address: std::net::IpAddr },
+}
+
+impl std::fmt::Display for RenderError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RenderError::AmbiguousAddress { a, b, address } => write!(
+                f,
+                "tenants {a} and {b} both hold {address} (their pod networks or subnets overlap), and the gateway tells \
+                 them apart by address: give each of them its interfaces (tenant[].gateway.interfaces in ces-conf.yaml)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for RenderError {}
+
+struct Renderer<'m> {
+    model: &'m PolicyModel,
+    at: Timestamp,
+    sets: BTreeMap<String, NftSet>,
+    /// Model address-set name to its nft set stem (`s3`).
+    source_stems: BTreeMap<&'m str, String>,
+    /// Destination-set id to its stem (`d2`) and intervals.
+    destinations: BTreeMap<&'m str, (String, Intervals)>,
+    unions: usize,
+    diagnostics: Vec<Diagnostic>,
+    warned: BTreeSet<(String, String)>,
+    valid_until: Option<Timestamp>,
+}
+
+/// Renders the model for the gateway, as of `at` (which fixes the UTC form of schedules).
+pub fn render(model: &PolicyModel, at: Timestamp) -> Result<Ruleset, RenderError> {
+    let mut r = Renderer {
+        model,
+        at,
+        sets: BTreeMap::new(),
+        source_stems: BTreeMap::new(),
+        destinations: BTreeMap::new(),
+        unions: 0,
+        diagnostics: Vec::new(),
+        warned: BTreeSet::new(),
+        valid_until: None,
+    };
+    for (k, (id, d)) in model.destination_sets.iter().enumerate() {
+        let stem = format!("d{k}");
+        let iv = Intervals::from_entries(&d.addresses);
+        r.add_family_sets(&stem, &iv, false);
+        r.destinations.insert(id.as_str(), (stem, iv));
+    }
+    for (k, name) in model.address_sets.keys().enumerate() {
+        r.source_stems.insert(name.as_str(), format!("s{k}"));
+    }
+
+    let mut chains = vec![r.forward_chain()?];
+    for (i, t) in model.tenants.iter().enumerate() {
+        let contexts = [
+            ("cluster", Context::Cluster, &model.cluster_rules),
+            ("namespace", Context::Namespace, &t.namespace_rules),
+            ("service", Context::Service, &t.service_rules),
+        ];
+        let mut tenant_chain = Chain { name: format!("t{i}"), hook: None, rules: Vec::new() };
+        for (label, ctx, rules) in contexts {
+            let name = format!("t{i}_{label}");
+            let mut lines = Vec::new();
+            for rule in rules {
+                r.rule_lines(t, ctx, rule, &mut lines);
+            }
+            tenant_chain.rules.push(format!("jump {name}"));
+            chains.push(Chain { name, hook: None, rules: lines });
+        }
+        let comment = quote(&format!("tenant {} default", t.name));
+        tenant_chain.rules.extend(verdict_lines("", t.default_action, &comment));
+        chains.insert(1 + 4 * i, tenant_chain);
+    }
+    for nat in model.tenants.iter().flat_map(|t| &t.nat_rules) {
+        let object = ObjectRef::new("ExternalIPRule", Some(&nat.namespace), &nat.name);
+        r.warn(object, "source NAT (ExternalIPRule) is not enforced by the nft backend yet".into());
+    }
+    Ok(Ruleset {
+        table: model.settings.gateway_table.clone(),
+        sets: r.sets,
+        chains,
+        diagnostics: r.diagnostics,
+        valid_until: r.valid_until,
+    })
+}
+
+/// The lines that give `verdict` to packets matching `matches`, counted: one for `accept` and `drop`, two for
+/// `reject` (a TCP reset for TCP, an ICMP unreachable for everything else).
+fn verdict_lines(matches: &str, verdict: Verdict, comment: &str) -> Vec<String> {
+    let parts: &[(&str, &str)] = match verdict {
+        Verdict::Accept => &[("", "accept")],
+        Verdict::Drop => &[("", "drop")],
+        Verdict::Reject => &[("meta l4proto tcp", "reject with tcp reset"), ("", "reject with icmpx admin-prohibited")],
+    };
+    parts
+        .iter()
+        .map(|(extra, v)| {
+            let m: Vec<&str> = [matches, extra].into_iter().filter(|s| !s.is_empty()).collect();
+            let m = m.join(" ");
+            if m.is_empty() {
+                format!("counter {v} comment {comment}")
+            } else {
+                format!("{m} counter {v} comment {comment}")
+            }
+        })
+        .collect()
+}
+
+/// A quoted nft comment: at most 120 bytes, no quotes.
+fn quote(s: &str) -> String {
+    let mut c: String = s.chars().filter(|c| *c != '"' && *c != '\\' && !c.is_control()).collect();
+    while c.len() > 120 {
+        c.pop();
+    }
+    format!("\"{c}\"")
+}
+
+fn object_of(rule: &Rule) -> ObjectRef {
+    ObjectRef::new(rule.kind.as_str(), rule.namespace.as_deref(), &rule.name)
+}
+
+const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+
+fn hms(sec: u32) -> String {
+    format!("\"{:02}:{:02}:{:02}\"", sec / 3600, sec / 60 % 60, sec % 60)
+}
+
+/// `meta day`/`meta hour` matches for UTC spans, grouped by hours. The end is exclusive, nft's range inclusive.
+fn schedule_matches(spans: &[UtcSpan]) -> Vec<String> {
+    let mut by_hours: BTreeMap<(u32, u32), Vec<u8>> = BTreeMap::new();
+    for s in spans {
+        by_hours.entry((s.start, s.end)).or_default().push(s.day);
+    }
+    by_hours
+        .into_iter()
+        .map(|((start, end), days)| {
+            let days: Vec<&str> = days.iter().map(|d| DAYS[*d as usize]).collect();
+            let day = if days.len() == 1 {
+                format!("meta day \"{}\"", days[0])
+            } else {
+                format!("meta day {{ {} }}", days.iter().map(|d| format!("\"{d}\"")).collect::<Vec<_>>().join(", "))
+            };
+            if start == 0 && end == 86_400 { day } else { format!("{day} meta hour {}-{}", hms(start), hms(end - 1)) }
+        })
+        .collect()
+}
+
+fn port_match(p: &PortMatch, v4: bool) -> String {
+    let ports = if p.ports.is_empty() {
+        String::new()
+    } else {
+        let list: Vec<String> = p.ports.iter().map(|r| r.to_string()).collect();
+        format!(" th dport {{ {} }}", list.join(", "))
+    };
+    match (p.protocol, ports.is_empty()) {
+        (Protocol::Tcp, _) => format!("meta l4proto tcp{ports}"),
+        (Protocol::Udp, _) => format!("meta l4proto udp{ports}"),
+        (Protocol::Icmp, _) => (if v4 { "meta l4proto icmp" } else { "meta l4proto ipv6-icmp" }).to_string(),
+        (Protocol::Any, false) => format!("meta l4proto {{ tcp, udp }}{ports}"),
+        (Protocol::Any, true) => String::new(),
+    }
+}
+
+impl<'m> Renderer<'m> {
+    fn warn(&mut self, object: ObjectRef, message: String) {
+        if self.warned.insert((object.to_string(), message.clone())) {
+            self.diagnostics.push(Diagnostic {
+                severity: Severity::Warning,
+                object: Some(object),
+                origin: None,
+                reason: "NotEnforced".into(),
+                message,
+            });
+        }
+    }
+
+    /// Declares `<stem>_v4` and `<stem>_v6`; `always` declares them even when empty.
+    fn add_family_sets(&mut self, stem: &str, iv: &Intervals, always: bool) {
+        if always || !iv.v4.is_empty() {
+            self.sets.insert(format!("{stem}_v4"), NftSet { kind: SetKind::V4, elements: iv.elements_v4() });
+        }
+        if always || !iv.v6.is_empty() {
+            self.sets.insert(format!("{stem}_v6"), NftSet { kind: SetKind::V6, elements: iv.elements_v6() });
+        }
+    }
+
+    fn forward_chain(&mut self) -> Result<Chain, RenderError> {
+        let model = self.model;
+        let mut rules = vec!["ct state established,related accept".to_string()];
+        let mut ifaces = Vec::new();
+        let mut by_address: Vec<(usize, Intervals)> = Vec::new();
+        for (i, t) in model.tenants.iter().enumerate() {
+            if t.backend.gateway_interfaces.is_empty() {
+                let members = model.address_sets.get(&t.members).map(|s| &s.addresses[..]).unwrap_or(&[]);
+                by_address.push((i, Intervals::from_nets(members)));
+            } else {
+                ifaces.extend(t.backend.gateway_interfaces.iter().map(|n| format!("\"{n}\" : jump t{i}")));
+            }
+        }
+        for (x, (i, a)) in by_address.iter().enumerate() {
+            for (j, b) in &by_address[x + 1..] {
+                if let Some(address) = first_overlap(a, b) {
+                    let name = |k: &usize| model.tenants[*k].name.clone();
+                    return Err(RenderError::AmbiguousAddress { a: name(i), b: name(j), address });
+                }
+            }
+        }
+        if !ifaces.is_empty() {
+            rules.push(format!("iifname vmap {{ {} }}", ifaces.join(", ")));
+        }
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        for (i, iv) in &by_address {
+            v4.extend(iv.elements_v4().into_iter().map(|e| format!("{e} : jump t{i}")));
+            v6.extend(iv.elements_v6().into_iter().map(|e| format!("{e} : jump t{i}")));
+        }
+        self.sets.insert("tenants_v4".into(), NftSet { kind: SetKind::VerdictMapV4, elements: v4 });
+        self.sets.insert("tenants_v6".into(), NftSet { kind: SetKind::VerdictMapV6, elements: v6 });
+        rules.push("ip saddr vmap @tenants_v4".into());
+        rules.push("ip6 saddr vmap @tenants_v6".into());
+        if let Some(c) = model.tenants.iter().position(|t| t.name == ces_model::COMMON_TENANT)
+            && model.tenants[c].backend.gateway_interfaces.is_empty()
+        {
+            rules.push(format!("jump t{c}"));
+        }
+        Ok(Chain {
+            name: "forward".into(),
+            hook: Some("type filter hook forward priority filter; policy accept;".into()),
+            rules,
+        })
+    }
+
+    /// The source match stem of a rule for tenant `t`: `None` for every source, `Some(None)` when the rule has no
+    /// source in this tenant (it is left out of the tenant's chain), `Some(Some(stem))` otherwise.
+    fn source_stem(&mut self, t: &TenantPolicy, rule: &Rule) -> Option<Option<String>> {
+        let Sources::Sets(names) = &rule.sources else { return None };
+        let mine: Vec<&str> = names
+            .iter()
+            .filter(|n| self.model.address_sets.get(*n).is_some_and(|s| s.tenant == t.name))
+            .map(String::as_str)
+            .collect();
+        match mine.as_slice() {
+            [] => Some(None),
+            [one] => {
+                let stem = self.source_stems[one].clone();
+                if !self.sets.contains_key(&format!("{stem}_v4")) {
+                    let iv = Intervals::from_nets(&self.model.address_sets[*one].addresses);
+                    self.add_family_sets(&stem, &iv, true);
+                }
+                Some(Some(stem))
+            }
+            many => {
+                let parts: Vec<Intervals> =
+                    many.iter().map(|n| Intervals::from_nets(&self.model.address_sets[*n].addresses)).collect();
+                let stem = format!("u{}", self.unions);
+                self.unions += 1;
+                self.add_family_sets(&stem, &Intervals::union(&parts), true);
+                Some(Some(stem))
+            }
+        }
+    }
+
+    fn rule_lines(&mut self, t: &TenantPolicy, ctx: Context, rule: &'m Rule, out: &mut Vec<String>) {
+        let source = match self.source_stem(t, rule) {
+            Some(None) => return,
+            Some(Some(stem)) => Some(stem),
+            None => None,
+        };
+        let object = object_of(rule);
+        let schedules = match &rule.schedule {
+            None => vec![String::new()],
+            Some(s) => {
+                let (spans, until) = s.utc_week(self.at);
+                if let Some(u) = until {
+                    self.valid_until = Some(self.valid_until.map_or(u, |v| v.min(u)));
+                }
+                schedule_matches(&spans)
+            }
+        };
+        let comment = quote(&rule.id);
+        let verdict = match (rule.mode, rule.action) {
+            (Mode::Audit, _) => None,
+            (_, Action::Accept) if ctx != Context::Service => Some(("return", None)),
+            (_, Action::Accept | Action::AcceptDecisively) => Some(("accept", Some(Verdict::Accept))),
+            (_, Action::Drop) => Some(("drop", Some(Verdict::Drop))),
+            (_, Action::Reject) => Some(("reject", Some(Verdict::Reject))),
+        };
+        for dest_id in &rule.destinations {
+            let Some(d) = self.model.destination_sets.get(dest_id) else { continue };
+            for e in d.addresses.iter().filter(|e| e.is_name()) {
+                let shown = match e {
+                    AddressEntry::Wildcard(s) => format!("*.{s}"),
+                    AddressEntry::Host(h) => h.clone(),
+                    _ => unreachable!("only names"),
+                };
+                self.warn(
+                    object.clone(),
+                    format!(
+                        "not enforced by the nft backend: host name {shown} of ExternalService {dest_id} (the gateway matches addresses only)"
+                    ),
+                );
+            }
+            for p in d.ports.iter().filter(|p| p.bandwidth.is_some()) {
+                self.warn(
+                    object.clone(),
+                    format!(
+                        "not enforced by the nft backend yet: bandwidth of port entry {} of ExternalService {dest_id} (traffic is filtered, not limited)",
+                        p.name.clone().unwrap_or_else(|| p.protocol.to_string())
+                    ),
+                );
+            }
+            let (stem, iv) = self.destinations[dest_id.as_str()].clone();
+            for (v4, fam) in [(true, "ip"), (false, "ip6")] {
+                if (v4 && iv.v4.is_empty()) || (!v4 && iv.v6.is_empty()) {
+                    continue;
+                }
+                let suffix = if v4 { "v4" } else { "v6" };
+                let mut base = String::new();
+                if let Some(s) = &source {
+                    let _ = write!(base, "{fam} saddr @{s}_{suffix} ");
+                }
+                let _ = write!(base, "{fam} daddr @{stem}_{suffix}");
+                let ports: Vec<String> = if d.ports.is_empty() {
+                    vec![String::new()]
+                } else {
+                    d.ports.iter().map(|p| port_match(p, v4)).collect()
+                };
+                for port in &ports {
+                    for sched in &schedules {
+                        let m: Vec<&str> = [base.as_str(), port.as_str(), sched.as_str()]
+                            .into_iter()
+                            .filter(|s| !s.is_empty())
+                            .collect();
+                        let m = m.join(" ");
+                        match verdict {
+                            None => out.push(format!("{m} counter comment {}", quote(&format!("audit {}", rule.id)))),
+                            Some(("return", _)) => out.push(format!("{m} counter return comment {comment}")),
+                            Some((_, Some(v))) => out.extend(verdict_lines(&m, v, &comment)),
+                            Some(_) => unreachable!("every verdict but return has one"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Ruleset {
+    fn text(&self, with_elements: bool) -> String {
+        let mut s = format!("table inet {} {{\n", self.table);
+        for (name, set) in &self.sets {
+            let _ = writeln!(s, "\t{} {name} {{\n\t\t{}\n\t\tflags interval", set.kind.keyword(), set.kind.type_line());
+            if with_elements && !set.elements.is_empty() {
+                let _ = writeln!(s, "\t\telements = {{ {} }}", set.elements.join(", "));
+            }
+            s.push_str("\t}\n");
+        }
+        for c in &self.chains {
+            let _ = writeln!(s, "\tchain {} {{", c.name);
+            if let Some(h) = &c.hook {
+                let _ = writeln!(s, "\t\t{h}");
+            }
+            for r in &c.rules {
+                let _ = writeln!(s, "\t\t{r}");
+            }
+            s.push_str("\t}\n");
+        }
+        s.push_str("}\n");
+        s
+    }
+
+    /// The whole table as `nft -f` text (what `ces compile --backend nft` writes).
+    pub fn to_text(&self) -> String {
+        self.text(true)
+    }
+
+    /// One transaction that replaces the table whole, atomically: no packet sees a missing or half-loaded table.
+    pub fn replace_transaction(&self) -> String {
+        format!("add table inet {t}\ndelete table inet {t}\n{}", self.to_text(), t = self.table)
+    }
+
+    /// One transaction that brings a table loaded from `previous` to this ruleset by changing set elements only, or
+    /// `None` when chains or set declarations differ (then the table must be replaced). An empty string means that
+    /// nothing changed.
+    pub fn update_transaction(&self, previous: &Ruleset) -> Option<String> {
+        if self.table != previous.table || self.text(false) != previous.text(false) {
+            return None;
+        }
+        let mut s = String::new();
+        for (name, set) in &self.sets {
+            if previous.sets.get(name).is_some_and(|p| p.elements == set.elements) {
+                continue;
+            }
+            let _ = writeln!(s, "flush {} inet {} {name}", set.kind.keyword(), self.table);
+            if !set.elements.is_empty() {
+                let _ = writeln!(s, "add element inet {} {name} {{ {} }}", self.table, set.elements.join(", "));
+            }
+        }
+        Some(s)
+    }
+}
