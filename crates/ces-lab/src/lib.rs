@@ -1,0 +1,399 @@
+//! Network-namespace labs: real packets through a real nftables gateway.
+//!
+//! A [`Lab`] is built from a [`LabSpec`] and torn down when dropped:
+//! - one client namespace per tenant side (`<prefix>-c<i>`), holding that side's pod addresses on `eth0`, whose
+//!   peer in the gateway is named as the side says (`pay0`, `ana0`, ...);
+//! - the gateway namespace (`<prefix>-gw`), forwarding, with an uplink `srv0` to the server namespace. Sides may use
+//!   the same addresses (overlapping pod networks): the gateway marks each connection with its side and routes the
+//!   replies, and its own resets and ICMP errors, back by that mark;
+//! - the server namespace (`<prefix>-srv`), holding every destination address, with TCP listeners that accept and
+//!   UDP servers that echo, on the given ports.
+//!
+//! [`Lab::probe`] sends one real TCP connection, UDP datagram or ICMP echo from a client address and says what came
+//! back: an answer ([`Outcome::Accept`]), a reset or ICMP error ([`Outcome::Reject`]), or nothing ([`Outcome::Drop`]).
+//! Everything needs root, `ip` (iproute2), `nft` (nftables) and `ping` (iputils-ping); a missing piece is an error
+//! that says what to install, never a silent skip.
+
+use std::fs::File;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+/// What happened to a probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Accept,
+    Drop,
+    Reject,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Accept => "accept",
+            Outcome::Drop => "drop",
+            Outcome::Reject => "reject",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+/// One tenant side: the gateway interface its traffic arrives on, and its pod addresses.
+#[derive(Clone, Debug)]
+pub struct Side {
+    pub gateway_interface: String,
+    pub addresses: Vec<IpAddr>,
+}
+
+#[derive(Clone, Debug)]
+pub struct LabSpec {
+    /// Namespace name prefix; keep it short and unique per run (namespaces are global on the host).
+    pub prefix: String,
+    pub sides: Vec<Side>,
+    /// Addresses the server namespace answers on.
+    pub servers: Vec<IpAddr>,
+    pub tcp_ports: Vec<u16>,
+    pub udp_ports: Vec<u16>,
+}
+
+pub struct Lab {
+    pub spec: LabSpec,
+    pub gateway: String,
+    pub server: String,
+    pub clients: Vec<String>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Runs a command; an error names it and carries its stderr.
+pub fn run(args: &[&str]) -> Result<String, String> {
+    let out = Command::new(args[0]).args(&args[1..]).stdin(Stdio::null()).output().map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            format!("`{}` is not installed (the lab needs iproute2, nftables and iputils-ping)", args[0])
+        } else {
+            format!("{}: {e}", args.join(" "))
+        }
+    })?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!("`{}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+/// Runs a command inside a network namespace.
+pub fn run_in(ns: &str, args: &[&str]) -> Result<String, String> {
+    let mut full = vec!["ip", "netns", "exec", ns];
+    full.extend_from_slice(args);
+    run(&full)
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns`: sockets it opens live there.
+pub fn spawn_in<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<JoinHandle<Result<T, String>>, String> {
+    let path = format!("/var/run/netns/{ns}");
+    let file = File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+    Ok(std::thread::spawn(move || {
+        // SAFETY: setns on a valid namespace fd changes only this thread's network namespace.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 {
+            return Err(format!("setns: {}", std::io::Error::last_os_error()));
+        }
+        Ok(f())
+    }))
+}
+
+fn v6(ip: &IpAddr) -> bool {
+    ip.is_ipv6()
+}
+
+impl Lab {
+    /// Builds the lab. Fails loudly without root or without the tools.
+    pub fn build(spec: LabSpec) -> Result<Lab, String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("the lab needs root (network namespaces, nftables)".into());
+        }
+        let p = &spec.prefix;
+        let mut lab = Lab {
+            gateway: format!("{p}-gw"),
+            server: format!("{p}-srv"),
+            clients: (0..spec.sides.len()).map(|i| format!("{p}-c{i}")).collect(),
+            spec: spec.clone(),
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+        };
+        lab.setup()?;
+        Ok(lab)
+    }
+
+    fn setup(&mut self) -> Result<(), String> {
+        let (gw, srv) = (self.gateway.clone(), self.server.clone());
+        for ns in self.clients.iter().chain([&gw, &srv]) {
+            let _ = run(&["ip", "netns", "del", ns]);
+            run(&["ip", "netns", "add", ns])?;
+            run_in(ns, &["ip", "link", "set", "lo", "up"])?;
+        }
+        for (k, v) in [
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv6.conf.all.forwarding", "1"),
+            ("net.ipv4.fwmark_reflect", "1"),
+            ("net.ipv6.fwmark_reflect", "1"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+        ] {
+            run_in(&gw, &["sysctl", "-qw", &format!("{k}={v}")])?;
+        }
+        // Uplink to the servers.
+        run(&["ip", "link", "add", "srv0", "netns", &gw, "type", "veth", "peer", "name", "eth0", "netns", &srv])?;
+        run_in(&gw, &["ip", "addr", "add", "100.64.250.1/30", "dev", "srv0"])?;
+        run_in(&gw, &["ip", "-6", "addr", "add", "fd99:fa::1/64", "dev", "srv0", "nodad"])?;
+        run_in(&srv, &["ip", "addr", "add", "100.64.250.2/30", "dev", "eth0"])?;
+        run_in(&srv, &["ip", "-6", "addr", "add", "fd99:fa::2/64", "dev", "eth0", "nodad"])?;
+        for ns in [&gw, &srv] {
+            run_in(ns, &["ip", "link", "set", if ns == &gw { "srv0" } else { "eth0" }, "up"])?;
+        }
+        run_in(&gw, &["ip", "route", "add", "default", "via", "100.64.250.2"])?;
+        run_in(&gw, &["ip", "-6", "route", "add", "default", "via", "fd99:fa::2"])?;
+        run_in(&srv, &["ip", "route", "add", "default", "via", "100.64.250.1"])?;
+        run_in(&srv, &["ip", "-6", "route", "add", "default", "via", "fd99:fa::1"])?;
+        for a in &self.spec.servers {
+            let a = a.to_string();
+            if a.contains(':') {
+                run_in(&srv, &["ip", "-6", "addr", "add", &format!("{a}/128"), "dev", "eth0", "nodad"])?;
+            } else {
+                run_in(&srv, &["ip", "addr", "add", &format!("{a}/32"), "dev", "eth0"])?;
+            }
+        }
+        // Tenant sides. Connections are marked with their side on the way out; replies take the mark back from
+        // conntrack, and the mark picks the side's routing table (the gateway's own resets and ICMP errors carry
+        // the mark of the packet they answer: fwmark_reflect).
+        let mut lab_nft = String::from(
+            "table inet ceslab {\n chain pre {\n  type filter hook prerouting priority mangle; policy accept;\n",
+        );
+        for (i, side) in self.spec.sides.clone().iter().enumerate() {
+            let c = self.clients[i].clone();
+            let gi = side.gateway_interface.as_str();
+            let mark = (i + 1).to_string();
+            let table = (100 + i).to_string();
+            run(&["ip", "link", "add", gi, "netns", &gw, "type", "veth", "peer", "name", "eth0", "netns", &c])?;
+            run_in(&gw, &["ip", "addr", "add", &format!("100.64.{i}.1/30"), "dev", gi])?;
+            run_in(&gw, &["ip", "-6", "addr", "add", &format!("fd99:{i}::1/64"), "dev", gi, "nodad"])?;
+            run_in(&gw, &["ip", "link", "set", gi, "up"])?;
+            run_in(&c, &["ip", "addr", "add", &format!("100.64.{i}.2/30"), "dev", "eth0"])?;
+            run_in(&c, &["ip", "-6", "addr", "add", &format!("fd99:{i}::2/64"), "dev", "eth0", "nodad"])?;
+            run_in(&c, &["ip", "link", "set", "eth0", "up"])?;
+            run_in(&c, &["ip", "route", "add", "default", "via", &format!("100.64.{i}.1")])?;
+            run_in(&c, &["ip", "-6", "route", "add", "default", "via", &format!("fd99:{i}::1")])?;
+            for fam in ["-4", "-6"] {
+                run_in(&gw, &["ip", fam, "rule", "add", "fwmark", &mark, "table", &table, "priority", &table])?;
+            }
+            for a in &side.addresses {
+                let a = a.to_string();
+                if a.contains(':') {
+                    run_in(&c, &["ip", "-6", "addr", "add", &format!("{a}/128"), "dev", "eth0", "nodad"])?;
+                    run_in(&gw, &["ip", "-6", "route", "add", &a, "via", &format!("fd99:{i}::2"), "table", &table])?;
+                } else {
+                    run_in(&c, &["ip", "addr", "add", &format!("{a}/32"), "dev", "eth0"])?;
+                    run_in(&gw, &["ip", "route", "add", &a, "via", &format!("100.64.{i}.2"), "table", &table])?;
+                }
+            }
+            lab_nft += &format!("  iifname \"{gi}\" meta mark set {mark} ct mark set {mark}\n");
+        }
+        lab_nft += "  iifname \"srv0\" meta mark set ct mark\n }\n}\n";
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &gw, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("ip netns exec nft: {e}"))?;
+        use std::io::Write as _;
+        child.stdin.take().expect("piped").write_all(lab_nft.as_bytes()).map_err(|e| e.to_string())?;
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!(
+                "loading the lab's routing marks failed (is nftables installed?): {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        self.start_servers()
+    }
+
+    fn start_servers(&mut self) -> Result<(), String> {
+        for &port in &self.spec.tcp_ports {
+            let stop = self.stop.clone();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let h = spawn_in(&self.server, move || {
+                let s = match tcp_listener(port) {
+                    Ok(s) => {
+                        let _ = tx.send(Ok(()));
+                        s
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                while !stop.load(Ordering::Relaxed) {
+                    match s.accept() {
+                        Ok((c, _)) => drop(c),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(2))
+                        }
+                        Err(_) => {}
+                    }
+                }
+            })?;
+            rx.recv().map_err(|e| e.to_string())??;
+            self.threads.push(std::thread::spawn(move || {
+                let _ = h.join();
+            }));
+        }
+        // UDP: one socket per address and port, so that a reply leaves from the address the probe was sent to
+        // (a connected client socket ignores datagrams from any other).
+        for &port in &self.spec.udp_ports {
+            for &addr in &self.spec.servers {
+                let stop = self.stop.clone();
+                let (tx, rx) = std::sync::mpsc::channel();
+                let h = spawn_in(&self.server, move || {
+                    let s = match udp_server(addr, port) {
+                        Ok(s) => {
+                            let _ = tx.send(Ok(()));
+                            s
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1500];
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Ok((n, from)) = s.recv_from(&mut buf) {
+                            // SAFETY: recv_from initialised the first n bytes.
+                            let data: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+                            let _ = s.send_to(&data, &from);
+                        }
+                    }
+                })?;
+                rx.recv().map_err(|e| e.to_string())??;
+                self.threads.push(std::thread::spawn(move || {
+                    let _ = h.join();
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    /// The client namespace of the side that holds `source` through interface `side`.
+    pub fn client_of(&self, side: usize) -> &str {
+        &self.clients[side]
+    }
+
+    /// Sends one probe from `source` (an address of side `side`) and says what came back.
+    pub fn probe(&self, side: usize, source: IpAddr, dst: IpAddr, proto: Proto, port: u16) -> Result<Outcome, String> {
+        let ns = self.clients[side].clone();
+        let timeout = Duration::from_millis(400);
+        match proto {
+            Proto::Icmp => {
+                let out = Command::new("ip")
+                    .args(["netns", "exec", &ns, "ping", "-n", "-c1", "-W1", "-I", &source.to_string()])
+                    .arg(dst.to_string())
+                    .output()
+                    .map_err(|e| format!("ping: {e}"))?;
+                let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+                if out.status.success() {
+                    Ok(Outcome::Accept)
+                } else if text.contains("Prohibited") || text.contains("filtered") || text.contains("Unreachable") {
+                    Ok(Outcome::Reject)
+                } else if text.contains("100% packet loss") {
+                    Ok(Outcome::Drop)
+                } else {
+                    Err(format!("ping from {source} to {dst}: {text}"))
+                }
+            }
+            Proto::Tcp | Proto::Udp => spawn_in(&ns, move || probe_socket(source, dst, proto, port, timeout))?
+                .join()
+                .map_err(|_| "probe thread panicked".to_string())??,
+        }
+    }
+}
+
+fn tcp_listener(port: u16) -> Result<Socket, String> {
+    let s = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP)).map_err(|e| e.to_string())?;
+    s.set_only_v6(false).map_err(|e| e.to_string())?;
+    s.set_reuse_address(true).map_err(|e| e.to_string())?;
+    s.bind(&SockAddr::from(SocketAddr::from(([0u16; 8], port)))).map_err(|e| format!("tcp {port}: {e}"))?;
+    s.listen(128).map_err(|e| e.to_string())?;
+    s.set_nonblocking(true).map_err(|e| e.to_string())?;
+    Ok(s)
+}
+
+fn udp_server(addr: IpAddr, port: u16) -> Result<Socket, String> {
+    let domain = if v6(&addr) { Domain::IPV6 } else { Domain::IPV4 };
+    let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP)).map_err(|e| e.to_string())?;
+    s.bind(&SockAddr::from(SocketAddr::new(addr, port))).map_err(|e| format!("udp {addr}:{port}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_millis(50))).map_err(|e| e.to_string())?;
+    Ok(s)
+}
+
+fn probe_socket(source: IpAddr, dst: IpAddr, proto: Proto, port: u16, timeout: Duration) -> Result<Outcome, String> {
+    let domain = if v6(&dst) { Domain::IPV6 } else { Domain::IPV4 };
+    let (ty, pr) = if proto == Proto::Tcp { (Type::STREAM, Protocol::TCP) } else { (Type::DGRAM, Protocol::UDP) };
+    let s = Socket::new(domain, ty, Some(pr)).map_err(|e| e.to_string())?;
+    s.bind(&SockAddr::from(SocketAddr::new(source, 0))).map_err(|e| format!("bind {source}: {e}"))?;
+    let to = SockAddr::from(SocketAddr::new(dst, port));
+    let classify = |e: std::io::Error| -> Result<Outcome, String> {
+        match e.raw_os_error() {
+            Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EACCES | libc::EPERM) => {
+                Ok(Outcome::Reject)
+            }
+            Some(libc::ETIMEDOUT | libc::EAGAIN | libc::EINPROGRESS) => Ok(Outcome::Drop),
+            _ if e.kind() == std::io::ErrorKind::TimedOut || e.kind() == std::io::ErrorKind::WouldBlock => {
+                Ok(Outcome::Drop)
+            }
+            _ => Err(format!("{proto:?} {source} -> {dst}:{port}: {e}")),
+        }
+    };
+    match proto {
+        Proto::Tcp => match s.connect_timeout(&to, timeout) {
+            Ok(()) => Ok(Outcome::Accept),
+            Err(e) => classify(e),
+        },
+        _ => {
+            s.connect(&to).map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+            s.send(b"ces-probe").map_err(|e| e.to_string())?;
+            let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 64];
+            match s.recv(&mut buf) {
+                Ok(_) => Ok(Outcome::Accept),
+                Err(e) => classify(e),
+            }
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        for ns in self.clients.iter().chain([&self.gateway, &self.server]) {
+            let _ = run(&["ip", "netns", "del", ns]);
+        }
+    }
+}

@@ -1,0 +1,391 @@
+//! Conformance of the nftables gateway with `ces simulate`, with real packets.
+//!
+//! The real `ces gateway --once` programs a gateway network namespace; the same flow table goes through the real
+//! `ces simulate --flows` and through real TCP connections, UDP datagrams and ICMP echoes from client namespaces (one
+//! per tenant side, the tenants' pod networks overlapping) to a server namespace. Every flow must get the same
+//! verdict. Needs root, iproute2, nftables and iputils-ping: without them the test fails and says what is missing
+//! (`.ci/install` installs them).
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ces_lab::{Lab, LabSpec, Outcome, Proto, Side};
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+fn ces() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ces"));
+    c.current_dir(root()).env_remove("CES_NAMESPACE");
+    c
+}
+
+/// Tenant sides of the realistic example, as its config names the gateway interfaces.
+const SIDES: [(&str, &str, &[&str]); 3] = [
+    ("pay0", "payments", &["10.10.0.11", "10.10.0.12", "10.10.0.13", "10.10.0.21", "10.11.0.5"]),
+    ("ana0", "analytics", &["10.20.0.5", "fd00:20::5", "10.20.0.9", "10.10.0.11"]),
+    // Not a named interface: the gateway finds the tenant by address (Common here).
+    ("com0", "Common", &["10.0.0.10", "10.99.0.1"]),
+];
+
+const SERVERS: [&str; 14] = [
+    "203.0.113.7",
+    "198.51.100.66",
+    "10.255.0.53",
+    "10.255.0.123",
+    "198.51.100.5",
+    "192.0.2.105",
+    "2001:db8:5::10",
+    "2001:db8:9::1",
+    "93.184.216.34",
+    "198.18.0.10",
+    "198.18.1.10",
+    "198.18.2.10",
+    "198.18.3.10",
+    "192.0.2.200",
+];
+const TCP_PORTS: [u16; 5] = [22, 53, 80, 443, 8443];
+const UDP_PORTS: [u16; 2] = [53, 123];
+
+#[derive(Clone, Debug)]
+struct Case {
+    side: usize,
+    from: IpAddr,
+    to: IpAddr,
+    proto: Proto,
+    port: u16,
+}
+
+impl Case {
+    fn target(&self) -> String {
+        let host = if self.to.is_ipv6() { format!("[{}]", self.to) } else { self.to.to_string() };
+        match self.proto {
+            Proto::Tcp => format!("{host}:{}/tcp", self.port),
+            Proto::Udp => format!("{host}:{}/udp", self.port),
+            Proto::Icmp => format!("{}/icmp", self.to),
+        }
+    }
+}
+
+/// `HH:MM` of the current UTC time shifted by `hours`.
+fn utc_hhmm(hours: i64) -> String {
+    let now = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(hours);
+    let t = jiff::tz::TimeZone::UTC.to_datetime(now);
+    format!("{:02}:{:02}", t.hour(), t.minute())
+}
+
+/// Lab-only rules next to the example: an audit rule and an accept on one destination, and two schedules, one
+/// holding now and one not (the time zone and windows are chosen around the clock: no waiting for 9 a.m.).
+fn extra_rules() -> String {
+    format!(
+        r#"apiVersion: kubeovn.io/v1alpha1
+kind: ExternalService
+metadata: {{name: lab-audit, namespace: kube-system}}
+spec: {{addresses: [198.18.0.10], ports: [{{protocol: tcp, port: "443"}}]}}
+---
+apiVersion: kubeovn.io/v1alpha1
+kind: ClusterEgressRule
+metadata: {{name: lab-audit-reject}}
+spec: {{action: reject, mode: audit, priority: 1, externalServices: [lab-audit]}}
+---
+apiVersion: kubeovn.io/v1alpha1
+kind: ExternalService
+metadata: {{name: lab-audit, namespace: payments}}
+spec: {{addresses: [198.18.0.10]}}
+---
+apiVersion: kubeovn.io/v1alpha1
+kind: NamespaceEgressRule
+metadata: {{name: lab-audited, namespace: payments}}
+spec: {{action: accept-decisively, externalServices: [lab-audit]}}
+---
+apiVersion: kubeovn.io/v1alpha1
+kind: ExternalService
+metadata: {{name: lab-svc, namespace: payments}}
+spec: {{addresses: [198.18.3.10], ports: [{{protocol: tcp, port: "443"}}, {{protocol: udp, port: "53"}}]}}
+---
+apiVersion: kubeovn.io/v1alpha1
+kind: ServiceEgressRule
+metadata: {{name: lab-checkout, namespace: payments}}
+spec: {{action: accept, service: checkout, externalServices: [lab-svc]}}
+---
+# Plain accepts in the cluster and namespace contexts only pass the flow on: the service context or the tenant's
+# default still decides.
+apiVersion: kubeovn.io/v1alpha1
+kind: ExternalService
+metadata: {{name: lab-svc, namespace: kube-system}}
+spec: {{addresses: [198.18.3.10]}}
+---
+apiVersion: kubeovn.io/v1alpha1
+kind: ClusterEgressRule
+metadata: {{name: lab-pass}}
+spec: {{action: accept, priority: 2, externalServices: [lab-svc]}}
+---
+apiVersion: kubeovn.io/v1alpha1
+kind: NamespaceEgressRule
+metadata: {{name: lab-pass, namespace: payments}}
+spec: {{action: accept, externalServices: [lab-svc]}}
+---
+apiVersion: kubeovn.io/v1alpha1
+kind: ExternalService
+metadata: {{name: lab-now, namespace: payments}}
+spec: {{addresses: [198.18.1.10]}}
+---
+apiVersion: kubeovn.io/v1alpha1
+kind: ExternalService
+metadata: {{name: lab-later, namespace: payments}}
+spec: {{addresses: [198.18.2.10]}}
+---
+apiVersion: kubeovn.io/v1alpha1
+kind: NamespaceEgressRule
+metadata: {{name: lab-window-now, namespace: payments}}
+spec:
+  action: accept-decisively
+  externalServices: [lab-now]
+  schedule: {{timezone: UTC, windows: [{{start: "{}", end: "{}"}}]}}
+---
+apiVersion: kubeovn.io/v1alpha1
+kind: NamespaceEgressRule
+metadata: {{name: lab-window-later, namespace: payments}}
+spec:
+  action: accept-decisively
+  externalServices: [lab-later]
+  schedule: {{timezone: UTC, windows: [{{start: "{}", end: "{}"}}]}}
+"#,
+        utc_hhmm(-2),
+        utc_hhmm(2),
+        utc_hhmm(3),
+        utc_hhmm(5)
+    )
+}
+
+/// Hand-written flows (every context, action, the default, both tenants on the overlapping address, IPv6) and
+/// `generated` more from a seeded generator.
+fn cases(generated: usize) -> Vec<Case> {
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let c = |side, from: &str, to: &str, proto, port| Case { side, from: ip(from), to: ip(to), proto, port };
+    let mut out = vec![
+        c(0, "10.10.0.11", "203.0.113.7", Proto::Tcp, 443), // cluster drop (threat intel)
+        c(1, "10.10.0.11", "203.0.113.7", Proto::Tcp, 443), // same address, other tenant: same cluster drop
+        c(2, "10.0.0.10", "10.255.0.53", Proto::Udp, 53),   // cluster accept, then Common's default
+        c(0, "10.10.0.21", "198.51.100.5", Proto::Tcp, 8443), // namespace accept, then payments' default reject
+        c(0, "10.10.0.12", "198.51.100.5", Proto::Tcp, 8443), // not the ledger: reject
+        c(0, "10.10.0.11", "198.18.0.10", Proto::Tcp, 443), // audit reject, then accept-decisively
+        c(1, "10.10.0.11", "198.18.0.10", Proto::Tcp, 443), // analytics: no such rule: drop
+        c(0, "10.10.0.11", "198.18.1.10", Proto::Tcp, 443), // inside its window
+        c(0, "10.10.0.11", "198.18.2.10", Proto::Tcp, 443), // outside its window
+        c(0, "10.10.0.11", "198.18.1.10", Proto::Udp, 53),
+        c(0, "10.10.0.11", "198.18.2.10", Proto::Udp, 53),
+        c(0, "10.10.0.11", "198.18.1.10", Proto::Icmp, 0),
+        c(0, "10.10.0.11", "198.18.2.10", Proto::Icmp, 0),
+        c(1, "fd00:20::5", "2001:db8:5::10", Proto::Tcp, 443), // IPv6, office hours in Berlin
+        c(1, "fd00:20::5", "2001:db8:9::1", Proto::Tcp, 443),
+        c(2, "10.99.0.1", "93.184.216.34", Proto::Tcp, 80), // nobody's address: Common's default
+        c(0, "10.11.0.5", "192.0.2.105", Proto::Tcp, 22),   // nightly window
+        c(0, "10.10.0.11", "198.18.3.10", Proto::Tcp, 443), // service accept: checkout-0 is an endpoint
+        c(0, "10.10.0.12", "198.18.3.10", Proto::Udp, 53),  // checkout-1 too
+        c(0, "10.10.0.21", "198.18.3.10", Proto::Tcp, 443), // the ledger is not: payments' default reject
+        c(1, "10.10.0.11", "198.18.3.10", Proto::Tcp, 443), // same address in analytics: its default drop
+    ];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = |n: usize| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % n as u64) as usize
+    };
+    while out.len() < 21 + generated {
+        let side = next(SIDES.len());
+        let addrs = SIDES[side].2;
+        let from = ip(addrs[next(addrs.len())]);
+        let candidates: Vec<IpAddr> = SERVERS.iter().map(|s| ip(s)).filter(|s| s.is_ipv4() == from.is_ipv4()).collect();
+        let to = candidates[next(candidates.len())];
+        let (proto, port) = match next(3) {
+            0 => (Proto::Tcp, TCP_PORTS[next(TCP_PORTS.len())]),
+            1 => (Proto::Udp, UDP_PORTS[next(UDP_PORTS.len())]),
+            _ => (Proto::Icmp, 0),
+        };
+        out.push(Case { side, from, to, proto, port });
+    }
+    out
+}
+
+fn apply(lab: &Lab, dir: &Path) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &lab.gateway, env!("CARGO_BIN_EXE_ces"), "gateway", "--once", "--manifests"])
+        .arg(dir.join("cluster.yaml"))
+        .arg(dir.join("policies.yaml"))
+        .arg(dir.join("extra.yaml"))
+        .arg("--config")
+        .arg(dir.join("ces-conf.yaml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ces gateway --once: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Simulate's verdict for every case, through `ces simulate --flows` on the same files.
+fn simulate(dir: &Path, cases: &[Case]) -> Vec<String> {
+    let mut lines = String::new();
+    for c in cases {
+        let line = serde_json::json!({"from": c.from.to_string(), "tenant": SIDES[c.side].1, "to": c.target()});
+        lines += &format!("{line}\n");
+    }
+    let flows = dir.join("flows.jsonl");
+    std::fs::write(&flows, lines).unwrap();
+    let out = ces()
+        .args(["simulate", "--flows"])
+        .arg(&flows)
+        .arg("--manifests")
+        .args(["cluster.yaml", "policies.yaml", "extra.yaml"].map(|f| dir.join(f)))
+        .arg("--config")
+        .arg(dir.join("ces-conf.yaml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ces simulate: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            format!("{} by {}", v["verdict"].as_str().unwrap(), v["decidedBy"]["rule"].as_str().unwrap())
+        })
+        .collect()
+}
+
+/// Probes every case with real packets, several at a time.
+fn probe_all(lab: &Lab, cases: &[Case]) -> Vec<Outcome> {
+    let mut out = vec![Outcome::Drop; cases.len()];
+    for (chunk_cases, chunk_out) in cases.chunks(12).zip(out.chunks_mut(12)) {
+        std::thread::scope(|s| {
+            let handles: Vec<_> =
+                chunk_cases.iter().map(|c| s.spawn(move || lab.probe(c.side, c.from, c.to, c.proto, c.port))).collect();
+            for (h, slot) in handles.into_iter().zip(chunk_out.iter_mut()) {
+                *slot = h.join().unwrap().unwrap_or_else(|e| panic!("probe failed: {e}"));
+            }
+        });
+    }
+    out
+}
+
+fn compare(lab: &Lab, dir: &Path, cases: &[Case], stage: &str) -> BTreeSet<String> {
+    let predicted = simulate(dir, cases);
+    let real = probe_all(lab, cases);
+    let mut mismatches = Vec::new();
+    let mut seen = BTreeSet::new();
+    for ((c, p), r) in cases.iter().zip(&predicted).zip(&real) {
+        let verdict = p.split(' ').next().unwrap();
+        seen.insert(format!("{verdict}:{}", p.split(" by ").nth(1).unwrap()));
+        if verdict != r.as_str() {
+            mismatches.push(format!(
+                "{} {} -> {}: simulate says {p}, the network did {}",
+                SIDES[c.side].1,
+                c.from,
+                c.target(),
+                r.as_str()
+            ));
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "{stage}: {} of {} flows differ:\n{}",
+        mismatches.len(),
+        cases.len(),
+        mismatches.join("\n")
+    );
+    seen
+}
+
+fn lab(prefix: &str) -> Lab {
+    let spec = LabSpec {
+        prefix: prefix.into(),
+        sides: SIDES
+            .iter()
+            .map(|(iface, _, addrs)| Side {
+                gateway_interface: iface.to_string(),
+                addresses: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+            })
+            .collect(),
+        servers: SERVERS.iter().map(|a| a.parse().unwrap()).collect(),
+        tcp_ports: TCP_PORTS.to_vec(),
+        udp_ports: UDP_PORTS.to_vec(),
+    };
+    Lab::build(spec).unwrap_or_else(|e| panic!("cannot build the network-namespace lab: {e}"))
+}
+
+fn example_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ces-gw-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["cluster.yaml", "policies.yaml", "ces-conf.yaml"] {
+        std::fs::copy(root().join("examples/realistic").join(f), dir.join(f)).unwrap();
+    }
+    std::fs::write(dir.join("extra.yaml"), extra_rules()).unwrap();
+    dir
+}
+
+#[test]
+fn the_gateway_does_what_simulate_says_with_real_packets_through_churn() {
+    let dir = example_dir("conf");
+    let lab = lab(&format!("cesc{}", std::process::id() % 100_000));
+    apply(&lab, &dir);
+    let cases = cases(220);
+    let seen = compare(&lab, &dir, &cases, "first apply");
+    // The table must exercise every kind of decision, or the comparison proves little.
+    for want in
+        ["accept:", "drop:", "reject:", "drop:ClusterEgressRule/", "reject:Tenant/payments", "drop:Tenant/Common"]
+    {
+        assert!(seen.iter().any(|s| s.starts_with(want)), "no flow decided `{want}`: {seen:?}");
+    }
+    for rule in [
+        "NamespaceEgressRule/payments/lab-audited",
+        "NamespaceEgressRule/payments/lab-window-now",
+        "ServiceEgressRule/payments/lab-checkout",
+    ] {
+        assert!(seen.iter().any(|s| s.ends_with(rule)), "no flow decided by {rule}: {seen:?}");
+    }
+
+    // Churn: checkout-1 moves from 10.10.0.12 to 10.10.0.13; the ledger's rule goes; a new rule lets the
+    // ledger reach the outside address; then the same flows again.
+    let cluster = std::fs::read_to_string(dir.join("cluster.yaml")).unwrap();
+    std::fs::write(dir.join("cluster.yaml"), cluster.replace("{ip: 10.10.0.12}", "{ip: 10.10.0.13}")).unwrap();
+    let policies = std::fs::read_to_string(dir.join("policies.yaml")).unwrap();
+    let start =
+        policies.find("kind: NamespaceEgressRule\nmetadata: {name: ledger-card-network").expect("the ledger rule");
+    let end = start + policies[start..].find("\n---").unwrap();
+    let mut edited =
+        policies[..start].to_string() + "kind: ConfigMap\nmetadata: {name: removed-rule}" + &policies[end..];
+    edited += "\n---\napiVersion: kubeovn.io/v1alpha1\nkind: ExternalService\nmetadata: {name: outside, namespace: payments}\nspec: {addresses: [93.184.216.34]}\n---\napiVersion: kubeovn.io/v1alpha1\nkind: NamespaceEgressRule\nmetadata: {name: lab-new, namespace: payments}\nspec: {action: accept-decisively, externalServices: [outside]}\n";
+    std::fs::write(dir.join("policies.yaml"), edited).unwrap();
+    apply(&lab, &dir);
+    let mut churn = cases.clone();
+    churn.push(Case {
+        side: 0,
+        from: "10.10.0.13".parse().unwrap(),
+        to: "93.184.216.34".parse().unwrap(),
+        proto: Proto::Tcp,
+        port: 80,
+    });
+    churn.push(Case {
+        side: 0,
+        from: "10.10.0.21".parse().unwrap(),
+        to: "198.51.100.5".parse().unwrap(),
+        proto: Proto::Tcp,
+        port: 8443,
+    });
+    let seen = compare(&lab, &dir, &churn, "after churn");
+    assert!(seen.iter().any(|s| s == "accept:NamespaceEgressRule/payments/lab-new"), "{seen:?}");
+    assert!(!seen.iter().any(|s| s.ends_with("ledger-card-network")), "the deleted rule still decides: {seen:?}");
+
+    // Cleanup removes the table; nothing is left that filters.
+    let out = Command::new("ip")
+        .args(["netns", "exec", &lab.gateway, env!("CARGO_BIN_EXE_ces"), "gateway", "cleanup"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tables = ces_lab::run_in(&lab.gateway, &["nft", "list", "tables"]).unwrap();
+    assert!(!tables.lines().any(|l| l.trim() == "table inet ces"), "{tables}");
+    assert!(tables.lines().any(|l| l.trim() == "table inet ceslab"), "other tables are left alone: {tables}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
