@@ -6,3 +6,39 @@ pub mod intervals;
 mod render;
 
 pub use render::{Chain, NftSet, RenderError, Ruleset, SetKind, render};
+
+/// The gateway as a backend of the sync loop: renders the model as of now and applies it.
+pub struct NftBackend {
+    pub applier: apply::Applier,
+    /// The warnings of the last render, so that the agent reports them when they change.
+    pub last_warnings: Vec<ces_model::Diagnostic>,
+}
+
+impl NftBackend {
+    pub fn new(nft: apply::Nft) -> NftBackend {
+        NftBackend { applier: apply::Applier::new(nft), last_warnings: Vec::new() }
+    }
+}
+
+impl ces_sync::Backend for NftBackend {
+    fn name(&self) -> &str {
+        "nft"
+    }
+
+    fn apply(&mut self, model: &ces_model::PolicyModel, full: bool) -> Result<ces_sync::Applied, String> {
+        let rs = render(model, jiff::Timestamp::now()).map_err(|e| e.to_string())?;
+        let applied = self.applier.apply(&rs, full).map_err(|e| e.to_string())?;
+        let mut summary = match applied {
+            apply::Applied::Replaced => format!("table inet {} replaced", rs.table),
+            apply::Applied::Updated(n) => format!("table inet {}: elements of {n} set(s) updated", rs.table),
+            apply::Applied::Unchanged => format!("table inet {} unchanged", rs.table),
+        };
+        if rs.diagnostics != self.last_warnings {
+            for d in &rs.diagnostics {
+                summary.push_str(&format!("\n  {d}"));
+            }
+            self.last_warnings = rs.diagnostics.clone();
+        }
+        Ok(ces_sync::Applied { summary, valid_until: rs.valid_until })
+    }
+}

@@ -19,6 +19,12 @@ pub struct GatewayArgs {
     /// Apply the current policy once and exit, leaving the rules in place.
     #[arg(long)]
     once: bool,
+    /// Without --once: how long the inputs must be unchanged before a change is applied (coalescing churn).
+    #[arg(long, value_name = "MS", default_value_t = 200)]
+    debounce_ms: u64,
+    /// Without --once: how often the whole table is applied again, repairing changes made behind CES's back.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    resync_secs: u64,
 }
 
 #[derive(Subcommand)]
@@ -57,7 +63,7 @@ pub fn run(args: &GatewayArgs) -> Result<(), Failure> {
     }
     let inputs = args.inputs.as_ref().ok_or_else(|| Failure::input("give --manifests PATH... or --example"))?;
     if !args.once {
-        return Err(Failure::input("only --once is available: the watching agent is not built yet"));
+        return watch(inputs, args);
     }
     let inputs = Inputs::load_unique(inputs)?;
     let model = inputs.compile();
@@ -66,5 +72,31 @@ pub fn run(args: &GatewayArgs) -> Result<(), Failure> {
     let applied =
         Applier::new(Nft::default()).apply(&rs, true).map_err(|e| Failure { code: 1, message: e.to_string() })?;
     eprintln!("ces: table inet {}: {applied:?}", rs.table);
+    Ok(())
+}
+
+/// The agent: watches the manifests (and config) and keeps this host's table in step, through the sync loop.
+fn watch(inputs: &InputArgs, args: &GatewayArgs) -> Result<(), Failure> {
+    if inputs.example {
+        return Err(Failure::input("the agent watches files: give --manifests PATH... (and --config FILE)"));
+    }
+    let mut source = ces_sync::folder::Folder { manifests: inputs.manifests.clone(), config: inputs.config.clone() };
+    let mut backend = ces_nft::NftBackend::new(Nft::default());
+    let opts = ces_sync::Options {
+        debounce: std::time::Duration::from_millis(args.debounce_ms),
+        resync: std::time::Duration::from_secs(args.resync_secs.max(1)),
+        ces_namespace: inputs.ces_namespace.clone(),
+        ..Default::default()
+    };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    eprintln!("ces gateway: watching {} path(s); the rules stay in place if this agent stops", inputs.manifests.len());
+    ces_sync::run(&mut source, &mut backend, &opts, &stop, &mut |e| match e {
+        ces_sync::Event::Applied { reason, summary, problems } => {
+            eprintln!("ces gateway: {reason}: {summary}; {problems} problem(s) in the policy");
+        }
+        ces_sync::Event::Failed { reason, error, retry_in } => {
+            eprintln!("ces gateway: {reason} failed, retrying in {} ms: {error}", retry_in.as_millis());
+        }
+    });
     Ok(())
 }

@@ -389,3 +389,111 @@ fn the_gateway_does_what_simulate_says_with_real_packets_through_churn() {
     assert!(tables.lines().any(|l| l.trim() == "table inet ceslab"), "other tables are left alone: {tables}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Waits until `what` holds, up to 20 s.
+fn wait_until(what: impl Fn() -> bool, describe: impl Fn() -> String) {
+    let start = std::time::Instant::now();
+    while !what() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(20), "timed out waiting: {}", describe());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+struct Agent {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Starts `ces gateway` (the watching agent) in the gateway namespace, with `path_dir` first on its PATH.
+    fn start(lab: &Lab, dir: &Path, path_dir: &Path, log: PathBuf) -> Agent {
+        let path = format!("{}:{}", path_dir.display(), std::env::var("PATH").unwrap_or_default());
+        let child = Command::new("ip")
+            .args(["netns", "exec", &lab.gateway, "env", &format!("PATH={path}"), env!("CARGO_BIN_EXE_ces")])
+            .args(["gateway", "--debounce-ms", "50", "--manifests"])
+            .args(["cluster.yaml", "policies.yaml", "extra.yaml"].map(|f| dir.join(f)))
+            .arg("--config")
+            .arg(dir.join("ces-conf.yaml"))
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Agent { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn count(&self, needle: &str) -> usize {
+        self.log().matches(needle).count()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn the_agent_follows_churn_with_element_updates_survives_kill_and_retries_failed_transactions() {
+    let dir = example_dir("agent");
+    let lab = lab(&format!("cesa{}", std::process::id() % 100_000));
+    // An nft that fails while the flag file exists: a transaction failure on demand.
+    let shim = dir.join("shim");
+    std::fs::create_dir_all(&shim).unwrap();
+    let flag = dir.join("fail-nft");
+    let real_nft =
+        ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"].into_iter().find(|p| Path::new(p).exists()).expect("nft");
+    std::fs::write(
+        shim.join("nft"),
+        format!(
+            "#!/bin/sh\nif [ -e {} ]; then echo injected failure >&2; exit 1; fi\nexec {real_nft} \"$@\"\n",
+            flag.display()
+        ),
+    )
+    .unwrap();
+    Command::new("chmod").args(["+x"]).arg(shim.join("nft")).status().unwrap();
+
+    let agent = Agent::start(&lab, &dir, &shim, dir.join("agent1.log"));
+    wait_until(|| agent.count("replaced") >= 1, || agent.log());
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let svc = |from: &str| Case { side: 0, from: ip(from), to: ip("198.18.3.10"), proto: Proto::Tcp, port: 443 };
+    let flows = [svc("10.10.0.12"), svc("10.10.0.13"), svc("10.10.0.21")];
+    compare(&lab, &dir, &flows, "agent started");
+
+    // Pod churn: checkout-1 moves to 10.10.0.13. Only set elements change.
+    let move_pod = |from: &str, to: &str| {
+        let cluster = std::fs::read_to_string(dir.join("cluster.yaml")).unwrap();
+        std::fs::write(dir.join("cluster.yaml"), cluster.replace(&format!("{{ip: {from}}}"), &format!("{{ip: {to}}}")))
+            .unwrap();
+    };
+    move_pod("10.10.0.12", "10.10.0.13");
+    wait_until(|| agent.count("set(s) updated") >= 1, || agent.log());
+    assert_eq!(agent.count("replaced"), 1, "pod churn must not replace the table: {}", agent.log());
+    let seen = compare(&lab, &dir, &flows, "after churn");
+    assert!(seen.contains("accept:ServiceEgressRule/payments/lab-checkout"), "{seen:?}");
+
+    // A transaction fails while a change arrives: the agent retries until it succeeds, and the change lands.
+    std::fs::write(&flag, "").unwrap();
+    move_pod("10.10.0.13", "10.10.0.12");
+    wait_until(|| agent.count("failed, retrying") >= 2, || agent.log());
+    std::fs::remove_file(&flag).unwrap();
+    wait_until(
+        || agent.log().lines().last().is_some_and(|l| l.contains("retry: table inet ces replaced")),
+        || agent.log(),
+    );
+    compare(&lab, &dir, &flows, "after a failed transaction");
+
+    // Killed: the rules stay (fail-static).
+    drop(agent);
+    compare(&lab, &dir, &flows, "agent killed");
+    // While it is down, the policy changes; a restarted agent adopts the table and converges.
+    move_pod("10.10.0.12", "10.10.0.13");
+    let agent = Agent::start(&lab, &dir, &shim, dir.join("agent2.log"));
+    wait_until(|| agent.count("replaced") >= 1, || agent.log());
+    compare(&lab, &dir, &flows, "agent restarted");
+    drop(agent);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,64 @@
+//! The manifests-folder source: YAML/JSON files and folders, and a `ces-conf.yaml`, read whole on each load.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+use ces_config::CesConfig;
+use ces_snapshot::Snapshot;
+
+use crate::Source;
+
+pub struct Folder {
+    pub manifests: Vec<PathBuf>,
+    /// `None`: the embedded default config.
+    pub config: Option<PathBuf>,
+}
+
+fn walk(path: &Path, h: &mut DefaultHasher) -> Result<(), String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    path.hash(h);
+    if meta.is_dir() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        entries.sort();
+        for e in entries {
+            walk(&e, h)?;
+        }
+    } else {
+        meta.len().hash(h);
+        if let Ok(m) = meta.modified() {
+            m.hash(h);
+        }
+    }
+    Ok(())
+}
+
+impl Source for Folder {
+    /// Paths, sizes and modification times of every file: any edit, addition or removal changes it.
+    fn version(&mut self) -> Result<u64, String> {
+        let mut h = DefaultHasher::new();
+        for p in self.manifests.iter().chain(&self.config) {
+            walk(p, &mut h)?;
+        }
+        Ok(h.finish())
+    }
+
+    /// Loads everything. Inputs that define an object twice are refused, as `ces compile` refuses them: which
+    /// definition counted would depend on file order. The backend then keeps what it last applied.
+    fn load(&mut self) -> Result<(Snapshot, CesConfig), String> {
+        let (snapshot, _) = ces_snapshot::manifests::load_paths(&self.manifests).map_err(|e| e.to_string())?;
+        let dups: Vec<String> =
+            snapshot.diagnostics.iter().filter(|d| d.reason == "DuplicateName").map(|d| d.to_string()).collect();
+        if !dups.is_empty() {
+            return Err(format!("objects defined more than once: {}", dups.join("; ")));
+        }
+        let config = match &self.config {
+            Some(p) => CesConfig::from_file(p).map_err(|e| e.to_string())?,
+            None => CesConfig::embedded_default(),
+        };
+        Ok((snapshot, config))
+    }
+}

@@ -1,0 +1,171 @@
+//! The one sync loop of CES: source → snapshot → compile → backend.
+//!
+//! Every agent (`ces gateway` now; `ces controller` with the AS3 backend, and the Kubernetes source, later) runs this
+//! loop; sources and backends plug into it through [`Source`] and [`Backend`]. It is level triggered: each pass
+//! compiles the whole current state and hands the backend the whole model; the backend decides how little to change.
+//!
+//! - **Changes** are noticed through [`Source::version`] (cheap, polled) and coalesced: after a change the loop waits
+//!   until the version has been stable for `debounce` (at most `max_delay` after the first change), so a burst of
+//!   churn becomes one apply.
+//! - **Resync**: every `resync`, the model is applied with `full = true`, which repairs changes made behind the
+//!   backend's back.
+//! - **Retry**: a failed load or apply is retried after a backoff that doubles from `retry_min` to `retry_max`, with
+//!   `full = true`; an update that arrived meanwhile is never lost, since each pass reads the current state.
+//! - **Expiry**: a backend may say its output is valid only until an instant (nft schedules are rendered in UTC
+//!   until the next daylight-saving change); the loop applies again then.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use ces_config::CesConfig;
+use ces_model::PolicyModel;
+use ces_snapshot::Snapshot;
+use jiff::Timestamp;
+
+/// Where the policy comes from.
+pub trait Source {
+    /// A value that changes whenever the inputs may have changed. Cheap: it is polled.
+    fn version(&mut self) -> Result<u64, String>;
+    /// The current inputs.
+    fn load(&mut self) -> Result<(Snapshot, CesConfig), String>;
+}
+
+/// What a backend did with a model.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// A short account for the log, such as `replaced` or `updated 2 sets`.
+    pub summary: String,
+    /// Apply again at this instant even if nothing changes.
+    pub valid_until: Option<Timestamp>,
+}
+
+/// A data plane.
+pub trait Backend {
+    fn name(&self) -> &str;
+    /// Programs the data plane to `model`. With `full`, assume nothing about what was applied before.
+    fn apply(&mut self, model: &PolicyModel, full: bool) -> Result<Applied, String>;
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// How often the source's version is read.
+    pub poll: Duration,
+    /// How long the version must stay unchanged before a change is applied.
+    pub debounce: Duration,
+    /// The longest a change waits for the source to settle.
+    pub max_delay: Duration,
+    pub resync: Duration,
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+    /// Where ClusterEgressRules find their ExternalServices.
+    pub ces_namespace: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            poll: Duration::from_millis(100),
+            debounce: Duration::from_millis(200),
+            max_delay: Duration::from_secs(2),
+            resync: Duration::from_secs(300),
+            retry_min: Duration::from_millis(500),
+            retry_max: Duration::from_secs(30),
+            ces_namespace: "kube-system".into(),
+        }
+    }
+}
+
+/// What the loop did, for the agent's log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// An apply succeeded: why it ran, and what the backend did.
+    Applied { reason: &'static str, summary: String, problems: usize },
+    /// A load or apply failed; the loop retries after `retry_in`.
+    Failed { reason: &'static str, error: String, retry_in: Duration },
+}
+
+/// Runs passes until `stop` is set. `events` hears about every apply and failure.
+pub fn run(
+    source: &mut dyn Source,
+    backend: &mut dyn Backend,
+    opts: &Options,
+    stop: &AtomicBool,
+    events: &mut dyn FnMut(Event),
+) {
+    let mut applied_version: Option<u64> = None;
+    let mut next_resync = Instant::now() + opts.resync;
+    let mut expires: Option<Timestamp> = None;
+    let mut retry_at: Option<Instant> = None;
+    let mut backoff = opts.retry_min;
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        let version = source.version();
+        let changed = match (&version, applied_version) {
+            (Ok(v), Some(a)) => *v != a,
+            _ => true,
+        };
+        let reason = if retry_at.is_some_and(|r| now >= r) {
+            Some("retry")
+        } else if retry_at.is_some() {
+            None
+        } else if changed {
+            Some("change")
+        } else if now >= next_resync {
+            Some("resync")
+        } else if expires.is_some_and(|e| Timestamp::now() >= e) {
+            Some("expiry")
+        } else {
+            None
+        };
+        let Some(reason) = reason else {
+            std::thread::sleep(opts.poll);
+            continue;
+        };
+        let version = if reason == "change" { settle(source, opts, stop) } else { version };
+        let full = matches!(reason, "retry" | "resync") || applied_version.is_none();
+        let result = version.and_then(|v| {
+            let (snapshot, config) = source.load()?;
+            let model = ces_compiler::compile(&snapshot, &config, &opts.ces_namespace);
+            let applied = backend.apply(&model, full)?;
+            Ok((v, applied, model.errors().count()))
+        });
+        match result {
+            Ok((v, applied, problems)) => {
+                applied_version = Some(v);
+                expires = applied.valid_until;
+                retry_at = None;
+                backoff = opts.retry_min;
+                next_resync = Instant::now() + opts.resync;
+                events(Event::Applied { reason, summary: applied.summary, problems });
+            }
+            Err(error) => {
+                retry_at = Some(Instant::now() + backoff);
+                events(Event::Failed { reason, error, retry_in: backoff });
+                backoff = (backoff * 2).min(opts.retry_max);
+            }
+        }
+    }
+}
+
+/// Waits until the source's version has been stable for `debounce` (or `max_delay` has passed); returns it.
+fn settle(source: &mut dyn Source, opts: &Options, stop: &AtomicBool) -> Result<u64, String> {
+    let start = Instant::now();
+    let mut last = source.version()?;
+    let mut stable_since = Instant::now();
+    while !stop.load(Ordering::Relaxed) && start.elapsed() < opts.max_delay {
+        std::thread::sleep(opts.poll.min(opts.debounce));
+        let v = source.version()?;
+        if v != last {
+            last = v;
+            stable_since = Instant::now();
+        } else if stable_since.elapsed() >= opts.debounce {
+            break;
+        }
+    }
+    Ok(last)
+}
+
+pub mod folder;
+
+#[cfg(test)]
+mod tests;

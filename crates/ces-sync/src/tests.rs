@@ -1,0 +1,141 @@
+use std::sync::Arc;
+use std::sync::Mutex;
+
+use super::*;
+
+/// A source whose version and failures the test controls.
+#[derive(Clone, Default)]
+struct Fake {
+    version: Arc<Mutex<u64>>,
+    fail_loads: Arc<Mutex<usize>>,
+}
+
+impl Source for Fake {
+    fn version(&mut self) -> Result<u64, String> {
+        Ok(*self.version.lock().unwrap())
+    }
+    fn load(&mut self) -> Result<(Snapshot, CesConfig), String> {
+        let mut f = self.fail_loads.lock().unwrap();
+        if *f > 0 {
+            *f -= 1;
+            return Err("the source is down".into());
+        }
+        Ok((Snapshot::default(), CesConfig::embedded_default()))
+    }
+}
+
+#[derive(Default)]
+struct Recorder {
+    applies: Arc<Mutex<Vec<bool>>>,
+    valid_until: Option<Timestamp>,
+}
+
+impl Backend for Recorder {
+    fn name(&self) -> &str {
+        "recorder"
+    }
+    fn apply(&mut self, _: &PolicyModel, full: bool) -> Result<Applied, String> {
+        self.applies.lock().unwrap().push(full);
+        Ok(Applied { summary: "ok".into(), valid_until: self.valid_until })
+    }
+}
+
+fn opts() -> Options {
+    Options {
+        poll: Duration::from_millis(5),
+        debounce: Duration::from_millis(60),
+        max_delay: Duration::from_secs(2),
+        resync: Duration::from_secs(3600),
+        retry_min: Duration::from_millis(20),
+        retry_max: Duration::from_millis(80),
+        ces_namespace: "kube-system".into(),
+    }
+}
+
+/// Runs the loop on a thread while `script` acts; returns the applies (their `full` flags) and the events.
+fn drive(
+    mut source: Fake,
+    mut backend: Recorder,
+    opts: Options,
+    script: impl FnOnce(&Fake),
+) -> (Vec<bool>, Vec<Event>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let applies = backend.applies.clone();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let (s2, e2, src) = (stop.clone(), events.clone(), source.clone());
+    let h = std::thread::spawn(move || {
+        run(&mut source, &mut backend, &opts, &s2, &mut |e| e2.lock().unwrap().push(e));
+    });
+    script(&src);
+    stop.store(true, Ordering::Relaxed);
+    h.join().unwrap();
+    let a = applies.lock().unwrap().clone();
+    let e = events.lock().unwrap().clone();
+    (a, e)
+}
+
+fn wait_for(what: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !what() {
+        assert!(start.elapsed() < Duration::from_secs(10), "timed out");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_burst_of_changes_is_one_apply() {
+    let backend = Recorder::default();
+    let applies = backend.applies.clone();
+    let (a, _) = drive(Fake::default(), backend, opts(), |src| {
+        wait_for(|| applies.lock().unwrap().len() == 1);
+        // Twenty changes, 10 ms apart: shorter than the debounce window.
+        for i in 1..=20 {
+            *src.version.lock().unwrap() = i;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        wait_for(|| applies.lock().unwrap().len() >= 2);
+        std::thread::sleep(Duration::from_millis(200));
+    });
+    assert_eq!(a, [true, false], "the first apply is full, the burst is one incremental apply");
+}
+
+#[test]
+fn a_failure_is_retried_with_backoff_and_nothing_is_lost() {
+    let src = Fake::default();
+    *src.fail_loads.lock().unwrap() = 3;
+    let backend = Recorder::default();
+    let applies = backend.applies.clone();
+    let (a, events) = drive(src, backend, opts(), |src| {
+        // A change arrives while the source is failing.
+        *src.version.lock().unwrap() = 7;
+        wait_for(|| !applies.lock().unwrap().is_empty());
+    });
+    assert_eq!(a, [true], "applied once, in full, after the failures");
+    let waits: Vec<Duration> = events
+        .iter()
+        .filter_map(|e| if let Event::Failed { retry_in, .. } = e { Some(*retry_in) } else { None })
+        .collect();
+    assert_eq!(waits, [Duration::from_millis(20), Duration::from_millis(40), Duration::from_millis(80)]);
+    assert!(matches!(events.last(), Some(Event::Applied { reason: "retry", .. })), "{events:?}");
+}
+
+#[test]
+fn resync_and_expiry_apply_again_without_changes() {
+    let mut o = opts();
+    o.resync = Duration::from_millis(100);
+    let backend = Recorder::default();
+    let applies = backend.applies.clone();
+    let (a, events) = drive(Fake::default(), backend, o, |_| {
+        wait_for(|| applies.lock().unwrap().len() >= 3);
+    });
+    assert!(a.iter().all(|full| *full), "resyncs are full: {a:?}");
+    assert!(events.iter().any(|e| matches!(e, Event::Applied { reason: "resync", .. })), "{events:?}");
+
+    let backend =
+        Recorder { valid_until: Some(Timestamp::now() + jiff::SignedDuration::from_millis(150)), ..Default::default() };
+    let applies = backend.applies.clone();
+    let (_, events) = drive(Fake::default(), backend, opts(), |_| {
+        wait_for(|| applies.lock().unwrap().len() >= 2);
+    });
+    assert!(events.iter().any(|e| matches!(e, Event::Applied { reason: "expiry", .. })), "{events:?}");
+}
