@@ -285,6 +285,18 @@ impl<'a> Compiler<'a> {
 
         sort_rules(&mut cluster_rules);
         let tenants = self.tenants(by_tenant);
+        let pods = self
+            .snap
+            .pods
+            .iter()
+            .filter(|p| is_source(p))
+            .map(|p| ces_model::PodEntry {
+                tenant: self.tenant_name(&p.namespace).to_string(),
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                ips: p.ips.clone(),
+            })
+            .collect();
         PolicyModel {
             version: MODEL_VERSION,
             ces_namespace: self.ces_namespace.to_string(),
@@ -293,6 +305,7 @@ impl<'a> Compiler<'a> {
             destination_sets: self.destinations,
             cluster_rules,
             tenants,
+            pods,
             diagnostics: self.diagnostics,
         }
     }
@@ -792,7 +805,16 @@ fn settings(config: &CesConfig) -> Settings {
             template: lp.template.as_deref().and_then(ces_config::json_object),
         }),
         snat_addresses: config.external_ip_addresses.iter().filter_map(|a| a.parse().ok()).collect(),
-        gateway_table: config.gateway_table().to_string(),
+        gateway: {
+            let g = config.gateway.clone().unwrap_or_default();
+            let d = ces_model::GatewaySettings::default();
+            ces_model::GatewaySettings {
+                table: config.gateway_table().to_string(),
+                log_group: g.log_group.unwrap_or(d.log_group),
+                log_rate: g.log_rate.unwrap_or(d.log_rate),
+                log_default: g.log_default.unwrap_or(d.log_default),
+            }
+        },
     }
 }
 

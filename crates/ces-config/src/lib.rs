@@ -57,6 +57,15 @@ pub struct GatewayConfig {
     /// The gateway's private nftables table (family `inet`). Default `ces`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub table: Option<String>,
+    /// The NFLOG group logged packets go to. Default 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_group: Option<u16>,
+    /// Packets per second logged at most, per rule. Default 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_rate: Option<u32>,
+    /// Log the packets the tenants' default actions decide. Default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_default: Option<bool>,
 }
 
 /// `tenant[].gateway`: how the gateway recognises this tenant's traffic.
@@ -432,6 +441,9 @@ impl CesConfig {
                     "is required when loggingEnabled is true (a monitor such as `tcp`)".into(),
                 );
             }
+        }
+        if self.gateway.as_ref().and_then(|g| g.log_rate) == Some(0) {
+            p("gateway.logRate".into(), "must be at least 1 packet per second".into());
         }
         if let Some(table) = self.gateway.as_ref().and_then(|g| g.table.as_ref()) {
             let ok = table.len() <= 64

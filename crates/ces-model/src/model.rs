@@ -44,6 +44,8 @@ pub struct PolicyModel {
     pub cluster_rules: Vec<Rule>,
     /// One entry per tenant, sorted by name.
     pub tenants: Vec<TenantPolicy>,
+    /// Every source pod (not finished, not on the host network), sorted by namespace and name.
+    pub pods: Vec<PodEntry>,
     /// One entry per problem, each naming its object. Objects with an error are left out of the model; warnings
     /// leave them in.
     pub diagnostics: Vec<Diagnostic>,
@@ -71,8 +73,39 @@ pub struct Settings {
     /// `externalIPAddresses`: addresses of the default SNAT translation (0.6.x).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snat_addresses: Vec<AddressEntry>,
-    /// The nftables gateway's private table (family `inet`).
-    pub gateway_table: String,
+    /// The nftables gateway's settings.
+    pub gateway: GatewaySettings,
+}
+
+/// `gateway` of `ces-conf.yaml`, with defaults filled in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySettings {
+    /// The private nftables table (family `inet`).
+    pub table: String,
+    /// The NFLOG group that logged packets go to.
+    pub log_group: u16,
+    /// At most this many packets per second are logged per rule (the kernel drops the rest of the log, never the
+    /// traffic).
+    pub log_rate: u32,
+    /// Log the packets that the tenants' default actions decide.
+    pub log_default: bool,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        GatewaySettings { table: "ces".into(), log_group: 100, log_rate: 100, log_default: false }
+    }
+}
+
+/// A source pod, so that a data plane can name the pod behind an address (logs, reports).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodEntry {
+    pub tenant: String,
+    pub namespace: String,
+    pub name: String,
+    pub ips: Vec<IpAddr>,
 }
 
 /// `logPool`, parsed.

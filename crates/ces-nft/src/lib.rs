@@ -3,20 +3,23 @@
 
 pub mod apply;
 pub mod intervals;
+pub mod nflog;
 mod render;
 
-pub use render::{Chain, NftSet, RenderError, Ruleset, SetKind, render};
+pub use render::{Chain, LogTag, NftSet, RenderError, Ruleset, SetKind, render};
 
 /// The gateway as a backend of the sync loop: renders the model as of now and applies it.
 pub struct NftBackend {
     pub applier: apply::Applier,
     /// The warnings of the last render, so that the agent reports them when they change.
     pub last_warnings: Vec<ces_model::Diagnostic>,
+    /// Kept up to date for the log reader: the tags and pods of what is applied.
+    pub log_index: std::sync::Arc<std::sync::Mutex<nflog::LogIndex>>,
 }
 
 impl NftBackend {
     pub fn new(nft: apply::Nft) -> NftBackend {
-        NftBackend { applier: apply::Applier::new(nft), last_warnings: Vec::new() }
+        NftBackend { applier: apply::Applier::new(nft), last_warnings: Vec::new(), log_index: Default::default() }
     }
 }
 
@@ -28,6 +31,7 @@ impl ces_sync::Backend for NftBackend {
     fn apply(&mut self, model: &ces_model::PolicyModel, full: bool) -> Result<ces_sync::Applied, String> {
         let rs = render(model, jiff::Timestamp::now()).map_err(|e| e.to_string())?;
         let applied = self.applier.apply(&rs, full).map_err(|e| e.to_string())?;
+        *self.log_index.lock().unwrap_or_else(|p| p.into_inner()) = nflog::LogIndex::new(model, &rs);
         let mut summary = match applied {
             apply::Applied::Replaced => format!("table inet {} replaced", rs.table),
             apply::Applied::Updated(n) => format!("table inet {}: elements of {n} set(s) updated", rs.table),

@@ -67,6 +67,20 @@ pub struct Chain {
     pub rules: Vec<String>,
 }
 
+/// What a log prefix `ces/<n>` stands for: entry `n` of `Ruleset::log_tags`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogTag {
+    pub tenant: String,
+    pub context: Context,
+    /// `Kind/namespace/name`, or `Tenant/<name>` for the default action.
+    pub rule: String,
+    /// What the rule does (or, in audit mode, would do): `accept`, `accept-decisively`, `drop`, `reject`.
+    pub action: String,
+    /// `enforce` or `audit`.
+    pub mode: &'static str,
+    pub external_service: Option<String>,
+}
+
 /// A rendered table: everything `nft -f` needs, and what the gateway could not enforce.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ruleset {
@@ -78,6 +92,8 @@ pub struct Ruleset {
     pub diagnostics: Vec<Diagnostic>,
     /// When schedules must be rendered again (the next offset change of a schedule's time zone).
     pub valid_until: Option<Timestamp>,
+    /// What each log prefix stands for.
+    pub log_tags: Vec<LogTag>,
 }
 
 /// A model the gateway cannot enforce at all.
@@ -113,6 +129,7 @@ struct Renderer<'m> {
     diagnostics: Vec<Diagnostic>,
     warned: BTreeSet<(String, String)>,
     valid_until: Option<Timestamp>,
+    log_tags: Vec<LogTag>,
 }
 
 /// Renders the model for the gateway, as of `at` (which fixes the UTC form of schedules).
@@ -127,6 +144,7 @@ pub fn render(model: &PolicyModel, at: Timestamp) -> Result<Ruleset, RenderError
         diagnostics: Vec::new(),
         warned: BTreeSet::new(),
         valid_until: None,
+        log_tags: Vec::new(),
     };
     for (k, (id, d)) in model.destination_sets.iter().enumerate() {
         let stem = format!("d{k}");
@@ -156,6 +174,17 @@ pub fn render(model: &PolicyModel, at: Timestamp) -> Result<Ruleset, RenderError
             chains.push(Chain { name, hook: None, rules: lines });
         }
         let comment = quote(&format!("tenant {} default", t.name));
+        if model.settings.gateway.log_default {
+            let tag = r.tag(LogTag {
+                tenant: t.name.clone(),
+                context: Context::Default,
+                rule: format!("Tenant/{}", t.name),
+                action: t.default_action.as_str().to_string(),
+                mode: "enforce",
+                external_service: None,
+            });
+            tenant_chain.rules.push(r.log_line("", &tag));
+        }
         tenant_chain.rules.extend(verdict_lines("", t.default_action, &comment));
         chains.insert(1 + 4 * i, tenant_chain);
     }
@@ -164,11 +193,12 @@ pub fn render(model: &PolicyModel, at: Timestamp) -> Result<Ruleset, RenderError
         r.warn(object, "source NAT (ExternalIPRule) is not enforced by the nft backend yet".into());
     }
     Ok(Ruleset {
-        table: model.settings.gateway_table.clone(),
+        table: model.settings.gateway.table.clone(),
         sets: r.sets,
         chains,
         diagnostics: r.diagnostics,
         valid_until: r.valid_until,
+        log_tags: r.log_tags,
     })
 }
 
@@ -250,6 +280,20 @@ fn port_match(p: &PortMatch, v4: bool) -> String {
 }
 
 impl<'m> Renderer<'m> {
+    /// Registers a log tag; returns its prefix.
+    fn tag(&mut self, tag: LogTag) -> String {
+        let prefix = format!("ces/{}", self.log_tags.len());
+        self.log_tags.push(tag);
+        prefix
+    }
+
+    /// A line that logs matching packets to the NFLOG group, rate-limited, and gives no verdict.
+    fn log_line(&self, matches: &str, prefix: &str) -> String {
+        let g = &self.model.settings.gateway;
+        let m = if matches.is_empty() { String::new() } else { format!("{matches} ") };
+        format!("{m}limit rate {}/second log prefix \"{prefix} \" group {}", g.log_rate, g.log_group)
+    }
+
     fn warn(&mut self, object: ObjectRef, message: String) {
         if self.warned.insert((object.to_string(), message.clone())) {
             self.diagnostics.push(Diagnostic {
@@ -419,6 +463,18 @@ impl<'m> Renderer<'m> {
                             .filter(|s| !s.is_empty())
                             .collect();
                         let m = m.join(" ");
+                        let logged = verdict.is_none() || rule.logging;
+                        if logged {
+                            let tag = self.tag(LogTag {
+                                tenant: t.name.clone(),
+                                context: ctx,
+                                rule: rule.id.clone(),
+                                action: rule.action.as_str().to_string(),
+                                mode: if verdict.is_none() { "audit" } else { "enforce" },
+                                external_service: Some(dest_id.clone()),
+                            });
+                            out.push(self.log_line(&m, &tag));
+                        }
                         match verdict {
                             None => out.push(format!("{m} counter comment {}", quote(&format!("audit {}", rule.id)))),
                             Some(("return", _)) => out.push(format!("{m} counter return comment {comment}")),

@@ -25,10 +25,18 @@ pub struct GatewayArgs {
     /// Without --once: how often the whole table is applied again, repairing changes made behind CES's back.
     #[arg(long, value_name = "SECONDS", default_value_t = 300)]
     resync_secs: u64,
+    /// Without --once: where to write one JSON line per logged packet (`-`: standard output).
+    #[arg(long, value_name = "FILE", default_value = "-")]
+    log_file: String,
 }
 
 #[derive(Subcommand)]
 enum GatewayAction {
+    /// Print the packet and byte counters of every rule (JSON lines), from the kernel's table.
+    Counters {
+        #[arg(long, default_value = "ces")]
+        table: String,
+    },
     /// Remove the gateway's table (and so every CES rule) from this host.
     Cleanup {
         /// The table to remove (default: the embedded config's, `ces`).
@@ -56,6 +64,9 @@ pub fn report(model: &PolicyModel, rs: &Ruleset) {
 }
 
 pub fn run(args: &GatewayArgs) -> Result<(), Failure> {
+    if let Some(GatewayAction::Counters { table }) = &args.action {
+        return counters(table);
+    }
     if let Some(GatewayAction::Cleanup { table }) = &args.action {
         let removed = Nft::default().delete_table(table).map_err(|e| Failure::input(e.to_string()))?;
         eprintln!("ces: table inet {table} {}", if removed { "removed" } else { "was not there" });
@@ -89,6 +100,19 @@ fn watch(inputs: &InputArgs, args: &GatewayArgs) -> Result<(), Failure> {
         ..Default::default()
     };
     let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut log: Box<dyn std::io::Write + Send> = if args.log_file == "-" {
+        Box::new(std::io::stdout())
+    } else {
+        Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&args.log_file)
+                .map_err(|e| Failure::input(format!("--log-file {}: {e}", args.log_file)))?,
+        )
+    };
+    let index = backend.log_index.clone();
+    std::thread::spawn(move || read_log(index, &mut *log));
     eprintln!("ces gateway: watching {} path(s); the rules stay in place if this agent stops", inputs.manifests.len());
     ces_sync::run(&mut source, &mut backend, &opts, &stop, &mut |e| match e {
         ces_sync::Event::Applied { reason, summary, problems } => {
@@ -98,5 +122,73 @@ fn watch(inputs: &InputArgs, args: &GatewayArgs) -> Result<(), Failure> {
             eprintln!("ces gateway: {reason} failed, retrying in {} ms: {error}", retry_in.as_millis());
         }
     });
+    Ok(())
+}
+
+/// Reads the NFLOG group of the applied ruleset and writes one JSON line per packet.
+fn read_log(index: std::sync::Arc<std::sync::Mutex<ces_nft::nflog::LogIndex>>, out: &mut (dyn std::io::Write + Send)) {
+    let mut bound: Option<(u16, ces_nft::nflog::NflogSocket)> = None;
+    loop {
+        let group = index.lock().unwrap_or_else(|p| p.into_inner()).group;
+        let Some(group) = group else {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            continue;
+        };
+        if bound.as_ref().is_none_or(|(g, _)| *g != group) {
+            match ces_nft::nflog::NflogSocket::bind(group) {
+                Ok(s) => bound = Some((group, s)),
+                Err(e) => {
+                    eprintln!("ces gateway: cannot read NFLOG group {group}: {e}; retrying");
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                    continue;
+                }
+            }
+        }
+        let (_, socket) = bound.as_ref().expect("bound above");
+        match socket.recv() {
+            Ok(packets) => {
+                let idx = index.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                for p in packets {
+                    if let Some(line) = idx.event(&p, Timestamp::now()) {
+                        let _ = writeln!(out, "{line}");
+                    }
+                }
+                let _ = out.flush();
+            }
+            Err(e) => {
+                eprintln!("ces gateway: reading NFLOG: {e}");
+                bound = None;
+            }
+        }
+    }
+}
+
+/// `ces gateway counters`: sums the counters of the table's rules by rule (their comment).
+fn counters(table: &str) -> Result<(), Failure> {
+    let out = std::process::Command::new("nft")
+        .args(["-j", "list", "table", "inet", table])
+        .env("TZ", "UTC")
+        .output()
+        .map_err(|e| Failure::input(format!("nft: {e} (install nftables)")))?;
+    if !out.status.success() {
+        return Err(Failure::input(format!("nft: {}", String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| Failure::input(format!("nft -j output: {e}")))?;
+    let mut sums: std::collections::BTreeMap<String, (u64, u64)> = std::collections::BTreeMap::new();
+    for item in v["nftables"].as_array().into_iter().flatten() {
+        let rule = &item["rule"];
+        let (Some(comment), Some(exprs)) = (rule["comment"].as_str(), rule["expr"].as_array()) else { continue };
+        for e in exprs {
+            if let Some(c) = e.get("counter") {
+                let s = sums.entry(comment.to_string()).or_default();
+                s.0 += c["packets"].as_u64().unwrap_or(0);
+                s.1 += c["bytes"].as_u64().unwrap_or(0);
+            }
+        }
+    }
+    for (rule, (packets, bytes)) in sums {
+        println!("{}", serde_json::json!({"rule": rule, "packets": packets, "bytes": bytes}));
+    }
     Ok(())
 }
