@@ -4,6 +4,7 @@
 
 mod gateway;
 mod inputs;
+mod lab;
 mod simulate;
 
 use std::path::PathBuf;
@@ -77,6 +78,12 @@ enum Command {
     },
     /// The nftables egress gateway: programs this host's (this network namespace's) nftables from the policy.
     Gateway(gateway::GatewayArgs),
+    /// On Linux as root: the policy on a real nftables gateway in network namespaces, real packets from every pod,
+    /// each flow's real outcome next to simulate's prediction. Cleans up after itself. Needs nftables.
+    Lab {
+        #[command(flatten)]
+        inputs: InputArgs,
+    },
     /// Decide flows: the verdict, the rule that decided it, and the rules met on the way.
     Simulate(simulate::SimulateArgs),
     /// Write a synthetic cluster (cluster.yaml, policies.yaml, ces-conf.yaml) for scale experiments.
@@ -166,6 +173,7 @@ fn run(command: Command) -> Result<(), Failure> {
         }
         Command::Simulate(args) => simulate::run(&args),
         Command::Gateway(args) => gateway::run(&args),
+        Command::Lab { inputs } => lab::run(&inputs),
         Command::Synth { pods, rules, seed, out } => {
             if pods > 6_553_600 {
                 return Err(Failure::input("--pods: at most 6553600 (65536 namespaces of 100 pods)"));

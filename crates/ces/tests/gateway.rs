@@ -604,3 +604,24 @@ fn logged_packets_come_back_from_nflog_with_rule_and_pod() {
     assert!(ledger["packets"].as_u64().unwrap() >= 1, "{ledger}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn ces_lab_runs_the_example_and_every_flow_agrees() {
+    let out = ces().args(["lab", "--example"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let last = stdout.lines().last().unwrap_or_default();
+    let total: usize = last.split(' ').next().unwrap().parse().unwrap();
+    assert!(total >= 50, "{last}");
+    assert_eq!(last, format!("{total} flows: {total} agree, 0 differ"));
+    for verdict in ["accept by", "drop by", "reject by"] {
+        assert!(stdout.contains(verdict), "no `{verdict}` flow in the lab's table:\n{stdout}");
+    }
+    let left: Vec<String> = ces_lab::run(&["ip", "netns", "list"])
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("ceslab"))
+        .map(str::to_string)
+        .collect();
+    assert!(left.is_empty(), "the lab left namespaces behind: {left:?}");
+}
