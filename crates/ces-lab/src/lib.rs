@@ -66,6 +66,8 @@ pub struct LabSpec {
     pub servers: Vec<IpAddr>,
     pub tcp_ports: Vec<u16>,
     pub udp_ports: Vec<u16>,
+    /// TCP ports whose servers read everything sent to them (for throughput).
+    pub sink_ports: Vec<u16>,
 }
 
 pub struct Lab {
@@ -249,10 +251,37 @@ impl Lab {
                     }
                 };
                 while !stop.load(Ordering::Relaxed) {
+                    if let Ok((c, _)) = s.accept() {
+                        drop(c);
+                    }
+                }
+            })?;
+            rx.recv().map_err(|e| e.to_string())??;
+            self.threads.push(std::thread::spawn(move || {
+                let _ = h.join();
+            }));
+        }
+        for &port in &self.spec.sink_ports {
+            let stop = self.stop.clone();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let h = spawn_in(&self.server, move || {
+                let s = match tcp_listener(port) {
+                    Ok(s) => {
+                        let _ = tx.send(Ok(()));
+                        s
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                while !stop.load(Ordering::Relaxed) {
                     match s.accept() {
-                        Ok((c, _)) => drop(c),
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(2))
+                        Ok((c, _)) => {
+                            std::thread::spawn(move || {
+                                let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 65536];
+                                while matches!(c.recv(&mut buf), Ok(n) if n > 0) {}
+                            });
                         }
                         Err(_) => {}
                     }
@@ -337,8 +366,9 @@ fn tcp_listener(port: u16) -> Result<Socket, String> {
     s.set_only_v6(false).map_err(|e| e.to_string())?;
     s.set_reuse_address(true).map_err(|e| e.to_string())?;
     s.bind(&SockAddr::from(SocketAddr::from(([0u16; 8], port)))).map_err(|e| format!("tcp {port}: {e}"))?;
-    s.listen(128).map_err(|e| e.to_string())?;
-    s.set_nonblocking(true).map_err(|e| e.to_string())?;
+    s.listen(4096).map_err(|e| e.to_string())?;
+    // accept() waits at most this long, so the thread sees the stop flag.
+    s.set_read_timeout(Some(Duration::from_millis(50))).map_err(|e| e.to_string())?;
     Ok(s)
 }
 
@@ -383,6 +413,60 @@ fn probe_socket(source: IpAddr, dst: IpAddr, proto: Proto, port: u16, timeout: D
                 Err(e) => classify(e),
             }
         }
+    }
+}
+
+impl Lab {
+    /// Sends data over one TCP connection for `secs` seconds; returns bits per second.
+    pub fn throughput(&self, side: usize, source: IpAddr, dst: IpAddr, port: u16, secs: f64) -> Result<f64, String> {
+        let ns = self.clients[side].clone();
+        spawn_in(&ns, move || -> Result<f64, String> {
+            let domain = if v6(&dst) { Domain::IPV6 } else { Domain::IPV4 };
+            let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP)).map_err(|e| e.to_string())?;
+            s.bind(&SockAddr::from(SocketAddr::new(source, 0))).map_err(|e| e.to_string())?;
+            s.connect_timeout(&SockAddr::from(SocketAddr::new(dst, port)), Duration::from_secs(2))
+                .map_err(|e| format!("throughput connect: {e}"))?;
+            let chunk = vec![0u8; 256 * 1024];
+            let start = std::time::Instant::now();
+            let mut sent = 0u64;
+            while start.elapsed().as_secs_f64() < secs {
+                sent += s.send(&chunk).map_err(|e| e.to_string())? as u64;
+            }
+            Ok(sent as f64 * 8.0 / start.elapsed().as_secs_f64())
+        })?
+        .join()
+        .map_err(|_| "throughput thread panicked".to_string())??
+    }
+
+    /// Opens and closes TCP connections for `secs` seconds, cycling over `ports` (so that no address and port pair
+    /// is reused while the server still holds it); returns connections per second.
+    pub fn connection_rate(
+        &self,
+        side: usize,
+        source: IpAddr,
+        dst: IpAddr,
+        ports: Vec<u16>,
+        secs: f64,
+    ) -> Result<f64, String> {
+        let ns = self.clients[side].clone();
+        spawn_in(&ns, move || -> Result<f64, String> {
+            let start = std::time::Instant::now();
+            let mut n = 0u64;
+            while start.elapsed().as_secs_f64() < secs {
+                let domain = if v6(&dst) { Domain::IPV6 } else { Domain::IPV4 };
+                let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP)).map_err(|e| e.to_string())?;
+                s.set_reuse_address(true).map_err(|e| e.to_string())?;
+                s.set_linger(Some(Duration::ZERO)).map_err(|e| e.to_string())?;
+                s.bind(&SockAddr::from(SocketAddr::new(source, 0))).map_err(|e| e.to_string())?;
+                let port = ports[n as usize % ports.len()];
+                s.connect_timeout(&SockAddr::from(SocketAddr::new(dst, port)), Duration::from_secs(2))
+                    .map_err(|e| format!("connection {n}: {e}"))?;
+                n += 1;
+            }
+            Ok(n as f64 / start.elapsed().as_secs_f64())
+        })?
+        .join()
+        .map_err(|_| "connection thread panicked".to_string())??
     }
 }
 

@@ -126,6 +126,7 @@ pub fn run(args: &InputArgs) -> Result<(), Failure> {
         prefix: format!("ceslab{}", std::process::id() % 100_000),
         sides: sides.iter().map(|(s, _)| s.clone()).collect(),
         servers: servers.into_iter().collect(),
+        sink_ports: Vec::new(),
         tcp_ports: probes
             .iter()
             .filter(|p| p.proto == Proto::Tcp)

@@ -311,6 +311,7 @@ fn lab(prefix: &str) -> Lab {
         servers: SERVERS.iter().map(|a| a.parse().unwrap()).collect(),
         tcp_ports: TCP_PORTS.to_vec(),
         udp_ports: UDP_PORTS.to_vec(),
+        sink_ports: Vec::new(),
     };
     Lab::build(spec).unwrap_or_else(|e| panic!("cannot build the network-namespace lab: {e}"))
 }
