@@ -25,6 +25,16 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
+/// A flow target in `ces simulate`'s syntax: `HOST:PORT/tcp`, `HOST:PORT/udp` (IPv6 in brackets) or `HOST/icmp`.
+pub fn target(to: IpAddr, proto: Proto, port: u16) -> String {
+    let host = if to.is_ipv6() { format!("[{to}]") } else { to.to_string() };
+    match proto {
+        Proto::Tcp => format!("{host}:{port}/tcp"),
+        Proto::Udp => format!("{host}:{port}/udp"),
+        Proto::Icmp => format!("{to}/icmp"),
+    }
+}
+
 /// What happened to a probe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Outcome {
@@ -235,93 +245,69 @@ impl Lab {
         self.start_servers()
     }
 
+    /// Runs a server on a thread in the server namespace: `open` makes its socket (an error fails the build), then
+    /// `serve` handles one request at a time until the lab is dropped (the socket's timeouts let it see that).
+    fn serve(
+        &mut self,
+        open: impl FnOnce() -> Result<Socket, String> + Send + 'static,
+        mut serve: impl FnMut(&Socket) + Send + 'static,
+    ) -> Result<(), String> {
+        let stop = self.stop.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let h = spawn_in(&self.server, move || {
+            let s = match open() {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = tx.send(Ok(()));
+            while !stop.load(Ordering::Relaxed) {
+                serve(&s);
+            }
+        })?;
+        rx.recv().map_err(|e| e.to_string())??;
+        self.threads.push(std::thread::spawn(move || {
+            let _ = h.join();
+        }));
+        Ok(())
+    }
+
     fn start_servers(&mut self) -> Result<(), String> {
-        for &port in &self.spec.tcp_ports {
-            let stop = self.stop.clone();
-            let (tx, rx) = std::sync::mpsc::channel();
-            let h = spawn_in(&self.server, move || {
-                let s = match tcp_listener(port) {
-                    Ok(s) => {
-                        let _ = tx.send(Ok(()));
-                        s
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
-                };
-                while !stop.load(Ordering::Relaxed) {
+        // TCP that accepts and closes.
+        for port in self.spec.tcp_ports.clone() {
+            self.serve(move || tcp_listener(port), |s| drop(s.accept()))?;
+        }
+        // TCP that reads everything (throughput).
+        for port in self.spec.sink_ports.clone() {
+            self.serve(
+                move || tcp_listener(port),
+                |s| {
                     if let Ok((c, _)) = s.accept() {
-                        drop(c);
+                        std::thread::spawn(move || {
+                            let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 65536];
+                            while matches!(c.recv(&mut buf), Ok(n) if n > 0) {}
+                        });
                     }
-                }
-            })?;
-            rx.recv().map_err(|e| e.to_string())??;
-            self.threads.push(std::thread::spawn(move || {
-                let _ = h.join();
-            }));
+                },
+            )?;
         }
-        for &port in &self.spec.sink_ports {
-            let stop = self.stop.clone();
-            let (tx, rx) = std::sync::mpsc::channel();
-            let h = spawn_in(&self.server, move || {
-                let s = match tcp_listener(port) {
-                    Ok(s) => {
-                        let _ = tx.send(Ok(()));
-                        s
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
-                };
-                while !stop.load(Ordering::Relaxed) {
-                    match s.accept() {
-                        Ok((c, _)) => {
-                            std::thread::spawn(move || {
-                                let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 65536];
-                                while matches!(c.recv(&mut buf), Ok(n) if n > 0) {}
-                            });
-                        }
-                        Err(_) => {}
-                    }
-                }
-            })?;
-            rx.recv().map_err(|e| e.to_string())??;
-            self.threads.push(std::thread::spawn(move || {
-                let _ = h.join();
-            }));
-        }
-        // UDP: one socket per address and port, so that a reply leaves from the address the probe was sent to
+        // UDP echo: one socket per address and port, so that a reply leaves from the address the probe was sent to
         // (a connected client socket ignores datagrams from any other).
-        for &port in &self.spec.udp_ports {
-            for &addr in &self.spec.servers {
-                let stop = self.stop.clone();
-                let (tx, rx) = std::sync::mpsc::channel();
-                let h = spawn_in(&self.server, move || {
-                    let s = match udp_server(addr, port) {
-                        Ok(s) => {
-                            let _ = tx.send(Ok(()));
-                            s
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(e));
-                            return;
-                        }
-                    };
-                    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1500];
-                    while !stop.load(Ordering::Relaxed) {
+        for port in self.spec.udp_ports.clone() {
+            for addr in self.spec.servers.clone() {
+                self.serve(
+                    move || udp_server(addr, port),
+                    |s| {
+                        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1500];
                         if let Ok((n, from)) = s.recv_from(&mut buf) {
                             // SAFETY: recv_from initialised the first n bytes.
                             let data: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
                             let _ = s.send_to(&data, &from);
                         }
-                    }
-                })?;
-                rx.recv().map_err(|e| e.to_string())??;
-                self.threads.push(std::thread::spawn(move || {
-                    let _ = h.join();
-                }));
+                    },
+                )?;
             }
         }
         Ok(())

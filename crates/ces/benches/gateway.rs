@@ -7,6 +7,7 @@
 //!   CES table, and with an equivalent naive linear chain (one rule per source address and destination, iptables
 //!   style, no connection-tracking shortcut), all measured in this run;
 //! - the latency from a manifest change (one pod's address) to the agent having applied it, p50 and p99.
+//!
 //! Set CES_BENCH_QUICK=1 (or run it through `cargo test --benches`) for a small cluster.
 
 use std::net::IpAddr;

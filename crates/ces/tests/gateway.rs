@@ -62,12 +62,7 @@ struct Case {
 
 impl Case {
     fn target(&self) -> String {
-        let host = if self.to.is_ipv6() { format!("[{}]", self.to) } else { self.to.to_string() };
-        match self.proto {
-            Proto::Tcp => format!("{host}:{}/tcp", self.port),
-            Proto::Udp => format!("{host}:{}/udp", self.port),
-            Proto::Icmp => format!("{}/icmp", self.to),
-        }
+        ces_lab::target(self.to, self.proto, self.port)
     }
 }
 
