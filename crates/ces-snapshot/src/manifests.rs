@@ -50,22 +50,47 @@ pub struct LoadStats {
 /// Loads every `.yaml`, `.yml` and `.json` file under the given files and folders (folders recursively, in name
 /// order) into one snapshot.
 pub fn load_paths(paths: &[PathBuf]) -> Result<(Snapshot, LoadStats), LoadError> {
+    let parsed = files(paths)?.iter().map(|f| parse_file(f)).collect::<Result<Vec<_>, _>>()?;
+    Ok(build(&parsed.iter().collect::<Vec<_>>()))
+}
+
+/// Every manifest file under the given files and folders (folders recursively, in name order).
+pub fn files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, LoadError> {
     let mut files = Vec::new();
     for p in paths {
         collect_files(p, &mut files)?;
     }
+    Ok(files)
+}
+
+/// One file's documents, parsed and typed but not yet in a snapshot. A source that watches files keeps them and
+/// parses again only the files that change.
+#[derive(Clone, Default)]
+pub struct ParsedFile {
+    runs: Vec<Items>,
+}
+
+/// Reads and parses one manifest file.
+pub fn parse_file(f: &Path) -> Result<ParsedFile, LoadError> {
+    let meta = std::fs::metadata(f).map_err(|e| LoadError { path: f.to_path_buf(), message: e.to_string() })?;
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(LoadError { path: f.to_path_buf(), message: format!("larger than {MAX_FILE_BYTES} bytes") });
+    }
+    let text = std::fs::read_to_string(f).map_err(|e| LoadError { path: f.to_path_buf(), message: e.to_string() })?;
+    Ok(ParsedFile { runs: parse_text(&text, &f.display().to_string(), workers_for(&text)) })
+}
+
+/// The snapshot of several parsed files, in the order given (which decides, for duplicates, the one kept).
+pub fn build(files: &[&ParsedFile]) -> (Snapshot, LoadStats) {
     let mut b = SnapshotBuilder::new();
     let mut stats = LoadStats::default();
     for f in files {
-        let meta = std::fs::metadata(&f).map_err(|e| LoadError { path: f.clone(), message: e.to_string() })?;
-        if meta.len() > MAX_FILE_BYTES {
-            return Err(LoadError { path: f, message: format!("larger than {MAX_FILE_BYTES} bytes") });
-        }
-        let text = std::fs::read_to_string(&f).map_err(|e| LoadError { path: f.clone(), message: e.to_string() })?;
         stats.files += 1;
-        load_text(&mut b, &text, &f.display().to_string(), &mut stats);
+        for run in &f.runs {
+            run.clone().apply(&mut b, &mut stats);
+        }
     }
-    Ok((b.build(), stats))
+    (b.build(), stats)
 }
 
 /// Loads one manifest text; `name` is used in origins (`name:LINE`).
@@ -151,12 +176,13 @@ fn parse_options(len: usize) -> serde_saphyr::Options {
 
 /// What loading a run of documents found, in document order: applied to the builder afterwards, so documents can
 /// be parsed on several threads while duplicates and diagnostics keep the order of the files.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Items {
     items: Vec<Item>,
     stats: LoadStats,
 }
 
+#[derive(Clone)]
 enum Item {
     Diagnostic(Diagnostic),
     Namespace(Namespace, String),
@@ -199,19 +225,27 @@ impl Items {
 /// Below this many bytes a text is loaded on the calling thread: threads would cost more than they save.
 const PARALLEL_BYTES: usize = 256 * 1024;
 
+fn workers_for(text: &str) -> usize {
+    if text.len() < PARALLEL_BYTES { 1 } else { std::thread::available_parallelism().map_or(1, |n| n.get()) }
+}
+
 fn load_text(b: &mut SnapshotBuilder, text: &str, file: &str, stats: &mut LoadStats) {
-    let workers =
-        if text.len() < PARALLEL_BYTES { 1 } else { std::thread::available_parallelism().map_or(1, |n| n.get()) };
-    load_text_on(b, text, file, stats, workers);
+    load_text_on(b, text, file, stats, workers_for(text));
 }
 
 /// Loads a text with up to `workers` threads.
 fn load_text_on(b: &mut SnapshotBuilder, text: &str, file: &str, stats: &mut LoadStats, workers: usize) {
+    for items in parse_text(text, file, workers) {
+        items.apply(b, stats);
+    }
+}
+
+/// Parses a text into runs of items, in document order, with up to `workers` threads.
+fn parse_text(text: &str, file: &str, workers: usize) -> Vec<Items> {
     let docs = split_documents(text);
     let workers = workers.min(docs.len()).max(1);
     if workers == 1 {
-        load_documents(&docs, file).apply(b, stats);
-        return;
+        return vec![load_documents(&docs, file)];
     }
     // Contiguous runs of about equal size, one per worker.
     let per = text.len().div_ceil(workers);
@@ -225,13 +259,10 @@ fn load_text_on(b: &mut SnapshotBuilder, text: &str, file: &str, stats: &mut Loa
         }
     }
     runs.push(&docs[from..]);
-    let loaded: Vec<Items> = std::thread::scope(|scope| {
+    std::thread::scope(|scope| {
         let handles: Vec<_> = runs.into_iter().map(|run| scope.spawn(move || load_documents(run, file))).collect();
         handles.into_iter().map(|h| h.join().expect("a loader thread panicked")).collect()
-    });
-    for items in loaded {
-        items.apply(b, stats);
-    }
+    })
 }
 
 #[cfg(test)]

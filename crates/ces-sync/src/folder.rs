@@ -1,11 +1,13 @@
 //! The manifests-folder source: YAML/JSON files and folders, and a `ces-conf.yaml`, read whole on each load.
 
+use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
 use ces_config::CesConfig;
 use ces_snapshot::Snapshot;
+use ces_snapshot::manifests::{self, ParsedFile};
 
 use crate::Source;
 
@@ -13,6 +15,25 @@ pub struct Folder {
     pub manifests: Vec<PathBuf>,
     /// `None`: the embedded default config.
     pub config: Option<PathBuf>,
+    /// Each file parsed, with the size and modification time it had: only changed files are parsed again.
+    cache: HashMap<PathBuf, (u64, ParsedFile)>,
+}
+
+impl Folder {
+    pub fn new(manifests: Vec<PathBuf>, config: Option<PathBuf>) -> Folder {
+        Folder { manifests, config, cache: HashMap::new() }
+    }
+}
+
+/// Size and modification time of a file, hashed.
+fn stamp(path: &Path) -> Result<u64, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut h = DefaultHasher::new();
+    meta.len().hash(&mut h);
+    if let Ok(m) = meta.modified() {
+        m.hash(&mut h);
+    }
+    Ok(h.finish())
 }
 
 fn walk(path: &Path, h: &mut DefaultHasher) -> Result<(), String> {
@@ -49,7 +70,19 @@ impl Source for Folder {
     /// Loads everything. Inputs that define an object twice are refused, as `ces compile` refuses them: which
     /// definition counted would depend on file order. The backend then keeps what it last applied.
     fn load(&mut self) -> Result<(Snapshot, CesConfig), String> {
-        let (snapshot, _) = ces_snapshot::manifests::load_paths(&self.manifests).map_err(|e| e.to_string())?;
+        let files = manifests::files(&self.manifests).map_err(|e| e.to_string())?;
+        let mut cache = HashMap::with_capacity(files.len());
+        for f in &files {
+            let stamp = stamp(f)?;
+            let parsed = match self.cache.remove(f) {
+                Some((s, parsed)) if s == stamp => parsed,
+                _ => manifests::parse_file(f).map_err(|e| e.to_string())?,
+            };
+            cache.insert(f.clone(), (stamp, parsed));
+        }
+        self.cache = cache;
+        let parsed: Vec<&ParsedFile> = files.iter().map(|f| &self.cache[f].1).collect();
+        let (snapshot, _) = manifests::build(&parsed);
         let dups: Vec<String> =
             snapshot.diagnostics.iter().filter(|d| d.reason == "DuplicateName").map(|d| d.to_string()).collect();
         if !dups.is_empty() {

@@ -139,3 +139,27 @@ fn resync_and_expiry_apply_again_without_changes() {
     });
     assert!(events.iter().any(|e| matches!(e, Event::Applied { reason: "expiry", .. })), "{events:?}");
 }
+
+#[test]
+fn the_folder_source_parses_again_only_what_changed_and_sees_every_change() {
+    let dir = std::env::temp_dir().join(format!("ces-folder-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ns = |name: &str| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}}}\n");
+    std::fs::write(dir.join("a.yaml"), ns("a")).unwrap();
+    std::fs::write(dir.join("b.yaml"), ns("b")).unwrap();
+    let mut f = folder::Folder::new(vec![dir.clone()], None);
+    let v1 = f.version().unwrap();
+    let names = |f: &mut folder::Folder| f.load().unwrap().0.namespaces.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(names(&mut f), ["a", "b"]);
+    // Edit one file (a different size, so the stamp changes even on a coarse clock), add one, remove one.
+    std::fs::write(dir.join("a.yaml"), ns("a-renamed")).unwrap();
+    std::fs::write(dir.join("c.yaml"), ns("c")).unwrap();
+    std::fs::remove_file(dir.join("b.yaml")).unwrap();
+    assert_ne!(f.version().unwrap(), v1);
+    assert_eq!(names(&mut f), ["a-renamed", "c"]);
+    // A duplicate is refused (the backend keeps what it had).
+    std::fs::write(dir.join("d.yaml"), ns("c")).unwrap();
+    let e = f.load().unwrap_err();
+    assert!(e.contains("defined more than once"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

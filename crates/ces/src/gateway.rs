@@ -94,7 +94,7 @@ fn watch(inputs: &InputArgs, args: &GatewayArgs) -> Result<(), Failure> {
     if inputs.example {
         return Err(Failure::input("the agent watches files: give --manifests PATH... (and --config FILE)"));
     }
-    let mut source = ces_sync::folder::Folder { manifests: inputs.manifests.clone(), config: inputs.config.clone() };
+    let mut source = ces_sync::folder::Folder::new(inputs.manifests.clone(), inputs.config.clone());
     let mut backend = ces_nft::NftBackend::new(Nft::default());
     let opts = ces_sync::Options {
         debounce: std::time::Duration::from_millis(args.debounce_ms),
