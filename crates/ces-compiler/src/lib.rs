@@ -813,6 +813,7 @@ fn settings(config: &CesConfig) -> Settings {
                 log_group: g.log_group.unwrap_or(d.log_group),
                 log_rate: g.log_rate.unwrap_or(d.log_rate),
                 log_default: g.log_default.unwrap_or(d.log_default),
+                uplinks: g.uplinks.clone(),
             }
         },
     }

@@ -66,6 +66,9 @@ pub struct GatewayConfig {
     /// Log the packets the tenants' default actions decide. Default false.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_default: Option<bool>,
+    /// Interfaces where traffic leaves the gateway towards its destinations: bandwidth limits are shaped there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uplinks: Vec<String>,
 }
 
 /// `tenant[].gateway`: how the gateway recognises this tenant's traffic.
@@ -457,13 +460,17 @@ impl CesConfig {
             }
         }
         let mut interface_owner: BTreeMap<&str, &str> = BTreeMap::new();
+        for (j, name) in self.gateway.iter().flat_map(|g| g.uplinks.iter()).enumerate() {
+            if !is_interface_name(name) {
+                p(format!("gateway.uplinks[{j}]"), format!("`{name}` is not an interface name"));
+            } else {
+                interface_owner.insert(name, "uplinks");
+            }
+        }
         for (i, t) in self.tenant.iter().enumerate() {
             for (j, name) in t.gateway.iter().flat_map(|g| g.interfaces.iter()).enumerate() {
                 let key = format!("tenant[{i}].gateway.interfaces[{j}]");
-                let ok = !name.is_empty()
-                    && name.len() <= 15
-                    && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'));
-                if !ok {
+                if !is_interface_name(name) {
                     p(key, format!("`{name}` is not an interface name (1 to 15 letters, digits, `-`, `_`, `.`, `@`)"));
                 } else if let Some(other) = interface_owner.insert(name, &t.name)
                     && other != t.name
@@ -532,6 +539,13 @@ pub fn is_as3_name(s: &str) -> bool {
     let mut b = s.bytes();
     matches!(b.next(), Some(c) if c.is_ascii_alphabetic())
         && b.all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+/// A Linux interface name as nftables matches it: 1 to 15 letters, digits, `-`, `_`, `.`, `@`.
+pub fn is_interface_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'))
 }
 
 /// A Kubernetes namespace name (RFC 1123 label).

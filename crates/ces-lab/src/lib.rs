@@ -224,9 +224,11 @@ impl Lab {
                     run_in(&gw, &["ip", "route", "add", &a, "via", &format!("100.64.{i}.2"), "table", &table])?;
                 }
             }
-            lab_nft += &format!("  iifname \"{gi}\" meta mark set {mark} ct mark set {mark}\n");
+            // Only the low byte of the conntrack mark: CES owns bits 16-23.
+            lab_nft +=
+                &format!("  iifname \"{gi}\" meta mark set {mark} ct mark set ct mark and 0xffffff00 or {mark}\n");
         }
-        lab_nft += "  iifname \"srv0\" meta mark set ct mark\n }\n}\n";
+        lab_nft += "  iifname \"srv0\" meta mark set ct mark and 0xff\n }\n}\n";
         let mut child = Command::new("ip")
             .args(["netns", "exec", &gw, "nft", "-f", "-"])
             .stdin(Stdio::piped())
@@ -286,6 +288,9 @@ impl Lab {
                 |s| {
                     if let Ok((c, _)) = s.accept() {
                         std::thread::spawn(move || {
+                            // Accepted sockets inherit the listener's timeout; a slow (shaped) sender must not
+                            // look finished.
+                            let _ = c.set_read_timeout(None);
                             let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 65536];
                             while matches!(c.recv(&mut buf), Ok(n) if n > 0) {}
                         });
@@ -403,7 +408,8 @@ fn probe_socket(source: IpAddr, dst: IpAddr, proto: Proto, port: u16, timeout: D
 }
 
 impl Lab {
-    /// Sends data over one TCP connection for `secs` seconds; returns bits per second.
+    /// Sends data over one TCP connection for `secs` seconds and waits until the server has read all of it; returns
+    /// the bits per second that arrived (goodput, not what the local socket buffer accepted).
     pub fn throughput(&self, side: usize, source: IpAddr, dst: IpAddr, port: u16, secs: f64) -> Result<f64, String> {
         let ns = self.clients[side].clone();
         spawn_in(&ns, move || -> Result<f64, String> {
@@ -418,6 +424,11 @@ impl Lab {
             while start.elapsed().as_secs_f64() < secs {
                 sent += s.send(&chunk).map_err(|e| e.to_string())? as u64;
             }
+            // The server closes once it has read everything: wait for that.
+            s.shutdown(std::net::Shutdown::Write).map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
+            let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 64];
+            while matches!(s.recv(&mut buf), Ok(n) if n > 0) {}
             Ok(sent as f64 * 8.0 / start.elapsed().as_secs_f64())
         })?
         .join()

@@ -90,11 +90,14 @@ pub struct GatewaySettings {
     pub log_rate: u32,
     /// Log the packets that the tenants' default actions decide.
     pub log_default: bool,
+    /// Where traffic leaves towards its destinations: bandwidth limits are shaped there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uplinks: Vec<String>,
 }
 
 impl Default for GatewaySettings {
     fn default() -> Self {
-        GatewaySettings { table: "ces".into(), log_group: 100, log_rate: 100, log_default: false }
+        GatewaySettings { table: "ces".into(), log_group: 100, log_rate: 100, log_default: false, uplinks: Vec::new() }
     }
 }
 

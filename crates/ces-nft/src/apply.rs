@@ -35,8 +35,17 @@ impl std::error::Error for ApplyError {}
 
 impl Nft {
     fn command(&self) -> Command {
-        let mut c = Command::new(&self.program[0]);
-        c.args(&self.program[1..]);
+        self.tool(None)
+    }
+
+    /// The command for `nft`, or for another tool (`tc`) run the same way (same prefix, such as `ip netns exec`).
+    fn tool(&self, other: Option<&str>) -> Command {
+        let mut program = self.program.clone();
+        if let (Some(tool), Some(last)) = (other, program.last_mut()) {
+            *last = tool.to_string();
+        }
+        let mut c = Command::new(&program[0]);
+        c.args(&program[1..]);
         // `meta hour` values are read in the nft process's time zone; the renderer writes UTC.
         c.env("TZ", "UTC");
         c
@@ -69,6 +78,54 @@ impl Nft {
             Ok(())
         } else {
             Err(ApplyError(format!("nft refused the transaction: {}", String::from_utf8_lossy(&out.stderr).trim())))
+        }
+    }
+
+    /// Sets the uplinks' HTB classes to `rs.shaping` (one `tc -batch`): a root HTB whose unclassified traffic is not
+    /// limited, and one class per rate. Without classes, the root qdiscs CES added are removed.
+    pub fn shape(&self, rs: &Ruleset) -> Result<(), ApplyError> {
+        let mut batch = String::new();
+        for dev in &rs.uplinks {
+            batch += &format!("qdisc del dev {dev} root\n");
+            if rs.shaping.is_empty() {
+                continue;
+            }
+            batch += &format!("qdisc add dev {dev} root handle 1: htb default 0\n");
+            for c in &rs.shaping {
+                let rate = c.bits_per_second.max(8);
+                batch += &format!(
+                    "class add dev {dev} parent 1: classid 1:{} htb rate {rate}bit ceil {rate}bit\n",
+                    10 + c.mark as u32
+                );
+            }
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        // `-force`: a missing root qdisc to delete is not an error.
+        let mut child = self
+            .tool(Some("tc"))
+            .args(["-force", "-batch", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| ApplyError(format!("cannot run tc (iproute2): {e}")))?;
+        child.stdin.take().expect("piped").write_all(batch.as_bytes()).map_err(|e| ApplyError(e.to_string()))?;
+        let out = child.wait_with_output().map_err(|e| ApplyError(e.to_string()))?;
+        let errors: Vec<String> = String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter(|l| {
+                !l.contains("Cannot delete qdisc with handle of zero")
+                    && !l.contains("Command failed -:")
+                    && !l.trim().is_empty()
+            })
+            .map(str::to_string)
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ApplyError(format!("tc refused the shaping: {}", errors.join("; "))))
         }
     }
 
@@ -132,7 +189,12 @@ impl Applier {
         }
         match self.nft.run(&rs.replace_transaction()) {
             Ok(()) => {
+                let shaping_changed =
+                    self.last.as_ref().is_none_or(|l| l.shaping != rs.shaping || l.uplinks != rs.uplinks);
                 self.last = Some(rs.clone());
+                if shaping_changed {
+                    self.nft.shape(rs)?;
+                }
                 Ok(Applied::Replaced)
             }
             Err(e) => {

@@ -94,7 +94,23 @@ pub struct Ruleset {
     pub valid_until: Option<Timestamp>,
     /// What each log prefix stands for.
     pub log_tags: Vec<LogTag>,
+    /// Rate-limited traffic classes, shaped on `uplinks` (HTB class `1:<10 + mark>`).
+    pub shaping: Vec<ShapeClass>,
+    pub uplinks: Vec<String>,
 }
+
+/// One rate-limited port entry of one rule: connections it accepts carry `mark` in the CES byte of the conntrack
+/// mark, and their packets leaving through an uplink go to an HTB class of `bits_per_second`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShapeClass {
+    pub mark: u8,
+    pub bits_per_second: u64,
+    /// `rule id | ExternalService | port entry`, for the reader.
+    pub what: String,
+}
+
+/// The byte of the conntrack mark that CES owns (bits 16-23); other users' bits are left alone.
+pub const CT_MARK_MASK: u32 = 0x00ff_0000;
 
 /// A model the gateway cannot enforce at all.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -130,6 +146,7 @@ struct Renderer<'m> {
     warned: BTreeSet<(String, String)>,
     valid_until: Option<Timestamp>,
     log_tags: Vec<LogTag>,
+    shaping: Vec<ShapeClass>,
 }
 
 /// Renders the model for the gateway, as of `at` (which fixes the UTC form of schedules).
@@ -145,6 +162,7 @@ pub fn render(model: &PolicyModel, at: Timestamp) -> Result<Ruleset, RenderError
         warned: BTreeSet::new(),
         valid_until: None,
         log_tags: Vec::new(),
+        shaping: Vec::new(),
     };
     for (k, (id, d)) in model.destination_sets.iter().enumerate() {
         let stem = format!("d{k}");
@@ -188,6 +206,19 @@ pub fn render(model: &PolicyModel, at: Timestamp) -> Result<Ruleset, RenderError
         tenant_chain.rules.extend(verdict_lines("", t.default_action, &comment));
         chains.insert(1 + 4 * i, tenant_chain);
     }
+    if !r.shaping.is_empty() {
+        let map: Vec<String> =
+            r.shaping.iter().map(|c| format!("0x{:08x} : 1:{}", (c.mark as u32) << 16, 10 + c.mark as u32)).collect();
+        // Every packet of a marked connection, established ones included, goes to its class (before they are
+        // accepted below).
+        chains[0].rules.insert(
+            0,
+            format!(
+                "ct mark and 0x{CT_MARK_MASK:08x} != 0x0 meta priority set ct mark and 0x{CT_MARK_MASK:08x} map {{ {} }}",
+                map.join(", ")
+            ),
+        );
+    }
     for nat in model.tenants.iter().flat_map(|t| &t.nat_rules) {
         let object = ObjectRef::new("ExternalIPRule", Some(&nat.namespace), &nat.name);
         r.warn(object, "source NAT (ExternalIPRule) is not enforced by the nft backend yet".into());
@@ -199,6 +230,8 @@ pub fn render(model: &PolicyModel, at: Timestamp) -> Result<Ruleset, RenderError
         diagnostics: r.diagnostics,
         valid_until: r.valid_until,
         log_tags: r.log_tags,
+        shaping: r.shaping,
+        uplinks: model.settings.gateway.uplinks.clone(),
     })
 }
 
@@ -431,14 +464,48 @@ impl<'m> Renderer<'m> {
                     ),
                 );
             }
-            for p in d.ports.iter().filter(|p| p.bandwidth.is_some()) {
-                self.warn(
-                    object.clone(),
-                    format!(
-                        "not enforced by the nft backend yet: bandwidth of port entry {} of ExternalService {dest_id} (traffic is filtered, not limited)",
-                        p.name.clone().unwrap_or_else(|| p.protocol.to_string())
-                    ),
-                );
+            // A mark per rate-limited port entry (when the gateway has uplinks to shape on).
+            let mut marks: Vec<Option<String>> = Vec::with_capacity(d.ports.len());
+            for p in &d.ports {
+                let entry = p.name.clone().unwrap_or_else(|| p.protocol.to_string());
+                let mark = match &p.bandwidth {
+                    None => None,
+                    Some(ces_model::Bandwidth::IRule(name)) => {
+                        self.warn(
+                            object.clone(),
+                            format!("not enforced by the nft backend: bandwidth of port entry {entry} of ExternalService {dest_id} names the BIG-IP iRule {name}"),
+                        );
+                        None
+                    }
+                    Some(ces_model::Bandwidth::BitsPerSecond(bps))
+                        if verdict.is_some_and(|(v, _)| v != "drop" && v != "reject") =>
+                    {
+                        if self.model.settings.gateway.uplinks.is_empty() {
+                            self.warn(
+                                object.clone(),
+                                format!("not enforced by the nft backend: bandwidth of port entry {entry} of ExternalService {dest_id} needs gateway.uplinks (the interfaces to shape on)"),
+                            );
+                            None
+                        } else if self.shaping.len() >= 254 {
+                            self.warn(object.clone(), format!("not enforced by the nft backend: more than 254 rate limits; port entry {entry} of ExternalService {dest_id} is not shaped"));
+                            None
+                        } else {
+                            let mark = self.shaping.len() as u8 + 1;
+                            self.shaping.push(ShapeClass {
+                                mark,
+                                bits_per_second: *bps,
+                                what: format!("{} | {dest_id} | {entry}", rule.id),
+                            });
+                            Some(format!(
+                                "ct mark set ct mark and 0x{:08x} or 0x{:08x}",
+                                !CT_MARK_MASK,
+                                (mark as u32) << 16
+                            ))
+                        }
+                    }
+                    Some(_) => None,
+                };
+                marks.push(mark);
             }
             let (stem, iv) = self.destinations[dest_id.as_str()].clone();
             for (v4, fam) in [(true, "ip"), (false, "ip6")] {
@@ -451,18 +518,23 @@ impl<'m> Renderer<'m> {
                     let _ = write!(base, "{fam} saddr @{s}_{suffix} ");
                 }
                 let _ = write!(base, "{fam} daddr @{stem}_{suffix}");
-                let ports: Vec<String> = if d.ports.is_empty() {
-                    vec![String::new()]
+                let ports: Vec<(String, Option<String>)> = if d.ports.is_empty() {
+                    vec![(String::new(), None)]
                 } else {
-                    d.ports.iter().map(|p| port_match(p, v4)).collect()
+                    d.ports.iter().zip(&marks).map(|(p, mark)| (port_match(p, v4), mark.clone())).collect()
                 };
-                for port in &ports {
+                for (port, mark) in &ports {
                     for sched in &schedules {
                         let m: Vec<&str> = [base.as_str(), port.as_str(), sched.as_str()]
                             .into_iter()
                             .filter(|s| !s.is_empty())
                             .collect();
                         let m = m.join(" ");
+                        // The verdict lines mark the connection for shaping; logging lines do not.
+                        let marked = match mark {
+                            Some(mk) => format!("{m} {mk}"),
+                            None => m.clone(),
+                        };
                         let logged = verdict.is_none() || rule.logging;
                         if logged {
                             let tag = self.tag(LogTag {
@@ -477,8 +549,8 @@ impl<'m> Renderer<'m> {
                         }
                         match verdict {
                             None => out.push(format!("{m} counter comment {}", quote(&format!("audit {}", rule.id)))),
-                            Some(("return", _)) => out.push(format!("{m} counter return comment {comment}")),
-                            Some((_, Some(v))) => out.extend(verdict_lines(&m, v, &comment)),
+                            Some(("return", _)) => out.push(format!("{marked} counter return comment {comment}")),
+                            Some((_, Some(v))) => out.extend(verdict_lines(&marked, v, &comment)),
                             Some(_) => unreachable!("every verdict but return has one"),
                         }
                     }

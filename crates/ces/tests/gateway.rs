@@ -32,7 +32,7 @@ const SIDES: [(&str, &str, &[&str]); 3] = [
     ("com0", "Common", &["10.0.0.10", "10.99.0.1"]),
 ];
 
-const SERVERS: [&str; 14] = [
+const SERVERS: [&str; 16] = [
     "203.0.113.7",
     "198.51.100.66",
     "10.255.0.53",
@@ -47,6 +47,8 @@ const SERVERS: [&str; 14] = [
     "198.18.2.10",
     "198.18.3.10",
     "192.0.2.200",
+    "198.18.4.10",
+    "198.18.5.10",
 ];
 const TCP_PORTS: [u16; 5] = [22, 53, 80, 443, 8443];
 const UDP_PORTS: [u16; 2] = [53, 123];
@@ -294,6 +296,10 @@ fn compare(lab: &Lab, dir: &Path, cases: &[Case], stage: &str) -> BTreeSet<Strin
 }
 
 fn lab(prefix: &str) -> Lab {
+    lab_with(prefix, Vec::new())
+}
+
+fn lab_with(prefix: &str, sink_ports: Vec<u16>) -> Lab {
     let spec = LabSpec {
         prefix: prefix.into(),
         sides: SIDES
@@ -306,7 +312,7 @@ fn lab(prefix: &str) -> Lab {
         servers: SERVERS.iter().map(|a| a.parse().unwrap()).collect(),
         tcp_ports: TCP_PORTS.to_vec(),
         udp_ports: UDP_PORTS.to_vec(),
-        sink_ports: Vec::new(),
+        sink_ports,
     };
     Lab::build(spec).unwrap_or_else(|e| panic!("cannot build the network-namespace lab: {e}"))
 }
@@ -620,4 +626,32 @@ fn ces_lab_runs_the_example_and_every_flow_agrees() {
         .map(str::to_string)
         .collect();
     assert!(left.is_empty(), "the lab left namespaces behind: {left:?}");
+}
+
+#[test]
+fn a_bandwidth_rate_is_shaped_on_the_uplink() {
+    let dir = example_dir("bw");
+    let conf = std::fs::read_to_string(dir.join("ces-conf.yaml")).unwrap();
+    std::fs::write(dir.join("ces-conf.yaml"), conf + "gateway: {uplinks: [srv0]}\n").unwrap();
+    let extra = std::fs::read_to_string(dir.join("extra.yaml")).unwrap();
+    std::fs::write(
+        dir.join("extra.yaml"),
+        extra
+            + "---\napiVersion: kubeovn.io/v1alpha1\nkind: ExternalService\nmetadata: {name: lab-slow, namespace: payments}\nspec: {addresses: [198.18.4.10], ports: [{protocol: tcp, port: '5201', bandwidth: 2Mbps}]}\n\
+               ---\napiVersion: kubeovn.io/v1alpha1\nkind: ExternalService\nmetadata: {name: lab-fast, namespace: payments}\nspec: {addresses: [198.18.5.10]}\n\
+               ---\napiVersion: kubeovn.io/v1alpha1\nkind: NamespaceEgressRule\nmetadata: {name: lab-limits, namespace: payments}\nspec: {action: accept-decisively, externalServices: [lab-slow, lab-fast]}\n",
+    )
+    .unwrap();
+    let lab = lab_with(&format!("cesw{}", std::process::id() % 100_000), vec![5201]);
+    apply(&lab, &dir);
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let slow = lab.throughput(0, ip("10.10.0.11"), ip("198.18.4.10"), 5201, 3.0).unwrap();
+    let fast = lab.throughput(0, ip("10.10.0.11"), ip("198.18.5.10"), 5201, 1.0).unwrap();
+    // HTB shapes to the rate over the run; TCP's first window and the send buffer let a little more through.
+    eprintln!("shaped to 2 Mbit/s: {:.2} Mbit/s; not limited: {:.0} Mbit/s", slow / 1e6, fast / 1e6);
+    assert!((1.4e6..2.8e6).contains(&slow), "2 Mbit/s shaped: measured {:.2} Mbit/s", slow / 1e6);
+    assert!(fast > 50e6, "not rate-limited: measured {:.2} Mbit/s", fast / 1e6);
+    let classes = ces_lab::run_in(&lab.gateway, &["tc", "class", "show", "dev", "srv0"]).unwrap();
+    assert!(classes.contains("rate 2Mbit"), "{classes}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
