@@ -46,6 +46,14 @@ pub trait Backend {
     fn apply(&mut self, model: &PolicyModel, full: bool) -> Result<Applied, String>;
 }
 
+/// How long the stages of one pass took.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timings {
+    pub load: Duration,
+    pub compile: Duration,
+    pub apply: Duration,
+}
+
 #[derive(Clone, Debug)]
 pub struct Options {
     /// How often the source's version is read.
@@ -78,8 +86,8 @@ impl Default for Options {
 /// What the loop did, for the agent's log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    /// An apply succeeded: why it ran, and what the backend did.
-    Applied { reason: &'static str, summary: String, problems: usize },
+    /// An apply succeeded: why it ran, what the backend did, and how long loading, compiling and applying took.
+    Applied { reason: &'static str, summary: String, problems: usize, timings: Timings },
     /// A load or apply failed; the loop retries after `retry_in`.
     Failed { reason: &'static str, error: String, retry_in: Duration },
 }
@@ -124,19 +132,23 @@ pub fn run(
         let version = if reason == "change" { settle(source, opts, stop) } else { version };
         let full = matches!(reason, "retry" | "resync") || applied_version.is_none();
         let result = version.and_then(|v| {
+            let t = Instant::now();
             let (snapshot, config) = source.load()?;
+            let load = t.elapsed();
             let model = ces_compiler::compile(&snapshot, &config, &opts.ces_namespace);
+            let compile = t.elapsed() - load;
             let applied = backend.apply(&model, full)?;
-            Ok((v, applied, model.errors().count()))
+            let timings = Timings { load, compile, apply: t.elapsed() - load - compile };
+            Ok((v, applied, model.errors().count(), timings))
         });
         match result {
-            Ok((v, applied, problems)) => {
+            Ok((v, applied, problems, timings)) => {
                 applied_version = Some(v);
                 expires = applied.valid_until;
                 retry_at = None;
                 backoff = opts.retry_min;
                 next_resync = Instant::now() + opts.resync;
-                events(Event::Applied { reason, summary: applied.summary, problems });
+                events(Event::Applied { reason, summary: applied.summary, problems, timings });
             }
             Err(error) => {
                 retry_at = Some(Instant::now() + backoff);

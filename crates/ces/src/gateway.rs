@@ -119,8 +119,14 @@ fn watch(inputs: &InputArgs, args: &GatewayArgs) -> Result<(), Failure> {
     std::thread::spawn(move || read_log(index, &mut *log));
     eprintln!("ces gateway: watching {} path(s); the rules stay in place if this agent stops", inputs.manifests.len());
     ces_sync::run(&mut source, &mut backend, &opts, &stop, &mut |e| match e {
-        ces_sync::Event::Applied { reason, summary, problems } => {
-            eprintln!("ces gateway: {reason}: {summary}; {problems} problem(s) in the policy");
+        ces_sync::Event::Applied { reason, summary, problems, timings } => {
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            eprintln!(
+                "ces gateway: {reason}: {summary}; {problems} problem(s) in the policy; load {:.0} ms, compile {:.0} ms, apply {:.0} ms",
+                ms(timings.load),
+                ms(timings.compile),
+                ms(timings.apply)
+            );
         }
         ces_sync::Event::Failed { reason, error, retry_in } => {
             eprintln!("ces gateway: {reason} failed, retrying in {} ms: {error}", retry_in.as_millis());
