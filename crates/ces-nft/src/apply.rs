@@ -1,8 +1,8 @@
 //! Loading rulesets into the kernel with the `nft` command, one atomic transaction per sync.
 //!
-//! The first load, any change of chains or set declarations, and every full resync replace the table whole in one
-//! transaction (`add table; delete table; table {...}`): no packet ever sees a missing or half-loaded table, and a
-//! restarted agent adopts the table it finds without a window. Pod churn changes set elements only, in one
+//! The first load, any change of chains or set declarations, and every full resync replace the table's content in
+//! one transaction: an existing table is adopted (its chains and sets flushed and refilled, stale ones deleted), so
+//! no packet ever sees a missing, empty or half-loaded table, and a restarted agent takes over without a window. Pod churn changes set elements only, in one
 //! transaction. When a transaction fails, nothing of it is applied and the next apply replaces the table whole.
 
 use std::io::Write as _;
@@ -187,7 +187,8 @@ impl Applier {
                 }
             };
         }
-        match self.nft.run(&rs.replace_transaction()) {
+        let existing = self.nft.list_table(&rs.table)?.map(|l| crate::Existing::parse(&l));
+        match self.nft.run(&rs.replace_transaction(existing.as_ref())) {
             Ok(()) => {
                 let shaping_changed =
                     self.last.as_ref().is_none_or(|l| l.shaping != rs.shaping || l.uplinks != rs.uplinks);

@@ -6,7 +6,7 @@ pub mod intervals;
 pub mod nflog;
 mod render;
 
-pub use render::{CT_MARK_MASK, Chain, LogTag, NftSet, RenderError, Ruleset, SetKind, ShapeClass, render};
+pub use render::{CT_MARK_MASK, Chain, Existing, LogTag, NftSet, RenderError, Ruleset, SetKind, ShapeClass, render};
 
 /// The gateway as a backend of the sync loop: renders the model as of now and applies it.
 pub struct NftBackend {

@@ -560,6 +560,30 @@ impl<'m> Renderer<'m> {
     }
 }
 
+/// The objects of a table in the kernel, read from `nft list table`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Existing {
+    /// `(set|map, name)`.
+    pub sets: Vec<(String, String)>,
+    pub chains: Vec<String>,
+}
+
+impl Existing {
+    /// Reads the names of the sets, maps and chains from `nft list table` output.
+    pub fn parse(listing: &str) -> Existing {
+        let mut e = Existing::default();
+        for line in listing.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.as_slice() {
+                [kind @ ("set" | "map"), name, "{"] => e.sets.push((kind.to_string(), name.to_string())),
+                ["chain", name, "{"] => e.chains.push(name.to_string()),
+                _ => {}
+            }
+        }
+        e
+    }
+}
+
 impl Ruleset {
     fn text(&self, with_elements: bool) -> String {
         let mut s = format!("table inet {} {{\n", self.table);
@@ -589,9 +613,31 @@ impl Ruleset {
         self.text(true)
     }
 
-    /// One transaction that replaces the table whole, atomically: no packet sees a missing or half-loaded table.
-    pub fn replace_transaction(&self) -> String {
-        format!("add table inet {t}\ndelete table inet {t}\n{}", self.to_text(), t = self.table)
+    /// One transaction that makes the table equal to this ruleset, whatever it held. When the table exists
+    /// (`existing` lists its sets, maps and chains) it is adopted, not recreated: every chain and set is flushed and
+    /// refilled, and only objects this ruleset no longer has are deleted. A set that lives on keeps answering
+    /// lookups with its old elements until the new ones are in; a recreated set would be empty for an instant after
+    /// the new rules are live (seen in the lab as refused connections during agent restarts).
+    pub fn replace_transaction(&self, existing: Option<&Existing>) -> String {
+        let t = &self.table;
+        let Some(existing) = existing else { return self.to_text() };
+        let mut s = String::new();
+        for c in &existing.chains {
+            let _ = writeln!(s, "flush chain inet {t} {c}");
+        }
+        for (keyword, name) in &existing.sets {
+            let _ = writeln!(s, "flush {keyword} inet {t} {name}");
+        }
+        for c in existing.chains.iter().filter(|c| !self.chains.iter().any(|n| &n.name == *c)) {
+            let _ = writeln!(s, "delete chain inet {t} {c}");
+        }
+        for (keyword, name) in &existing.sets {
+            let keep = self.sets.get(name).is_some_and(|set| set.kind.keyword() == keyword);
+            if !keep {
+                let _ = writeln!(s, "delete {keyword} inet {t} {name}");
+            }
+        }
+        s + &self.to_text()
     }
 
     /// One transaction that brings a table loaded from `previous` to this ruleset by changing set elements only, or
@@ -612,5 +658,46 @@ impl Ruleset {
             }
         }
         Some(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_existing_table_is_adopted_not_recreated() {
+        let rs = Ruleset {
+            table: "ces".into(),
+            sets: [("s0_v4".to_string(), NftSet { kind: SetKind::V4, elements: vec!["10.0.0.1".into()] })].into(),
+            chains: vec![Chain {
+                name: "forward".into(),
+                hook: Some("type filter hook forward priority filter; policy accept;".into()),
+                rules: vec!["ip saddr @s0_v4 drop".into()],
+            }],
+            diagnostics: vec![],
+            valid_until: None,
+            log_tags: vec![],
+            shaping: vec![],
+            uplinks: vec![],
+        };
+        let listing = "table inet ces {\n\tset s0_v4 {\n\t\ttype ipv4_addr\n\t}\n\tmap tenants_v4 {\n\t}\n\tchain forward {\n\t}\n\tchain t9 {\n\t}\n}\n";
+        let existing = Existing::parse(listing);
+        assert_eq!(existing.chains, ["forward", "t9"]);
+        let tx = rs.replace_transaction(Some(&existing));
+        assert!(!tx.contains("delete table"), "never recreate a live table:\n{tx}");
+        for line in [
+            "flush chain inet ces forward",
+            "flush chain inet ces t9",
+            "flush set inet ces s0_v4",
+            "flush map inet ces tenants_v4",
+            "delete chain inet ces t9",
+            "delete map inet ces tenants_v4",
+        ] {
+            assert!(tx.lines().any(|l| l == line), "missing `{line}` in:\n{tx}");
+        }
+        assert!(!tx.contains("delete set inet ces s0_v4"), "a set that lives on is kept:\n{tx}");
+        assert!(tx.ends_with(&rs.to_text()));
+        assert_eq!(rs.replace_transaction(None), rs.to_text(), "a new table is simply created");
     }
 }

@@ -655,3 +655,47 @@ fn a_bandwidth_rate_is_shaped_on_the_uplink() {
     assert!(classes.contains("rate 2Mbit"), "{classes}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn restarts_and_resyncs_open_no_window() {
+    // While the agent is restarted again and again (each start replaces the table's content) probes run without
+    // pause: an accepted flow must never be refused and a refused one never let through. Deleting and recreating the
+    // table in one transaction failed this (new interval sets were empty for an instant after the new rules went
+    // live); adopting the table passes.
+    let dir = example_dir("window");
+    let lab = lab(&format!("cesn{}", std::process::id() % 100_000));
+    apply(&lab, &dir);
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let accepted = Case { side: 0, from: ip("10.10.0.11"), to: ip("198.18.3.10"), proto: Proto::Tcp, port: 443 };
+    let refused = Case { side: 0, from: ip("10.10.0.21"), to: ip("198.18.3.10"), proto: Proto::Tcp, port: 443 };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let shim = dir.join("no-shim");
+    std::fs::create_dir_all(&shim).unwrap();
+    let (results, restarts) = std::thread::scope(|s| {
+        let prober = s.spawn(|| {
+            let mut seen = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for c in [&accepted, &refused] {
+                    seen.push((c.from, lab.probe(c.side, c.from, c.to, c.proto, c.port).unwrap()));
+                }
+            }
+            seen
+        });
+        let mut restarts = 0;
+        for i in 0..10 {
+            let agent = Agent::start(&lab, &dir, &shim, dir.join(format!("agent-{i}.log")));
+            wait_until(|| agent.count("replaced") >= 1, || agent.log());
+            restarts += 1;
+            drop(agent);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (prober.join().unwrap(), restarts)
+    });
+    assert_eq!(restarts, 10);
+    assert!(results.len() >= 20, "too few probes ran during the restarts: {}", results.len());
+    for (from, outcome) in &results {
+        let want = if *from == accepted.from { Outcome::Accept } else { Outcome::Reject };
+        assert_eq!(*outcome, want, "{from}: a window opened during a restart ({} probes)", results.len());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
