@@ -50,8 +50,15 @@ pub struct LoadStats {
 /// Loads every `.yaml`, `.yml` and `.json` file under the given files and folders (folders recursively, in name
 /// order) into one snapshot.
 pub fn load_paths(paths: &[PathBuf]) -> Result<(Snapshot, LoadStats), LoadError> {
-    let parsed = files(paths)?.iter().map(|f| parse_file(f)).collect::<Result<Vec<_>, _>>()?;
-    Ok(build(&parsed.iter().collect::<Vec<_>>()))
+    let mut b = SnapshotBuilder::new();
+    let mut stats = LoadStats::default();
+    for f in files(paths)? {
+        stats.files += 1;
+        for run in parse_file(&f)?.runs {
+            run.apply(&mut b, &mut stats);
+        }
+    }
+    Ok((b.build(), stats))
 }
 
 /// Every manifest file under the given files and folders (folders recursively, in name order).
@@ -80,7 +87,8 @@ pub fn parse_file(f: &Path) -> Result<ParsedFile, LoadError> {
     Ok(ParsedFile { runs: parse_text(&text, &f.display().to_string(), workers_for(&text)) })
 }
 
-/// The snapshot of several parsed files, in the order given (which decides, for duplicates, the one kept).
+/// The snapshot of several parsed files, in the order given (which decides, for duplicates, the one kept). The files
+/// are kept (their documents are copied into the snapshot), for a source that parses again only what changes.
 pub fn build(files: &[&ParsedFile]) -> (Snapshot, LoadStats) {
     let mut b = SnapshotBuilder::new();
     let mut stats = LoadStats::default();
