@@ -99,6 +99,15 @@ impl Nft {
                 );
             }
         }
+        self.tc_batch(&batch)
+    }
+
+    /// Removes the root qdiscs of these uplinks (the shaping CES put there).
+    pub fn unshape(&self, uplinks: &[String]) -> Result<(), ApplyError> {
+        self.tc_batch(&uplinks.iter().map(|dev| format!("qdisc del dev {dev} root\n")).collect::<String>())
+    }
+
+    fn tc_batch(&self, batch: &str) -> Result<(), ApplyError> {
         if batch.is_empty() {
             return Ok(());
         }

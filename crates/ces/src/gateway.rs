@@ -40,11 +40,14 @@ enum GatewayAction {
         #[arg(long, default_value = "ces")]
         table: String,
     },
-    /// Remove the gateway's table (and so every CES rule) from this host.
+    /// Remove the gateway's table (and so every CES rule) from this host, and the shaping on its uplinks.
     Cleanup {
-        /// The table to remove (default: the embedded config's, `ces`).
-        #[arg(long, default_value = "ces")]
-        table: String,
+        /// The table to remove. Default: the config's (`ces` without one).
+        #[arg(long)]
+        table: Option<String>,
+        /// The ces-conf.yaml the gateway ran with: its table, and its uplinks, whose HTB qdiscs are removed too.
+        #[arg(long, value_name = "FILE")]
+        config: Option<std::path::PathBuf>,
     },
 }
 
@@ -70,9 +73,21 @@ pub fn run(args: &GatewayArgs) -> Result<(), Failure> {
     if let Some(GatewayAction::Counters { table }) = &args.action {
         return counters(table);
     }
-    if let Some(GatewayAction::Cleanup { table }) = &args.action {
-        let removed = Nft::default().delete_table(table).map_err(|e| Failure::input(e.to_string()))?;
+    if let Some(GatewayAction::Cleanup { table, config }) = &args.action {
+        let config = match config {
+            Some(p) => Some(ces_config::CesConfig::from_file(p).map_err(|e| Failure::input(e.to_string()))?),
+            None => None,
+        };
+        let table = table.clone().unwrap_or_else(|| config.as_ref().map_or("ces", |c| c.gateway_table()).to_string());
+        let nft = Nft::default();
+        let removed = nft.delete_table(&table).map_err(|e| Failure::input(e.to_string()))?;
         eprintln!("ces: table inet {table} {}", if removed { "removed" } else { "was not there" });
+        let uplinks: Vec<String> =
+            config.iter().flat_map(|c| c.gateway.iter().flat_map(|g| g.uplinks.clone())).collect();
+        if !uplinks.is_empty() {
+            nft.unshape(&uplinks).map_err(|e| Failure::input(e.to_string()))?;
+            eprintln!("ces: shaping removed from {}", uplinks.join(", "));
+        }
         return Ok(());
     }
     let inputs = args.inputs.as_ref().ok_or_else(|| Failure::input("give --manifests PATH... or --example"))?;

@@ -653,6 +653,17 @@ fn a_bandwidth_rate_is_shaped_on_the_uplink() {
     assert!(fast > 50e6, "not rate-limited: measured {:.2} Mbit/s", fast / 1e6);
     let classes = ces_lab::run_in(&lab.gateway, &["tc", "class", "show", "dev", "srv0"]).unwrap();
     assert!(classes.contains("rate 2Mbit"), "{classes}");
+    // Cleanup with the config removes the table and the shaping.
+    let out = Command::new("ip")
+        .args(["netns", "exec", &lab.gateway, env!("CARGO_BIN_EXE_ces"), "gateway", "cleanup", "--config"])
+        .arg(dir.join("ces-conf.yaml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let qdiscs = ces_lab::run_in(&lab.gateway, &["tc", "qdisc", "show", "dev", "srv0"]).unwrap();
+    assert!(!qdiscs.contains("htb"), "{qdiscs}");
+    let tables = ces_lab::run_in(&lab.gateway, &["nft", "list", "tables"]).unwrap();
+    assert!(!tables.lines().any(|l| l.trim() == "table inet ces"), "{tables}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
