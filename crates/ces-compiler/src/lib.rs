@@ -111,6 +111,9 @@ struct Compiler<'a> {
     /// an overlapping one (kube-ovn writes the default subnet on every namespace without its own) or has a pod in it.
     subnets: HashMap<&'a str, Subnets>,
     service_sources: HashMap<Key, ServiceSources>,
+    /// For every Service with endpoint objects: the endpoint addresses CES trusts, and why it refuses the others.
+    /// Computed once: rules' source sets and the tenants' members both use it.
+    trusted_endpoints: HashMap<Key, (Vec<IpNet>, Vec<Problem>)>,
 }
 
 /// Pods CES takes as sources: not finished (they then have no IP) and not on the host network.
@@ -166,9 +169,27 @@ impl<'a> Compiler<'a> {
             pods_by_ip,
             subnets: HashMap::new(),
             service_sources: HashMap::new(),
+            trusted_endpoints: HashMap::new(),
         };
         c.subnets = c.classify_subnets();
+        c.trusted_endpoints = c.check_endpoints();
         c
+    }
+
+    /// Sorts every Service's ready endpoints into trusted addresses and refusals (`foreign_endpoint`).
+    fn check_endpoints(&self) -> HashMap<Key, (Vec<IpNet>, Vec<Problem>)> {
+        let mut out = HashMap::with_capacity(self.snap.endpoints.len());
+        for (key, eps) in self.snap.endpoints.iter().filter(|(k, _)| self.snap.services.contains_key(*k)) {
+            let (mut trusted, mut refused) = (Vec::with_capacity(eps.len()), Vec::new());
+            for ep in eps {
+                match self.foreign_endpoint(&key.0, &key.1, ep) {
+                    None => trusted.push(IpNet::from(ep.ip)),
+                    Some(why) => refused.push(("ForeignEndpoint", format!("{why}; it is not a source"))),
+                }
+            }
+            out.insert(key.clone(), (trusted, refused));
+        }
+        out
     }
 
     fn tenant_of(&self, ns: &str) -> &TenantRef {
@@ -598,22 +619,13 @@ impl<'a> Compiler<'a> {
         let Some(service) = self.snap.services.get(&key) else {
             return Err(("ServiceNotFound", format!("Service {ns}/{svc} not found")));
         };
-        let mut refused = Vec::new();
-        let addrs: Vec<IpNet> = match (self.snap.endpoints.get(&key), &service.selector) {
-            (Some(eps), _) => {
-                let mut addrs = Vec::with_capacity(eps.len());
-                for ep in eps {
-                    match self.foreign_endpoint(ns, svc, ep) {
-                        None => addrs.push(IpNet::from(ep.ip)),
-                        Some(why) => refused.push(("ForeignEndpoint", format!("{why}; it is not a source"))),
-                    }
-                }
-                addrs
-            }
-            (None, Some(sel)) => {
-                pod_nets(self.snap.pods_in(ns).iter().filter(|p| p.ready && selector::service_selects(sel, &p.labels)))
-            }
-            (None, None) => Vec::new(),
+        let (addrs, refused) = match (self.trusted_endpoints.get(&key), &service.selector) {
+            (Some((trusted, refused)), _) => (trusted.clone(), refused.clone()),
+            (None, Some(sel)) => (
+                pod_nets(self.snap.pods_in(ns).iter().filter(|p| p.ready && selector::service_selects(sel, &p.labels))),
+                Vec::new(),
+            ),
+            (None, None) => (Vec::new(), Vec::new()),
         };
         let name = service_set(ns, svc);
         let empty = self.insert_set(&name, ns, addrs);
@@ -720,16 +732,8 @@ impl<'a> Compiler<'a> {
         // Trusted non-pod endpoints belong to their Service's tenant too (an address that is no pod's is in the
         // tenant where it enters).
         let mut endpoint_members: BTreeMap<&str, Vec<IpNet>> = BTreeMap::new();
-        for (key, eps) in &self.snap.endpoints {
-            if !self.snap.services.contains_key(key) {
-                continue;
-            }
-            let tenant = self.tenant_name(&key.0);
-            for ep in eps {
-                if self.foreign_endpoint(&key.0, &key.1, ep).is_none() {
-                    endpoint_members.entry(tenant).or_default().push(IpNet::from(ep.ip));
-                }
-            }
+        for (key, (trusted, _)) in &self.trusted_endpoints {
+            endpoint_members.entry(self.tenant_name(&key.0)).or_default().extend_from_slice(trusted);
         }
 
         let refs: Vec<TenantRef> = self.tenant_refs.values().cloned().collect();
