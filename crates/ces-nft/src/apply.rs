@@ -140,7 +140,21 @@ impl Nft {
 
     /// `nft list table inet NAME`, or `None` when there is no such table.
     pub fn list_table(&self, table: &str) -> Result<Option<String>, ApplyError> {
-        let out = self.command().args(["list", "table", "inet", table]).output().map_err(|e| self.not_found(e))?;
+        self.list(table, &[])
+    }
+
+    /// The same in nft's JSON form (`nft -j`), which carries every rule's counter and comment.
+    pub fn list_table_json(&self, table: &str) -> Result<Option<String>, ApplyError> {
+        self.list(table, &["-j"])
+    }
+
+    fn list(&self, table: &str, flags: &[&str]) -> Result<Option<String>, ApplyError> {
+        let out = self
+            .command()
+            .args(flags)
+            .args(["list", "table", "inet", table])
+            .output()
+            .map_err(|e| self.not_found(e))?;
         if out.status.success() { Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned())) } else { Ok(None) }
     }
 

@@ -190,16 +190,12 @@ fn read_log(index: std::sync::Arc<std::sync::Mutex<ces_nft::nflog::LogIndex>>, o
 
 /// `ces gateway counters`: sums the counters of the table's rules by rule (their comment).
 fn counters(table: &str) -> Result<(), Failure> {
-    let out = std::process::Command::new("nft")
-        .args(["-j", "list", "table", "inet", table])
-        .env("TZ", "UTC")
-        .output()
-        .map_err(|e| Failure::input(format!("nft: {e} (install nftables)")))?;
-    if !out.status.success() {
-        return Err(Failure::input(format!("nft: {}", String::from_utf8_lossy(&out.stderr).trim())));
-    }
+    let listing = Nft::default()
+        .list_table_json(table)
+        .map_err(|e| Failure::input(e.to_string()))?
+        .ok_or_else(|| Failure::input(format!("there is no table inet {table} on this host")))?;
     let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| Failure::input(format!("nft -j output: {e}")))?;
+        serde_json::from_str(&listing).map_err(|e| Failure::input(format!("nft -j output: {e}")))?;
     let mut sums: std::collections::BTreeMap<String, (u64, u64)> = std::collections::BTreeMap::new();
     for item in v["nftables"].as_array().into_iter().flatten() {
         let rule = &item["rule"];
