@@ -119,6 +119,23 @@ impl Snapshot {
     }
 }
 
+/// The reason code of an object defined twice.
+pub const DUPLICATE_NAME: &str = "DuplicateName";
+
+impl Snapshot {
+    /// Refuses a snapshot with objects defined more than once: which definition counts would depend on file order.
+    /// The error lists every duplicate with both places.
+    pub fn refuse_duplicates(&self) -> Result<(), String> {
+        let dups: Vec<String> =
+            self.diagnostics.iter().filter(|d| d.reason == DUPLICATE_NAME).map(|d| d.to_string()).collect();
+        if dups.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("objects defined more than once (remove one of each):\n{}", dups.join("\n")))
+        }
+    }
+}
+
 /// Collects objects into a [`Snapshot`], rejecting duplicates.
 #[derive(Default)]
 pub struct SnapshotBuilder {
@@ -131,7 +148,7 @@ fn duplicate(object: ObjectRef, origin: Option<String>, first: Option<&String>) 
         Some(f) => format!("defined more than once; the first definition, at {f}, is kept"),
         None => "defined more than once; the first definition is kept".to_string(),
     };
-    Diagnostic { severity: Severity::Error, object: Some(object), origin, reason: "DuplicateName".into(), message }
+    Diagnostic { severity: Severity::Error, object: Some(object), origin, reason: DUPLICATE_NAME.into(), message }
 }
 
 macro_rules! add_object {

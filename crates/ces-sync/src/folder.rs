@@ -83,11 +83,7 @@ impl Source for Folder {
         self.cache = cache;
         let parsed: Vec<&ParsedFile> = files.iter().map(|f| &self.cache[f].1).collect();
         let (snapshot, _) = manifests::build(&parsed);
-        let dups: Vec<String> =
-            snapshot.diagnostics.iter().filter(|d| d.reason == "DuplicateName").map(|d| d.to_string()).collect();
-        if !dups.is_empty() {
-            return Err(format!("objects defined more than once: {}", dups.join("; ")));
-        }
+        snapshot.refuse_duplicates()?;
         let config = match &self.config {
             Some(p) => CesConfig::from_file(p).map_err(|e| e.to_string())?,
             None => CesConfig::embedded_default(),

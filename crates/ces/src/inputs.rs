@@ -51,13 +51,8 @@ impl Inputs {
     /// on file order. (`validate` reports them as problems instead.)
     pub fn load_unique(args: &InputArgs) -> Result<Inputs, Failure> {
         let inputs = Inputs::load(args)?;
-        let dups: Vec<String> =
-            inputs.snapshot.diagnostics.iter().filter(|d| d.reason == "DuplicateName").map(|d| d.to_string()).collect();
-        if dups.is_empty() {
-            Ok(inputs)
-        } else {
-            Err(Failure::input(format!("objects defined more than once (remove one of each):\n{}", dups.join("\n"))))
-        }
+        inputs.snapshot.refuse_duplicates().map_err(Failure::input)?;
+        Ok(inputs)
     }
 
     pub fn compile(&self) -> PolicyModel {
