@@ -407,6 +407,34 @@ impl fmt::Display for ObjectRef {
     }
 }
 
+/// Who has an address in a tenant: the pod behind a source address, for logs, reports and `simulate`.
+#[derive(Clone, Debug, Default)]
+pub struct PodIndex {
+    /// `(tenant, address)` to the indexes in `pods` of the pods that have it.
+    by_address: std::collections::HashMap<(String, IpAddr), Vec<usize>>,
+    pods: Vec<(String, String)>,
+}
+
+impl PodIndex {
+    pub fn new(pods: &[PodEntry]) -> PodIndex {
+        let mut by_address: std::collections::HashMap<(String, IpAddr), Vec<usize>> = Default::default();
+        for (i, p) in pods.iter().enumerate() {
+            for ip in &p.ips {
+                by_address.entry((p.tenant.clone(), *ip)).or_default().push(i);
+            }
+        }
+        PodIndex { by_address, pods: pods.iter().map(|p| (p.namespace.clone(), p.name.clone())).collect() }
+    }
+
+    /// `(namespace, pod)` of the one pod of `tenant` that has `ip`; `None` when no pod, or several, have it.
+    pub fn pod(&self, tenant: &str, ip: IpAddr) -> Option<(&str, &str)> {
+        match self.by_address.get(&(tenant.to_string(), ip)).map(Vec::as_slice) {
+            Some([one]) => Some((self.pods[*one].0.as_str(), self.pods[*one].1.as_str())),
+            _ => None,
+        }
+    }
+}
+
 /// An error leaves its object out of the model (the user must fix it); a warning leaves it in and says what CES
 /// did not use, or that the object has no effect yet.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -484,5 +512,31 @@ impl PolicyModel {
             (None, Some(warning)) => accepted_status(generation, &warning.reason, &join(&mine)),
             (None, None) => accepted_status(generation, "Accepted", "compiled into the policy model"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pod_behind_an_address_is_looked_up_in_its_tenant_and_only_when_unique() {
+        let pod = |tenant: &str, ns: &str, name: &str, ip: &str| PodEntry {
+            tenant: tenant.into(),
+            namespace: ns.into(),
+            name: name.into(),
+            ips: vec![ip.parse().unwrap()],
+        };
+        let idx = PodIndex::new(&[
+            pod("payments", "pay", "checkout-0", "10.10.0.11"),
+            pod("analytics", "dev", "jupyter-0", "10.10.0.11"),
+            pod("Common", "a", "x", "10.0.0.1"),
+            pod("Common", "b", "y", "10.0.0.1"),
+        ]);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(idx.pod("payments", ip("10.10.0.11")), Some(("pay", "checkout-0")));
+        assert_eq!(idx.pod("analytics", ip("10.10.0.11")), Some(("dev", "jupyter-0")));
+        assert_eq!(idx.pod("Common", ip("10.10.0.11")), None, "no pod of Common has it");
+        assert_eq!(idx.pod("Common", ip("10.0.0.1")), None, "two pods have it: naming one would be a guess");
     }
 }

@@ -5,7 +5,6 @@
 //! turns a packet and its tag into one JSON line ([`LogEvent`]), naming the pod behind the source address from the
 //! model's pods of the tag's tenant (the same address may be another pod in another tenant).
 
-use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -216,19 +215,16 @@ pub struct LogIndex {
     /// The NFLOG group the ruleset logs to.
     pub group: Option<u16>,
     pub tags: Vec<LogTag>,
-    /// `(tenant, address)` to `(namespace, pod)`.
-    pub pods: HashMap<(String, IpAddr), (String, String)>,
+    pub pods: ces_model::PodIndex,
 }
 
 impl LogIndex {
     pub fn new(model: &PolicyModel, rs: &Ruleset) -> LogIndex {
-        let mut pods = HashMap::new();
-        for p in &model.pods {
-            for ip in &p.ips {
-                pods.insert((p.tenant.clone(), *ip), (p.namespace.clone(), p.name.clone()));
-            }
+        LogIndex {
+            group: Some(model.settings.gateway.log_group),
+            tags: rs.log_tags.clone(),
+            pods: ces_model::PodIndex::new(&model.pods),
         }
-        LogIndex { group: Some(model.settings.gateway.log_group), tags: rs.log_tags.clone(), pods }
     }
 
     /// The JSON line for a logged packet, or `None` when its prefix is not one of ours.
@@ -236,7 +232,7 @@ impl LogIndex {
         let n: usize = pkt.prefix.trim().strip_prefix("ces/")?.parse().ok()?;
         let tag = self.tags.get(n)?;
         let (src, dst, proto, port) = parse_ip(&pkt.payload)?;
-        let pod = self.pods.get(&(tag.tenant.clone(), src));
+        let pod = self.pods.pod(&tag.tenant, src);
         let protocol = match proto {
             6 => "tcp".to_string(),
             17 => "udp".to_string(),

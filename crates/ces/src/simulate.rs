@@ -1,13 +1,11 @@
 //! `ces simulate`: decide flows against manifests, before anything is deployed.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
 use ces_eval::{Decision, Evaluator, Flow, parse_target};
-use ces_model::{Destination, PolicyModel};
-use ces_snapshot::Pod;
+use ces_model::{Destination, PodIndex, PolicyModel};
 use clap::Args;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -92,18 +90,12 @@ fn parse_at(s: Option<&str>, default: Timestamp) -> Result<Timestamp, String> {
 struct Resolver<'a> {
     inputs: &'a Inputs,
     evaluator: &'a Evaluator<'a>,
-    pods_by_ip: HashMap<IpAddr, Vec<&'a Pod>>,
+    pods: PodIndex,
 }
 
 impl<'a> Resolver<'a> {
     fn new(inputs: &'a Inputs, evaluator: &'a Evaluator<'a>) -> Resolver<'a> {
-        let mut pods_by_ip: HashMap<IpAddr, Vec<&Pod>> = HashMap::new();
-        for p in inputs.snapshot.pods.iter().filter(|p| !p.host_network) {
-            for ip in &p.ips {
-                pods_by_ip.entry(*ip).or_default().push(p);
-            }
-        }
-        Resolver { inputs, evaluator, pods_by_ip }
+        Resolver { inputs, evaluator, pods: PodIndex::new(&evaluator.model().pods) }
     }
 
     /// Resolves a source: a pod by name (its tenant is its namespace's), or an address in the given tenant, or else
@@ -122,15 +114,9 @@ impl<'a> Resolver<'a> {
                 }
                 None => self.evaluator.tenant_of(ip).map_err(|e| format!("`{from}`: {e}"))?.to_string(),
             };
-            let mut pods = self
-                .pods_by_ip
-                .get(&ip)
-                .into_iter()
-                .flatten()
-                .filter(|p| inputs.config.tenant_of(&p.namespace) == tenant);
-            let (namespace, pod) = match (pods.next(), pods.next()) {
-                (Some(p), None) => (Some(p.namespace.clone()), Some(p.name.clone())),
-                _ => (None, None),
+            let (namespace, pod) = match self.pods.pod(&tenant, ip) {
+                Some((ns, name)) => (Some(ns.to_string()), Some(name.to_string())),
+                None => (None, None),
             };
             (Source { ip, namespace, pod }, tenant)
         } else if from.split_once('/').is_some_and(|(a, len)| a.parse::<IpAddr>().is_ok() && len.parse::<u8>().is_ok())
