@@ -182,6 +182,7 @@ pub fn render(model: &PolicyModel, at: Timestamp) -> Result<Ruleset, RenderError
             ("service", Context::Service, &t.service_rules),
         ];
         let mut tenant_chain = Chain { name: format!("t{i}"), hook: None, rules: Vec::new() };
+        let mut context_chains = Vec::with_capacity(contexts.len());
         for (label, ctx, rules) in contexts {
             let name = format!("t{i}_{label}");
             let mut lines = Vec::new();
@@ -189,7 +190,7 @@ pub fn render(model: &PolicyModel, at: Timestamp) -> Result<Ruleset, RenderError
                 r.rule_lines(t, ctx, rule, &mut lines);
             }
             tenant_chain.rules.push(format!("jump {name}"));
-            chains.push(Chain { name, hook: None, rules: lines });
+            context_chains.push(Chain { name, hook: None, rules: lines });
         }
         let comment = quote(&format!("tenant {} default", t.name));
         if model.settings.gateway.log_default {
@@ -204,7 +205,8 @@ pub fn render(model: &PolicyModel, at: Timestamp) -> Result<Ruleset, RenderError
             tenant_chain.rules.push(r.log_line("", &tag));
         }
         tenant_chain.rules.extend(verdict_lines("", t.default_action, &comment));
-        chains.insert(1 + 4 * i, tenant_chain);
+        chains.push(tenant_chain);
+        chains.extend(context_chains);
     }
     if !r.shaping.is_empty() {
         let map: Vec<String> =
