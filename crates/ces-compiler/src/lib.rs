@@ -294,7 +294,8 @@ impl<'a> Compiler<'a> {
                 }
                 Resolved { value: Sources::Sets(vec![s.set]), warnings }
             });
-            if let Some(r) = self.rule(RuleKind::ServiceEgressRule, obj, obj.spec.common(), ns, sources) {
+            if let Some(mut r) = self.rule(RuleKind::ServiceEgressRule, obj, obj.spec.common(), ns, sources) {
+                r.service = Some(obj.spec.service.clone());
                 by_tenant.entry(self.tenant_name(ns).to_string()).or_default().service.push(r);
             }
         }
@@ -462,6 +463,7 @@ impl<'a> Compiler<'a> {
             logging: common.logging,
             schedule,
             sources,
+            service: None,
             destinations,
         })
     }
@@ -712,6 +714,8 @@ impl<'a> Compiler<'a> {
             priority: obj.spec.priority.unwrap_or(DEFAULT_PRIORITY as u32),
             external_addresses: external,
             sources,
+            services: obj.spec.services.clone(),
+            destination_name: obj.spec.destination_match.as_ref().and_then(|d| d.name.clone()),
             destination_addresses: dst_addrs,
             destination_protocol: dst_proto,
             destination_ports: dst_ports,

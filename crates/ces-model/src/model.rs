@@ -294,6 +294,9 @@ pub struct Rule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<Schedule>,
     pub sources: Sources,
+    /// The Service a ServiceEgressRule names (`spec.service`): backends name its source list after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
     /// Ids of the referenced destination sets (`namespace/name` of ExternalServices), in the order the rule lists
     /// them.
     pub destinations: Vec<String>,
@@ -335,6 +338,12 @@ pub struct NatRule {
     pub external_addresses: Vec<AddressEntry>,
     /// One set per Service, in the order listed.
     pub sources: Vec<String>,
+    /// The Services (`spec.services`), in the order listed: `services[i]` is the Service of `sources[i]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
+    /// `spec.destinationMatch.name`, which backends name the destination objects after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_name: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub destination_addresses: Vec<AddressEntry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

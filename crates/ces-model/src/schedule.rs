@@ -195,6 +195,28 @@ impl Schedule {
         (spans, next)
     }
 
+    /// The first instant after `at` at which the schedule may open or close (a window boundary, or a change of the
+    /// zone's offset): a data plane that adds and removes rules at the boundaries renders again then.
+    pub fn next_change(&self, at: Timestamp) -> Option<Timestamp> {
+        const DAY: i64 = 86_400;
+        const WEEK: i64 = 7 * DAY;
+        let (spans, zone_change) = self.utc_week(at);
+        let secs = at.as_second();
+        // 1970-01-01 was a Thursday: three days after a Monday.
+        let second_of_week = (secs + 3 * DAY).rem_euclid(WEEK);
+        let next = spans
+            .iter()
+            .flat_map(|s| [s.day as i64 * DAY + s.start as i64, s.day as i64 * DAY + s.end as i64])
+            .map(|b| (b - second_of_week).rem_euclid(WEEK))
+            .filter(|d| *d > 0)
+            .min()
+            .and_then(|d| Timestamp::from_second(secs + d).ok());
+        match (next, zone_change) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// Does the schedule hold at instant `at`?
     pub fn active_at(&self, at: Timestamp) -> bool {
         let local = self.tz.to_datetime(at);
@@ -348,5 +370,24 @@ mod tests {
         let back: Schedule = serde_json::from_str(&json).unwrap();
         assert_eq!(back, s);
         assert!(serde_json::from_str::<Schedule>(r#"{"timezone":"Nowhere/X","windows":[]}"#).is_err());
+    }
+
+    #[test]
+    fn the_next_change_is_the_next_window_boundary() {
+        let s = sched("Europe/Berlin", &[Weekday::Mon, Weekday::Tue], "09:00", "17:00");
+        let at = |t: &str| t.parse::<Timestamp>().unwrap();
+        // Monday 2026-11-30 08:00 Berlin (07:00Z): opens at 09:00 (08:00Z).
+        assert_eq!(s.next_change(at("2026-11-30T07:00:00Z")), Some(at("2026-11-30T08:00:00Z")));
+        // Inside the window: closes at 17:00 (16:00Z).
+        assert_eq!(s.next_change(at("2026-11-30T08:00:00Z")), Some(at("2026-11-30T16:00:00Z")));
+        assert_eq!(s.next_change(at("2026-11-30T12:34:56.5Z")), Some(at("2026-11-30T16:00:00Z")));
+        // Tuesday evening: the next opening is Monday 09:00.
+        assert_eq!(s.next_change(at("2026-12-01T20:00:00Z")), Some(at("2026-12-07T08:00:00Z")));
+        for t in ["2026-11-30T07:59:59Z", "2026-11-30T08:00:01Z", "2026-12-02T00:00:00Z"] {
+            let n = s.next_change(at(t)).unwrap();
+            assert!(n > at(t));
+            let before = n.checked_sub(jiff::SignedDuration::from_secs(1)).unwrap();
+            assert_ne!(s.active_at(before), s.active_at(n), "{t}: {n} is a real boundary");
+        }
     }
 }

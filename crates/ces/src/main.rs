@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 success (a `drop` verdict is a success), 1 `validate` found problems, 2 bad input or usage.
 
+mod as3;
 mod gateway;
 mod inputs;
 mod lab;
@@ -50,6 +51,8 @@ enum Backend {
     Model,
     /// The nftables gateway's table: DIR/ruleset.nft, which `nft -f` loads (needs --out).
     Nft,
+    /// BIG-IP AS3: DIR/<tenant>.json, one full AS3 request document per tenant (needs --out).
+    As3,
 }
 
 #[derive(Subcommand)]
@@ -75,6 +78,9 @@ enum Command {
         /// For time-based rules: the instant the output is rendered for (RFC 3339). Default: now.
         #[arg(long, value_name = "RFC3339")]
         at: Option<String>,
+        /// Folder of the official AS3 schema files (as3-schema-<version>-<build>.json) to validate against.
+        #[arg(long, env = "CES_AS3_SCHEMA_DIR", value_name = "DIR")]
+        as3_schema: Option<PathBuf>,
     },
     /// The nftables egress gateway: programs this host's (this network namespace's) nftables from the policy.
     Gateway(gateway::GatewayArgs),
@@ -146,7 +152,13 @@ fn run(command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Validate { inputs, output } => validate(&inputs, output),
-        Command::Compile { inputs, backend: Backend::Nft, out, at } => {
+        Command::Compile { inputs, backend: Backend::As3, out, at, as3_schema } => {
+            let out = out.ok_or_else(|| Failure::input("--backend as3 writes files: give --out DIR"))?;
+            let at = gateway::parse_at(at.as_deref())?;
+            let inputs = Inputs::load_unique(&inputs)?;
+            as3::compile(&inputs, &out, as3_schema.as_deref(), at)
+        }
+        Command::Compile { inputs, backend: Backend::Nft, out, at, .. } => {
             let out = out.ok_or_else(|| Failure::input("--backend nft writes files: give --out DIR"))?;
             let at = gateway::parse_at(at.as_deref())?;
             let inputs = Inputs::load_unique(&inputs)?;

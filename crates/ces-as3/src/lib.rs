@@ -1,0 +1,12 @@
+//! The CES BIG-IP backend (AFM through AS3).
+//!
+//! - [`render`]: the policy model as one AS3 request document per tenant, with the original CES's object names
+//!   (docs/as3.md lists every deviation).
+//! - [`schema`]: validation of every document against the official AS3 schema of its `schemaVersion`.
+
+pub mod names;
+pub mod render;
+pub mod schema;
+
+pub use render::{Binding, Rendered, render};
+pub use schema::{Schema, SchemaError};

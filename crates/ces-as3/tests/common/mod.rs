@@ -1,0 +1,49 @@
+//! Shared by the ces-as3 tests: the original's examples compiled, and the official schema.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use ces_as3::Schema;
+use ces_config::CesConfig;
+use ces_model::PolicyModel;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The folder of the official AS3 schema files: `CES_AS3_SCHEMA_DIR`, else `../shared/as3-schema` beside the
+/// repository. Missing schemas fail the test: validation is never skipped.
+pub fn schema_dir() -> PathBuf {
+    let dir = std::env::var_os("CES_AS3_SCHEMA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("../shared/as3-schema"));
+    assert!(
+        dir.join("as3-schema-3.29.0-3.json").exists(),
+        "the official AS3 schema files are not in {} (set CES_AS3_SCHEMA_DIR)",
+        dir.display()
+    );
+    dir
+}
+
+pub fn schema(version: &str) -> Schema {
+    Schema::load(&schema_dir(), version).unwrap()
+}
+
+/// The original's examples.yaml + ces-conf.yaml, with the cluster they assume.
+pub fn original_model() -> PolicyModel {
+    let r = repo();
+    let (snap, _) = ces_snapshot::manifests::load_paths(&[
+        r.join("examples/original/examples.yaml"),
+        r.join("examples/original-cluster.yaml"),
+    ])
+    .unwrap();
+    let config = CesConfig::from_file(&r.join("examples/original/ces-conf.yaml")).unwrap();
+    ces_compiler::compile(&snap, &config, "kube-system")
+}
+
+pub fn compile(manifests: &str, config: &str) -> PolicyModel {
+    let snap = ces_snapshot::manifests::load_str(manifests, "test.yaml");
+    let config = CesConfig::from_yaml(config, "ces-conf.yaml").unwrap();
+    ces_compiler::compile(&snap, &config, "kube-system")
+}
