@@ -3,6 +3,7 @@
 //! Exit codes: 0 success (a `drop` verdict is a success), 1 `validate` found problems, 2 bad input or usage.
 
 mod as3;
+mod controller;
 mod gateway;
 mod inputs;
 mod lab;
@@ -82,6 +83,8 @@ enum Command {
         #[arg(long, env = "CES_AS3_SCHEMA_DIR", value_name = "DIR")]
         as3_schema: Option<PathBuf>,
     },
+    /// The BIG-IP controller: keeps AFM (through AS3) in step with the policy; a dry run without --bigip-url.
+    Controller(controller::ControllerArgs),
     /// The nftables egress gateway: programs this host's (this network namespace's) nftables from the policy.
     Gateway(gateway::GatewayArgs),
     /// On Linux as root: the policy on a real nftables gateway in network namespaces, real packets from every pod,
@@ -185,6 +188,7 @@ fn run(command: Command) -> Result<(), Failure> {
         }
         Command::Simulate(args) => simulate::run(&args),
         Command::Gateway(args) => gateway::run(&args),
+        Command::Controller(args) => controller::run(&args),
         Command::Lab { inputs } => lab::run(&inputs),
         Command::Synth { pods, rules, seed, out } => {
             if pods > 6_553_600 {

@@ -1,0 +1,358 @@
+//! The AS3 backend of the sync loop: the least traffic that brings each tenant to the desired declaration.
+//!
+//! - A tenant is read (`GET …/declare/<tenant>?showHash=true`) when the backend knows nothing of it (start, retry,
+//!   resync): the declaration on the device is compared with the desired one, so an existing configuration is
+//!   adopted without a POST when it already matches, and drift is repaired when it does not.
+//! - When only address lists changed (pod churn), they are replaced with one AS3 `PATCH` per tenant.
+//! - Otherwise the tenant is POSTed whole, with the `optimisticLockKey` read from the device, so a tenant changed by
+//!   someone else meanwhile is re-read rather than overwritten blindly.
+//! - Nothing is sent for a tenant whose document is invalid under the schema; the other tenants proceed.
+//! - Policy bindings (global context, route domains) are read and patched only when they differ.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use ces_model::{Diagnostic, ObjectRef, PolicyModel, Severity};
+use jiff::Timestamp;
+use serde_json::{Value, json};
+
+use crate::client::{Client, ClientError, Request};
+use crate::render::{Binding, Rendered, render};
+use crate::schema::Schema;
+
+pub struct As3Backend {
+    pub client: Client,
+    schemas: BTreeMap<String, Arc<Schema>>,
+    schema_dir: Option<std::path::PathBuf>,
+    /// What each tenant holds on the device, as far as we know (without its lock key), and that key.
+    device: BTreeMap<String, (Option<Value>, Option<String>)>,
+    bound: BTreeSet<Binding>,
+    /// Problems of the last apply, each naming the rules behind it: invalid documents, refused declarations.
+    pub problems: Vec<Diagnostic>,
+    /// The instant documents are rendered for; `None`: now (tests pin it).
+    pub at: Option<Timestamp>,
+}
+
+/// What was done to one tenant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TenantOutcome {
+    Unchanged,
+    Patched(usize),
+    Posted,
+    Invalid,
+    Failed(String),
+}
+
+impl As3Backend {
+    /// `schema_dir` holds the official schema files; without it nothing is sent to a device (a dry run may go on,
+    /// unvalidated, and says so).
+    pub fn new(client: Client, schema_dir: Option<std::path::PathBuf>) -> Result<As3Backend, String> {
+        if schema_dir.is_none() && client.is_device() {
+            return Err("no AS3 schema folder (--as3-schema or CES_AS3_SCHEMA_DIR): CES never sends a declaration \
+                        it has not validated"
+                .into());
+        }
+        Ok(As3Backend {
+            client,
+            schemas: BTreeMap::new(),
+            schema_dir,
+            device: BTreeMap::new(),
+            bound: BTreeSet::new(),
+            problems: Vec::new(),
+            at: None,
+        })
+    }
+
+    fn schema(&mut self, version: &str) -> Result<Option<Arc<Schema>>, String> {
+        let Some(dir) = &self.schema_dir else { return Ok(None) };
+        if !self.schemas.contains_key(version) {
+            let s = Schema::load(dir, version)?;
+            self.schemas.insert(version.to_string(), Arc::new(s));
+        }
+        Ok(self.schemas.get(version).cloned())
+    }
+
+    fn problem(&mut self, origins: Vec<ObjectRef>, reason: &str, message: String) {
+        if origins.is_empty() {
+            self.problems.push(Diagnostic {
+                severity: Severity::Error,
+                object: None,
+                origin: None,
+                reason: reason.into(),
+                message: message.clone(),
+            });
+        }
+        for o in origins {
+            self.problems.push(Diagnostic {
+                severity: Severity::Error,
+                object: Some(o),
+                origin: None,
+                reason: reason.into(),
+                message: message.clone(),
+            });
+        }
+    }
+
+    /// The rules behind the objects an error message names (`/tenant/Shared/object…`).
+    fn origins_in(rendered: &Rendered, tenant: &str, text: &str) -> Vec<ObjectRef> {
+        let mut out: Vec<ObjectRef> = Vec::new();
+        if let Some(objects) = rendered.origins.get(tenant) {
+            let marker = format!("/{tenant}/Shared/");
+            for (i, _) in text.match_indices(&marker) {
+                let rest = &text[i + marker.len()..];
+                let name: String =
+                    rest.chars().take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')).collect();
+                for o in objects.get(&name).into_iter().flatten() {
+                    if !out.contains(o) {
+                        out.push(o.clone());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Reads a tenant's declaration and lock key from the device.
+    fn read(&mut self, tenant: &str) -> Result<(Option<Value>, Option<String>), ClientError> {
+        let r = self.client.call(&Request {
+            method: "GET",
+            path: format!("/mgmt/shared/appsvcs/declare/{tenant}?showHash=true"),
+            body: None,
+        })?;
+        let mut t = if r.status == 200 { r.body.get(tenant).cloned() } else { None };
+        let key = t.as_mut().and_then(|t| t.as_object_mut()).and_then(|o| o.remove("optimisticLockKey"));
+        Ok((t, key.and_then(|k| k.as_str().map(str::to_string))))
+    }
+
+    /// The PATCH operations that turn `current` into `desired` when they differ only in address lists.
+    fn address_patch(tenant: &str, current: &Value, desired: &Value) -> Option<Vec<Value>> {
+        let strip = |t: &Value| {
+            let mut t = t.clone();
+            if let Some(app) = t.get_mut("Shared").and_then(Value::as_object_mut) {
+                app.retain(|_, o| o.get("class").and_then(Value::as_str) != Some("Firewall_Address_List"));
+            }
+            t
+        };
+        let lists = |t: &Value| -> BTreeMap<String, Value> {
+            t.get("Shared")
+                .and_then(Value::as_object)
+                .map(|app| {
+                    app.iter()
+                        .filter(|(_, o)| o.get("class").and_then(Value::as_str) == Some("Firewall_Address_List"))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        if strip(current) != strip(desired) {
+            return None;
+        }
+        let (a, b) = (lists(current), lists(desired));
+        if a.keys().ne(b.keys()) {
+            return None;
+        }
+        let ops: Vec<Value> = b
+            .iter()
+            .filter(|(k, v)| a.get(*k) != Some(*v))
+            .map(|(k, v)| json!({"op": "replace", "path": format!("/{tenant}/Shared/{k}"), "value": v}))
+            .collect();
+        Some(ops)
+    }
+
+    fn sync_tenant(&mut self, tenant: &str, doc: &Value, full: bool) -> Result<TenantOutcome, ClientError> {
+        let desired = &doc["declaration"][tenant];
+        if full || !self.device.contains_key(tenant) {
+            let state = self.read(tenant)?;
+            self.device.insert(tenant.to_string(), state);
+        }
+        let (current, key) = self.device[tenant].clone();
+        if current.as_ref() == Some(desired) {
+            return Ok(TenantOutcome::Unchanged);
+        }
+        if let Some(cur) = &current
+            && let Some(ops) = Self::address_patch(tenant, cur, desired)
+        {
+            let n = ops.len();
+            self.client.call(&Request {
+                method: "PATCH",
+                path: "/mgmt/shared/appsvcs/declare".into(),
+                body: Some(Value::Array(ops)),
+            })?;
+            // The lock key changed with the declaration; the next POST reads it again.
+            self.device.insert(tenant.to_string(), (Some(desired.clone()), None));
+            return Ok(TenantOutcome::Patched(n));
+        }
+        if current.is_some() && key.is_none() && self.client.is_device() {
+            let state = self.read(tenant)?;
+            self.device.insert(tenant.to_string(), state);
+            return self.post(tenant, doc);
+        }
+        self.post(tenant, doc)
+    }
+
+    fn post(&mut self, tenant: &str, doc: &Value) -> Result<TenantOutcome, ClientError> {
+        let desired = doc["declaration"][tenant].clone();
+        let (current, key) = self.device.get(tenant).cloned().unwrap_or((None, None));
+        if current.as_ref() == Some(&desired) {
+            return Ok(TenantOutcome::Unchanged);
+        }
+        let mut body = doc.clone();
+        if let Some(k) = &key {
+            body["declaration"][tenant]["optimisticLockKey"] = json!(k);
+        }
+        let r = self.client.call(&Request {
+            method: "POST",
+            path: format!("/mgmt/shared/appsvcs/declare/{tenant}?showHash=true"),
+            body: Some(body),
+        });
+        match r {
+            Ok(resp) => {
+                let key = resp
+                    .body
+                    .pointer(&format!("/declaration/{tenant}/optimisticLockKey"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
+                self.device.insert(tenant.to_string(), (Some(desired), key));
+                Ok(TenantOutcome::Posted)
+            }
+            Err(e) => {
+                // Whatever happened, what the device holds is no longer known.
+                self.device.remove(tenant);
+                Err(e)
+            }
+        }
+    }
+
+    fn bind(&mut self, b: &Binding, full: bool) -> Result<bool, ClientError> {
+        if !full && self.bound.contains(b) {
+            return Ok(false);
+        }
+        let r = self.client.call(&Request { method: "GET", path: b.path.clone(), body: None })?;
+        if r.status == 404 {
+            return Err(ClientError::Refused {
+                status: 404,
+                errors: vec![format!("{} does not exist on the BIG-IP (create it; CES binds, never creates)", b.path)],
+            });
+        }
+        let changed = r.body.get(&b.field).and_then(Value::as_str) != Some(b.policy.as_str());
+        if changed {
+            self.client.call(&Request {
+                method: "PATCH",
+                path: b.path.clone(),
+                body: Some(json!({ &b.field: b.policy })),
+            })?;
+        }
+        self.bound.retain(|x| !(x.path == b.path && x.field == b.field));
+        self.bound.insert(b.clone());
+        Ok(changed)
+    }
+
+    /// Brings the device to `model`; returns what was done to each tenant.
+    pub fn sync(&mut self, model: &PolicyModel, full: bool) -> (BTreeMap<String, TenantOutcome>, Rendered) {
+        self.problems.clear();
+        let rendered = render(model, self.at.unwrap_or_else(Timestamp::now));
+        let mut outcomes = BTreeMap::new();
+        let schema = match self.schema(&model.settings.schema_version) {
+            Ok(s) => s,
+            Err(e) => {
+                for t in rendered.documents.keys() {
+                    outcomes.insert(t.clone(), TenantOutcome::Failed(e.clone()));
+                }
+                return (outcomes, rendered);
+            }
+        };
+        for (tenant, doc) in &rendered.documents {
+            if let Some(s) = &schema
+                && let Err(errors) = s.validate(doc)
+            {
+                for e in errors {
+                    let origins = e
+                        .object
+                        .as_ref()
+                        .and_then(|o| rendered.origins.get(tenant).and_then(|m| m.get(o)).cloned())
+                        .unwrap_or_default();
+                    self.problem(
+                        origins,
+                        "InvalidDeclaration",
+                        format!("not sent: invalid under AS3 schema {}: {e}", model.settings.schema_version),
+                    );
+                }
+                outcomes.insert(tenant.clone(), TenantOutcome::Invalid);
+                continue;
+            }
+            let mut result = self.sync_tenant(tenant, doc, full);
+            if let Err(ClientError::Conflict(_)) = &result {
+                // Someone changed the tenant since we read it: read it again, and declare over what is there now.
+                self.device.remove(tenant);
+                result = self.sync_tenant(tenant, doc, true);
+            }
+            let outcome = match result {
+                Ok(o) => o,
+                Err(e) => {
+                    let text = e.to_string();
+                    let origins = Self::origins_in(&rendered, tenant, &text);
+                    self.problem(origins, "NotProgrammed", format!("tenant {tenant}: {text}"));
+                    TenantOutcome::Failed(text)
+                }
+            };
+            outcomes.insert(tenant.clone(), outcome);
+        }
+        let mut saved = false;
+        for b in rendered.bindings.clone() {
+            let tenant_ok = outcomes.iter().all(|(t, o)| {
+                !b.policy.starts_with(&format!("/{t}/"))
+                    || !matches!(o, TenantOutcome::Failed(_) | TenantOutcome::Invalid)
+            });
+            if !tenant_ok {
+                continue;
+            }
+            match self.bind(&b, full) {
+                Ok(changed) => saved |= changed,
+                Err(e) => {
+                    let t = b.policy.split('/').nth(1).unwrap_or("").to_string();
+                    self.problem(Vec::new(), "NotBound", format!("{} {}: {e}", b.path, b.field));
+                    outcomes.insert(t, TenantOutcome::Failed(e.to_string()));
+                }
+            }
+        }
+        if saved {
+            let r = self.client.call(&Request {
+                method: "POST",
+                path: "/mgmt/tm/sys/config".into(),
+                body: Some(json!({"command": "save"})),
+            });
+            if let Err(e) = r {
+                self.problem(Vec::new(), "NotSaved", format!("save config: {e}"));
+            }
+        }
+        (outcomes, rendered)
+    }
+}
+
+impl ces_sync::Backend for As3Backend {
+    fn name(&self) -> &str {
+        "as3"
+    }
+
+    fn apply(&mut self, model: &PolicyModel, full: bool) -> Result<ces_sync::Applied, String> {
+        let (outcomes, rendered) = self.sync(model, full);
+        let summary = outcomes
+            .iter()
+            .map(|(t, o)| match o {
+                TenantOutcome::Unchanged => format!("{t}: unchanged"),
+                TenantOutcome::Patched(n) => format!("{t}: patched {n} address list(s)"),
+                TenantOutcome::Posted => format!("{t}: declared"),
+                TenantOutcome::Invalid => format!("{t}: NOT SENT (invalid under the schema)"),
+                TenantOutcome::Failed(e) => format!("{t}: FAILED ({e})"),
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        let mut details: Vec<String> = self.problems.iter().map(ToString::to_string).collect();
+        details.extend(rendered.diagnostics.iter().map(ToString::to_string));
+        let summary = if details.is_empty() { summary } else { format!("{summary}\n  {}", details.join("\n  ")) };
+        if outcomes.values().any(|o| matches!(o, TenantOutcome::Failed(_))) {
+            return Err(summary);
+        }
+        Ok(ces_sync::Applied { summary, valid_until: rendered.valid_until })
+    }
+}
