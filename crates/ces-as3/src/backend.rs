@@ -93,7 +93,8 @@ impl As3Backend {
         }
     }
 
-    /// The rules behind the objects an error message names (`/tenant/Shared/object…`).
+    /// The rules behind the objects an error message names (`/tenant/Shared/object…`); all the tenant's rules when
+    /// it names none.
     fn origins_in(rendered: &Rendered, tenant: &str, text: &str) -> Vec<ObjectRef> {
         let mut out: Vec<ObjectRef> = Vec::new();
         if let Some(objects) = rendered.origins.get(tenant) {
@@ -103,6 +104,14 @@ impl As3Backend {
                 let name: String =
                     rest.chars().take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')).collect();
                 for o in objects.get(&name).into_iter().flatten() {
+                    if !out.contains(o) {
+                        out.push(o.clone());
+                    }
+                }
+            }
+            if out.is_empty() {
+                // The device named no object of ours: every rule of the tenant is not programmed.
+                for o in objects.values().flatten() {
                     if !out.contains(o) {
                         out.push(o.clone());
                     }

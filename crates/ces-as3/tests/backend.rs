@@ -1,0 +1,277 @@
+//! The AS3 backend against the BIG-IP double: what it sends, and that the device ends where the model says.
+
+mod common;
+
+use std::time::Duration;
+
+use ces_as3::backend::TenantOutcome;
+use ces_as3::client::{Client, Credentials, Http};
+use ces_as3::{As3Backend, render};
+use ces_bigip_double::Double;
+use ces_model::PolicyModel;
+use ces_sync::Backend;
+use serde_json::{Value, json};
+
+fn double() -> Double {
+    let d = Double::start(common::schema_dir());
+    d.with(|s| {
+        s.objects.insert("/mgmt/tm/net/route-domain/~project3~rd4".into(), json!({"name": "rd4", "id": 4}));
+        s.objects.insert("/mgmt/tm/net/route-domain/~p2~rd2".into(), json!({"name": "rd2", "id": 2}));
+    });
+    d
+}
+
+fn backend(d: &Double) -> As3Backend {
+    let http = Http::new(&d.url(), None, false, Duration::from_secs(5)).unwrap();
+    let mut c = Client::new(Box::new(http), Some(Credentials::new("admin", "admin")));
+    c.retry.backoff_min = Duration::from_millis(10);
+    c.retry.backoff_max = Duration::from_millis(50);
+    c.retry.task_poll = Duration::from_millis(20);
+    As3Backend::new(c, Some(common::schema_dir())).unwrap()
+}
+
+fn desired(model: &PolicyModel) -> std::collections::BTreeMap<String, Value> {
+    render(model, jiff::Timestamp::now())
+        .documents
+        .into_iter()
+        .map(|(t, d)| {
+            let v = d["declaration"][&t].clone();
+            (t, v)
+        })
+        .collect()
+}
+
+/// The device holds exactly the desired tenants, and every write it received was valid under the schema.
+fn assert_converged(d: &Double, model: &PolicyModel) {
+    let want = desired(model);
+    let schema = common::schema(&model.settings.schema_version);
+    d.with(|s| {
+        assert_eq!(s.tenants, want, "the device holds the desired tenants");
+        for r in &s.requests {
+            if r.method == "POST" && r.path.starts_with("/mgmt/shared/appsvcs/declare/") {
+                let doc = r.body.as_ref().unwrap();
+                schema.validate(doc).unwrap_or_else(|e| panic!("{} sent an invalid document: {e:?}", r.path));
+            }
+        }
+    });
+}
+
+/// A model of the original's examples with one more endpoint address for mysql-service.
+fn churned(extra_ip: &str) -> PolicyModel {
+    let mut m = common::original_model();
+    let set = m.address_sets.get_mut("service/default/mysql-service").unwrap();
+    set.addresses.push(format!("{extra_ip}/32").parse().unwrap());
+    set.addresses.sort();
+    m
+}
+
+#[test]
+fn first_sync_declares_each_tenant_binds_and_saves_then_nothing_more() {
+    let d = double();
+    let mut b = backend(&d);
+    let model = common::original_model();
+    b.apply(&model, true).unwrap();
+    assert_converged(&d, &model);
+    let writes = d.with(|s| s.writes());
+    assert_eq!(
+        writes,
+        [
+            "POST /mgmt/shared/appsvcs/declare/Common?showHash=true",
+            "POST /mgmt/shared/appsvcs/declare/p2?showHash=true",
+            "POST /mgmt/shared/appsvcs/declare/project3?showHash=true",
+            "PATCH /mgmt/tm/net/route-domain/~project3~rd4",
+            "PATCH /mgmt/tm/security/firewall/global-rules",
+            "POST /mgmt/tm/sys/config",
+        ]
+    );
+    assert_eq!(
+        d.with(|s| s.objects["/mgmt/tm/net/route-domain/~project3~rd4"]["fwEnforcedPolicy"].clone()),
+        json!("/project3/Shared/k8s_ns_policy_rd4")
+    );
+    // The same model again: not one request.
+    let before = d.with(|s| s.requests.len());
+    let summary = b.apply(&model, false).unwrap().summary;
+    assert_eq!(d.with(|s| s.requests.len()), before, "{summary}");
+    // A resync reads every tenant and binding back, and writes nothing.
+    b.apply(&model, true).unwrap();
+    assert_eq!(d.with(|s| s.writes().len()), writes.len(), "a resync of an unchanged device writes nothing");
+}
+
+#[test]
+fn an_existing_configuration_is_adopted_without_a_post() {
+    let d = double();
+    let model = common::original_model();
+    d.with(|s| {
+        s.tenants = desired(&model);
+        s.objects.insert(
+            "/mgmt/tm/security/firewall/global-rules".into(),
+            json!({"enforcedPolicy": "/Common/Shared/k8s_system_global_policy"}),
+        );
+        s.objects.get_mut("/mgmt/tm/net/route-domain/~project3~rd4").unwrap()["fwEnforcedPolicy"] =
+            json!("/project3/Shared/k8s_ns_policy_rd4");
+    });
+    backend(&d).apply(&model, true).unwrap();
+    assert_eq!(d.with(|s| s.writes()), Vec::<String>::new(), "nothing to change, nothing sent");
+}
+
+#[test]
+fn pod_churn_is_one_patch_of_the_changed_address_lists() {
+    let d = double();
+    let mut b = backend(&d);
+    b.apply(&common::original_model(), true).unwrap();
+    let before = d.with(|s| s.requests.len());
+    let model = churned("10.16.0.99");
+    let (outcomes, _) = b.sync(&model, false);
+    assert_eq!(outcomes["p2"], TenantOutcome::Patched(1));
+    assert_eq!(outcomes["Common"], TenantOutcome::Unchanged);
+    let new: Vec<(String, String, Value)> = d.with(|s| {
+        s.requests[before..]
+            .iter()
+            .map(|r| (r.method.clone(), r.path.clone(), r.body.clone().unwrap_or(Value::Null)))
+            .collect()
+    });
+    assert_eq!(new.len(), 1, "one request: {new:?}");
+    assert_eq!(new[0].0, "PATCH");
+    assert_eq!(
+        new[0].2,
+        json!([{"op": "replace", "path": "/p2/Shared/k8s_svc_default_rule4_ep_mysql-service_src_address",
+                "value": {"class": "Firewall_Address_List", "addresses": ["10.16.0.11%2", "10.16.0.12%2", "10.16.0.99%2"]}}])
+    );
+    assert_converged(&d, &model);
+}
+
+#[test]
+fn drift_made_behind_our_back_is_repaired_by_the_resync() {
+    let d = double();
+    let mut b = backend(&d);
+    let model = common::original_model();
+    b.apply(&model, true).unwrap();
+    d.with(|s| {
+        let app = s.tenants.get_mut("p2").unwrap()["Shared"].as_object_mut().unwrap();
+        app.insert("rogue".into(), json!({"class": "Firewall_Address_List", "addresses": ["0.0.0.0/0"]}));
+        app["k8s_svc_policy_rd2"]["rules"] = json!([]);
+    });
+    b.apply(&model, false).unwrap();
+    assert!(d.with(|s| s.tenants["p2"]["Shared"].get("rogue").is_some()), "an incremental pass trusts what it sent");
+    b.apply(&model, true).unwrap();
+    assert_converged(&d, &model);
+}
+
+#[test]
+fn busy_device_is_retried_with_backoff_and_a_storm_longer_than_the_attempts_fails_the_pass() {
+    let d = double();
+    let mut b = backend(&d);
+    let model = common::original_model();
+    d.with(|s| s.busy = 3);
+    b.apply(&model, true).unwrap();
+    assert_converged(&d, &model);
+    assert_eq!(d.with(|s| s.requests.iter().filter(|r| r.status == 503).count()), 3);
+
+    let d = double();
+    let mut b = backend(&d);
+    d.with(|s| s.busy = 100);
+    let e = b.apply(&model, true).unwrap_err();
+    assert!(e.contains("busy") && e.contains("in progress"), "{e}");
+    d.with(|s| s.busy = 0);
+    b.apply(&model, true).unwrap();
+    assert_converged(&d, &model);
+}
+
+#[test]
+fn an_expired_token_is_replaced_and_the_request_goes_through() {
+    let d = double();
+    let mut b = backend(&d);
+    let model = common::original_model();
+    b.apply(&model, true).unwrap();
+    d.with(|s| s.expire_tokens());
+    let churn = churned("10.16.0.77");
+    b.apply(&churn, false).unwrap();
+    assert_converged(&d, &churn);
+    let logins = d.with(|s| s.requests.iter().filter(|r| r.path == "/mgmt/shared/authn/login").count());
+    assert_eq!(logins, 2, "one login at the start, one after the 401");
+    // Credentials never travel anywhere but the login.
+    d.with(|s| {
+        for r in &s.requests {
+            if r.path != "/mgmt/shared/authn/login" {
+                assert!(!r.body.as_ref().is_some_and(|b| b.to_string().contains("\"password\"")));
+            }
+        }
+    });
+}
+
+#[test]
+fn a_refused_tenant_fails_alone_and_names_its_rules() {
+    let d = double();
+    d.with(|s| {
+        s.refuse.insert("p2".into(), "01070734:3: Configuration error: /p2/Shared/k8s_svc_default_rule4_ext_exsvc4_rule_list refers to a missing object".into());
+    });
+    let mut b = backend(&d);
+    let model = common::original_model();
+    let (outcomes, _) = b.sync(&model, true);
+    assert!(matches!(outcomes["p2"], TenantOutcome::Failed(_)), "{outcomes:?}");
+    assert_eq!(outcomes["Common"], TenantOutcome::Posted);
+    assert_eq!(outcomes["project3"], TenantOutcome::Posted);
+    let p = b.problems.iter().find(|p| p.reason == "NotProgrammed").expect("a problem");
+    assert_eq!(p.object.as_ref().unwrap().to_string(), "ServiceEgressRule/default/rule4");
+    assert!(p.message.contains("refers to a missing object"), "{p}");
+    d.with(|s| s.refuse.clear());
+    b.apply(&model, false).unwrap();
+    assert_converged(&d, &model);
+}
+
+#[test]
+fn a_tenant_changed_between_our_read_and_our_post_is_read_again_not_overwritten_blindly() {
+    let d = double();
+    let mut b = backend(&d);
+    let model = common::original_model();
+    b.apply(&model, true).unwrap();
+    // Another writer changes p2 after our last read.
+    d.with(|s| {
+        s.tenants.get_mut("p2").unwrap()["Shared"]["k8s_svc_policy_rd2"]["rules"] = json!([]);
+    });
+    // A change that needs a POST of p2 (a new rule list order): the stale lock key is refused, p2 is read again.
+    let mut m2 = model.clone();
+    m2.tenants.iter_mut().find(|t| t.name == "p2").unwrap().service_rules[0].logging = true;
+    let (outcomes, _) = b.sync(&m2, false);
+    assert_eq!(outcomes["p2"], TenantOutcome::Posted, "{:?}", b.problems);
+    let statuses: Vec<u16> = d.with(|s| {
+        s.requests.iter().filter(|r| r.method == "POST" && r.path.contains("declare/p2")).map(|r| r.status).collect()
+    });
+    assert_eq!(statuses, [200, 422, 200], "the stale POST was refused by the lock, then declared over a fresh read");
+    assert_converged(&d, &m2);
+}
+
+#[test]
+fn a_slow_declaration_becomes_a_task_that_is_followed_to_its_end() {
+    let d = double();
+    d.with(|s| {
+        s.processing = Duration::from_millis(150);
+        s.sync_limit = Duration::from_millis(100);
+    });
+    let mut b = backend(&d);
+    let model = common::original_model();
+    b.apply(&model, true).unwrap();
+    assert_converged(&d, &model);
+    let polls = d.with(|s| s.requests.iter().filter(|r| r.path.starts_with("/mgmt/shared/appsvcs/task/")).count());
+    assert!(polls >= 3, "each of the three POSTs was answered 202 and polled ({polls} polls)");
+}
+
+#[test]
+fn an_invalid_document_is_never_sent_and_the_rule_is_told_why() {
+    let d = double();
+    let mut b = backend(&d);
+    let mut model = common::original_model();
+    // An ICMP port in the cluster rule's ExternalService: AS3 3.29 allows any/tcp/udp only.
+    model.destination_sets.get_mut("kube-system/exsvc1").unwrap().ports[0].protocol = ces_model::Protocol::Icmp;
+    model.destination_sets.get_mut("kube-system/exsvc1").unwrap().ports[0].ports.clear();
+    let (outcomes, _) = b.sync(&model, true);
+    assert_eq!(outcomes["Common"], TenantOutcome::Invalid);
+    assert_eq!(outcomes["p2"], TenantOutcome::Posted);
+    assert!(d.with(|s| s.requests.iter().all(|r| !r.path.contains("declare/Common"))), "Common never left CES");
+    let p = b.problems.iter().find(|p| p.reason == "InvalidDeclaration").unwrap();
+    assert_eq!(p.object.as_ref().unwrap().to_string(), "ClusterEgressRule/rule1");
+    assert!(
+        p.message.contains("k8s_global_rule1_ext_exsvc1_rule_list") && p.message.contains("/rules/0/protocol"),
+        "{p}"
+    );
+}
