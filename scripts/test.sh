@@ -17,4 +17,14 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+# The official AS3 schema files (F5's, not part of this repository) validate every declaration the tests produce.
+if [ -z "${CES_AS3_SCHEMA_DIR:-}" ]; then
+  for d in "$PWD/../shared/as3-schema" /work/shared/as3-schema; do
+    if [ -f "$d/as3-schema-3.29.0-3.json" ]; then export CES_AS3_SCHEMA_DIR="$d"; break; fi
+  done
+fi
+if [ ! -f "${CES_AS3_SCHEMA_DIR:-/nonexistent}/as3-schema-3.29.0-3.json" ]; then
+  echo "scripts/test.sh: the official AS3 schema files (as3-schema-3.29.0-3.json, …) were not found: set CES_AS3_SCHEMA_DIR" >&2
+  exit 1
+fi
 exec cargo test --workspace "$@"

@@ -9,7 +9,7 @@ use ces_as3::render;
 use serde_json::{Value, json};
 
 fn reference() -> Value {
-    let path = common::repo().join("../shared/reference/ces-as3-examples.json");
+    let path = common::reference_examples();
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap()
 }

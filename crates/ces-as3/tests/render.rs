@@ -190,8 +190,7 @@ fn the_0_6_nat_objects_are_declared_as_the_original_declares_them() {
     let out = render(&model, Timestamp::now());
     let a = app(&out.documents["p2"], "p2");
     let reference: Value =
-        serde_json::from_str(&std::fs::read_to_string(r.join("../shared/reference/ces-as3-examples.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(common::reference_examples()).unwrap()).unwrap();
     let d = reference["v0.6.x_snat_objects_in_p2_Shared"].as_object().unwrap();
     for (name, theirs) in d {
         let mut expected = theirs.clone();

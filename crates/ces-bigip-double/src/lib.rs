@@ -37,6 +37,8 @@ pub struct Recorded {
     /// Bytes of the request body.
     pub bytes: usize,
     pub status: u16,
+    /// Bytes of the response body.
+    pub response_bytes: usize,
 }
 
 struct Task {
@@ -200,13 +202,21 @@ fn handle(state: &Arc<Mutex<State>>, mut req: tiny_http::Request) {
     let mut text = String::new();
     let _ = std::io::Read::read_to_string(req.as_reader(), &mut text);
     let body: Option<Value> = if text.trim().is_empty() { None } else { serde_json::from_str(&text).ok() };
-    let (status, answer) = {
+    let answer = {
         let mut st = state.lock().expect("double state");
         let (status, answer) = respond(&mut st, &method, &url, token.as_deref(), &text, body.as_ref());
-        st.requests.push(Recorded { method: method.clone(), path: url.clone(), body, bytes: text.len(), status });
+        let answer = if answer.is_null() { String::new() } else { answer.to_string() };
+        st.requests.push(Recorded {
+            method: method.clone(),
+            path: url.clone(),
+            body,
+            bytes: text.len(),
+            status,
+            response_bytes: answer.len(),
+        });
         (status, answer)
     };
-    let text = if answer.is_null() { String::new() } else { answer.to_string() };
+    let (status, text) = answer;
     let resp = tiny_http::Response::from_string(text)
         .with_status_code(status)
         .with_header(tiny_http::Header::from_bytes("Content-Type", "application/json").expect("header"));

@@ -12,8 +12,8 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// The folder of the official AS3 schema files: `CES_AS3_SCHEMA_DIR`, else `../shared/as3-schema` beside the
-/// repository. Missing schemas fail the test: validation is never skipped.
+/// The folder of the official AS3 schema files: `CES_AS3_SCHEMA_DIR` (scripts/test.sh finds and sets it), else
+/// `../shared/as3-schema` beside the repository. Missing schemas fail the test: validation is never skipped.
 pub fn schema_dir() -> PathBuf {
     let dir = std::env::var_os("CES_AS3_SCHEMA_DIR")
         .map(PathBuf::from)
@@ -24,6 +24,13 @@ pub fn schema_dir() -> PathBuf {
         dir.display()
     );
     dir
+}
+
+/// The worked example's AS3 documents (`ces-as3-examples.json`), beside the schema folder in `../shared/reference`.
+pub fn reference_examples() -> PathBuf {
+    let p = schema_dir().join("../reference/ces-as3-examples.json");
+    assert!(p.exists(), "{} is missing: the worked example cannot be compared", p.display());
+    p
 }
 
 pub fn schema(version: &str) -> Schema {
