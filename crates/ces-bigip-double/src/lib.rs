@@ -56,6 +56,8 @@ pub struct State {
     token_count: u64,
     /// Tenant declarations, without lock keys.
     pub tenants: BTreeMap<String, Value>,
+    /// The `schemaVersion` each tenant was last declared with (a PATCH is validated against it).
+    versions: BTreeMap<String, String>,
     /// iControl objects by path: `/mgmt/tm/net/route-domain/~p2~rd2`, `/mgmt/tm/security/firewall/global-rules`.
     pub objects: BTreeMap<String, Value>,
     pub requests: Vec<Recorded>,
@@ -125,6 +127,7 @@ impl Double {
             tokens: HashMap::new(),
             token_count: 0,
             tenants: BTreeMap::new(),
+            versions: BTreeMap::new(),
             objects: BTreeMap::new(),
             requests: Vec::new(),
             busy: 0,
@@ -271,7 +274,8 @@ fn respond(
                     if flag("showHash") {
                         t["optimisticLockKey"] = json!(lock_key(&t));
                     }
-                    (200, json!({"class": "ADC", "id": "double", "schemaVersion": "3.29.0", tenant: t}))
+                    let version = st.versions.get(tenant).cloned().unwrap_or_else(|| "3.29.0".into());
+                    (200, json!({"class": "ADC", "id": "double", "schemaVersion": version, tenant: t}))
                 }
             },
             "POST" => {
@@ -373,6 +377,9 @@ fn declare(st: &mut State, tenant: &str, body: Option<&Value>, show_hash: bool) 
     }
     let mut out = t.clone();
     st.tenants.insert(tenant.to_string(), t);
+    if let Some(v) = doc.pointer("/declaration/schemaVersion").and_then(Value::as_str) {
+        st.versions.insert(tenant.to_string(), v.to_string());
+    }
     if show_hash {
         out["optimisticLockKey"] = json!(lock_key(&out));
     }
@@ -416,7 +423,8 @@ fn patch(st: &mut State, body: Option<&Value>) -> (u16, Value) {
         }
     }
     for t in &touched {
-        let doc = json!({"class": "AS3", "declaration": {"class": "ADC", "schemaVersion": schema_version_of(st), t.clone(): tenants[t].clone()}});
+        let version = st.versions.get(t).cloned().unwrap_or_else(|| "3.29.0".into());
+        let doc = json!({"class": "AS3", "declaration": {"class": "ADC", "schemaVersion": version, t.clone(): tenants[t].clone()}});
         if let Err(e) = validate(st, &doc) {
             return e;
         }
@@ -428,14 +436,4 @@ fn patch(st: &mut State, body: Option<&Value>) -> (u16, Value) {
         200,
         json!({"results": touched.iter().map(|t| json!({"code": 200, "message": "success", "tenant": t})).collect::<Vec<_>>()}),
     )
-}
-
-/// The schema version declarations on this double are validated against after a PATCH: the last one declared.
-fn schema_version_of(st: &State) -> String {
-    st.requests
-        .iter()
-        .rev()
-        .filter_map(|r| r.body.as_ref()?.pointer("/declaration/schemaVersion")?.as_str().map(str::to_string))
-        .next()
-        .unwrap_or_else(|| "3.29.0".into())
 }

@@ -482,3 +482,140 @@ fn the_peak_rss_hook_reports_a_plausible_figure() {
     assert!((500..2_000_000).contains(&kb), "{kb} kB");
     assert!(!stderr(&ces(&["validate", "--example"])).contains("peak RSS"), "only when asked for");
 }
+
+fn as3_schema_dir() -> PathBuf {
+    let dir = std::env::var_os("CES_AS3_SCHEMA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("../shared/as3-schema"));
+    assert!(
+        dir.join("as3-schema-3.29.0-3.json").exists(),
+        "no AS3 schema in {} (set CES_AS3_SCHEMA_DIR)",
+        dir.display()
+    );
+    dir
+}
+
+#[test]
+fn compile_as3_writes_one_valid_document_per_tenant_and_refuses_invalid_ones() {
+    let out = std::env::temp_dir().join(format!("ces-cli-as3-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let schema = as3_schema_dir();
+    let o = ces(&[
+        "compile",
+        "--backend",
+        "as3",
+        "--manifests",
+        "examples/original/examples.yaml",
+        "examples/original-cluster.yaml",
+        "--config",
+        "examples/original/ces-conf.yaml",
+        "--as3-schema",
+        schema.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut files: Vec<String> =
+        std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    files.sort();
+    assert_eq!(files, ["Common.json", "p2.json", "project3.json"]);
+    let p2: Value = serde_json::from_str(&std::fs::read_to_string(out.join("p2.json")).unwrap()).unwrap();
+    assert_eq!(p2["declaration"]["p2"]["defaultRouteDomain"], 2);
+    assert!(stderr(&o).contains("each valid under AS3 schema 3.29.0"), "{}", stderr(&o));
+
+    // An ICMP port under 3.29: the tenant's document is not written, the message names object, field and rule.
+    let dir = out.join("icmp");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("m.yaml"),
+        "apiVersion: kubeovn.io/v1alpha1\nkind: ExternalService\nmetadata: {name: pinger, namespace: kube-system}\nspec: {addresses: [203.0.113.9], ports: [{name: ping, protocol: ICMP}]}\n---\napiVersion: kubeovn.io/v1alpha1\nkind: ClusterEgressRule\nmetadata: {name: allow-ping}\nspec: {action: accept, externalServices: [pinger]}\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("c.yaml"), "clusterName: k8s\nschemaVersion: \"3.29.0\"\ntenant: [{name: Common}]\n")
+        .unwrap();
+    let o = ces(&[
+        "compile",
+        "--backend",
+        "as3",
+        "--manifests",
+        dir.join("m.yaml").to_str().unwrap(),
+        "--config",
+        dir.join("c.yaml").to_str().unwrap(),
+        "--as3-schema",
+        schema.to_str().unwrap(),
+        "--out",
+        dir.join("out").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("/Common/Shared/k8s_global_allow-ping_ext_pinger_rule_list at /rules/0/protocol")
+            && e.contains("\"icmp\"")
+            && e.contains("(from ClusterEgressRule/allow-ping)"),
+        "{e}"
+    );
+    assert!(!dir.join("out/Common.json").exists(), "an invalid document is not written");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn the_controller_dry_run_writes_each_request_in_order() {
+    let out = std::env::temp_dir().join(format!("ces-cli-dry-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let schema = as3_schema_dir();
+    let o = ces(&[
+        "controller",
+        "--once",
+        "--manifests",
+        "examples/original/examples.yaml",
+        "examples/original-cluster.yaml",
+        "--config",
+        "examples/original/ces-conf.yaml",
+        "--as3-schema",
+        schema.to_str().unwrap(),
+        "--bigip-dry-run",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut files: Vec<String> =
+        std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "0001-POST-shared-appsvcs-declare-Common.json",
+            "0002-POST-shared-appsvcs-declare-p2.json",
+            "0003-POST-shared-appsvcs-declare-project3.json",
+            "0004-PATCH-tm-net-route-domain--project3-rd4.json",
+            "0005-PATCH-tm-security-firewall-global-rules.json",
+            "0006-POST-tm-sys-config.json",
+        ]
+    );
+    let rd: Value = serde_json::from_str(&std::fs::read_to_string(out.join(&files[3])).unwrap()).unwrap();
+    assert_eq!(rd["body"], serde_json::json!({"fwEnforcedPolicy": "/project3/Shared/k8s_ns_policy_rd4"}));
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn the_controller_will_not_talk_to_a_device_without_credentials_or_schema() {
+    let o = Command::new(env!("CARGO_BIN_EXE_ces"))
+        .args(["controller", "--once", "--example", "--bigip-url", "bigip.invalid"])
+        .current_dir(root())
+        .env_remove("BIGIP_USERNAME")
+        .env_remove("BIGIP_PASSWORD")
+        .env_remove("CES_AS3_SCHEMA_DIR")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("no BIG-IP credentials"), "{}", stderr(&o));
+    let o = Command::new(env!("CARGO_BIN_EXE_ces"))
+        .args(["controller", "--once", "--example", "--bigip-url", "bigip.invalid"])
+        .current_dir(root())
+        .env("BIGIP_USERNAME", "u")
+        .env("BIGIP_PASSWORD", "p")
+        .env_remove("CES_AS3_SCHEMA_DIR")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("never sends a declaration it has not validated"), "{}", stderr(&o));
+}
