@@ -145,3 +145,48 @@ spec: {action: accept, externalServices: [pinger]}
     doc56["declaration"]["schemaVersion"] = json!("3.56.0");
     common::schema("3.56.0").validate(&doc56).unwrap();
 }
+
+#[test]
+fn example_c_an_fqdn_and_a_bandwidth_port_are_declared_as_the_original_declares_them() {
+    // Step 5 of the worked example: rule5 (drop, logging) added after rule4, its ExternalService exsvc5 with a host
+    // name and a 443/TCP port limited by an iRule.
+    let r = common::repo();
+    let extra = r#"
+apiVersion: kubeovn.io/v1alpha1
+kind: ExternalService
+metadata: {name: exsvc5, namespace: default}
+spec:
+  addresses: [www.example.com]
+  ports:
+    - {name: https, protocol: TCP, port: "443", bandwidth: bwc-1mbps-irule}
+    - {name: http, protocol: TCP, port: "80"}
+---
+apiVersion: kubeovn.io/v1alpha1
+kind: ServiceEgressRule
+metadata: {name: rule5, namespace: default}
+spec: {action: drop, logging: true, service: mysql-service, externalServices: [exsvc5]}
+"#;
+    let texts = [
+        std::fs::read_to_string(r.join("examples/original/examples.yaml")).unwrap(),
+        std::fs::read_to_string(r.join("examples/original-cluster.yaml")).unwrap(),
+        extra.to_string(),
+    ];
+    let conf = std::fs::read_to_string(r.join("examples/original/ces-conf.yaml")).unwrap();
+    let model = common::compile(&texts.join("\n---\n"), &conf);
+    assert!(model.errors().next().is_none(), "{:?}", model.diagnostics);
+    let out = render(&model, jiff::Timestamp::now());
+    let src = |rule: &str| {
+        (
+            format!("k8s_svc_default_{rule}_ep_mysql-service_src_address"),
+            json!({"class": "Firewall_Address_List", "addresses": ["10.16.0.11%2", "10.16.0.12%2"]}),
+        )
+    };
+    let (a, b) = (src("rule4"), src("rule5"));
+    compare(
+        &out.documents["p2"],
+        &reference()["master_0.5.3.2"]["5_rule5_added_after_rule4_POST_declare_p2"],
+        "p2",
+        &[(a.0.as_str(), a.1), (b.0.as_str(), b.1)],
+    );
+    common::schema("3.29.0").validate(&out.documents["p2"]).unwrap();
+}
