@@ -10,5 +10,5 @@ mod status;
 mod types;
 
 pub use crd::{all_crds, crds_yaml};
-pub use status::{CONDITION_ACCEPTED, Phase, ResourceStatus, accepted_status, rejected_status};
+pub use status::{CONDITION_ACCEPTED, Condition, Phase, ResourceStatus, accepted_status, rejected_status};
 pub use types::*;

@@ -31,6 +31,8 @@ pub struct As3Backend {
     pub problems: Vec<Diagnostic>,
     /// The instant documents are rendered for; `None`: now (tests pin it).
     pub at: Option<Timestamp>,
+    /// What the renderer could not declare in the last apply (wildcards, rates, rules without sources).
+    pub render_diagnostics: Vec<Diagnostic>,
 }
 
 /// What was done to one tenant.
@@ -60,6 +62,7 @@ impl As3Backend {
             bound: BTreeSet::new(),
             problems: Vec::new(),
             at: None,
+            render_diagnostics: Vec::new(),
         })
     }
 
@@ -343,8 +346,13 @@ impl ces_sync::Backend for As3Backend {
         "as3"
     }
 
+    fn problems(&self) -> Vec<Diagnostic> {
+        self.problems.iter().chain(&self.render_diagnostics).cloned().collect()
+    }
+
     fn apply(&mut self, model: &PolicyModel, full: bool) -> Result<ces_sync::Applied, String> {
         let (outcomes, rendered) = self.sync(model, full);
+        self.render_diagnostics = rendered.diagnostics.clone();
         let summary = outcomes
             .iter()
             .map(|(t, o)| match o {

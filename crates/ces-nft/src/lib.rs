@@ -28,6 +28,10 @@ impl ces_sync::Backend for NftBackend {
         "nft"
     }
 
+    fn problems(&self) -> Vec<ces_model::Diagnostic> {
+        self.last_warnings.clone()
+    }
+
     fn apply(&mut self, model: &ces_model::PolicyModel, full: bool) -> Result<ces_sync::Applied, String> {
         let rs = render(model, jiff::Timestamp::now()).map_err(|e| e.to_string())?;
         let applied = self.applier.apply(&rs, full).map_err(|e| e.to_string())?;

@@ -115,6 +115,18 @@ pub fn load_strs(texts: &[(&str, &str)]) -> Snapshot {
     b.build()
 }
 
+/// Objects as an API server returns them (JSON values with `apiVersion` and `kind`), each with where it came from
+/// (for diagnostics), into one snapshot: the same reading as manifests, so every source yields the same snapshot.
+pub fn load_objects<'a>(objects: impl IntoIterator<Item = (&'a Value, String)>) -> Snapshot {
+    let mut items = Items::default();
+    for (value, origin) in objects {
+        load_value(&mut items, value.clone(), &origin);
+    }
+    let mut b = SnapshotBuilder::new();
+    items.apply(&mut b, &mut LoadStats::default());
+    b.build()
+}
+
 fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
     let err = |e: std::io::Error| LoadError { path: path.to_path_buf(), message: e.to_string() };
     let meta = std::fs::metadata(path).map_err(err)?;

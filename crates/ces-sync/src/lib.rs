@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ces_config::CesConfig;
-use ces_model::PolicyModel;
+use ces_model::{Diagnostic, PolicyModel};
 use ces_snapshot::Snapshot;
 use jiff::Timestamp;
 
@@ -28,6 +28,21 @@ pub trait Source {
     fn version(&mut self) -> Result<u64, String>;
     /// The current inputs.
     fn load(&mut self) -> Result<(Snapshot, CesConfig), String>;
+    /// After each pass that compiled a model: the model, and what the backend made of it. A source that can, writes
+    /// it back where its objects came from (the Kubernetes source writes status). Default: nothing.
+    fn report(&mut self, _model: &PolicyModel, _report: &Report<'_>) {}
+}
+
+/// What a backend made of a model, for [`Source::report`].
+#[derive(Clone, Debug)]
+pub struct Report<'a> {
+    /// The backend's name (`as3`, `nft`).
+    pub backend: &'a str,
+    /// `Err` with the backend's error when the apply failed.
+    pub result: Result<(), &'a str>,
+    /// The backend's own problems with objects (refused declarations, what it cannot express), each naming its
+    /// object.
+    pub problems: &'a [Diagnostic],
 }
 
 /// What a backend did with a model.
@@ -44,6 +59,10 @@ pub trait Backend {
     fn name(&self) -> &str;
     /// Programs the data plane to `model`. With `full`, assume nothing about what was applied before.
     fn apply(&mut self, model: &PolicyModel, full: bool) -> Result<Applied, String>;
+    /// The problems of the last apply with particular objects (see [`Report::problems`]). Default: none.
+    fn problems(&self) -> Vec<Diagnostic> {
+        Vec::new()
+    }
 }
 
 /// How long the stages of one pass took.
@@ -137,7 +156,15 @@ pub fn run(
             let load = t.elapsed();
             let model = ces_compiler::compile(&snapshot, &config, &opts.ces_namespace);
             let compile = t.elapsed() - load;
-            let applied = backend.apply(&model, full)?;
+            let applied = backend.apply(&model, full);
+            let problems = backend.problems();
+            let report = Report {
+                backend: backend.name(),
+                result: applied.as_ref().map(|_| ()).map_err(String::as_str),
+                problems: &problems,
+            };
+            source.report(&model, &report);
+            let applied = applied?;
             let timings = Timings { load, compile, apply: t.elapsed() - load - compile };
             Ok((v, applied, model.errors().count(), timings))
         });

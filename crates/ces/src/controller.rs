@@ -14,6 +14,22 @@ use crate::{Failure, InputArgs};
 pub struct ControllerArgs {
     #[command(flatten)]
     inputs: InputArgs,
+    #[command(flatten)]
+    kube: crate::agent::KubeArgs,
+    /// Run only while holding the `coordination.k8s.io` Lease (with --kubernetes): several replicas, one active.
+    #[arg(long, requires = "kubernetes")]
+    leader_elect: bool,
+    /// Namespace of the Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "ces-system", value_name = "NAMESPACE")]
+    lease_namespace: String,
+    #[arg(long, default_value = "ces-controller", value_name = "NAME")]
+    lease_name: String,
+    /// This replica's name in the Lease. Default: the host name and process id.
+    #[arg(long, env = "POD_NAME", value_name = "NAME")]
+    identity: Option<String>,
+    /// A leader that has not renewed the Lease for this long is replaced.
+    #[arg(long, value_name = "SECONDS", default_value_t = 15)]
+    lease_duration_secs: u64,
     /// The BIG-IP: `host[:port]` or `https://host[:port]` (`http://` only to loopback, for a local double).
     #[arg(long, value_name = "URL", conflicts_with = "bigip_dry_run")]
     bigip_url: Option<String>,
@@ -83,9 +99,12 @@ fn client(args: &ControllerArgs) -> Result<Client, Failure> {
 }
 
 pub fn run(args: &ControllerArgs) -> Result<(), Failure> {
+    if args.kube.kubernetes && !args.inputs.manifests.is_empty() {
+        return Err(Failure::input("--kubernetes and --manifests are two sources: give one"));
+    }
     let mut backend = As3Backend::new(client(args)?, ces_as3::schema::schema_dir(args.as3_schema.as_deref()))
         .map_err(Failure::input)?;
-    if args.once {
+    if args.once && !args.kube.kubernetes {
         let inputs = Inputs::load_unique(&args.inputs)?;
         let model = inputs.compile();
         let result = ces_sync::Backend::apply(&mut backend, &model, true);
@@ -98,12 +117,10 @@ pub fn run(args: &ControllerArgs) -> Result<(), Failure> {
             Err(e) => Err(Failure { code: 1, message: format!("controller: {e}") }),
         };
     }
-    if args.inputs.example {
-        return Err(Failure::input(
-            "the controller watches files: give --manifests PATH... (and --config FILE), or --once",
-        ));
+    let health = std::sync::Arc::new(crate::health::Health::default());
+    if let Some(addr) = &args.kube.health_addr {
+        crate::health::serve(addr, health.clone(), "controller").map_err(Failure::input)?;
     }
-    let mut source = ces_sync::folder::Folder::new(args.inputs.manifests.clone(), args.inputs.config.clone());
     let opts = ces_sync::Options {
         debounce: Duration::from_millis(args.debounce_ms),
         poll: Duration::from_millis(args.poll_ms.max(1)),
@@ -112,21 +129,47 @@ pub fn run(args: &ControllerArgs) -> Result<(), Failure> {
         ces_namespace: args.inputs.ces_namespace.clone(),
         ..Default::default()
     };
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    eprintln!("ces controller: watching {} path(s)", args.inputs.manifests.len());
-    ces_sync::run(&mut source, &mut backend, &opts, &stop, &mut |e| match e {
-        ces_sync::Event::Applied { reason, summary, problems, timings } => {
-            let ms = |d: Duration| d.as_secs_f64() * 1e3;
-            eprintln!(
-                "ces controller: {reason}: {summary}; {problems} problem(s) in the policy; load {:.0} ms, compile {:.0} ms, apply {:.0} ms",
-                ms(timings.load),
-                ms(timings.compile),
-                ms(timings.apply)
-            );
-        }
-        ces_sync::Event::Failed { reason, error, retry_in } => {
-            eprintln!("ces controller: {reason} failed, retrying in {} ms: {error}", retry_in.as_millis());
-        }
+    let mut backend = crate::agent::Counted::new(backend, health.clone(), |b: &As3Backend| {
+        let s = b.client.stats;
+        format!(
+            "# HELP ces_backend_requests_total Requests sent to the BIG-IP.\n# TYPE ces_backend_requests_total counter\n\
+             ces_backend_requests_total{{backend=\"as3\"}} {}\n\
+             # HELP ces_backend_bytes_sent_total Bytes sent to the BIG-IP.\n# TYPE ces_backend_bytes_sent_total counter\n\
+             ces_backend_bytes_sent_total{{backend=\"as3\"}} {}\n\
+             # HELP ces_backend_problems Objects the BIG-IP refused or that could not be declared.\n# TYPE ces_backend_problems gauge\n\
+             ces_backend_problems{{backend=\"as3\"}} {}\n",
+            s.requests,
+            s.bytes_sent,
+            b.problems.len()
+        )
     });
+    if args.kube.kubernetes {
+        let mut source = crate::agent::kube_source(&args.kube, &args.inputs, Some("ces-controller"))?;
+        if args.leader_elect {
+            let identity = args.identity.clone().unwrap_or_else(crate::agent::default_identity);
+            let elector = ces_kube::lease::Elector::new(
+                source.client(),
+                &args.lease_namespace,
+                &args.lease_name,
+                &identity,
+                Duration::from_secs(args.lease_duration_secs.max(2)),
+            );
+            health.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+            crate::agent::lead(elector, source.runtime().handle().clone(), health.clone())?;
+        }
+        health.leader.store(true, std::sync::atomic::Ordering::Relaxed);
+        eprintln!("ces controller: watching the Kubernetes API");
+        crate::agent::run_loop("controller", &mut source, &mut backend, &opts, &health);
+        return Ok(());
+    }
+    if args.inputs.example {
+        return Err(Failure::input(
+            "the controller watches files: give --manifests PATH... (and --config FILE), or --once",
+        ));
+    }
+    let mut source = ces_sync::folder::Folder::new(args.inputs.manifests.clone(), args.inputs.config.clone());
+    health.leader.store(true, std::sync::atomic::Ordering::Relaxed);
+    eprintln!("ces controller: watching {} path(s)", args.inputs.manifests.len());
+    crate::agent::run_loop("controller", &mut source, &mut backend, &opts, &health);
     Ok(())
 }

@@ -16,6 +16,8 @@ pub struct GatewayArgs {
     action: Option<GatewayAction>,
     #[command(flatten)]
     inputs: Option<InputArgs>,
+    #[command(flatten)]
+    kube: crate::agent::KubeArgs,
     /// Apply the current policy once and exit, leaving the rules in place.
     #[arg(long)]
     once: bool,
@@ -90,6 +92,19 @@ pub fn run(args: &GatewayArgs) -> Result<(), Failure> {
         }
         return Ok(());
     }
+    if args.kube.kubernetes && !args.once {
+        let inputs = args.inputs.clone().unwrap_or_else(|| InputArgs {
+            manifests: Vec::new(),
+            config: None,
+            example: false,
+            ces_namespace: ces_compiler::DEFAULT_CES_NAMESPACE.to_string(),
+        });
+        if !inputs.manifests.is_empty() {
+            return Err(Failure::input("--kubernetes and --manifests are two sources: give one"));
+        }
+        let mut source = crate::agent::kube_source(&args.kube, &inputs, None)?;
+        return watch_with(&mut source, &inputs, args, "the Kubernetes API".into());
+    }
     let inputs = args.inputs.as_ref().ok_or_else(|| Failure::input("give --manifests PATH... or --example"))?;
     if !args.once {
         return watch(inputs, args);
@@ -110,7 +125,17 @@ fn watch(inputs: &InputArgs, args: &GatewayArgs) -> Result<(), Failure> {
         return Err(Failure::input("the agent watches files: give --manifests PATH... (and --config FILE)"));
     }
     let mut source = ces_sync::folder::Folder::new(inputs.manifests.clone(), inputs.config.clone());
-    let mut backend = ces_nft::NftBackend::new(Nft::default());
+    let what = format!("{} path(s)", inputs.manifests.len());
+    watch_with(&mut source, inputs, args, what)
+}
+
+fn watch_with(
+    source: &mut dyn ces_sync::Source,
+    inputs: &InputArgs,
+    args: &GatewayArgs,
+    what: String,
+) -> Result<(), Failure> {
+    let backend = ces_nft::NftBackend::new(Nft::default());
     let opts = ces_sync::Options {
         debounce: std::time::Duration::from_millis(args.debounce_ms),
         poll: std::time::Duration::from_millis(args.poll_ms.max(1)),
@@ -118,7 +143,6 @@ fn watch(inputs: &InputArgs, args: &GatewayArgs) -> Result<(), Failure> {
         ces_namespace: inputs.ces_namespace.clone(),
         ..Default::default()
     };
-    let stop = std::sync::atomic::AtomicBool::new(false);
     let mut log: Box<dyn std::io::Write + Send> = if args.log_file == "-" {
         Box::new(std::io::stdout())
     } else {
@@ -132,21 +156,13 @@ fn watch(inputs: &InputArgs, args: &GatewayArgs) -> Result<(), Failure> {
     };
     let index = backend.log_index.clone();
     std::thread::spawn(move || read_log(index, &mut *log));
-    eprintln!("ces gateway: watching {} path(s); the rules stay in place if this agent stops", inputs.manifests.len());
-    ces_sync::run(&mut source, &mut backend, &opts, &stop, &mut |e| match e {
-        ces_sync::Event::Applied { reason, summary, problems, timings } => {
-            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-            eprintln!(
-                "ces gateway: {reason}: {summary}; {problems} problem(s) in the policy; load {:.0} ms, compile {:.0} ms, apply {:.0} ms",
-                ms(timings.load),
-                ms(timings.compile),
-                ms(timings.apply)
-            );
-        }
-        ces_sync::Event::Failed { reason, error, retry_in } => {
-            eprintln!("ces gateway: {reason} failed, retrying in {} ms: {error}", retry_in.as_millis());
-        }
-    });
+    let health = std::sync::Arc::new(crate::health::Health::default());
+    if let Some(addr) = &args.kube.health_addr {
+        crate::health::serve(addr, health.clone(), "gateway").map_err(Failure::input)?;
+    }
+    let mut backend = crate::agent::Counted::new(backend, health.clone(), |_: &ces_nft::NftBackend| String::new());
+    eprintln!("ces gateway: watching {what}; the rules stay in place if this agent stops");
+    crate::agent::run_loop("gateway", source, &mut backend, &opts, &health);
     Ok(())
 }
 

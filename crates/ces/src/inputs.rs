@@ -23,6 +23,9 @@ pub struct Inputs {
 
 impl Inputs {
     pub fn load(args: &InputArgs) -> Result<Inputs, Failure> {
+        if args.manifests.is_empty() && !args.example {
+            return Err(Failure::input("give --manifests PATH... (or --example)"));
+        }
         let (snapshot, stats, config) = if args.example {
             let snap = load_strs(&EXAMPLE_FILES);
             let stats = LoadStats { files: EXAMPLE_FILES.len(), ..Default::default() };

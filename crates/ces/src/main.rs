@@ -2,9 +2,11 @@
 //!
 //! Exit codes: 0 success (a `drop` verdict is a success), 1 `validate` found problems, 2 bad input or usage.
 
+mod agent;
 mod as3;
 mod controller;
 mod gateway;
+mod health;
 mod inputs;
 mod lab;
 mod simulate;
@@ -27,7 +29,7 @@ struct Cli {
 #[derive(Args, Clone, Debug)]
 pub struct InputArgs {
     /// Manifest files or folders (YAML or JSON, multi-document; folders are read recursively).
-    #[arg(long, num_args = 1.., value_name = "PATH", required_unless_present = "example")]
+    #[arg(long, num_args = 1.., value_name = "PATH")]
     pub manifests: Vec<PathBuf>,
     /// ces-conf.yaml. Default: one Common tenant, no route domains, default action drop.
     #[arg(long, value_name = "FILE")]

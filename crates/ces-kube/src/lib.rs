@@ -1,0 +1,401 @@
+//! The Kubernetes source of the sync loop.
+//!
+//! Watchers (kube-rs, list then watch from the list's `resourceVersion`, relisting after 410 Gone) follow Namespaces,
+//! Pods, Services, EndpointSlices (Endpoints when the cluster has no EndpointSlice API) and the five CES kinds. Each
+//! object is reduced on arrival to the fields CES reads (memory stays proportional to what CES needs), and kept by
+//! kind and name; every event bumps the source's version, so the loop's debounce coalesces bursts. A load reads the
+//! kept objects through the same code as manifest files, so both sources give the same snapshot.
+//!
+//! After each pass the source writes the status of every CES object whose status changed (`phase`, `Accepted`,
+//! `Programmed`), with server-side apply, when it was built with a field manager (the controller; gateways do not
+//! write status).
+
+pub mod lease;
+pub mod status;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use ces_api::ResourceStatus;
+use ces_config::CesConfig;
+use ces_model::{ObjectRef, PolicyModel};
+use ces_snapshot::Snapshot;
+use ces_sync::{Report, Source};
+use futures::StreamExt;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use serde_json::{Value, json};
+
+/// A watched kind: how to reach it, and whether CES writes its status.
+#[derive(Clone, Copy, Debug)]
+pub struct Kind {
+    pub group: &'static str,
+    pub version: &'static str,
+    pub kind: &'static str,
+    pub plural: &'static str,
+    pub namespaced: bool,
+    pub ces: bool,
+}
+
+impl Kind {
+    fn resource(&self) -> ApiResource {
+        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(self.group, self.version, self.kind), self.plural)
+    }
+
+    fn api_version(&self) -> String {
+        if self.group.is_empty() { self.version.into() } else { format!("{}/{}", self.group, self.version) }
+    }
+}
+
+const fn k(
+    group: &'static str,
+    version: &'static str,
+    kind: &'static str,
+    plural: &'static str,
+    namespaced: bool,
+    ces: bool,
+) -> Kind {
+    Kind { group, version, kind, plural, namespaced, ces }
+}
+
+pub const NAMESPACE: Kind = k("", "v1", "Namespace", "namespaces", false, false);
+pub const POD: Kind = k("", "v1", "Pod", "pods", true, false);
+pub const SERVICE: Kind = k("", "v1", "Service", "services", true, false);
+pub const ENDPOINTS: Kind = k("", "v1", "Endpoints", "endpoints", true, false);
+pub const ENDPOINT_SLICE: Kind = k("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", true, false);
+pub const CES_KINDS: [Kind; 5] = [
+    k("kubeovn.io", "v1alpha1", "ExternalService", "externalservices", true, true),
+    k("kubeovn.io", "v1alpha1", "ClusterEgressRule", "clusteregressrules", false, true),
+    k("kubeovn.io", "v1alpha1", "NamespaceEgressRule", "namespaceegressrules", true, true),
+    k("kubeovn.io", "v1alpha1", "ServiceEgressRule", "serviceegressrules", true, true),
+    k("bigip.io", "v1alpha1", "ExternalIPRule", "externaliprules", true, true),
+];
+
+/// The fields CES reads of an object; everything else (managedFields, most of the spec and status) is dropped.
+pub fn reduce(kind: &Kind, mut v: Value) -> Value {
+    let meta = v.get("metadata").cloned().unwrap_or(Value::Null);
+    let mut m = serde_json::Map::new();
+    for key in ["name", "namespace", "uid", "generation", "labels", "resourceVersion"] {
+        if let Some(x) = meta.get(key) {
+            m.insert(key.into(), x.clone());
+        }
+    }
+    if let Some(Value::Object(a)) = meta.get("annotations") {
+        let kept: serde_json::Map<String, Value> = a
+            .iter()
+            .filter(|(k, _)| k.starts_with("ovn.kubernetes.io/"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if !kept.is_empty() {
+            m.insert("annotations".into(), Value::Object(kept));
+        }
+    }
+    let mut out = json!({"apiVersion": kind.api_version(), "kind": kind.kind, "metadata": m});
+    let take = |out: &mut Value, v: &mut Value, path: &[&str]| {
+        let mut src = &mut *v;
+        for p in path {
+            match src.get_mut(*p) {
+                Some(x) => src = x,
+                None => return,
+            }
+        }
+        let val = src.take();
+        let mut dst = &mut *out;
+        for p in &path[..path.len() - 1] {
+            if dst.get(*p).is_none() {
+                dst[*p] = json!({});
+            }
+            dst = &mut dst[*p];
+        }
+        dst[path[path.len() - 1]] = val;
+    };
+    match kind.kind {
+        "Pod" => {
+            for p in [&["spec", "hostNetwork"][..], &["status", "phase"], &["status", "podIP"], &["status", "podIPs"]] {
+                take(&mut out, &mut v, p);
+            }
+            if let Some(Value::Array(cs)) = v.pointer("/status/conditions") {
+                let ready: Vec<Value> = cs.iter().filter(|c| c["type"] == "Ready").cloned().collect();
+                out["status"]["conditions"] = Value::Array(ready);
+            }
+        }
+        "Service" => take(&mut out, &mut v, &["spec", "selector"]),
+        "Endpoints" => take(&mut out, &mut v, &["subsets"]),
+        "EndpointSlice" => {
+            take(&mut out, &mut v, &["addressType"]);
+            take(&mut out, &mut v, &["endpoints"]);
+        }
+        "Namespace" => {}
+        _ => {
+            take(&mut out, &mut v, &["spec"]);
+            take(&mut out, &mut v, &["status"]);
+        }
+    }
+    out
+}
+
+#[derive(Default)]
+struct Objects {
+    /// kind → (namespace, name) → reduced object.
+    by_kind: BTreeMap<&'static str, BTreeMap<(String, String), Value>>,
+    /// Kinds whose initial list is complete.
+    synced: BTreeSet<&'static str>,
+    /// The last watch error of each kind, for the log.
+    errors: BTreeMap<&'static str, String>,
+    /// Watch restarts (relists) per kind, for metrics.
+    restarts: BTreeMap<&'static str, u64>,
+}
+
+pub struct KubeSource {
+    runtime: tokio::runtime::Runtime,
+    client: Client,
+    objects: Arc<Mutex<Objects>>,
+    events: Arc<AtomicU64>,
+    kinds: Vec<Kind>,
+    config: Option<PathBuf>,
+    field_manager: Option<String>,
+    /// The status CES last wrote (or found) on each object.
+    written: HashMap<(String, String, String), ResourceStatus>,
+    /// Status writes that failed, for the log.
+    pub status_errors: u64,
+    pub status_writes: u64,
+}
+
+fn stamp(path: &std::path::Path) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    if let Ok(m) = std::fs::metadata(path) {
+        m.len().hash(&mut h);
+        if let Ok(t) = m.modified() {
+            t.hash(&mut h);
+        }
+    }
+    h.finish()
+}
+
+impl KubeSource {
+    /// Connects (`kubeconfig`, else `KUBECONFIG` / `~/.kube/config`, else in-cluster) and starts the watchers.
+    /// `field_manager`: write status under this server-side-apply manager (`None`: never write).
+    pub fn start(
+        kubeconfig: Option<PathBuf>,
+        config: Option<PathBuf>,
+        field_manager: Option<String>,
+    ) -> Result<KubeSource, String> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| format!("tokio: {e}"))?;
+        let client = runtime.block_on(client(kubeconfig))?;
+        // EndpointSlices, or Endpoints on a cluster without them.
+        let slices_api: Api<DynamicObject> = Api::all_with(client.clone(), &ENDPOINT_SLICE.resource());
+        let has_slices = runtime
+            .block_on(slices_api.list(&kube::api::ListParams::default().limit(1)))
+            .map(|_| true)
+            .or_else(|e| match e {
+                kube::Error::Api(s) if s.code == 404 => Ok(false),
+                e => Err(format!("cannot reach the API server: {e}")),
+            })?;
+        let mut kinds = vec![NAMESPACE, POD, SERVICE, if has_slices { ENDPOINT_SLICE } else { ENDPOINTS }];
+        kinds.extend(CES_KINDS);
+        let objects: Arc<Mutex<Objects>> = Default::default();
+        let events = Arc::new(AtomicU64::new(0));
+        for kind in &kinds {
+            let api: Api<DynamicObject> = Api::all_with(client.clone(), &kind.resource());
+            let (objects, events, kind) = (objects.clone(), events.clone(), *kind);
+            runtime.spawn(async move {
+                let mut stream = watcher::watcher(api, watcher::Config::default()).boxed();
+                let mut pending: Option<BTreeMap<(String, String), Value>> = None;
+                while let Some(e) = stream.next().await {
+                    if let Err(e) = &e {
+                        objects.lock().unwrap_or_else(|p| p.into_inner()).errors.insert(kind.kind, e.to_string());
+                        // The watcher retries by itself; do not spin.
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        continue;
+                    }
+                    let mut o = objects.lock().unwrap_or_else(|p| p.into_inner());
+                    let key = |d: &DynamicObject| {
+                        (d.metadata.namespace.clone().unwrap_or_default(), d.metadata.name.clone().unwrap_or_default())
+                    };
+                    let value = |d: DynamicObject| reduce(&kind, serde_json::to_value(d).unwrap_or(Value::Null));
+                    match e {
+                        Ok(watcher::Event::Init) => {
+                            pending = Some(BTreeMap::new());
+                            *o.restarts.entry(kind.kind).or_default() += 1;
+                        }
+                        Ok(watcher::Event::InitApply(d)) => {
+                            let k = key(&d);
+                            pending.get_or_insert_with(BTreeMap::new).insert(k, value(d));
+                        }
+                        Ok(watcher::Event::InitDone) => {
+                            // The complete list replaces what was kept: objects deleted while the watch was down go.
+                            o.by_kind.insert(kind.kind, pending.take().unwrap_or_default());
+                            o.synced.insert(kind.kind);
+                            o.errors.remove(kind.kind);
+                            events.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(watcher::Event::Apply(d)) => {
+                            let k = key(&d);
+                            let v = value(d);
+                            let without_status = |v: &Value| {
+                                let mut v = v.clone();
+                                if let Some(m) = v.as_object_mut() {
+                                    m.remove("status");
+                                }
+                                if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+                                    m.remove("resourceVersion");
+                                }
+                                v
+                            };
+                            let map = o.by_kind.entry(kind.kind).or_default();
+                            // A change of status alone (CES's own writes) changes nothing CES compiles.
+                            let relevant = map.get(&k).is_none_or(|old| without_status(old) != without_status(&v));
+                            map.insert(k, v);
+                            if relevant {
+                                events.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Ok(watcher::Event::Delete(d)) => {
+                            let k = key(&d);
+                            o.by_kind.entry(kind.kind).or_default().remove(&k);
+                            events.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(_) => {}
+                    }
+                }
+            });
+        }
+        Ok(KubeSource {
+            runtime,
+            client,
+            objects,
+            events,
+            kinds,
+            config,
+            field_manager,
+            written: HashMap::new(),
+            status_errors: 0,
+            status_writes: 0,
+        })
+    }
+
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    pub fn runtime(&self) -> &tokio::runtime::Runtime {
+        &self.runtime
+    }
+
+    /// Watch restarts (initial lists included) per kind.
+    pub fn restarts(&self) -> BTreeMap<&'static str, u64> {
+        self.objects.lock().unwrap_or_else(|p| p.into_inner()).restarts.clone()
+    }
+}
+
+async fn client(kubeconfig: Option<PathBuf>) -> Result<Client, String> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| format!("{}: {e}", path.display()))?
+        }
+        None => kube::Config::infer().await.map_err(|e| format!("no Kubernetes configuration: {e}"))?,
+    };
+    Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
+}
+
+impl Source for KubeSource {
+    fn version(&mut self) -> Result<u64, String> {
+        let mut v = self.events.load(Ordering::Relaxed);
+        if let Some(c) = &self.config {
+            v = v.wrapping_mul(31).wrapping_add(stamp(c));
+        }
+        Ok(v)
+    }
+
+    fn load(&mut self) -> Result<(Snapshot, CesConfig), String> {
+        let config = match &self.config {
+            Some(p) => CesConfig::from_file(p).map_err(|e| e.to_string())?,
+            None => CesConfig::embedded_default(),
+        };
+        let o = self.objects.lock().unwrap_or_else(|p| p.into_inner());
+        let missing: Vec<&str> = self.kinds.iter().map(|k| k.kind).filter(|k| !o.synced.contains(k)).collect();
+        if !missing.is_empty() {
+            let why: Vec<String> =
+                missing.iter().filter_map(|k| o.errors.get(k).map(|e| format!("{k}: {e}"))).collect();
+            return Err(format!(
+                "waiting for the first list of {}{}",
+                missing.join(", "),
+                if why.is_empty() { String::new() } else { format!(" ({})", why.join("; ")) }
+            ));
+        }
+        let snapshot = ces_snapshot::manifests::load_objects(o.by_kind.iter().flat_map(|(kind, m)| {
+            m.iter().map(move |((ns, name), v)| {
+                let origin = if ns.is_empty() { format!("{kind}/{name}") } else { format!("{kind}/{ns}/{name}") };
+                (v, origin)
+            })
+        }));
+        Ok((snapshot, config))
+    }
+
+    fn report(&mut self, model: &PolicyModel, report: &Report<'_>) {
+        let Some(manager) = self.field_manager.clone() else { return };
+        let now = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+        // What to write: every CES object whose status differs from what it has.
+        let mut writes: Vec<(Kind, String, String, Value, ResourceStatus)> = Vec::new();
+        {
+            let o = self.objects.lock().unwrap_or_else(|p| p.into_inner());
+            for kind in CES_KINDS {
+                for ((ns, name), v) in o.by_kind.get(kind.kind).into_iter().flatten() {
+                    let key = (kind.kind.to_string(), ns.clone(), name.clone());
+                    let object = ObjectRef::new(kind.kind, kind.namespaced.then_some(ns.as_str()), name);
+                    let generation = v.pointer("/metadata/generation").and_then(Value::as_i64);
+                    let current: Option<ResourceStatus> =
+                        v.get("status").and_then(|s| serde_json::from_value(s.clone()).ok());
+                    let previous = self.written.get(&key).cloned().or(current.clone());
+                    let status = status::status_of(model, report, &object, generation, previous.as_ref(), &now);
+                    if current.as_ref() == Some(&status) || self.written.get(&key) == Some(&status) {
+                        continue;
+                    }
+                    writes.push((kind, ns.clone(), name.clone(), v.clone(), status));
+                }
+            }
+        }
+        for (kind, ns, name, _v, status) in writes {
+            let api: Api<DynamicObject> = if kind.namespaced {
+                Api::namespaced_with(self.client.clone(), &ns, &kind.resource())
+            } else {
+                Api::all_with(self.client.clone(), &kind.resource())
+            };
+            let mut metadata = json!({"name": name});
+            if kind.namespaced {
+                metadata["namespace"] = json!(ns);
+            }
+            let body =
+                json!({"apiVersion": kind.api_version(), "kind": kind.kind, "metadata": metadata, "status": status});
+            let params = PatchParams::apply(&manager).force();
+            let r = self.runtime.block_on(api.patch_status(&name, &params, &Patch::Apply(&body)));
+            match r {
+                Ok(_) => {
+                    self.status_writes += 1;
+                    self.written.insert((kind.kind.to_string(), ns, name), status);
+                }
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => {
+                    self.status_errors += 1;
+                    eprintln!("ces: status of {} {ns}/{name} not written: {e}", kind.kind);
+                }
+            }
+        }
+        // Forget objects that are gone.
+        let o = self.objects.lock().unwrap_or_else(|p| p.into_inner());
+        self.written.retain(|(k, ns, n), _| {
+            o.by_kind.get(k.as_str()).is_some_and(|m| m.contains_key(&(ns.clone(), n.clone())))
+        });
+    }
+}

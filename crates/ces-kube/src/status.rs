@@ -1,0 +1,142 @@
+//! The status CES writes on its objects: the original's `phase`, and the conditions `Accepted` (the object is valid
+//! and in the policy) and `Programmed` (the backend holds it), each with `observedGeneration`.
+
+use ces_api::{Condition, Phase, ResourceStatus};
+use ces_model::{Diagnostic, ObjectRef, PolicyModel, Severity};
+use ces_sync::Report;
+
+pub const CONDITION_PROGRAMMED: &str = "Programmed";
+
+/// Backend reasons that mean the object is not on the data plane at all.
+const NOT_PROGRAMMED: &[&str] = &["NotDeclared", "InvalidDeclaration", "NotProgrammed", "NotBound"];
+
+/// The status of `object` after a pass. `previous` is what the object has now: a condition whose status did not
+/// change keeps its `lastTransitionTime`.
+pub fn status_of(
+    model: &PolicyModel,
+    report: &Report<'_>,
+    object: &ObjectRef,
+    generation: Option<i64>,
+    previous: Option<&ResourceStatus>,
+    now: &str,
+) -> ResourceStatus {
+    let mut status = model.status_of(object, generation);
+    let accepted = status.phase != Some(Phase::Failed);
+    let mine: Vec<&Diagnostic> = report.problems.iter().filter(|d| d.object.as_ref() == Some(object)).collect();
+    let backend = report.backend;
+    let (ok, reason, message) = if !accepted {
+        (false, "NotAccepted".to_string(), "not programmed: the object is not accepted (see Accepted)".to_string())
+    } else if let Some(d) =
+        mine.iter().find(|d| d.severity == Severity::Error || NOT_PROGRAMMED.contains(&d.reason.as_str()))
+    {
+        (false, d.reason.clone(), format!("{backend}: {}", d.message))
+    } else if let Err(e) = report.result {
+        let e: String = e.chars().take(1000).collect();
+        (false, "BackendError".to_string(), format!("{backend}: the last apply failed: {e}"))
+    } else if let Some(w) = mine.first() {
+        (true, w.reason.clone(), format!("{backend}: programmed, but: {}", w.message))
+    } else {
+        (true, "Programmed".to_string(), format!("{backend}: programmed"))
+    };
+    if accepted && !ok {
+        status.phase = Some(Phase::Failed);
+    }
+    status.conditions.push(Condition {
+        type_: CONDITION_PROGRAMMED.into(),
+        status: if ok { "True" } else { "False" }.into(),
+        observed_generation: generation,
+        last_transition_time: None,
+        reason,
+        message,
+    });
+    for c in &mut status.conditions {
+        let before = previous.and_then(|p| p.conditions.iter().find(|x| x.type_ == c.type_));
+        c.last_transition_time = match before {
+            Some(b) if b.status == c.status => b.last_transition_time.clone().or_else(|| Some(now.to_string())),
+            _ => Some(now.to_string()),
+        };
+    }
+    status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model() -> PolicyModel {
+        let snap = ces_snapshot::manifests::load_str(
+            r#"
+apiVersion: kubeovn.io/v1alpha1
+kind: ExternalService
+metadata: {name: web, namespace: kube-system}
+spec: {addresses: [192.0.2.1]}
+---
+apiVersion: kubeovn.io/v1alpha1
+kind: ClusterEgressRule
+metadata: {name: good}
+spec: {action: accept, externalServices: [web]}
+---
+apiVersion: kubeovn.io/v1alpha1
+kind: ClusterEgressRule
+metadata: {name: broken}
+spec: {action: accept, externalServices: [missing]}
+"#,
+            "t.yaml",
+        );
+        ces_compiler::compile(&snap, &ces_config::CesConfig::embedded_default(), "kube-system")
+    }
+
+    fn report<'a>(result: Result<(), &'a str>, problems: &'a [Diagnostic]) -> Report<'a> {
+        Report { backend: "as3", result, problems }
+    }
+
+    #[test]
+    fn accepted_and_programmed_each_say_why() {
+        let m = model();
+        let good = ObjectRef::new("ClusterEgressRule", None, "good");
+        let broken = ObjectRef::new("ClusterEgressRule", None, "broken");
+        let s = status_of(&m, &report(Ok(()), &[]), &good, Some(3), None, "T1");
+        assert_eq!(s.phase, Some(Phase::Success));
+        assert_eq!(s.conditions.len(), 2);
+        assert_eq!((s.conditions[1].type_.as_str(), s.conditions[1].status.as_str()), ("Programmed", "True"));
+        assert!(
+            s.conditions
+                .iter()
+                .all(|c| c.observed_generation == Some(3) && c.last_transition_time.as_deref() == Some("T1"))
+        );
+
+        let s = status_of(&m, &report(Ok(()), &[]), &broken, Some(1), None, "T1");
+        assert_eq!(s.phase, Some(Phase::Failed));
+        assert_eq!(s.conditions[0].reason, "ExternalServiceNotFound");
+        assert!(s.conditions[0].message.contains("kube-system/missing"), "{:?}", s.conditions[0]);
+        assert_eq!((s.conditions[1].status.as_str(), s.conditions[1].reason.as_str()), ("False", "NotAccepted"));
+
+        let refused = [Diagnostic {
+            severity: Severity::Error,
+            object: Some(good.clone()),
+            origin: None,
+            reason: "NotProgrammed".into(),
+            message: "tenant Common: BIG-IP refused (422): …".into(),
+        }];
+        let s2 = status_of(&m, &report(Err("Common: FAILED"), &refused), &good, Some(3), Some(&s), "T2");
+        assert_eq!(s2.phase, Some(Phase::Failed));
+        assert_eq!(s2.conditions[1].reason, "NotProgrammed");
+        assert!(s2.conditions[1].message.starts_with("as3: tenant Common: BIG-IP refused (422)"));
+
+        // A whole-backend failure without a problem of this object still says the object is not programmed.
+        let s3 = status_of(&m, &report(Err("BIG-IP unreachable"), &[]), &good, Some(3), None, "T3");
+        assert_eq!(s3.conditions[1].reason, "BackendError");
+    }
+
+    #[test]
+    fn a_condition_keeps_its_transition_time_while_its_status_holds() {
+        let m = model();
+        let good = ObjectRef::new("ClusterEgressRule", None, "good");
+        let first = status_of(&m, &report(Ok(()), &[]), &good, Some(1), None, "T1");
+        let again = status_of(&m, &report(Ok(()), &[]), &good, Some(2), Some(&first), "T2");
+        assert_eq!(again.conditions[0].last_transition_time.as_deref(), Some("T1"));
+        let failed = status_of(&m, &report(Err("x"), &[]), &good, Some(2), Some(&again), "T3");
+        assert_eq!(failed.conditions[0].last_transition_time.as_deref(), Some("T1"), "Accepted did not change");
+        assert_eq!(failed.conditions[1].last_transition_time.as_deref(), Some("T3"), "Programmed did");
+    }
+}

@@ -1,0 +1,158 @@
+//! What `ces controller` and `ces gateway` share: the Kubernetes source's flags, leader election, the loop with
+//! its log lines, metrics and graceful shutdown.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use ces_model::{Diagnostic, PolicyModel};
+use clap::Args;
+
+use crate::health::Health;
+use crate::{Failure, InputArgs};
+
+#[derive(Args, Clone, Debug)]
+pub struct KubeArgs {
+    /// Read the policy from the Kubernetes API (watches) instead of files: in-cluster, or as --kubeconfig (or
+    /// KUBECONFIG, ~/.kube/config) says.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// The kubeconfig file to use with --kubernetes.
+    #[arg(long, value_name = "FILE", requires = "kubernetes")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Serve /healthz, /readyz and Prometheus /metrics on this address (such as 0.0.0.0:8080).
+    #[arg(long, value_name = "ADDR")]
+    pub health_addr: Option<String>,
+}
+
+pub fn kube_source(
+    k: &KubeArgs,
+    inputs: &InputArgs,
+    field_manager: Option<&str>,
+) -> Result<ces_kube::KubeSource, Failure> {
+    ces_kube::KubeSource::start(k.kubeconfig.clone(), inputs.config.clone(), field_manager.map(str::to_string))
+        .map_err(Failure::input)
+}
+
+pub fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}-{}", host.trim(), std::process::id())
+}
+
+/// SIGTERM and SIGINT set this: the loop finishes its pass and stops.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+/// Blocks until this replica holds the Lease, then keeps renewing it on a thread; if it cannot renew for a whole
+/// Lease duration, the process exits (the sync in flight is abandoned; the next leader reads everything back).
+pub fn lead(elector: ces_kube::lease::Elector, rt: tokio::runtime::Handle, health: Arc<Health>) -> Result<(), Failure> {
+    let retry = (elector.duration / 3).max(Duration::from_millis(500));
+    let mut said = String::new();
+    loop {
+        if STOP.load(Ordering::Relaxed) {
+            return Err(Failure { code: 0, message: String::new() });
+        }
+        match rt.block_on(elector.try_acquire()) {
+            Ok(ces_kube::lease::Leadership::Leader) => break,
+            Ok(ces_kube::lease::Leadership::Follower(holder)) => {
+                if said != holder {
+                    eprintln!("ces: standby: {holder} holds the lease");
+                    said = holder;
+                }
+            }
+            Err(e) => eprintln!("ces: leader election: {e}"),
+        }
+        std::thread::sleep(retry);
+    }
+    eprintln!("ces: leader: {} holds the lease", elector.identity);
+    health.leader.store(true, Ordering::Relaxed);
+    std::thread::spawn(move || {
+        let mut last_renewed = std::time::Instant::now();
+        loop {
+            std::thread::sleep(retry);
+            match rt.block_on(elector.try_acquire()) {
+                Ok(ces_kube::lease::Leadership::Leader) => last_renewed = std::time::Instant::now(),
+                Ok(ces_kube::lease::Leadership::Follower(holder)) => {
+                    eprintln!("ces: lost the lease to {holder}; exiting so that only one controller acts");
+                    std::process::exit(3);
+                }
+                Err(e) => {
+                    eprintln!("ces: renewing the lease: {e}");
+                    if last_renewed.elapsed() > elector.duration {
+                        eprintln!("ces: the lease was not renewed for {:?}; exiting", elector.duration);
+                        std::process::exit(3);
+                    }
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// A backend that also keeps the metrics up to date.
+pub struct Counted<B, F> {
+    inner: B,
+    health: Arc<Health>,
+    extra: F,
+}
+
+impl<B: ces_sync::Backend, F: Fn(&B) -> String> Counted<B, F> {
+    pub fn new(inner: B, health: Arc<Health>, extra: F) -> Counted<B, F> {
+        Counted { inner, health, extra }
+    }
+}
+
+impl<B: ces_sync::Backend, F: Fn(&B) -> String> ces_sync::Backend for Counted<B, F> {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn apply(&mut self, model: &PolicyModel, full: bool) -> Result<ces_sync::Applied, String> {
+        let r = self.inner.apply(model, full);
+        if r.is_ok() {
+            self.health.rules.store(model.rules().count() as u64, Ordering::Relaxed);
+        }
+        *self.health.extra.lock().unwrap_or_else(|p| p.into_inner()) = (self.extra)(&self.inner);
+        r
+    }
+
+    fn problems(&self) -> Vec<Diagnostic> {
+        self.inner.problems()
+    }
+}
+
+/// The sync loop with the agent's log lines, metrics, and SIGTERM/SIGINT ending it after the pass in flight.
+pub fn run_loop(
+    who: &str,
+    source: &mut dyn ces_sync::Source,
+    backend: &mut dyn ces_sync::Backend,
+    opts: &ces_sync::Options,
+    health: &Health,
+) {
+    unsafe {
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+    }
+    ces_sync::run(source, backend, opts, &STOP, &mut |e| {
+        crate::health::observe(health, &e);
+        match e {
+            ces_sync::Event::Applied { reason, summary, problems, timings } => {
+                let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                eprintln!(
+                    "ces {who}: {reason}: {summary}; {problems} problem(s) in the policy; load {:.0} ms, compile {:.0} ms, apply {:.0} ms",
+                    ms(timings.load),
+                    ms(timings.compile),
+                    ms(timings.apply)
+                );
+            }
+            ces_sync::Event::Failed { reason, error, retry_in } => {
+                eprintln!("ces {who}: {reason} failed, retrying in {} ms: {error}", retry_in.as_millis());
+            }
+        }
+    });
+    eprintln!("ces {who}: stopped");
+}
