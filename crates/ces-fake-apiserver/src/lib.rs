@@ -195,6 +195,10 @@ pub struct Store {
     /// Versions at or below this are gone (410).
     compacted: u64,
     pub requests: Vec<Logged>,
+    /// Watches answered 410 Gone.
+    pub gone: u64,
+    /// Printer columns of installed CRDs, by kind: (name, JSON path).
+    columns: BTreeMap<String, Vec<(String, String)>>,
 }
 
 impl Store {
@@ -259,6 +263,8 @@ impl FakeApiServer {
                 history: Vec::new(),
                 compacted: 0,
                 requests: Vec::new(),
+                gone: 0,
+                columns: BTreeMap::new(),
             }),
             changes,
             epoch,
@@ -321,15 +327,30 @@ impl FakeApiServer {
         remove(&mut store, &self.shared.changes, r, ns, name).is_some()
     }
 
+    /// Installs a CustomResourceDefinition's printer columns (`additionalPrinterColumns` of its first version), so
+    /// that `kubectl get` shows what it shows on a real cluster.
+    pub fn install_crd(&self, crd: &Value) {
+        let kind = crd["spec"]["names"]["kind"].as_str().expect("spec.names.kind").to_string();
+        let cols: Vec<(String, String)> = crd["spec"]["versions"][0]["additionalPrinterColumns"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["jsonPath"] != ".metadata.creationTimestamp")
+            .map(|c| (c["name"].as_str().unwrap_or("").to_string(), c["jsonPath"].as_str().unwrap_or("").to_string()))
+            .collect();
+        self.shared.store.lock().unwrap().columns.insert(kind, cols);
+    }
+
     /// Ends every open watch (as a network blip or an API server rolling update would).
     pub fn drop_watches(&self) {
         self.shared.epoch.send_modify(|e| *e += 1);
     }
 
-    /// Forgets the history: a watch or list from any older `resourceVersion` gets 410 Gone.
+    /// Forgets the history: a watch from any `resourceVersion` handed out so far gets 410 Gone (as after an etcd
+    /// compaction that outran a client), and must list again.
     pub fn compact(&self) {
         let mut s = self.shared.store.lock().unwrap();
-        s.compacted = s.rv;
+        s.compacted = s.rv + 1;
         s.history.clear();
     }
 
@@ -533,7 +554,7 @@ async fn answer(
                 .map(|(_, v)| v.clone())
                 .collect();
             if accept.contains("as=Table") {
-                return json_response(StatusCode::OK, &table(t.r, &items, store.rv));
+                return json_response(StatusCode::OK, &table(t.r, store.columns.get(t.r.kind), &items, store.rv));
             }
             json_response(
                 StatusCode::OK,
@@ -543,9 +564,10 @@ async fn answer(
         ("GET", Some(name)) => {
             let store = shared.store.lock().unwrap();
             match store.get(t.r.kind, ns.as_deref().unwrap_or(""), name) {
-                Some(o) if accept.contains("as=Table") => {
-                    json_response(StatusCode::OK, &table(t.r, std::slice::from_ref(o), store.rv))
-                }
+                Some(o) if accept.contains("as=Table") => json_response(
+                    StatusCode::OK,
+                    &table(t.r, store.columns.get(t.r.kind), std::slice::from_ref(o), store.rv),
+                ),
                 Some(o) => json_response(StatusCode::OK, o),
                 None => {
                     status_error(StatusCode::NOT_FOUND, "NotFound", &format!("{} \"{name}\" not found", t.r.plural))
@@ -670,8 +692,9 @@ fn watch(shared: &Arc<Shared>, r: &'static Resource, ns: Option<String>, q: &BTr
     };
     // What happened since `from`, or 410 when that is compacted away.
     let (backlog, gone, current) = {
-        let store = shared.store.lock().unwrap();
+        let mut store = shared.store.lock().unwrap();
         if from != 0 && from < store.compacted {
+            store.gone += 1;
             (Vec::new(), true, store.rv)
         } else {
             (store.history.iter().filter(|c| c.rv > from && matches(c)).cloned().collect::<Vec<_>>(), false, store.rv)
@@ -772,11 +795,16 @@ fn discovery(path: &str) -> Option<Value> {
     }
 }
 
-/// A `meta.k8s.io/v1` Table of objects, with the resource's printer columns, as kubectl asks for.
-fn table(r: &Resource, items: &[Value], rv: u64) -> Value {
+/// A `meta.k8s.io/v1` Table of objects, with the installed CRD's printer columns (or the built-in ones), as kubectl
+/// asks for. The age column is `<fixed>`, so that outputs can be compared.
+fn table(r: &Resource, installed: Option<&Vec<(String, String)>>, items: &[Value], rv: u64) -> Value {
+    let columns: Vec<(String, String)> = match installed {
+        Some(c) => c.clone(),
+        None => r.columns.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
+    };
     let mut defs =
         vec![json!({"name": "Name", "type": "string", "format": "name", "description": "Name", "priority": 0})];
-    for (name, _) in r.columns {
+    for (name, _) in &columns {
         defs.push(json!({"name": name, "type": "string", "format": "", "description": name, "priority": 0}));
     }
     defs.push(json!({"name": "Age", "type": "date", "format": "", "description": "Age", "priority": 0}));
@@ -784,7 +812,7 @@ fn table(r: &Resource, items: &[Value], rv: u64) -> Value {
         .iter()
         .map(|o| {
             let mut cells = vec![o["metadata"]["name"].clone()];
-            for (_, path) in r.columns {
+            for (_, path) in &columns {
                 let v = path.trim_start_matches('.').split('.').fold(o, |v, k| &v[k]);
                 cells.push(match v {
                     Value::Null => Value::String(String::new()),

@@ -159,6 +159,12 @@ pub struct KubeSource {
     field_manager: Option<String>,
     /// The status CES last wrote (or found) on each object.
     written: HashMap<(String, String, String), ResourceStatus>,
+    /// The last version of each CES object that compiled without an error.
+    good: HashMap<(String, String, String), Value>,
+    /// The objects whose last good version was compiled in the last pass.
+    kept: Vec<(String, String, String)>,
+    /// The CES objects as the last load read them (events may change the kept objects during a pass).
+    loaded: HashMap<(String, String, String), Value>,
     /// Status writes that failed, for the log.
     pub status_errors: u64,
     pub status_writes: u64,
@@ -277,6 +283,9 @@ impl KubeSource {
             config,
             field_manager,
             written: HashMap::new(),
+            good: HashMap::new(),
+            kept: Vec::new(),
+            loaded: HashMap::new(),
             status_errors: 0,
             status_writes: 0,
         })
@@ -340,10 +349,75 @@ impl Source for KubeSource {
                 (v, origin)
             })
         }));
+        self.kept.clear();
+        self.loaded = CES_KINDS
+            .iter()
+            .flat_map(|k| {
+                o.by_kind
+                    .get(k.kind)
+                    .into_iter()
+                    .flatten()
+                    .map(|((ns, name), v)| ((k.kind.to_string(), ns.clone(), name.clone()), v.clone()))
+            })
+            .collect();
         Ok((snapshot, config))
     }
 
+    fn last_good(&mut self, _snapshot: &Snapshot, model: &PolicyModel) -> Option<(Snapshot, Vec<ces_sync::Kept>)> {
+        let o = self.objects.lock().unwrap_or_else(|p| p.into_inner());
+        let mut swap: HashMap<(String, String, String), Value> = HashMap::new();
+        let mut kept = Vec::new();
+        for d in model.errors() {
+            let Some(obj) = &d.object else { continue };
+            let Some(kind) = CES_KINDS.iter().find(|k| k.kind == obj.kind) else { continue };
+            let key = (
+                kind.kind.to_string(),
+                obj.namespace.clone().filter(|_| kind.namespaced).unwrap_or_default(),
+                obj.name.clone(),
+            );
+            let (Some(good), Some(current)) =
+                (self.good.get(&key), o.by_kind.get(kind.kind).and_then(|m| m.get(&(key.1.clone(), key.2.clone()))))
+            else {
+                continue;
+            };
+            if good != current && !swap.contains_key(&key) {
+                kept.push(ces_sync::Kept {
+                    object: obj.clone(),
+                    generation: good.pointer("/metadata/generation").and_then(Value::as_i64),
+                });
+                swap.insert(key, good.clone());
+            }
+        }
+        self.kept = swap.keys().cloned().collect();
+        if swap.is_empty() {
+            return None;
+        }
+        let snapshot = ces_snapshot::manifests::load_objects(o.by_kind.iter().flat_map(|(kind, m)| {
+            let swap = &swap;
+            m.iter().map(move |((ns, name), v)| {
+                let origin = if ns.is_empty() { format!("{kind}/{name}") } else { format!("{kind}/{ns}/{name}") };
+                let v = swap.get(&(kind.to_string(), ns.clone(), name.clone())).unwrap_or(v);
+                (v, origin)
+            })
+        }));
+        Some((snapshot, kept))
+    }
+
     fn report(&mut self, model: &PolicyModel, report: &Report<'_>) {
+        // Remember what compiled (as it was loaded), for the next time an edit breaks it.
+        {
+            let failing: std::collections::HashSet<&ObjectRef> =
+                model.errors().filter_map(|d| d.object.as_ref()).collect();
+            for (key, v) in &self.loaded {
+                let namespaced = CES_KINDS.iter().any(|k| k.kind == key.0 && k.namespaced);
+                let object = ObjectRef::new(&key.0, namespaced.then_some(key.1.as_str()), &key.2);
+                if !failing.contains(&object) && !self.kept.contains(key) {
+                    self.good.insert(key.clone(), v.clone());
+                }
+            }
+            let loaded = &self.loaded;
+            self.good.retain(|k, _| loaded.contains_key(k));
+        }
         let Some(manager) = self.field_manager.clone() else { return };
         let now = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
         // What to write: every CES object whose status differs from what it has.

@@ -24,7 +24,13 @@ pub fn status_of(
     let accepted = status.phase != Some(Phase::Failed);
     let mine: Vec<&Diagnostic> = report.problems.iter().filter(|d| d.object.as_ref() == Some(object)).collect();
     let backend = report.backend;
-    let (ok, reason, message) = if !accepted {
+    let kept = model
+        .diagnostics
+        .iter()
+        .find(|d| d.object.as_ref() == Some(object) && d.reason == ces_sync::LAST_GOOD_VERSION_KEPT);
+    let (ok, reason, message) = if let (false, Some(k)) = (accepted, kept) {
+        (report.result.is_ok(), k.reason.clone(), format!("{backend}: {}", k.message))
+    } else if !accepted {
         (false, "NotAccepted".to_string(), "not programmed: the object is not accepted (see Accepted)".to_string())
     } else if let Some(d) =
         mine.iter().find(|d| d.severity == Severity::Error || NOT_PROGRAMMED.contains(&d.reason.as_str()))

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ces_config::CesConfig;
-use ces_model::{Diagnostic, PolicyModel};
+use ces_model::{Diagnostic, ObjectRef, PolicyModel, Severity};
 use ces_snapshot::Snapshot;
 use jiff::Timestamp;
 
@@ -31,6 +31,62 @@ pub trait Source {
     /// After each pass that compiled a model: the model, and what the backend made of it. A source that can, writes
     /// it back where its objects came from (the Kubernetes source writes status). Default: nothing.
     fn report(&mut self, _model: &PolicyModel, _report: &Report<'_>) {}
+    /// After a compile that left objects out for errors: the snapshot with each such object replaced by its last
+    /// version that compiled, when the source keeps them, and which objects were replaced (with that version's
+    /// generation). The loop compiles that snapshot instead, so an edit that breaks a rule does not take the rule
+    /// off the data plane; the rule's status still says what is wrong. Default: `None`.
+    fn last_good(&mut self, _snapshot: &Snapshot, _model: &PolicyModel) -> Option<(Snapshot, Vec<Kept>)> {
+        None
+    }
+}
+
+/// An object whose last good version was compiled in place of its current, invalid one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Kept {
+    pub object: ObjectRef,
+    pub generation: Option<i64>,
+}
+
+/// The reason of the warning on an object whose last good version stays in force.
+pub const LAST_GOOD_VERSION_KEPT: &str = "LastGoodVersionKept";
+
+/// Compiles `snapshot`, and again with the last good versions the source offers; the result carries the current
+/// versions' errors and a warning for each kept object.
+pub fn compile_keeping_last_good(
+    source: &mut dyn Source,
+    snapshot: &Snapshot,
+    config: &CesConfig,
+    ces_namespace: &str,
+) -> PolicyModel {
+    let model = ces_compiler::compile(snapshot, config, ces_namespace);
+    if model.errors().next().is_none() {
+        return model;
+    }
+    let Some((snap, kept)) = source.last_good(snapshot, &model) else { return model };
+    if kept.is_empty() {
+        return model;
+    }
+    let mut fallback = ces_compiler::compile(&snap, config, ces_namespace);
+    // Only what compiled in its last good version is in force; the rest stays out, as it is.
+    let failed: Vec<&ObjectRef> = fallback.errors().filter_map(|d| d.object.as_ref()).collect();
+    let kept: Vec<Kept> = kept.into_iter().filter(|k| !failed.contains(&&k.object)).collect();
+    if kept.is_empty() {
+        return model;
+    }
+    let is_kept = |d: &Diagnostic| d.object.as_ref().is_some_and(|o| kept.iter().any(|k| &k.object == o));
+    fallback.diagnostics.retain(|d| !is_kept(d));
+    fallback.diagnostics.extend(model.diagnostics.iter().filter(|d| is_kept(d)).cloned());
+    for k in &kept {
+        let generation = k.generation.map_or(String::new(), |g| format!(" (generation {g})"));
+        fallback.diagnostics.push(Diagnostic {
+            severity: Severity::Warning,
+            object: Some(k.object.clone()),
+            origin: None,
+            reason: LAST_GOOD_VERSION_KEPT.into(),
+            message: format!("the last version that compiled{generation} stays in force until this one is fixed"),
+        });
+    }
+    fallback
 }
 
 /// What a backend made of a model, for [`Source::report`].
@@ -154,7 +210,7 @@ pub fn run(
             let t = Instant::now();
             let (snapshot, config) = source.load()?;
             let load = t.elapsed();
-            let model = ces_compiler::compile(&snapshot, &config, &opts.ces_namespace);
+            let model = compile_keeping_last_good(source, &snapshot, &config, &opts.ces_namespace);
             let compile = t.elapsed() - load;
             let applied = backend.apply(&model, full);
             let problems = backend.problems();

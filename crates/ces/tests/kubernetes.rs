@@ -51,6 +51,9 @@ impl Env {
         std::fs::write(dir.join("creds/password"), "admin").unwrap();
         std::fs::copy(root().join("examples/original/ces-conf.yaml"), dir.join("ces-conf.yaml")).unwrap();
         let api = FakeApiServer::start();
+        for crd in ces_api::all_crds() {
+            api.install_crd(&serde_json::to_value(crd).unwrap());
+        }
         api.write_kubeconfig(&dir.join("kubeconfig"));
         let bigip = Double::start(schema_dir());
         bigip.with(|s| {
@@ -159,4 +162,243 @@ fn the_original_examples_are_programmed_and_their_status_says_so() {
     let before = writes();
     std::thread::sleep(Duration::from_millis(700));
     assert_eq!(writes(), before, "no status write without a change:\n{}", c.log());
+}
+
+fn exsvc(name: &str, ns: &str, address: &str) -> Value {
+    json!({"apiVersion": "kubeovn.io/v1alpha1", "kind": "ExternalService", "metadata": {"name": name, "namespace": ns},
+           "spec": {"addresses": [address], "ports": [{"name": "https", "protocol": "TCP", "port": "443"}]}})
+}
+
+fn ns_rule(name: &str, ns: &str, exsvcs: &[&str]) -> Value {
+    json!({"apiVersion": "kubeovn.io/v1alpha1", "kind": "NamespaceEgressRule", "metadata": {"name": name, "namespace": ns},
+           "spec": {"action": "accept", "externalServices": exsvcs}})
+}
+
+fn base(env: &Env) {
+    for d in docs("examples/original-cluster.yaml") {
+        env.api.apply(d);
+    }
+}
+
+const LIST: &str = "k8s_ns_project3_web_ext_api_rule_list";
+const ADDR: &str = "k8s_ns_project3_web_ext_api_address";
+
+#[test]
+fn any_order_converges_and_a_failure_is_a_condition_with_a_useful_message() {
+    let env = Env::new("order");
+    base(&env);
+    let c = env.controller("c.log", &[]);
+    // The rule first, its ExternalService later (the original never noticed it).
+    env.api.apply(ns_rule("web", "project3", &["api"]));
+    env.wait("the rule refused", &[&c], |e| {
+        condition(&e.status("NamespaceEgressRule", "project3", "web"), "Accepted")["status"] == "False"
+    });
+    let s = env.status("NamespaceEgressRule", "project3", "web");
+    assert_eq!(s["phase"], "Failed");
+    assert_eq!(condition(&s, "Accepted")["reason"], "ExternalServiceNotFound");
+    assert!(
+        condition(&s, "Accepted")["message"].as_str().unwrap().contains("ExternalService project3/api not found"),
+        "{s}"
+    );
+    assert_eq!(condition(&s, "Programmed")["status"], "False");
+    assert!(!env.has_object("project3", LIST));
+
+    env.api.apply(exsvc("api", "project3", "198.51.100.10"));
+    env.wait("the rule programmed", &[&c], |e| e.has_object("project3", LIST));
+    env.wait("the rule accepted", &[&c], |e| {
+        condition(&e.status("NamespaceEgressRule", "project3", "web"), "Programmed")["status"] == "True"
+    });
+    let es = env.status("ExternalService", "project3", "api");
+    assert_eq!(es["phase"], "Success", "ExternalServices report status too: {es}");
+
+    // The ExternalService edited while the rule uses it.
+    env.api.apply(exsvc("api", "project3", "198.51.100.20"));
+    env.wait("the new address on the BIG-IP", &[&c], |e| {
+        e.bigip.with(|s| s.tenants["project3"]["Shared"][ADDR]["addresses"] == json!(["198.51.100.20"]))
+    });
+
+    // The rule edited: its generation is observed.
+    let mut r = ns_rule("web", "project3", &["api"]);
+    r["spec"]["logging"] = json!(true);
+    env.api.apply(r);
+    env.wait("generation 2 observed", &[&c], |e| {
+        condition(&e.status("NamespaceEgressRule", "project3", "web"), "Accepted")["observedGeneration"] == 2
+    });
+
+    // The rule deleted: its objects leave the BIG-IP.
+    env.api.delete("NamespaceEgressRule", "project3", "web");
+    env.wait("the rule's objects removed", &[&c], |e| !e.has_object("project3", LIST));
+
+    // A Service whose selector changes moves the sources of its rule.
+    env.api.apply(json!({"apiVersion": "kubeovn.io/v1alpha1", "kind": "ExternalService", "metadata": {"name": "db", "namespace": "default"}, "spec": {"addresses": ["203.0.113.5"]}}));
+    env.api.apply(json!({"apiVersion": "kubeovn.io/v1alpha1", "kind": "ServiceEgressRule", "metadata": {"name": "sel", "namespace": "default"},
+        "spec": {"action": "accept", "service": "picked", "externalServices": ["db"]}}));
+    env.api.apply(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "picked", "namespace": "default"}, "spec": {"selector": {"app": "web"}}}));
+    let src = "k8s_svc_default_sel_ep_picked_src_address";
+    env.wait("the web pod as source", &[&c], |e| {
+        e.bigip.with(|s| s.tenants.get("p2").is_some_and(|t| t["Shared"][src]["addresses"] == json!(["10.16.0.20%2"])))
+    });
+    env.api.apply(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "picked", "namespace": "default"}, "spec": {"selector": {"app": "mysql"}}}));
+    env.wait("the mysql pods as sources", &[&c], |e| {
+        e.bigip.with(|s| s.tenants["p2"]["Shared"][src]["addresses"] == json!(["10.16.0.11%2", "10.16.0.12%2"]))
+    });
+
+    // A namespace that goes away takes its pods' addresses with it.
+    env.api.apply(ns_rule("web", "project3", &["api"]));
+    env.wait("programmed again", &[&c], |e| e.has_object("project3", LIST));
+    env.api.delete("NamespaceEgressRule", "project3", "web");
+    env.api.delete("ExternalService", "project3", "api");
+    env.api.delete("Pod", "project3", "app-1");
+    env.api.delete("Namespace", "", "project3");
+    env.wait("nothing of project3 left", &[&c], |e| !e.has_object("project3", LIST) && !e.has_object("project3", ADDR));
+}
+
+#[test]
+fn dropped_watches_410_gone_and_an_api_server_restart_lose_nothing() {
+    let mut env = Env::new("faults");
+    base(&env);
+    env.api.apply(exsvc("api", "project3", "198.51.100.10"));
+    env.api.apply(ns_rule("web", "project3", &["api"]));
+    let c = env.controller("c.log", &[]);
+    env.wait("programmed", &[&c], |e| e.has_object("project3", LIST));
+
+    // A dropped watch: the next change still arrives.
+    env.api.drop_watches();
+    env.api.apply(exsvc("api", "project3", "198.51.100.11"));
+    env.wait("after a dropped watch", &[&c], |e| {
+        e.bigip.with(|s| s.tenants["project3"]["Shared"][ADDR]["addresses"] == json!(["198.51.100.11"]))
+    });
+
+    // History compacted and watches dropped: the re-watch gets 410 Gone and the controller lists again; a change made
+    // meanwhile, and a deletion, are both seen.
+    env.api.compact();
+    env.api.drop_watches();
+    env.api.apply(exsvc("api", "project3", "198.51.100.12"));
+    env.wait("after 410 Gone", &[&c], |e| {
+        e.bigip.with(|s| s.tenants["project3"]["Shared"][ADDR]["addresses"] == json!(["198.51.100.12"]))
+    });
+
+    // The API server goes away and comes back; what changed while it was away (from the API's side) arrives.
+    env.api.stop();
+    std::thread::sleep(Duration::from_millis(800));
+    env.api.start_again();
+    env.api.delete("NamespaceEgressRule", "project3", "web");
+    env.wait("after a restart", &[&c], |e| !e.has_object("project3", LIST));
+    assert!(env.api.with(|s| s.gone) >= 1, "a watch was answered 410 Gone");
+    let relists = env.api.with(|s| {
+        s.requests.iter().filter(|r| r.path.ends_with("/externalservices") && !r.query.contains("watch")).count()
+    });
+    assert!(relists >= 2, "the controller listed again after 410 Gone ({relists} lists)\n{}", c.log());
+}
+
+#[test]
+fn a_rule_that_turns_invalid_keeps_its_last_good_version_and_says_why() {
+    let env = Env::new("lastgood");
+    base(&env);
+    env.api.apply(exsvc("api", "project3", "198.51.100.10"));
+    env.api.apply(ns_rule("web", "project3", &["api"]));
+    let c = env.controller("c.log", &[]);
+    env.wait("programmed", &[&c], |e| e.has_object("project3", LIST));
+    // An edit that breaks the rule: a reference to an ExternalService that does not exist.
+    env.api.apply(ns_rule("web", "project3", &["api", "nope"]));
+    env.wait("the rule refused", &[&c], |e| {
+        condition(&e.status("NamespaceEgressRule", "project3", "web"), "Accepted")["status"] == "False"
+    });
+    let s = env.status("NamespaceEgressRule", "project3", "web");
+    assert_eq!(condition(&s, "Accepted")["reason"], "ExternalServiceNotFound");
+    assert_eq!(condition(&s, "Accepted")["observedGeneration"], 2);
+    assert_eq!(condition(&s, "Programmed")["status"], "True", "{s}\n{}", c.log());
+    assert_eq!(condition(&s, "Programmed")["reason"], "LastGoodVersionKept");
+    assert!(condition(&s, "Programmed")["message"].as_str().unwrap().contains("generation 1"), "{s}");
+    assert!(env.has_object("project3", LIST), "the last good version stays on the BIG-IP");
+    // (The kept version is compiled with the current pods, Services and namespaces: only its spec is old.)
+    // The rule fixed: the new version replaces the old.
+    env.api.apply(exsvc("nope", "project3", "198.51.100.99"));
+    env.wait("both ExternalServices programmed", &[&c], |e| {
+        e.has_object("project3", "k8s_ns_project3_web_ext_nope_rule_list")
+    });
+    env.wait("accepted again", &[&c], |e| {
+        condition(&e.status("NamespaceEgressRule", "project3", "web"), "Accepted")["status"] == "True"
+    });
+    // Deleted: gone from the BIG-IP, last good version or not.
+    env.api.apply(ns_rule("web", "project3", &["missing-again"]));
+    env.wait("refused again", &[&c], |e| {
+        condition(&e.status("NamespaceEgressRule", "project3", "web"), "Accepted")["status"] == "False"
+    });
+    assert!(
+        env.has_object("project3", "k8s_ns_project3_web_ext_nope_rule_list"),
+        "the last good version is the fixed one"
+    );
+    env.api.delete("NamespaceEgressRule", "project3", "web");
+    env.wait("removed", &[&c], |e| {
+        !e.has_object("project3", LIST) && !e.has_object("project3", "k8s_ns_project3_web_ext_nope_rule_list")
+    });
+}
+
+#[test]
+fn two_replicas_elect_one_leader_and_the_standby_takes_over_when_it_stops() {
+    let env = Env::new("leader");
+    base(&env);
+    env.api.apply(exsvc("api", "project3", "198.51.100.10"));
+    env.api.apply(ns_rule("web", "project3", &["api"]));
+    let lease = ["--leader-elect", "--lease-namespace", "ces-system", "--lease-duration-secs", "2"];
+    let mut a = env.controller("a.log", &[&lease[..], &["--identity", "replica-a"]].concat());
+    env.wait("a leads", &[&a], |e| e.api.with(|s| s.get("Lease", "ces-system", "ces-controller").is_some()));
+    let b = env.controller("b.log", &[&lease[..], &["--identity", "replica-b"]].concat());
+    env.wait("programmed", &[&a, &b], |e| e.has_object("project3", LIST));
+    std::thread::sleep(Duration::from_secs(2));
+    let holder = |e: &Env| {
+        e.api.with(|s| s.get("Lease", "ces-system", "ces-controller").map(|l| l["spec"]["holderIdentity"].clone()))
+    };
+    assert_eq!(holder(&env), Some(json!("replica-a")));
+    assert!(b.log().contains("standby: replica-a holds the lease"), "{}", b.log());
+    assert!(!b.log().contains("change:"), "the standby applies nothing:\n{}", b.log());
+
+    // The leader stops: the standby takes over within a few seconds and applies what changes.
+    let stopped = Instant::now();
+    let _ = a.child.kill();
+    let _ = a.child.wait();
+    env.wait("b leads", &[&b], |e| holder(e) == Some(json!("replica-b")));
+    let took = stopped.elapsed();
+    assert!(took < Duration::from_secs(8), "takeover took {took:?}");
+    env.api.apply(exsvc("api", "project3", "198.51.100.77"));
+    env.wait("b applies", &[&b], |e| {
+        e.bigip.with(|s| s.tenants["project3"]["Shared"][ADDR]["addresses"] == json!(["198.51.100.77"]))
+    });
+    eprintln!("takeover after the leader stopped: {took:?}");
+}
+
+#[test]
+fn kubectl_shows_the_printer_columns_and_the_status() {
+    let env = Env::new("kubectl");
+    for d in docs("examples/original-cluster.yaml").into_iter().chain(docs("examples/original/examples.yaml")) {
+        env.api.apply(d);
+    }
+    env.api.apply(ns_rule("broken", "project3", &["nope"]));
+    let c = env.controller("c.log", &[]);
+    env.wait("statuses", &[&c], |e| {
+        !e.status("ServiceEgressRule", "default", "rule4").is_null()
+            && !e.status("NamespaceEgressRule", "project3", "broken").is_null()
+    });
+    let out = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(env.dir.join("kubeconfig"))
+        .args(["get", "cgr,nsgr,svcgr,exsvc", "-A"])
+        .output()
+        .expect("kubectl is on this machine (/usr/bin/kubectl)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let path = root().join("crates/ces/tests/golden/kubectl-get.txt");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &text).unwrap();
+    }
+    let golden = std::fs::read_to_string(&path).unwrap_or_default();
+    assert_eq!(text, golden, "kubectl get differs from {} (UPDATE_GOLDEN=1 to rewrite)", path.display());
+    let describe = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(env.dir.join("kubeconfig"))
+        .args(["get", "nsgr", "broken", "-n", "project3", "-o", "jsonpath={.status.conditions[0].message}"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&describe.stdout), "ExternalService project3/nope not found");
 }
