@@ -295,6 +295,47 @@ impl KubeSource {
         self.client.clone()
     }
 
+    /// Records an `events.k8s.io/v1` Event about an object; failures are only logged.
+    #[allow(clippy::too_many_arguments)]
+    fn event(
+        &self,
+        kind: &Kind,
+        ns: &str,
+        name: &str,
+        object: &Value,
+        type_: &str,
+        reason: &str,
+        note: &str,
+        manager: &str,
+    ) {
+        let namespace = if kind.namespaced { ns } else { "default" };
+        let now = jiff::Timestamp::now();
+        let body = json!({
+            "apiVersion": "events.k8s.io/v1",
+            "kind": "Event",
+            "metadata": {"name": format!("{}.{:x}", name, now.as_nanosecond() as u64), "namespace": namespace},
+            "eventTime": now.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+            "reportingController": format!("ces.io/{manager}"),
+            "reportingInstance": manager,
+            "action": "Reconcile",
+            "reason": reason,
+            "type": type_,
+            "note": note.chars().take(1024).collect::<String>(),
+            "regarding": {"apiVersion": kind.api_version(), "kind": kind.kind, "name": name,
+                          "namespace": if kind.namespaced { Some(ns) } else { None },
+                          "uid": object.pointer("/metadata/uid")},
+        });
+        let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("events.k8s.io", "v1", "Event"), "events");
+        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), namespace, &ar);
+        let obj: DynamicObject = match serde_json::from_value(body) {
+            Ok(o) => o,
+            Err(_) => return,
+        };
+        if let Err(e) = self.runtime.block_on(api.create(&kube::api::PostParams::default(), &obj)) {
+            eprintln!("ces: event on {} {ns}/{name} not recorded: {e}", kind.kind);
+        }
+    }
+
     pub fn runtime(&self) -> &tokio::runtime::Runtime {
         &self.runtime
     }
@@ -302,6 +343,39 @@ impl KubeSource {
     /// Watch restarts (initial lists included) per kind.
     pub fn restarts(&self) -> BTreeMap<&'static str, u64> {
         self.objects.lock().unwrap_or_else(|p| p.into_inner()).restarts.clone()
+    }
+}
+
+/// The Event a status change deserves: `(type, reason, note)` with a stable reason code, or `None` when the
+/// conditions' statuses and reasons did not change (an observed generation alone is not news).
+pub fn event_for(
+    before: Option<&ResourceStatus>,
+    after: &ResourceStatus,
+) -> Option<(&'static str, &'static str, String)> {
+    let sig = |s: &ResourceStatus| {
+        s.conditions.iter().map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone())).collect::<Vec<_>>()
+    };
+    if before.is_some_and(|b| sig(b) == sig(after)) {
+        return None;
+    }
+    let cond = |t: &str| after.conditions.iter().find(|c| c.type_ == t);
+    let accepted = cond(ces_api::CONDITION_ACCEPTED);
+    let programmed = cond(status::CONDITION_PROGRAMMED);
+    match (accepted, programmed) {
+        (Some(a), _) if a.status == "False" => {
+            let reason = match a.reason.as_str() {
+                "ExternalServiceNotFound" | "ExternalServiceInvalid" | "ServiceNotFound" => "InvalidReference",
+                _ => "InvalidSpec",
+            };
+            let kept =
+                programmed.filter(|p| p.reason == ces_sync::LAST_GOOD_VERSION_KEPT).map(|p| format!("; {}", p.message));
+            Some(("Warning", reason, format!("{}: {}{}", a.reason, a.message, kept.unwrap_or_default())))
+        }
+        (_, Some(p)) if p.status == "False" => {
+            Some(("Warning", "BackendRejected", format!("{}: {}", p.reason, p.message)))
+        }
+        (_, Some(p)) => Some(("Normal", "Synced", p.message.clone())),
+        _ => None,
     }
 }
 
@@ -457,7 +531,14 @@ impl Source for KubeSource {
             match r {
                 Ok(_) => {
                     self.status_writes += 1;
-                    self.written.insert((kind.kind.to_string(), ns, name), status);
+                    let key = (kind.kind.to_string(), ns.clone(), name.clone());
+                    let before = self.written.get(&key).cloned().or_else(|| {
+                        _v.get("status").and_then(|s| serde_json::from_value::<ResourceStatus>(s.clone()).ok())
+                    });
+                    if let Some((kind_of_event, reason, note)) = event_for(before.as_ref(), &status) {
+                        self.event(&kind, &ns, &name, &_v, kind_of_event, reason, &note, &manager);
+                    }
+                    self.written.insert(key, status);
                 }
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(e) => {

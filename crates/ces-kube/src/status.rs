@@ -145,4 +145,21 @@ spec: {action: accept, externalServices: [missing]}
         assert_eq!(failed.conditions[0].last_transition_time.as_deref(), Some("T1"), "Accepted did not change");
         assert_eq!(failed.conditions[1].last_transition_time.as_deref(), Some("T3"), "Programmed did");
     }
+
+    #[test]
+    fn events_have_stable_reasons_and_come_only_with_news() {
+        let m = model();
+        let good = ObjectRef::new("ClusterEgressRule", None, "good");
+        let broken = ObjectRef::new("ClusterEgressRule", None, "broken");
+        let ok = status_of(&m, &report(Ok(()), &[]), &good, Some(1), None, "T");
+        assert_eq!(crate::event_for(None, &ok).map(|e| (e.0, e.1)), Some(("Normal", "Synced")));
+        let next_generation = status_of(&m, &report(Ok(()), &[]), &good, Some(2), Some(&ok), "T");
+        assert_eq!(crate::event_for(Some(&ok), &next_generation), None);
+        let bad = status_of(&m, &report(Ok(()), &[]), &broken, Some(1), None, "T");
+        let e = crate::event_for(Some(&ok), &bad).unwrap();
+        assert_eq!((e.0, e.1), ("Warning", "InvalidReference"));
+        assert!(e.2.contains("kube-system/missing"));
+        let down = status_of(&m, &report(Err("BIG-IP unreachable"), &[]), &good, Some(1), Some(&ok), "T");
+        assert_eq!(crate::event_for(Some(&ok), &down).map(|e| e.1), Some("BackendRejected"));
+    }
 }

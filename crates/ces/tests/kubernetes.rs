@@ -202,12 +202,25 @@ fn any_order_converges_and_a_failure_is_a_condition_with_a_useful_message() {
     );
     assert_eq!(condition(&s, "Programmed")["status"], "False");
     assert!(!env.has_object("project3", LIST));
+    let events = |e: &Env, reason: &str| {
+        e.api.with(|s| {
+            s.list("Event")
+                .iter()
+                .filter(|ev| ev["regarding"]["name"] == "web" && ev["reason"] == reason)
+                .map(|ev| ev["note"].as_str().unwrap_or("").to_string())
+                .collect::<Vec<_>>()
+        })
+    };
+    env.wait("a Warning event", &[&c], |e| !events(e, "InvalidReference").is_empty());
+    assert!(events(&env, "InvalidReference")[0].contains("ExternalService project3/api not found"));
 
     env.api.apply(exsvc("api", "project3", "198.51.100.10"));
     env.wait("the rule programmed", &[&c], |e| e.has_object("project3", LIST));
     env.wait("the rule accepted", &[&c], |e| {
         condition(&e.status("NamespaceEgressRule", "project3", "web"), "Programmed")["status"] == "True"
     });
+    env.wait("a Synced event", &[&c], |e| !events(e, "Synced").is_empty());
+    assert_eq!(events(&env, "InvalidReference").len(), 1, "one event per change, not per pass");
     let es = env.status("ExternalService", "project3", "api");
     assert_eq!(es["phase"], "Success", "ExternalServices report status too: {es}");
 
@@ -401,4 +414,46 @@ fn kubectl_shows_the_printer_columns_and_the_status() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&describe.stdout), "ExternalService project3/nope not found");
+}
+
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, out.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+}
+
+#[test]
+fn health_readiness_and_metrics_are_served() {
+    let env = Env::new("health");
+    base(&env);
+    env.api.apply(exsvc("api", "project3", "198.51.100.10"));
+    env.api.apply(ns_rule("web", "project3", &["api"]));
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let c = env.controller("c.log", &["--health-addr", &addr]);
+    env.wait("programmed", &[&c], |e| e.has_object("project3", LIST));
+    env.wait("ready", &[&c], |_| http_get(port, "/readyz").0 == 200);
+    assert_eq!(http_get(port, "/healthz"), (200, "ok\n".to_string()));
+    let (code, metrics) = http_get(port, "/metrics");
+    assert_eq!(code, 200);
+    for m in [
+        "ces_sync_passes_total{component=\"controller\",result=\"ok\"}",
+        "ces_last_successful_sync_timestamp_seconds",
+        "ces_backend_requests_total{backend=\"as3\"}",
+        "ces_leader{component=\"controller\"} 1",
+    ] {
+        assert!(metrics.contains(m), "{m} missing:\n{metrics}");
+    }
+    let rules: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("ces_rules_programmed"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert_eq!(rules, 1, "one rule in the policy\n{metrics}");
+    assert_eq!(http_get(port, "/nope").0, 404);
 }
