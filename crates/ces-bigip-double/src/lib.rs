@@ -39,6 +39,8 @@ pub struct Recorded {
     pub status: u16,
     /// Bytes of the response body.
     pub response_bytes: usize,
+    /// When the request arrived.
+    pub at: std::time::Instant,
 }
 
 struct Task {
@@ -216,6 +218,7 @@ fn handle(state: &Arc<Mutex<State>>, mut req: tiny_http::Request) {
             bytes: text.len(),
             status,
             response_bytes: answer.len(),
+            at: Instant::now(),
         });
         (status, answer)
     };

@@ -22,6 +22,7 @@ use ces_api::ResourceStatus;
 use ces_config::CesConfig;
 use ces_model::{ObjectRef, PolicyModel};
 use ces_snapshot::Snapshot;
+use ces_snapshot::manifests::{ParsedObject, parse_object};
 use ces_sync::{Report, Source};
 use futures::StreamExt;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
@@ -141,6 +142,8 @@ pub fn reduce(kind: &Kind, mut v: Value) -> Value {
 struct Objects {
     /// kind → (namespace, name) → reduced object.
     by_kind: BTreeMap<&'static str, BTreeMap<(String, String), Value>>,
+    /// The same objects, parsed when they arrived (a load only assembles them).
+    parsed: BTreeMap<&'static str, BTreeMap<(String, String), ParsedObject>>,
     /// Kinds whose initial list is complete.
     synced: BTreeSet<&'static str>,
     /// The last watch error of each kind, for the log.
@@ -168,6 +171,10 @@ pub struct KubeSource {
     /// Status writes that failed, for the log.
     pub status_errors: u64,
     pub status_writes: u64,
+}
+
+fn origin(kind: &str, ns: &str, name: &str) -> String {
+    if ns.is_empty() { format!("{kind}/{name}") } else { format!("{kind}/{ns}/{name}") }
 }
 
 fn stamp(path: &std::path::Path) -> u64 {
@@ -238,7 +245,15 @@ impl KubeSource {
                         }
                         Ok(watcher::Event::InitDone) => {
                             // The complete list replaces what was kept: objects deleted while the watch was down go.
-                            o.by_kind.insert(kind.kind, pending.take().unwrap_or_default());
+                            let all = pending.take().unwrap_or_default();
+                            let parsed = all
+                                .iter()
+                                .map(|((ns, name), v)| {
+                                    ((ns.clone(), name.clone()), parse_object(v.clone(), &origin(kind.kind, ns, name)))
+                                })
+                                .collect();
+                            o.parsed.insert(kind.kind, parsed);
+                            o.by_kind.insert(kind.kind, all);
                             o.synced.insert(kind.kind);
                             o.errors.remove(kind.kind);
                             events.fetch_add(1, Ordering::Relaxed);
@@ -257,16 +272,21 @@ impl KubeSource {
                                 v
                             };
                             let map = o.by_kind.entry(kind.kind).or_default();
-                            // A change of status alone (CES's own writes) changes nothing CES compiles.
-                            let relevant = map.get(&k).is_none_or(|old| without_status(old) != without_status(&v));
-                            map.insert(k, v);
+                            // A change of a CES object's status alone (CES's own writes) changes nothing CES compiles.
+                            // (A pod's status holds its addresses: every pod change counts.)
+                            let relevant =
+                                !kind.ces || map.get(&k).is_none_or(|old| without_status(old) != without_status(&v));
+                            map.insert(k.clone(), v.clone());
                             if relevant {
+                                let p = parse_object(v, &origin(kind.kind, &k.0, &k.1));
+                                o.parsed.entry(kind.kind).or_default().insert(k, p);
                                 events.fetch_add(1, Ordering::Relaxed);
                             }
                         }
                         Ok(watcher::Event::Delete(d)) => {
                             let k = key(&d);
                             o.by_kind.entry(kind.kind).or_default().remove(&k);
+                            o.parsed.entry(kind.kind).or_default().remove(&k);
                             events.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(_) => {}
@@ -417,12 +437,7 @@ impl Source for KubeSource {
                 if why.is_empty() { String::new() } else { format!(" ({})", why.join("; ")) }
             ));
         }
-        let snapshot = ces_snapshot::manifests::load_objects(o.by_kind.iter().flat_map(|(kind, m)| {
-            m.iter().map(move |((ns, name), v)| {
-                let origin = if ns.is_empty() { format!("{kind}/{name}") } else { format!("{kind}/{ns}/{name}") };
-                (v, origin)
-            })
-        }));
+        let snapshot = ces_snapshot::manifests::build_objects(o.parsed.values().flat_map(|m| m.values()));
         self.kept.clear();
         self.loaded = CES_KINDS
             .iter()
@@ -466,13 +481,11 @@ impl Source for KubeSource {
         if swap.is_empty() {
             return None;
         }
-        let snapshot = ces_snapshot::manifests::load_objects(o.by_kind.iter().flat_map(|(kind, m)| {
-            let swap = &swap;
-            m.iter().map(move |((ns, name), v)| {
-                let origin = if ns.is_empty() { format!("{kind}/{name}") } else { format!("{kind}/{ns}/{name}") };
-                let v = swap.get(&(kind.to_string(), ns.clone(), name.clone())).unwrap_or(v);
-                (v, origin)
-            })
+        let swapped: HashMap<(String, String, String), ParsedObject> =
+            swap.iter().map(|(k, v)| (k.clone(), parse_object(v.clone(), &origin(&k.0, &k.1, &k.2)))).collect();
+        let snapshot = ces_snapshot::manifests::build_objects(o.parsed.iter().flat_map(|(kind, m)| {
+            let swapped = &swapped;
+            m.iter().map(move |((ns, name), p)| swapped.get(&(kind.to_string(), ns.clone(), name.clone())).unwrap_or(p))
         }));
         Some((snapshot, kept))
     }

@@ -115,6 +115,28 @@ pub fn load_strs(texts: &[(&str, &str)]) -> Snapshot {
     b.build()
 }
 
+/// One object as an API server returns it, parsed and typed but not yet in a snapshot: a source that follows watch
+/// events parses each object once, when it arrives, and builds snapshots from the parsed objects.
+#[derive(Clone, Default)]
+pub struct ParsedObject(Items);
+
+/// Parses one object (a JSON value with `apiVersion` and `kind`); `origin` names it in diagnostics.
+pub fn parse_object(value: Value, origin: &str) -> ParsedObject {
+    let mut items = Items::default();
+    load_value(&mut items, value, origin);
+    ParsedObject(items)
+}
+
+/// The snapshot of parsed objects.
+pub fn build_objects<'a>(objects: impl IntoIterator<Item = &'a ParsedObject>) -> Snapshot {
+    let mut b = SnapshotBuilder::new();
+    let mut stats = LoadStats::default();
+    for o in objects {
+        o.0.clone().apply(&mut b, &mut stats);
+    }
+    b.build()
+}
+
 /// Objects as an API server returns them (JSON values with `apiVersion` and `kind`), each with where it came from
 /// (for diagnostics), into one snapshot: the same reading as manifests, so every source yields the same snapshot.
 pub fn load_objects<'a>(objects: impl IntoIterator<Item = (&'a Value, String)>) -> Snapshot {

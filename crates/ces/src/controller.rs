@@ -65,6 +65,9 @@ pub struct ControllerArgs {
     /// How often the files are checked for changes.
     #[arg(long, value_name = "MS", default_value_t = 100)]
     poll_ms: u64,
+    /// The longest a change waits while changes keep coming (continuous churn is sent at least this often).
+    #[arg(long, value_name = "MS", default_value_t = 500)]
+    max_delay_ms: u64,
     /// How often every tenant is read back and compared, repairing changes made behind CES's back.
     #[arg(long, value_name = "SECONDS", default_value_t = 300)]
     resync_secs: u64,
@@ -123,6 +126,7 @@ pub fn run(args: &ControllerArgs) -> Result<(), Failure> {
     }
     let opts = ces_sync::Options {
         debounce: Duration::from_millis(args.debounce_ms),
+        max_delay: Duration::from_millis(args.max_delay_ms.max(args.debounce_ms)),
         poll: Duration::from_millis(args.poll_ms.max(1)),
         resync: Duration::from_secs(args.resync_secs.max(1)),
         retry_max: Duration::from_secs(args.retry_max_secs.max(1)),

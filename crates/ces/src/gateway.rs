@@ -27,6 +27,9 @@ pub struct GatewayArgs {
     /// Without --once: how often the files are checked for changes.
     #[arg(long, value_name = "MS", default_value_t = 100)]
     poll_ms: u64,
+    /// Without --once: the longest a change waits while changes keep coming.
+    #[arg(long, value_name = "MS", default_value_t = 500)]
+    max_delay_ms: u64,
     /// Without --once: how often the whole table is applied again, repairing changes made behind CES's back.
     #[arg(long, value_name = "SECONDS", default_value_t = 300)]
     resync_secs: u64,
@@ -138,6 +141,7 @@ fn watch_with(
     let backend = ces_nft::NftBackend::new(Nft::default());
     let opts = ces_sync::Options {
         debounce: std::time::Duration::from_millis(args.debounce_ms),
+        max_delay: std::time::Duration::from_millis(args.max_delay_ms.max(args.debounce_ms)),
         poll: std::time::Duration::from_millis(args.poll_ms.max(1)),
         resync: std::time::Duration::from_secs(args.resync_secs.max(1)),
         ces_namespace: inputs.ces_namespace.clone(),

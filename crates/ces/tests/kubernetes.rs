@@ -255,6 +255,12 @@ fn any_order_converges_and_a_failure_is_a_condition_with_a_useful_message() {
     env.wait("the mysql pods as sources", &[&c], |e| {
         e.bigip.with(|s| s.tenants["p2"]["Shared"][src]["addresses"] == json!(["10.16.0.11%2", "10.16.0.12%2"]))
     });
+    // A pod's new address (its status) reaches the BIG-IP.
+    env.api.apply(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "mysql-1", "namespace": "default", "labels": {"app": "mysql"}},
+        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}], "podIPs": [{"ip": "10.16.0.13"}]}}));
+    env.wait("the moved pod's new address", &[&c], |e| {
+        e.bigip.with(|s| s.tenants["p2"]["Shared"][src]["addresses"] == json!(["10.16.0.11%2", "10.16.0.13%2"]))
+    });
 
     // A namespace that goes away takes its pods' addresses with it.
     env.api.apply(ns_rule("web", "project3", &["api"]));
