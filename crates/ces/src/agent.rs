@@ -24,6 +24,40 @@ pub struct KubeArgs {
     /// Serve /healthz, /readyz and Prometheus /metrics on this address (such as 0.0.0.0:8080).
     #[arg(long, value_name = "ADDR")]
     pub health_addr: Option<String>,
+    /// How the agent logs on stderr: `text`, or `json` (one object per line: ts, level, component, msg, and the
+    /// pass's fields).
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+static JSON_LOGS: AtomicBool = AtomicBool::new(false);
+
+pub fn set_log_format(f: LogFormat) {
+    JSON_LOGS.store(f == LogFormat::Json, Ordering::Relaxed);
+}
+
+/// One log line on stderr: `ces <who>: <msg>`, or a JSON object with `fields`.
+pub fn log(level: &str, who: &str, msg: &str, fields: serde_json::Value) {
+    if JSON_LOGS.load(Ordering::Relaxed) {
+        let mut line = serde_json::json!({
+            "ts": jiff::Timestamp::now().to_string(),
+            "level": level,
+            "component": who,
+            "msg": msg,
+        });
+        if let (Some(l), serde_json::Value::Object(f)) = (line.as_object_mut(), fields) {
+            l.extend(f);
+        }
+        eprintln!("{line}");
+    } else {
+        eprintln!("ces {who}: {msg}");
+    }
 }
 
 pub fn kube_source(
@@ -60,15 +94,15 @@ pub fn lead(elector: ces_kube::lease::Elector, rt: tokio::runtime::Handle, healt
             Ok(ces_kube::lease::Leadership::Leader) => break,
             Ok(ces_kube::lease::Leadership::Follower(holder)) => {
                 if said != holder {
-                    eprintln!("ces: standby: {holder} holds the lease");
+                    log("info", "controller", &format!("standby: {holder} holds the lease"), serde_json::json!({}));
                     said = holder;
                 }
             }
-            Err(e) => eprintln!("ces: leader election: {e}"),
+            Err(e) => log("warn", "controller", &format!("leader election: {e}"), serde_json::json!({})),
         }
         std::thread::sleep(retry);
     }
-    eprintln!("ces: leader: {} holds the lease", elector.identity);
+    log("info", "controller", &format!("leader: {} holds the lease", elector.identity), serde_json::json!({}));
     health.leader.store(true, Ordering::Relaxed);
     std::thread::spawn(move || {
         let mut last_renewed = std::time::Instant::now();
@@ -77,13 +111,15 @@ pub fn lead(elector: ces_kube::lease::Elector, rt: tokio::runtime::Handle, healt
             match rt.block_on(elector.try_acquire()) {
                 Ok(ces_kube::lease::Leadership::Leader) => last_renewed = std::time::Instant::now(),
                 Ok(ces_kube::lease::Leadership::Follower(holder)) => {
-                    eprintln!("ces: lost the lease to {holder}; exiting so that only one controller acts");
+                    let msg = format!("lost the lease to {holder}; exiting so that only one controller acts");
+                    log("error", "controller", &msg, serde_json::json!({}));
                     std::process::exit(3);
                 }
                 Err(e) => {
-                    eprintln!("ces: renewing the lease: {e}");
+                    log("warn", "controller", &format!("renewing the lease: {e}"), serde_json::json!({}));
                     if last_renewed.elapsed() > elector.duration {
-                        eprintln!("ces: the lease was not renewed for {:?}; exiting", elector.duration);
+                        let msg = format!("the lease was not renewed for {:?}; exiting", elector.duration);
+                        log("error", "controller", &msg, serde_json::json!({}));
                         std::process::exit(3);
                     }
                 }
@@ -141,18 +177,23 @@ pub fn run_loop(
         crate::health::observe(health, &e);
         match e {
             ces_sync::Event::Applied { reason, summary, problems, timings } => {
-                let ms = |d: Duration| d.as_secs_f64() * 1e3;
-                eprintln!(
-                    "ces {who}: {reason}: {summary}; {problems} problem(s) in the policy; load {:.0} ms, compile {:.0} ms, apply {:.0} ms",
+                let ms = |d: Duration| (d.as_secs_f64() * 1e3).round();
+                let msg = format!(
+                    "{reason}: {summary}; {problems} problem(s) in the policy; load {:.0} ms, compile {:.0} ms, apply {:.0} ms",
                     ms(timings.load),
                     ms(timings.compile),
                     ms(timings.apply)
                 );
+                let fields = serde_json::json!({"event": "applied", "reason": reason, "summary": summary, "problems": problems,
+                    "load_ms": ms(timings.load), "compile_ms": ms(timings.compile), "apply_ms": ms(timings.apply)});
+                log("info", who, &msg, fields);
             }
             ces_sync::Event::Failed { reason, error, retry_in } => {
-                eprintln!("ces {who}: {reason} failed, retrying in {} ms: {error}", retry_in.as_millis());
+                let msg = format!("{reason} failed, retrying in {} ms: {error}", retry_in.as_millis());
+                let fields = serde_json::json!({"event": "failed", "reason": reason, "error": error, "retry_in_ms": retry_in.as_millis() as u64});
+                log("warn", who, &msg, fields);
             }
         }
     });
-    eprintln!("ces {who}: stopped");
+    log("info", who, "stopped", serde_json::json!({}));
 }

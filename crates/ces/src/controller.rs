@@ -84,7 +84,8 @@ fn client(args: &ControllerArgs) -> Result<Client, Failure> {
         ),
         None => {
             let dir = args.bigip_dry_run.clone().unwrap_or_else(|| PathBuf::from("ces-dry-run"));
-            eprintln!("ces controller: no --bigip-url: dry run, each request is written to {}", dir.display());
+            let msg = format!("no --bigip-url: dry run, each request is written to {}", dir.display());
+            crate::agent::log("info", "controller", &msg, serde_json::json!({}));
             Box::new(DryRun::new(&dir).map_err(Failure::input)?)
         }
     };
@@ -102,6 +103,7 @@ fn client(args: &ControllerArgs) -> Result<Client, Failure> {
 }
 
 pub fn run(args: &ControllerArgs) -> Result<(), Failure> {
+    crate::agent::set_log_format(args.kube.log_format);
     if args.kube.kubernetes && !args.inputs.manifests.is_empty() {
         return Err(Failure::input("--kubernetes and --manifests are two sources: give one"));
     }
@@ -162,7 +164,7 @@ pub fn run(args: &ControllerArgs) -> Result<(), Failure> {
             crate::agent::lead(elector, source.runtime().handle().clone(), health.clone())?;
         }
         health.leader.store(true, std::sync::atomic::Ordering::Relaxed);
-        eprintln!("ces controller: watching the Kubernetes API");
+        crate::agent::log("info", "controller", "watching the Kubernetes API", serde_json::json!({}));
         crate::agent::run_loop("controller", &mut source, &mut backend, &opts, &health);
         return Ok(());
     }
@@ -173,7 +175,12 @@ pub fn run(args: &ControllerArgs) -> Result<(), Failure> {
     }
     let mut source = ces_sync::folder::Folder::new(args.inputs.manifests.clone(), args.inputs.config.clone());
     health.leader.store(true, std::sync::atomic::Ordering::Relaxed);
-    eprintln!("ces controller: watching {} path(s)", args.inputs.manifests.len());
+    crate::agent::log(
+        "info",
+        "controller",
+        &format!("watching {} path(s)", args.inputs.manifests.len()),
+        serde_json::json!({}),
+    );
     crate::agent::run_loop("controller", &mut source, &mut backend, &opts, &health);
     Ok(())
 }

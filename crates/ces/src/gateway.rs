@@ -75,6 +75,7 @@ pub fn report(model: &PolicyModel, rs: &Ruleset) {
 }
 
 pub fn run(args: &GatewayArgs) -> Result<(), Failure> {
+    crate::agent::set_log_format(args.kube.log_format);
     if let Some(GatewayAction::Counters { table }) = &args.action {
         return counters(table);
     }
@@ -165,7 +166,8 @@ fn watch_with(
         crate::health::serve(addr, health.clone(), "gateway").map_err(Failure::input)?;
     }
     let mut backend = crate::agent::Counted::new(backend, health.clone(), |_: &ces_nft::NftBackend| String::new());
-    eprintln!("ces gateway: watching {what}; the rules stay in place if this agent stops");
+    let msg = format!("watching {what}; the rules stay in place if this agent stops");
+    crate::agent::log("info", "gateway", &msg, serde_json::json!({}));
     crate::agent::run_loop("gateway", source, &mut backend, &opts, &health);
     Ok(())
 }

@@ -452,7 +452,7 @@ fn health_readiness_and_metrics_are_served() {
     env.api.apply(ns_rule("web", "project3", &["api"]));
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr = format!("127.0.0.1:{port}");
-    let c = env.controller("c.log", &["--health-addr", &addr]);
+    let c = env.controller("c.log", &["--health-addr", &addr, "--log-format", "json"]);
     env.wait("programmed", &[&c], |e| e.has_object("project3", LIST));
     env.wait("ready", &[&c], |_| http_get(port, "/readyz").0 == 200);
     assert_eq!(http_get(port, "/healthz"), (200, "ok\n".to_string()));
@@ -474,4 +474,54 @@ fn health_readiness_and_metrics_are_served() {
         .unwrap();
     assert_eq!(rules, 1, "one rule in the policy\n{metrics}");
     assert_eq!(http_get(port, "/nope").0, 404);
+    // Structured logs: every line one JSON object; a pass says what it did and how long it took.
+    let lines: Vec<Value> =
+        c.log().lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
+    assert!(lines.iter().all(|l| l["ts"].is_string() && l["level"].is_string() && l["component"] == "controller"));
+    let pass = lines.iter().find(|l| l["event"] == "applied").expect("a pass logged");
+    assert!(pass["apply_ms"].is_number() && pass["summary"].as_str().unwrap().contains("project3"), "{pass}");
+}
+
+#[test]
+fn a_leader_that_loses_its_lease_mid_pass_stops_and_the_next_one_converges() {
+    let env = Env::new("leaderlost");
+    base(&env);
+    env.api.apply(exsvc("api", "project3", "198.51.100.10"));
+    env.api.apply(ns_rule("web", "project3", &["api"]));
+    // Every declaration takes 1.5 s and is answered with a task: a pass is in flight when the Lease goes.
+    env.bigip.with(|s| {
+        s.processing = Duration::from_millis(1500);
+        s.sync_limit = Duration::ZERO;
+    });
+    let lease = ["--leader-elect", "--lease-namespace", "ces-system", "--lease-duration-secs", "2"];
+    let holder = |e: &Env| {
+        e.api.with(|s| s.get("Lease", "ces-system", "ces-controller").map(|l| l["spec"]["holderIdentity"].clone()))
+    };
+    let mut a = env.controller("a.log", &[&lease[..], &["--identity", "replica-a"]].concat());
+    env.wait("a leads", &[&a], |e| holder(e) == Some(json!("replica-a")));
+    let b = env.controller("b.log", &[&lease[..], &["--identity", "replica-b"]].concat());
+    env.wait("a pass in flight", &[&a], |e| {
+        e.bigip.with(|s| s.requests.iter().any(|r| r.method == "POST" && r.path.contains("/declare/")))
+    });
+    // Someone else holds the Lease now (as when this replica was cut off for longer than the Lease).
+    let now = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
+    env.api.apply(json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "ces-controller", "namespace": "ces-system"},
+        "spec": {"holderIdentity": "intruder", "leaseDurationSeconds": 2, "acquireTime": now, "renewTime": now}}));
+    let start = Instant::now();
+    let code = loop {
+        if let Some(status) = a.child.try_wait().unwrap() {
+            break status.code();
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "a did not stop:\n{}", a.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(code, Some(3), "{}", a.log());
+    assert!(a.log().contains("lost the lease to intruder"), "{}", a.log());
+    // The intruder does not renew: b takes over once the Lease expires, and brings the BIG-IP in step.
+    env.wait("b leads", &[&b], |e| holder(e) == Some(json!("replica-b")));
+    env.wait("programmed by b", &[&b], |e| {
+        e.has_object("project3", LIST)
+            && condition(&e.status("NamespaceEgressRule", "project3", "web"), "Programmed")["status"] == "True"
+    });
 }
