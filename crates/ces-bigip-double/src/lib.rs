@@ -101,6 +101,21 @@ impl State {
     }
 }
 
+/// The folder of F5's AS3 schema files for tests and benchmarks: `CES_AS3_SCHEMA_DIR` (scripts/test.sh finds and
+/// sets it), else `../shared/as3-schema` beside the repository. A missing schema fails loudly: validation is never
+/// skipped.
+pub fn schema_dir() -> PathBuf {
+    let dir = std::env::var_os("CES_AS3_SCHEMA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/as3-schema"));
+    assert!(
+        dir.join("as3-schema-3.29.0-3.json").exists(),
+        "the official AS3 schema files are not in {} (set CES_AS3_SCHEMA_DIR)",
+        dir.display()
+    );
+    dir
+}
+
 /// The optimistic lock key of a tenant: a hash of its declaration.
 pub fn lock_key(tenant: &Value) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

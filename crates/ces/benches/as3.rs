@@ -23,8 +23,7 @@ use ces_synth::{PODS_PER_NAMESPACE, Synth, namespace_name, pod_ip};
 use serde_json::{Value, json};
 
 fn schema_dir() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    std::env::var_os("CES_AS3_SCHEMA_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("../shared/as3-schema"))
+    ces_bigip_double::schema_dir()
 }
 
 fn render(dir: &Path) -> Rendered {

@@ -11,7 +11,7 @@
 //! manifests source does) against the way the source does it (objects parsed once, when their event arrives).
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -21,8 +21,7 @@ use ces_synth::Synth;
 use serde_json::{Value, json};
 
 fn schema_dir() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    std::env::var_os("CES_AS3_SCHEMA_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("../shared/as3-schema"))
+    ces_bigip_double::schema_dir()
 }
 
 fn docs(text: &str) -> Vec<Value> {

@@ -30,6 +30,40 @@ pub struct KubeArgs {
     pub log_format: LogFormat,
 }
 
+/// How an agent's sync loop coalesces, resyncs and retries (without `--once`).
+#[derive(Args, Clone, Debug)]
+pub struct LoopArgs {
+    /// How long the inputs must be unchanged before a change is applied (coalescing churn into one update).
+    #[arg(long, value_name = "MS", default_value_t = 200)]
+    pub debounce_ms: u64,
+    /// How often the inputs are checked for changes.
+    #[arg(long, value_name = "MS", default_value_t = 100)]
+    pub poll_ms: u64,
+    /// The longest a change waits while changes keep coming (continuous churn is applied at least this often).
+    #[arg(long, value_name = "MS", default_value_t = 500)]
+    pub max_delay_ms: u64,
+    /// How often everything is applied again from scratch, repairing changes made behind CES's back.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub resync_secs: u64,
+    /// The longest wait between retries after a failure (the wait doubles from 0.5 s up to this).
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub retry_max_secs: u64,
+}
+
+impl LoopArgs {
+    pub fn options(&self, ces_namespace: &str) -> ces_sync::Options {
+        ces_sync::Options {
+            debounce: Duration::from_millis(self.debounce_ms),
+            max_delay: Duration::from_millis(self.max_delay_ms.max(self.debounce_ms)),
+            poll: Duration::from_millis(self.poll_ms.max(1)),
+            resync: Duration::from_secs(self.resync_secs.max(1)),
+            retry_max: Duration::from_secs(self.retry_max_secs.max(1)),
+            ces_namespace: ces_namespace.to_string(),
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
     Text,

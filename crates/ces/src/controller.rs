@@ -59,21 +59,8 @@ pub struct ControllerArgs {
     /// Apply the current policy once and exit (status 1 if any tenant failed).
     #[arg(long)]
     once: bool,
-    /// How long the inputs must be unchanged before a change is sent (coalescing churn into one request per tenant).
-    #[arg(long, value_name = "MS", default_value_t = 200)]
-    debounce_ms: u64,
-    /// How often the files are checked for changes.
-    #[arg(long, value_name = "MS", default_value_t = 100)]
-    poll_ms: u64,
-    /// The longest a change waits while changes keep coming (continuous churn is sent at least this often).
-    #[arg(long, value_name = "MS", default_value_t = 500)]
-    max_delay_ms: u64,
-    /// How often every tenant is read back and compared, repairing changes made behind CES's back.
-    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
-    resync_secs: u64,
-    /// The longest wait between retries after a failure (the wait doubles from 0.5 s up to this).
-    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
-    retry_max_secs: u64,
+    #[command(flatten)]
+    sync: crate::agent::LoopArgs,
 }
 
 fn client(args: &ControllerArgs) -> Result<Client, Failure> {
@@ -98,7 +85,7 @@ fn client(args: &ControllerArgs) -> Result<Client, Failure> {
     };
     let mut c = Client::new(transport, credentials);
     c.retry.attempts = args.bigip_attempts.max(1);
-    c.retry.backoff_max = Duration::from_secs(args.retry_max_secs.max(1));
+    c.retry.backoff_max = Duration::from_secs(args.sync.retry_max_secs.max(1));
     Ok(c)
 }
 
@@ -106,6 +93,11 @@ pub fn run(args: &ControllerArgs) -> Result<(), Failure> {
     crate::agent::set_log_format(args.kube.log_format);
     if args.kube.kubernetes && !args.inputs.manifests.is_empty() {
         return Err(Failure::input("--kubernetes and --manifests are two sources: give one"));
+    }
+    if args.kube.kubernetes && (args.once || args.inputs.example) {
+        return Err(Failure::input(
+            "with --kubernetes the controller runs until stopped: --once and --example read files",
+        ));
     }
     let mut backend = As3Backend::new(client(args)?, ces_as3::schema::schema_dir(args.as3_schema.as_deref()))
         .map_err(Failure::input)?;
@@ -126,15 +118,7 @@ pub fn run(args: &ControllerArgs) -> Result<(), Failure> {
     if let Some(addr) = &args.kube.health_addr {
         crate::health::serve(addr, health.clone(), "controller").map_err(Failure::input)?;
     }
-    let opts = ces_sync::Options {
-        debounce: Duration::from_millis(args.debounce_ms),
-        max_delay: Duration::from_millis(args.max_delay_ms.max(args.debounce_ms)),
-        poll: Duration::from_millis(args.poll_ms.max(1)),
-        resync: Duration::from_secs(args.resync_secs.max(1)),
-        retry_max: Duration::from_secs(args.retry_max_secs.max(1)),
-        ces_namespace: args.inputs.ces_namespace.clone(),
-        ..Default::default()
-    };
+    let opts = args.sync.options(&args.inputs.ces_namespace);
     let mut backend = crate::agent::Counted::new(backend, health.clone(), |b: &As3Backend| {
         let s = b.client.stats;
         format!(

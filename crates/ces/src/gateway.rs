@@ -21,18 +21,8 @@ pub struct GatewayArgs {
     /// Apply the current policy once and exit, leaving the rules in place.
     #[arg(long)]
     once: bool,
-    /// Without --once: how long the inputs must be unchanged before a change is applied (coalescing churn).
-    #[arg(long, value_name = "MS", default_value_t = 200)]
-    debounce_ms: u64,
-    /// Without --once: how often the files are checked for changes.
-    #[arg(long, value_name = "MS", default_value_t = 100)]
-    poll_ms: u64,
-    /// Without --once: the longest a change waits while changes keep coming.
-    #[arg(long, value_name = "MS", default_value_t = 500)]
-    max_delay_ms: u64,
-    /// Without --once: how often the whole table is applied again, repairing changes made behind CES's back.
-    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
-    resync_secs: u64,
+    #[command(flatten)]
+    sync: crate::agent::LoopArgs,
     /// Without --once: where to write one JSON line per logged packet (`-`: standard output).
     #[arg(long, value_name = "FILE", default_value = "-")]
     log_file: String,
@@ -96,7 +86,10 @@ pub fn run(args: &GatewayArgs) -> Result<(), Failure> {
         }
         return Ok(());
     }
-    if args.kube.kubernetes && !args.once {
+    if args.kube.kubernetes && args.once {
+        return Err(Failure::input("with --kubernetes the gateway runs until stopped: --once reads files"));
+    }
+    if args.kube.kubernetes {
         let inputs = args.inputs.clone().unwrap_or_else(|| InputArgs {
             manifests: Vec::new(),
             config: None,
@@ -140,14 +133,7 @@ fn watch_with(
     what: String,
 ) -> Result<(), Failure> {
     let backend = ces_nft::NftBackend::new(Nft::default());
-    let opts = ces_sync::Options {
-        debounce: std::time::Duration::from_millis(args.debounce_ms),
-        max_delay: std::time::Duration::from_millis(args.max_delay_ms.max(args.debounce_ms)),
-        poll: std::time::Duration::from_millis(args.poll_ms.max(1)),
-        resync: std::time::Duration::from_secs(args.resync_secs.max(1)),
-        ces_namespace: inputs.ces_namespace.clone(),
-        ..Default::default()
-    };
+    let opts = args.sync.options(&inputs.ces_namespace);
     let mut log: Box<dyn std::io::Write + Send> = if args.log_file == "-" {
         Box::new(std::io::stdout())
     } else {

@@ -484,15 +484,7 @@ fn the_peak_rss_hook_reports_a_plausible_figure() {
 }
 
 fn as3_schema_dir() -> PathBuf {
-    let dir = std::env::var_os("CES_AS3_SCHEMA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("../shared/as3-schema"));
-    assert!(
-        dir.join("as3-schema-3.29.0-3.json").exists(),
-        "no AS3 schema in {} (set CES_AS3_SCHEMA_DIR)",
-        dir.display()
-    );
-    dir
+    ces_bigip_double::schema_dir()
 }
 
 #[test]

@@ -15,15 +15,7 @@ pub fn repo() -> PathBuf {
 /// The folder of the official AS3 schema files: `CES_AS3_SCHEMA_DIR` (scripts/test.sh finds and sets it), else
 /// `../shared/as3-schema` beside the repository. Missing schemas fail the test: validation is never skipped.
 pub fn schema_dir() -> PathBuf {
-    let dir = std::env::var_os("CES_AS3_SCHEMA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("../shared/as3-schema"));
-    assert!(
-        dir.join("as3-schema-3.29.0-3.json").exists(),
-        "the official AS3 schema files are not in {} (set CES_AS3_SCHEMA_DIR)",
-        dir.display()
-    );
-    dir
+    ces_bigip_double::schema_dir()
 }
 
 /// The worked example's AS3 documents (`ces-as3-examples.json`), beside the schema folder in `../shared/reference`.
