@@ -260,6 +260,24 @@ pub struct Stats {
     pub requests: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// Failed calls by kind, in the order of [`ERROR_KINDS`].
+    pub errors: [u64; 5],
+}
+
+/// The kinds of [`ClientError`], as metrics label them.
+pub const ERROR_KINDS: [&str; 5] = ["unreachable", "auth", "busy", "refused", "conflict"];
+
+impl ClientError {
+    /// This error's index in [`ERROR_KINDS`].
+    pub fn kind_index(&self) -> usize {
+        match self {
+            ClientError::Unreachable(_) => 0,
+            ClientError::Auth(_) => 1,
+            ClientError::Busy(_) => 2,
+            ClientError::Refused { .. } => 3,
+            ClientError::Conflict(_) => 4,
+        }
+    }
 }
 
 pub struct Client {
@@ -363,6 +381,14 @@ impl Client {
     /// Sends `req`: logs in when needed (and again once on 401), retries 503 and "in progress" with backoff and
     /// jitter, and follows an AS3 task to its end when the answer is 202.
     pub fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
+        let r = self.call_once(req);
+        if let Err(e) = &r {
+            self.stats.errors[e.kind_index()] += 1;
+        }
+        r
+    }
+
+    fn call_once(&mut self, req: &Request) -> Result<Response, ClientError> {
         if self.token.is_none() && self.credentials.is_some() {
             self.login()?;
         }

@@ -364,6 +364,25 @@ impl KubeSource {
     pub fn restarts(&self) -> BTreeMap<&'static str, u64> {
         self.objects.lock().unwrap_or_else(|p| p.into_inner()).restarts.clone()
     }
+
+    /// The source's metrics as Prometheus text, for a scrape at any time: watch (re)starts by kind, objects kept.
+    pub fn metrics(&self) -> Box<dyn Fn() -> String + Send> {
+        let objects = self.objects.clone();
+        Box::new(move || {
+            let o = objects.lock().unwrap_or_else(|p| p.into_inner());
+            let mut out = String::from(
+                "# HELP ces_watch_restarts_total Lists of a kind: the first, and each after a watch could not resume (410 Gone, errors).\n# TYPE ces_watch_restarts_total counter\n",
+            );
+            for (kind, n) in &o.restarts {
+                out.push_str(&format!("ces_watch_restarts_total{{kind=\"{kind}\"}} {n}\n"));
+            }
+            out.push_str("# HELP ces_watched_objects Objects kept from the watches, by kind.\n# TYPE ces_watched_objects gauge\n");
+            for (kind, m) in &o.by_kind {
+                out.push_str(&format!("ces_watched_objects{{kind=\"{kind}\"}} {}\n", m.len()));
+            }
+            out
+        })
+    }
 }
 
 /// The Event a status change deserves: `(type, reason, note)` with a stable reason code, or `None` when the

@@ -121,20 +121,26 @@ pub fn run(args: &ControllerArgs) -> Result<(), Failure> {
     let opts = args.sync.options(&args.inputs.ces_namespace);
     let mut backend = crate::agent::Counted::new(backend, health.clone(), |b: &As3Backend| {
         let s = b.client.stats;
-        format!(
+        let mut out = format!(
             "# HELP ces_backend_requests_total Requests sent to the BIG-IP.\n# TYPE ces_backend_requests_total counter\n\
              ces_backend_requests_total{{backend=\"as3\"}} {}\n\
              # HELP ces_backend_bytes_sent_total Bytes sent to the BIG-IP.\n# TYPE ces_backend_bytes_sent_total counter\n\
              ces_backend_bytes_sent_total{{backend=\"as3\"}} {}\n\
              # HELP ces_backend_problems Objects the BIG-IP refused or that could not be declared.\n# TYPE ces_backend_problems gauge\n\
-             ces_backend_problems{{backend=\"as3\"}} {}\n",
+             ces_backend_problems{{backend=\"as3\"}} {}\n\
+             # HELP ces_backend_errors_total Failed BIG-IP calls, by kind (after the client's own retries).\n# TYPE ces_backend_errors_total counter\n",
             s.requests,
             s.bytes_sent,
             b.problems.len()
-        )
+        );
+        for (kind, n) in ces_as3::client::ERROR_KINDS.iter().zip(s.errors) {
+            out.push_str(&format!("ces_backend_errors_total{{backend=\"as3\",kind=\"{kind}\"}} {n}\n"));
+        }
+        out
     });
     if args.kube.kubernetes {
         let mut source = crate::agent::kube_source(&args.kube, &args.inputs, Some("ces-controller"))?;
+        *health.source_metrics.lock().unwrap_or_else(|p| p.into_inner()) = Some(source.metrics());
         if args.leader_elect {
             let identity = args.identity.clone().unwrap_or_else(crate::agent::default_identity);
             let elector = ces_kube::lease::Elector::new(

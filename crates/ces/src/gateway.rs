@@ -100,7 +100,8 @@ pub fn run(args: &GatewayArgs) -> Result<(), Failure> {
             return Err(Failure::input("--kubernetes and --manifests are two sources: give one"));
         }
         let mut source = crate::agent::kube_source(&args.kube, &inputs, None)?;
-        return watch_with(&mut source, &inputs, args, "the Kubernetes API".into());
+        let metrics = source.metrics();
+        return watch_with(&mut source, &inputs, args, "the Kubernetes API".into(), Some(metrics));
     }
     let inputs = args.inputs.as_ref().ok_or_else(|| Failure::input("give --manifests PATH... or --example"))?;
     if !args.once {
@@ -123,7 +124,7 @@ fn watch(inputs: &InputArgs, args: &GatewayArgs) -> Result<(), Failure> {
     }
     let mut source = ces_sync::folder::Folder::new(inputs.manifests.clone(), inputs.config.clone());
     let what = format!("{} path(s)", inputs.manifests.len());
-    watch_with(&mut source, inputs, args, what)
+    watch_with(&mut source, inputs, args, what, None)
 }
 
 fn watch_with(
@@ -131,6 +132,7 @@ fn watch_with(
     inputs: &InputArgs,
     args: &GatewayArgs,
     what: String,
+    source_metrics: Option<crate::health::MetricsFn>,
 ) -> Result<(), Failure> {
     let backend = ces_nft::NftBackend::new(Nft::default());
     let opts = args.sync.options(&inputs.ces_namespace);
@@ -148,6 +150,7 @@ fn watch_with(
     let index = backend.log_index.clone();
     std::thread::spawn(move || read_log(index, &mut *log));
     let health = std::sync::Arc::new(crate::health::Health::default());
+    *health.source_metrics.lock().unwrap_or_else(|p| p.into_inner()) = source_metrics;
     if let Some(addr) = &args.kube.health_addr {
         crate::health::serve(addr, health.clone(), "gateway").map_err(Failure::input)?;
     }

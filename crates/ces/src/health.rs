@@ -18,9 +18,14 @@ pub struct Health {
     pub pass_micros: AtomicU64,
     pub rules: AtomicU64,
     pub problems: AtomicU64,
-    /// Extra metric lines (backend requests, watch restarts), rewritten by the agent.
+    /// Extra metric lines of the backend (requests, errors), rewritten after each apply.
     pub extra: Mutex<String>,
+    /// The source's metric lines (watch restarts), read at each scrape.
+    pub source_metrics: Mutex<Option<MetricsFn>>,
 }
+
+/// A source's metrics, as Prometheus text lines.
+pub type MetricsFn = Box<dyn Fn() -> String + Send>;
 
 impl Health {
     fn metrics(&self, component: &str) -> String {
@@ -49,6 +54,9 @@ impl Health {
             u8::from(self.leader.load(Ordering::Relaxed)),
         );
         out.push_str(&self.extra.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Some(f) = &*self.source_metrics.lock().unwrap_or_else(|p| p.into_inner()) {
+            out.push_str(&f());
+        }
         out
     }
 }

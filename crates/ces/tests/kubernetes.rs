@@ -455,6 +455,9 @@ fn health_readiness_and_metrics_are_served() {
         "ces_last_successful_sync_timestamp_seconds",
         "ces_backend_requests_total{backend=\"as3\"}",
         "ces_leader{component=\"controller\"} 1",
+        "ces_backend_errors_total{backend=\"as3\",kind=\"busy\"} 0",
+        "ces_watch_restarts_total{kind=\"Pod\"} 1",
+        "ces_watched_objects{kind=\"NamespaceEgressRule\"} 1",
     ] {
         assert!(metrics.contains(m), "{m} missing:\n{metrics}");
     }
