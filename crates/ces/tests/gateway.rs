@@ -710,3 +710,68 @@ fn restarts_and_resyncs_open_no_window() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Every document of a manifest file, as JSON objects (for the fake API server).
+fn manifest_objects(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.split("\n---")
+        .filter(|d| d.lines().any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#')))
+        .filter_map(|d| serde_saphyr::from_str::<serde_json::Value>(d.trim_start_matches('\n')).ok())
+        .filter(|v| v.get("kind").is_some())
+        .collect()
+}
+
+#[test]
+fn the_gateway_follows_the_kubernetes_api_with_real_packets() {
+    let dir = example_dir("kube");
+    let lab = lab(&format!("cesk{}", std::process::id() % 100_000));
+    // The fake API server listens on the gateway namespace's loopback, where `ces gateway --kubernetes` runs.
+    let api = ces_lab::spawn_in(&lab.gateway, || {
+        let _ = std::process::Command::new("ip").args(["link", "set", "lo", "up"]).status();
+        ces_fake_apiserver::FakeApiServer::start()
+    })
+    .unwrap()
+    .join()
+    .unwrap()
+    .unwrap();
+    for f in ["cluster.yaml", "policies.yaml", "extra.yaml"] {
+        for o in manifest_objects(&dir.join(f)) {
+            api.apply(o);
+        }
+    }
+    api.write_kubeconfig(&dir.join("kubeconfig"));
+    let log = dir.join("kube-agent.log");
+    let _agent = KillOnDrop(
+        Command::new("ip")
+            .args(["netns", "exec", &lab.gateway, env!("CARGO_BIN_EXE_ces"), "gateway", "--kubernetes"])
+            .arg("--kubeconfig")
+            .arg(dir.join("kubeconfig"))
+            .arg("--config")
+            .arg(dir.join("ces-conf.yaml"))
+            .args(["--debounce-ms", "50", "--log-file", "/dev/null"])
+            .stderr(std::fs::File::create(&log).unwrap())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let agent_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_until(|| agent_log().contains("replaced"), agent_log);
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let svc = |from: &str| Case { side: 0, from: ip(from), to: ip("198.18.3.10"), proto: Proto::Tcp, port: 443 };
+    let flows = [svc("10.10.0.12"), svc("10.10.0.13"), svc("10.10.0.21")];
+    compare(&lab, &dir, &flows, "gateway fed by the Kubernetes API");
+
+    // A pod moves (its status in the API server): the table follows, and packets agree with simulate on the files
+    // that say the same.
+    let mut pod = api.with(|s| s.get("Pod", "payments", "checkout-1").cloned()).expect("checkout-1 in the example");
+    pod["status"]["podIPs"] = serde_json::json!([{"ip": "10.10.0.13"}]);
+    pod["status"]["podIP"] = serde_json::json!("10.10.0.13");
+    api.apply(pod);
+    let cluster = std::fs::read_to_string(dir.join("cluster.yaml")).unwrap();
+    std::fs::write(dir.join("cluster.yaml"), cluster.replace("{ip: 10.10.0.12}", "{ip: 10.10.0.13}")).unwrap();
+    wait_until(|| agent_log().contains("set(s) updated"), agent_log);
+    let seen = compare(&lab, &dir, &flows, "after the pod moved in the API");
+    assert!(seen.contains("accept:ServiceEgressRule/payments/lab-checkout"), "{seen:?}");
+    drop(api);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
