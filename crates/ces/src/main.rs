@@ -206,6 +206,9 @@ fn run(command: Command) -> Result<(), Failure> {
 }
 
 fn validate(args: &InputArgs, output: Output) -> Result<(), Failure> {
+    if args.manifests.is_empty() && !args.example {
+        return Err(Failure::input("give --manifests PATH... (or --example)"));
+    }
     // A broken config is a validation finding too, reported the same way.
     let inputs = match Inputs::load(args) {
         Ok(i) => i,

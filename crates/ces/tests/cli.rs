@@ -611,3 +611,12 @@ fn the_controller_will_not_talk_to_a_device_without_credentials_or_schema() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("never sends a declaration it has not validated"), "{}", stderr(&o));
 }
+
+#[test]
+fn commands_without_inputs_are_usage_errors() {
+    for cmd in [&["validate"][..], &["compile"], &["simulate", "--from", "a/b", "--to", "x.example:443/tcp"]] {
+        let o = ces(cmd);
+        assert_eq!(o.status.code(), Some(2), "{cmd:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("give --manifests PATH... (or --example)"), "{cmd:?}: {}", stderr(&o));
+    }
+}
