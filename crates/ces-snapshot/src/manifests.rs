@@ -264,6 +264,15 @@ impl Items {
     }
 }
 
+/// Whether documents go through the fast path first (on by default; tests and benchmarks compare both ways).
+static FAST_YAML: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turns the fast YAML path (fastyaml.rs) on or off for this process: for tests and benchmarks that compare it with
+/// serde-saphyr alone. The result is the same either way; only the speed differs.
+pub fn set_fast_yaml(on: bool) {
+    FAST_YAML.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Below this many bytes a text is loaded on the calling thread: threads would cost more than they save.
 const PARALLEL_BYTES: usize = 256 * 1024;
 
@@ -322,7 +331,14 @@ fn load_documents(docs: &[(usize, std::borrow::Cow<'_, str>)], file: &str) -> It
         let origin = format!("{file}:{}", start + 1);
         #[cfg(test)]
         PARSER_BYTES.with(|b| b.set(b.get() + doc.len()));
-        match serde_saphyr::from_str_with_options::<Value>(doc, parse_options(doc.len())) {
+        // The fast path decides most documents; what it does not decide exactly as serde-saphyr does, and every
+        // error, is parsed by serde-saphyr (fastyaml.rs).
+        let fast = if FAST_YAML.load(std::sync::atomic::Ordering::Relaxed) { fastyaml::parse(doc) } else { None };
+        let parsed = match fast {
+            Some(v) => Ok(v),
+            None => serde_saphyr::from_str_with_options::<Value>(doc, parse_options(doc.len())),
+        };
+        match parsed {
             Ok(Value::Null) => {}
             Ok(value) if is_config(&value) => out.stats.configs.push(origin),
             Ok(value) => {
@@ -615,6 +631,8 @@ fn pod(p: core::Pod) -> Pod {
         host_network: p.spec.and_then(|s| s.host_network).unwrap_or(false),
     }
 }
+
+mod fastyaml;
 
 #[cfg(test)]
 mod tests;

@@ -307,3 +307,86 @@ fn parallel_loading_gives_what_sequential_loading_gives() {
     }
     assert!(one.contains("DuplicateName") && one.contains("InvalidYAML"));
 }
+
+/// Whenever the fast path answers, it answers what serde-saphyr answers.
+fn same_as_saphyr(doc: &str) -> bool {
+    match super::fastyaml::parse(doc) {
+        None => false,
+        Some(fast) => {
+            let slow: serde_json::Value = serde_saphyr::from_str_with_options(doc, super::parse_options(doc.len()))
+                .unwrap_or_else(|e| panic!("the fast path accepted what serde-saphyr refuses ({e}):\n{doc}"));
+            assert_eq!(fast, slow, "the fast path differs from serde-saphyr on:\n{doc}");
+            true
+        }
+    }
+}
+
+#[test]
+fn the_fast_yaml_path_agrees_with_serde_saphyr_on_every_example_and_fixture() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut files =
+        super::files(&[root.join("examples"), root.join("crates/ces/tests/fixtures"), root.join("deploy")]).unwrap();
+    files.retain(|f| !f.to_string_lossy().ends_with(".json"));
+    let (mut fast, mut all) = (0, 0);
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        for (_, doc) in super::split_documents(&text) {
+            if doc.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
+                continue;
+            }
+            if serde_saphyr::from_str::<serde_json::Value>(&doc).is_err() {
+                // Errors are serde-saphyr's to report: the fast path must not accept what it refuses.
+                assert!(super::fastyaml::parse(&doc).is_none(), "accepted what serde-saphyr refuses:\n{doc}");
+                continue;
+            }
+            all += 1;
+            fast += usize::from(same_as_saphyr(&doc));
+        }
+    }
+    assert!(all > 50, "{all} documents read");
+    assert!(fast * 10 >= all * 8, "the fast path decides most documents: {fast} of {all}");
+}
+
+#[test]
+fn the_fast_yaml_path_gives_up_on_what_it_does_not_decide_exactly() {
+    // Decided, and equal to serde-saphyr.
+    for doc in [
+        "a: b\nc: [1, 2, \"3\"]\nd: {e: ~, f: null, g: }\n",
+        "k1: y\nk2: No\nk3: ON\nk4: off\nk5: TRUE\nk6: False\nk7: n\nk8: Yes\n",
+        "ips: [10.0.0.1, \"fd00::1\", 10.0.0.0/16]\nport: 9090\nneg: -5\nbig: 12345678901234567890\nzero: 0\n",
+        "s: 'single ''quoted'''\nd: \"tab\\there \\u00e9\"\nq: '9090'\n",
+        "name: pod-1\nlabels: {app: \"web\", tier: backend}\nquantity: 3m\nmixed: a:b\nurl: http://x/y\n",
+        "- a\n- - b\n  - c\n- {d: [e]}\n",
+        "# comment\nkey: value # trailing\n",
+        "multi: this is\n  a folded plain\n  scalar\n",
+    ] {
+        assert!(same_as_saphyr(doc), "the fast path should decide:\n{doc}");
+    }
+    // Left to serde-saphyr (same meaning, same errors).
+    for doc in [
+        "a: 0777\n",
+        "a: 0x1F\n",
+        "a: 1_000\n",
+        "a: 1.5\n",
+        "a: 1e3\n",
+        "a: .inf\n",
+        "a: 01:30\n",
+        "a: +5\n",
+        "a: 00\n",
+        "a: yEs\n",
+        "a: nan\n",
+        "a: &x 1\nb: *x\n",
+        "a: !!str 5\n",
+        "<<: {a: 1}\nb: 2\n",
+        "a: |\n  text\n",
+        "a: >\n  text\n",
+        "a: 1\na: 2\n",
+        "1: x\n",
+        "true: x\n",
+        "a: [\n",
+        "a: b: c\n",
+        &"[".repeat(200),
+    ] {
+        assert!(super::fastyaml::parse(doc).is_none(), "the fast path should give up on:\n{doc}");
+    }
+}
