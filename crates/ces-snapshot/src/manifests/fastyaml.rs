@@ -16,7 +16,7 @@
 use std::mem::MaybeUninit;
 
 use serde_json::{Map, Value};
-use unsafe_libyaml as y;
+use unsafe_libyaml as unsafe_y;
 
 const MAX_DEPTH: usize = 128;
 
@@ -30,35 +30,35 @@ pub fn parse(text: &str) -> Option<Value> {
     // SAFETY: the parser is initialised before use and deleted after; the input outlives it; every event is
     // deleted after it is read, and its pointers are read only before that.
     unsafe {
-        let mut parser = MaybeUninit::<y::yaml_parser_t>::uninit();
-        if !y::yaml_parser_initialize(parser.as_mut_ptr()).ok {
+        let mut parser = MaybeUninit::<unsafe_y::yaml_parser_t>::uninit();
+        if !unsafe_y::yaml_parser_initialize(parser.as_mut_ptr()).ok {
             return None;
         }
         let parser = parser.as_mut_ptr();
-        y::yaml_parser_set_input_string(parser, text.as_ptr(), text.len() as _);
+        unsafe_y::yaml_parser_set_input_string(parser, text.as_ptr(), text.len() as _);
         let value = events(parser);
-        y::yaml_parser_delete(parser);
+        unsafe_y::yaml_parser_delete(parser);
         value
     }
 }
 
 /// # Safety
 /// `parser` is initialised with its input set.
-unsafe fn events(parser: *mut y::yaml_parser_t) -> Option<Value> {
+unsafe fn events(parser: *mut unsafe_y::yaml_parser_t) -> Option<Value> {
     let mut stack: Vec<Frame> = Vec::new();
     let mut root: Option<Value> = None;
     let mut documents = 0;
     loop {
-        let mut event = MaybeUninit::<y::yaml_event_t>::uninit();
-        if !unsafe { y::yaml_parser_parse(parser, event.as_mut_ptr()) }.ok {
+        let mut event = MaybeUninit::<unsafe_y::yaml_event_t>::uninit();
+        if !unsafe { unsafe_y::yaml_parser_parse(parser, event.as_mut_ptr()) }.ok {
             return None;
         }
         let ev = event.as_mut_ptr();
         let ty = unsafe { (*ev).type_ };
         let step = unsafe { step(ev, &mut stack, &mut root, &mut documents) };
-        unsafe { y::yaml_event_delete(ev) };
+        unsafe { unsafe_y::yaml_event_delete(ev) };
         step?;
-        if ty == y::YAML_STREAM_END_EVENT {
+        if ty == unsafe_y::YAML_STREAM_END_EVENT {
             break;
         }
     }
@@ -73,20 +73,22 @@ unsafe fn events(parser: *mut y::yaml_parser_t) -> Option<Value> {
 /// # Safety
 /// `ev` is an event the parser just produced.
 unsafe fn step(
-    ev: *mut y::yaml_event_t,
+    ev: *mut unsafe_y::yaml_event_t,
     stack: &mut Vec<Frame>,
     root: &mut Option<Value>,
     documents: &mut usize,
 ) -> Option<()> {
     let e = unsafe { &*ev };
     match e.type_ {
-        y::YAML_STREAM_START_EVENT | y::YAML_DOCUMENT_END_EVENT | y::YAML_STREAM_END_EVENT => Some(()),
-        y::YAML_DOCUMENT_START_EVENT => {
+        unsafe_y::YAML_STREAM_START_EVENT | unsafe_y::YAML_DOCUMENT_END_EVENT | unsafe_y::YAML_STREAM_END_EVENT => {
+            Some(())
+        }
+        unsafe_y::YAML_DOCUMENT_START_EVENT => {
             *documents += 1;
             (*documents == 1).then_some(())
         }
-        y::YAML_ALIAS_EVENT => None,
-        y::YAML_SCALAR_EVENT => {
+        unsafe_y::YAML_ALIAS_EVENT => None,
+        unsafe_y::YAML_SCALAR_EVENT => {
             let s = unsafe { e.data.scalar };
             if !s.anchor.is_null() || !s.tag.is_null() {
                 return None;
@@ -94,15 +96,15 @@ unsafe fn step(
             let bytes = unsafe { std::slice::from_raw_parts(s.value, s.length as usize) };
             let text = std::str::from_utf8(bytes).ok()?;
             let (value, plain) = match s.style {
-                y::YAML_PLAIN_SCALAR_STYLE => (resolve(text)?, true),
-                y::YAML_SINGLE_QUOTED_SCALAR_STYLE | y::YAML_DOUBLE_QUOTED_SCALAR_STYLE => {
+                unsafe_y::YAML_PLAIN_SCALAR_STYLE => (resolve(text)?, true),
+                unsafe_y::YAML_SINGLE_QUOTED_SCALAR_STYLE | unsafe_y::YAML_DOUBLE_QUOTED_SCALAR_STYLE => {
                     (Value::String(text.to_string()), false)
                 }
                 _ => return None,
             };
             push(stack, root, value, plain)
         }
-        y::YAML_SEQUENCE_START_EVENT => {
+        unsafe_y::YAML_SEQUENCE_START_EVENT => {
             let s = unsafe { e.data.sequence_start };
             if !s.anchor.is_null() || !s.tag.is_null() || stack.len() >= MAX_DEPTH {
                 return None;
@@ -110,7 +112,7 @@ unsafe fn step(
             stack.push(Frame::Seq(Vec::new()));
             Some(())
         }
-        y::YAML_MAPPING_START_EVENT => {
+        unsafe_y::YAML_MAPPING_START_EVENT => {
             let m = unsafe { e.data.mapping_start };
             if !m.anchor.is_null() || !m.tag.is_null() || stack.len() >= MAX_DEPTH {
                 return None;
@@ -118,11 +120,11 @@ unsafe fn step(
             stack.push(Frame::Map(Map::new(), None));
             Some(())
         }
-        y::YAML_SEQUENCE_END_EVENT => match stack.pop()? {
+        unsafe_y::YAML_SEQUENCE_END_EVENT => match stack.pop()? {
             Frame::Seq(items) => push(stack, root, Value::Array(items), false),
             Frame::Map(..) => None,
         },
-        y::YAML_MAPPING_END_EVENT => match stack.pop()? {
+        unsafe_y::YAML_MAPPING_END_EVENT => match stack.pop()? {
             Frame::Map(map, None) => push(stack, root, Value::Object(map), false),
             _ => None,
         },
