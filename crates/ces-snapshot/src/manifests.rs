@@ -273,6 +273,17 @@ pub fn set_fast_yaml(on: bool) {
     FAST_YAML.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// One YAML document to an untyped value, parsed as the loader parses it (the fast path, then serde-saphyr): the
+/// scale benchmark's baseline.
+pub fn parse_document(doc: &str) -> Result<Value, String> {
+    if FAST_YAML.load(std::sync::atomic::Ordering::Relaxed)
+        && let Some(v) = fastyaml::parse(doc)
+    {
+        return Ok(v);
+    }
+    serde_saphyr::from_str_with_options::<Value>(doc, parse_options(doc.len())).map_err(|e| e.to_string())
+}
+
 /// Below this many bytes a text is loaded on the calling thread: threads would cost more than they save.
 const PARALLEL_BYTES: usize = 256 * 1024;
 

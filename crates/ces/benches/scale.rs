@@ -3,7 +3,8 @@
 //! It starts where the user starts: a synthetic cluster written as YAML files (`ces synth`), and for each size prints
 //! every figure next to a baseline measured in the same run, because this machine is noisy:
 //! - `ces compile` as a user runs it (the release binary, files on disk, JSON model on stdout): wall time and peak
-//!   RSS of the process; baseline: the same files parsed to untyped values by the same YAML parser, in this process;
+//!   RSS of the process; baseline: the same files parsed to untyped values by the same YAML parser as the loader
+//!   (its libyaml fast path, then serde-saphyr), one thread, in this process; serde-saphyr alone is printed too;
 //! - load + compile in process, split in its stages, against the same baseline;
 //! - compile alone from a loaded snapshot against the time to clone that snapshot, and its peak heap;
 //! - indexed simulate throughput against the full-scan evaluator (same decisions, every rule tested).
@@ -129,9 +130,10 @@ fn flows(s: &Synth, config: &CesConfig, n: usize, seed: u64) -> Vec<Flow> {
         .collect()
 }
 
-/// The baseline for loading: every YAML document parsed to an untyped value by the same parser, one thread, nothing
-/// else. (Documents one by one: the parser's multi-document API is slower on these files, which would flatter us.)
-fn parse_untyped(files: &[PathBuf]) -> usize {
+/// The baseline for loading: every YAML document parsed to an untyped value by the same parser as the loader (or by
+/// serde-saphyr alone), one thread, nothing else. (Documents one by one: serde-saphyr's multi-document API is slower
+/// on these files, which would flatter us.)
+fn parse_untyped(files: &[PathBuf], saphyr_only: bool) -> usize {
     let mut docs = 0;
     for f in files {
         let text = std::fs::read_to_string(f).unwrap();
@@ -139,7 +141,11 @@ fn parse_untyped(files: &[PathBuf]) -> usize {
         for line in text.lines().chain(std::iter::once("---")) {
             if line == "---" {
                 if !doc.trim().is_empty() {
-                    let _: serde_json::Value = serde_saphyr::from_str(&doc).unwrap();
+                    if saphyr_only {
+                        let _: serde_json::Value = serde_saphyr::from_str(&doc).unwrap();
+                    } else {
+                        ces_snapshot::manifests::parse_document(&doc).unwrap();
+                    }
                     docs += 1;
                 }
                 doc.clear();
@@ -193,9 +199,17 @@ fn scenario(pods: usize, rules: usize) {
         bytes as f64 / 1e6
     );
 
-    // The baseline: the same files to untyped values, same parser.
+    // The baseline: the same files to untyped values, same parser; and serde-saphyr alone, for reference.
     let mut docs = 0;
-    let baseline = time(3, || docs = parse_untyped(&files));
+    let baseline = time(3, || docs = parse_untyped(&files, false));
+    let saphyr = time(1, || {
+        parse_untyped(&files, true);
+    });
+    println!(
+        "parsing alone, one thread: {:.0} ms with the loader's parser (libyaml fast path, serde-saphyr fallback), {:.0} ms with serde-saphyr alone",
+        baseline.as_secs_f64() * 1e3,
+        saphyr.as_secs_f64() * 1e3
+    );
 
     // The user's path: the release binary, files on disk, the model printed.
     let mut rss = 0;
