@@ -168,6 +168,8 @@ pub struct KubeSource {
     kept: Vec<(String, String, String)>,
     /// The CES objects as the last load read them (events may change the kept objects during a pass).
     loaded: HashMap<(String, String, String), Value>,
+    /// Where the source's own warnings go (a status or event it could not write). Default: stderr.
+    pub warn: Box<dyn Fn(&str) + Send>,
     /// Status writes that failed, for the log.
     pub status_errors: u64,
     pub status_writes: u64,
@@ -306,6 +308,7 @@ impl KubeSource {
             good: HashMap::new(),
             kept: Vec::new(),
             loaded: HashMap::new(),
+            warn: Box::new(|m| eprintln!("ces: {m}")),
             status_errors: 0,
             status_writes: 0,
         })
@@ -352,7 +355,7 @@ impl KubeSource {
             Err(_) => return,
         };
         if let Err(e) = self.runtime.block_on(api.create(&kube::api::PostParams::default(), &obj)) {
-            eprintln!("ces: event on {} {ns}/{name} not recorded: {e}", kind.kind);
+            (self.warn)(&format!("event on {} {ns}/{name} not recorded: {e}", kind.kind));
         }
     }
 
@@ -575,7 +578,7 @@ impl Source for KubeSource {
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(e) => {
                     self.status_errors += 1;
-                    eprintln!("ces: status of {} {ns}/{name} not written: {e}", kind.kind);
+                    (self.warn)(&format!("status of {} {ns}/{name} not written: {e}", kind.kind));
                 }
             }
         }

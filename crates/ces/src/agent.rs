@@ -99,8 +99,12 @@ pub fn kube_source(
     inputs: &InputArgs,
     field_manager: Option<&str>,
 ) -> Result<ces_kube::KubeSource, Failure> {
-    ces_kube::KubeSource::start(k.kubeconfig.clone(), inputs.config.clone(), field_manager.map(str::to_string))
-        .map_err(Failure::input)
+    let mut source =
+        ces_kube::KubeSource::start(k.kubeconfig.clone(), inputs.config.clone(), field_manager.map(str::to_string))
+            .map_err(Failure::input)?;
+    let who = if field_manager.is_some() { "controller" } else { "gateway" };
+    source.warn = Box::new(move |m| log("warn", who, m, serde_json::json!({})));
+    Ok(source)
 }
 
 pub fn default_identity() -> String {
