@@ -72,6 +72,9 @@ impl Credentials {
     }
 }
 
+/// The largest answer read from the BIG-IP (a tenant's declaration of a very large cluster).
+pub const MAX_RESPONSE_BYTES: u64 = 1 << 30;
+
 /// HTTPS (or, to loopback only, plain HTTP) to a BIG-IP.
 pub struct Http {
     agent: ureq::Agent,
@@ -137,7 +140,14 @@ impl Transport for Http {
         };
         let mut resp = result.map_err(|e| format!("{} {}: {e}", req.method, req.path))?;
         let status = resp.status().as_u16();
-        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        // Declarations of large clusters are tens of megabytes: read them whole, and never take a cut-off or
+        // unreadable answer for an empty one.
+        let text = resp
+            .body_mut()
+            .with_config()
+            .limit(MAX_RESPONSE_BYTES)
+            .read_to_string()
+            .map_err(|e| format!("{} {}: reading the answer: {e}", req.method, req.path))?;
         let body = if text.trim().is_empty() {
             Value::Null
         } else {

@@ -275,3 +275,27 @@ fn an_invalid_document_is_never_sent_and_the_rule_is_told_why() {
         "{p}"
     );
 }
+
+#[test]
+fn a_declaration_larger_than_ten_megabytes_is_read_back_whole() {
+    // A tenant declaration of a large cluster (here 14 MB of sources) is read back on adoption and resync: an
+    // answer cut at an HTTP client's default limit would look like an empty tenant and be POSTed again.
+    let d = double();
+    let mut model = common::original_model();
+    let set = model.address_sets.get_mut("service/default/mysql-service").unwrap();
+    for i in 0..800_000u32 {
+        let ip = std::net::Ipv6Addr::from(0xfd00_0000_0000_0000_0000_0000_0000_0000u128 + u128::from(i) * 3);
+        set.addresses.push(ipnet::IpNet::from(std::net::IpAddr::V6(ip)));
+    }
+    set.addresses.sort();
+    let mut b = backend(&d);
+    b.apply(&model, true).unwrap();
+    let stored = d.with(|s| s.tenants["p2"].to_string().len());
+    assert!(stored > 10 << 20, "the tenant is {stored} bytes");
+    let writes = d.with(|s| s.writes().len());
+    // A fresh controller adopts it without a POST; a resync reads it back and writes nothing.
+    let mut fresh = backend(&d);
+    fresh.apply(&model, true).unwrap();
+    fresh.apply(&model, true).unwrap();
+    assert_eq!(d.with(|s| s.writes().len()), writes, "{:?}", &d.with(|s| s.writes())[writes..]);
+}
