@@ -138,36 +138,31 @@ impl As3Backend {
 
     /// The PATCH operations that turn `current` into `desired` when they differ only in address lists.
     fn address_patch(tenant: &str, current: &Value, desired: &Value) -> Option<Vec<Value>> {
-        let strip = |t: &Value| {
-            let mut t = t.clone();
-            if let Some(app) = t.get_mut("Shared").and_then(Value::as_object_mut) {
-                app.retain(|_, o| o.get("class").and_then(Value::as_str) != Some("Firewall_Address_List"));
+        // Compared in place: tenants of large clusters are tens of megabytes, and this runs on every pass.
+        let is_list = |o: &Value| o.get("class").and_then(Value::as_str) == Some("Firewall_Address_List");
+        let (Value::Object(cur), Value::Object(des)) = (current, desired) else { return None };
+        if cur.len() != des.len() || cur.iter().any(|(k, v)| k != "Shared" && des.get(k) != Some(v)) {
+            return None;
+        }
+        let (Some(a), Some(b)) =
+            (cur.get("Shared").and_then(Value::as_object), des.get("Shared").and_then(Value::as_object))
+        else {
+            return None;
+        };
+        if a.len() != b.len() {
+            return None;
+        }
+        let mut ops = Vec::new();
+        for (k, v) in b {
+            let old = a.get(k)?;
+            if old == v {
+                continue;
             }
-            t
-        };
-        let lists = |t: &Value| -> BTreeMap<String, Value> {
-            t.get("Shared")
-                .and_then(Value::as_object)
-                .map(|app| {
-                    app.iter()
-                        .filter(|(_, o)| o.get("class").and_then(Value::as_str) == Some("Firewall_Address_List"))
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        if strip(current) != strip(desired) {
-            return None;
+            if !(is_list(old) && is_list(v)) {
+                return None;
+            }
+            ops.push(json!({"op": "replace", "path": format!("/{tenant}/Shared/{k}"), "value": v}));
         }
-        let (a, b) = (lists(current), lists(desired));
-        if a.keys().ne(b.keys()) {
-            return None;
-        }
-        let ops: Vec<Value> = b
-            .iter()
-            .filter(|(k, v)| a.get(*k) != Some(*v))
-            .map(|(k, v)| json!({"op": "replace", "path": format!("/{tenant}/Shared/{k}"), "value": v}))
-            .collect();
         Some(ops)
     }
 
@@ -177,13 +172,12 @@ impl As3Backend {
             let state = self.read(tenant)?;
             self.device.insert(tenant.to_string(), state);
         }
-        let (current, key) = self.device[tenant].clone();
+        let (current, key) = &self.device[tenant];
         if current.as_ref() == Some(desired) {
             return Ok(TenantOutcome::Unchanged);
         }
-        if let Some(cur) = &current
-            && let Some(ops) = Self::address_patch(tenant, cur, desired)
-        {
+        let (known, keyless) = (current.is_some(), key.is_none());
+        if let Some(ops) = current.as_ref().and_then(|cur| Self::address_patch(tenant, cur, desired)) {
             let n = ops.len();
             self.client.call(&Request {
                 method: "PATCH",
@@ -194,7 +188,7 @@ impl As3Backend {
             self.device.insert(tenant.to_string(), (Some(desired.clone()), None));
             return Ok(TenantOutcome::Patched(n));
         }
-        if current.is_some() && key.is_none() && self.client.is_device() {
+        if known && keyless && self.client.is_device() {
             let state = self.read(tenant)?;
             self.device.insert(tenant.to_string(), state);
             return self.post(tenant, doc);
@@ -204,10 +198,11 @@ impl As3Backend {
 
     fn post(&mut self, tenant: &str, doc: &Value) -> Result<TenantOutcome, ClientError> {
         let desired = doc["declaration"][tenant].clone();
-        let (current, key) = self.device.get(tenant).cloned().unwrap_or((None, None));
-        if current.as_ref() == Some(&desired) {
-            return Ok(TenantOutcome::Unchanged);
-        }
+        let key = match self.device.get(tenant) {
+            Some((current, _)) if current.as_ref() == Some(&desired) => return Ok(TenantOutcome::Unchanged),
+            Some((_, key)) => key.clone(),
+            None => None,
+        };
         let mut body = doc.clone();
         if let Some(k) = &key {
             body["declaration"][tenant]["optimisticLockKey"] = json!(k);
