@@ -179,7 +179,12 @@ fn run(command: Command) -> Result<(), Failure> {
         Command::Compile { inputs, backend: Backend::Model, .. } => {
             let inputs = Inputs::load_unique(&inputs)?;
             let model = inputs.compile();
-            println!("{}", serde_json::to_string_pretty(&model).expect("the model serialises"));
+            // Streamed: the model of a large cluster is tens of megabytes of JSON.
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            serde_json::to_writer_pretty(&mut out, &model).expect("the model serialises");
+            std::io::Write::write_all(&mut out, b"\n")
+                .and_then(|_| std::io::Write::flush(&mut out))
+                .map_err(|e| Failure::input(format!("writing the model: {e}")))?;
             let errors = model.errors().count();
             if errors > 0 {
                 eprintln!(
