@@ -345,8 +345,7 @@ impl<'m> Renderer<'m> {
         let (mut enforced, mut staged) = (Vec::new(), Vec::new());
         for rule in rules {
             if let Some(s) = &rule.schedule {
-                let (_, next) = (s.active_at(self.at), s.next_change(self.at));
-                self.until(next);
+                self.until(s.next_change(self.at));
                 if !s.active_at(self.at) {
                     continue;
                 }

@@ -487,6 +487,11 @@ fn status_error(code: StatusCode, reason: &str, message: &str) -> Response {
     (code, [("content-type", "application/json")], body.to_string()).into_response()
 }
 
+/// The API server's 404 for an object of `r` named `name`.
+fn not_found(r: &Resource, name: &str) -> Response {
+    status_error(StatusCode::NOT_FOUND, "NotFound", &format!("{} \"{name}\" not found", r.plural))
+}
+
 fn json_response(code: StatusCode, v: &Value) -> Response {
     (code, [("content-type", "application/json")], v.to_string()).into_response()
 }
@@ -569,9 +574,7 @@ async fn answer(
                     &table(t.r, store.columns.get(t.r.kind), std::slice::from_ref(o), store.rv),
                 ),
                 Some(o) => json_response(StatusCode::OK, o),
-                None => {
-                    status_error(StatusCode::NOT_FOUND, "NotFound", &format!("{} \"{name}\" not found", t.r.plural))
-                }
+                None => not_found(t.r, name),
             }
         }
         ("POST", None) => {
@@ -597,11 +600,7 @@ async fn answer(
             let nsv = ns.clone().unwrap_or_default();
             let mut store = shared.store.lock().unwrap();
             let Some(old) = store.get(t.r.kind, &nsv, name).cloned() else {
-                return status_error(
-                    StatusCode::NOT_FOUND,
-                    "NotFound",
-                    &format!("{} \"{name}\" not found", t.r.plural),
-                );
+                return not_found(t.r, name);
             };
             let sent = obj["metadata"]["resourceVersion"].as_str().unwrap_or("");
             if !sent.is_empty() && sent != old["metadata"]["resourceVersion"].as_str().unwrap_or("") {
@@ -620,11 +619,7 @@ async fn answer(
             let nsv = ns.clone().unwrap_or_default();
             let mut store = shared.store.lock().unwrap();
             let Some(old) = store.get(t.r.kind, &nsv, name).cloned() else {
-                return status_error(
-                    StatusCode::NOT_FOUND,
-                    "NotFound",
-                    &format!("{} \"{name}\" not found", t.r.plural),
-                );
+                return not_found(t.r, name);
             };
             if content_type.starts_with("application/apply-patch") && q.get("fieldManager").is_none_or(String::is_empty)
             {
@@ -655,9 +650,7 @@ async fn answer(
             let mut store = shared.store.lock().unwrap();
             match remove(&mut store, &shared.changes, t.r, &nsv, name) {
                 Some(o) => json_response(StatusCode::OK, &o),
-                None => {
-                    status_error(StatusCode::NOT_FOUND, "NotFound", &format!("{} \"{name}\" not found", t.r.plural))
-                }
+                None => not_found(t.r, name),
             }
         }
         _ => status_error(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "not supported by the fake API server"),

@@ -363,11 +363,6 @@ impl KubeSource {
         &self.runtime
     }
 
-    /// Watch restarts (initial lists included) per kind.
-    pub fn restarts(&self) -> BTreeMap<&'static str, u64> {
-        self.objects.lock().unwrap_or_else(|p| p.into_inner()).restarts.clone()
-    }
-
     /// The source's metrics as Prometheus text, for a scrape at any time: watch (re)starts by kind, objects kept.
     pub fn metrics(&self) -> Box<dyn Fn() -> String + Send> {
         let objects = self.objects.clone();

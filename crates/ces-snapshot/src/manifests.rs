@@ -276,12 +276,17 @@ pub fn set_fast_yaml(on: bool) {
 /// One YAML document to an untyped value, parsed as the loader parses it (the fast path, then serde-saphyr): the
 /// scale benchmark's baseline.
 pub fn parse_document(doc: &str) -> Result<Value, String> {
+    parse_value(doc).map_err(|e| e.to_string())
+}
+
+/// One document: the fast path when it is on and decides it, else serde-saphyr (whose errors the loader reports).
+fn parse_value(doc: &str) -> Result<Value, serde_saphyr::Error> {
     if FAST_YAML.load(std::sync::atomic::Ordering::Relaxed)
         && let Some(v) = fastyaml::parse(doc)
     {
         return Ok(v);
     }
-    serde_saphyr::from_str_with_options::<Value>(doc, parse_options(doc.len())).map_err(|e| e.to_string())
+    serde_saphyr::from_str_with_options::<Value>(doc, parse_options(doc.len()))
 }
 
 /// Below this many bytes a text is loaded on the calling thread: threads would cost more than they save.
@@ -344,12 +349,7 @@ fn load_documents(docs: &[(usize, std::borrow::Cow<'_, str>)], file: &str) -> It
         PARSER_BYTES.with(|b| b.set(b.get() + doc.len()));
         // The fast path decides most documents; what it does not decide exactly as serde-saphyr does, and every
         // error, is parsed by serde-saphyr (fastyaml.rs).
-        let fast = if FAST_YAML.load(std::sync::atomic::Ordering::Relaxed) { fastyaml::parse(doc) } else { None };
-        let parsed = match fast {
-            Some(v) => Ok(v),
-            None => serde_saphyr::from_str_with_options::<Value>(doc, parse_options(doc.len())),
-        };
-        match parsed {
+        match parse_value(doc) {
             Ok(Value::Null) => {}
             Ok(value) if is_config(&value) => out.stats.configs.push(origin),
             Ok(value) => {

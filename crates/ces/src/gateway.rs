@@ -94,7 +94,8 @@ pub fn run(args: &GatewayArgs) -> Result<(), Failure> {
             manifests: Vec::new(),
             config: None,
             example: false,
-            ces_namespace: ces_compiler::DEFAULT_CES_NAMESPACE.to_string(),
+            ces_namespace: std::env::var("CES_NAMESPACE")
+                .unwrap_or_else(|_| ces_compiler::DEFAULT_CES_NAMESPACE.to_string()),
         });
         if !inputs.manifests.is_empty() {
             return Err(Failure::input("--kubernetes and --manifests are two sources: give one"));
