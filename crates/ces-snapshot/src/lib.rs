@@ -1,7 +1,7 @@
 //! The cluster snapshot: the objects CES reads, reduced to the fields it uses, immutable once built.
 //!
-//! Sources fill a [`SnapshotBuilder`]: [`manifests`] from YAML files (offline use, tests, `ces simulate`), and later
-//! the Kubernetes watcher. The builder rejects duplicates and records every problem as a [`Diagnostic`] that names
+//! Sources fill a [`SnapshotBuilder`]: [`manifests`] from YAML files (offline use, tests, `ces simulate`), and the
+//! Kubernetes source (ces-kube) from watched objects through the same reading (`manifests::parse_object`). The builder rejects duplicates and records every problem as a [`Diagnostic`] that names
 //! its object, so one bad object never keeps the others out.
 
 pub mod manifests;

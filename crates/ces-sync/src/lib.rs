@@ -1,7 +1,7 @@
 //! The one sync loop of CES: source → snapshot → compile → backend.
 //!
-//! Every agent (`ces gateway` now; `ces controller` with the AS3 backend, and the Kubernetes source, later) runs this
-//! loop; sources and backends plug into it through [`Source`] and [`Backend`]. It is level triggered: each pass
+//! Every agent (`ces gateway` with the nftables backend, `ces controller` with the AS3 backend; the manifests-folder
+//! and Kubernetes sources) runs this loop; sources and backends plug into it through [`Source`] and [`Backend`]. It is level triggered: each pass
 //! compiles the whole current state and hands the backend the whole model; the backend decides how little to change.
 //!
 //! - **Changes** are noticed through [`Source::version`] (cheap, polled) and coalesced: after a change the loop waits
