@@ -10,15 +10,17 @@ use std::process::{Command, Stdio};
 
 use crate::Ruleset;
 
-/// How to run `nft`: the program and the arguments before `-f -` (for example `ip netns exec gw nft`).
+/// How to reach the kernel: the `nft` program and the arguments before `-f -` (for example `ip netns exec gw nft`),
+/// and the named network namespace that netlink updates go to (`None`: this process's).
 #[derive(Clone, Debug)]
 pub struct Nft {
     pub program: Vec<String>,
+    pub netns: Option<String>,
 }
 
 impl Default for Nft {
     fn default() -> Self {
-        Nft { program: vec!["nft".into()] }
+        Nft { program: vec!["nft".into()], netns: None }
     }
 }
 
@@ -34,6 +36,11 @@ impl std::fmt::Display for ApplyError {
 impl std::error::Error for ApplyError {}
 
 impl Nft {
+    /// The kernel of the named network namespace (`/run/netns/NAME`), from outside it.
+    pub fn in_netns(name: &str) -> Nft {
+        Nft { program: ["ip", "netns", "exec", name, "nft"].map(String::from).to_vec(), netns: Some(name.to_string()) }
+    }
+
     fn command(&self) -> Command {
         self.tool(None)
     }
@@ -191,9 +198,27 @@ impl Applier {
         Applier { nft, last: None }
     }
 
-    /// Applies a ruleset: elements only when the structure is unchanged, else (and always with `full`) the whole
-    /// table.
+    /// Applies a ruleset: elements only when the structure is unchanged (over netlink when it can), else (and always
+    /// with `full`) the whole table.
     pub fn apply(&mut self, rs: &Ruleset, full: bool) -> Result<Applied, ApplyError> {
+        if !full
+            && let Some(prev) = &self.last
+            && let Some(updates) = rs.element_updates(prev)
+        {
+            if updates.is_empty() {
+                return Ok(Applied::Unchanged);
+            }
+            return match crate::netlink::apply(self.nft.netns.as_deref(), &rs.table, &updates) {
+                Ok(()) => {
+                    self.last = Some(rs.clone());
+                    Ok(Applied::Updated(updates.len()))
+                }
+                Err(e) => {
+                    self.last = None;
+                    Err(ApplyError(e.to_string()))
+                }
+            };
+        }
         if !full && let Some(update) = self.last.as_ref().and_then(|prev| rs.update_transaction(prev)) {
             if update.is_empty() {
                 return Ok(Applied::Unchanged);

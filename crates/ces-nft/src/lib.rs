@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod intervals;
+pub mod netlink;
 pub mod nflog;
 mod render;
 

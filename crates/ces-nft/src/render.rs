@@ -642,6 +642,34 @@ impl Ruleset {
         s + &self.to_text()
     }
 
+    /// The element changes that bring a table loaded from `previous` to this ruleset, for [`crate::netlink`]: `None`
+    /// when chains or set declarations differ, or an element is not one netlink updates can carry (then `nft` does it).
+    pub fn element_updates(&self, previous: &Ruleset) -> Option<Vec<crate::netlink::SetUpdate>> {
+        if self.table != previous.table || self.sets.len() != previous.sets.len() || self.chains != previous.chains {
+            return None;
+        }
+        let mut updates = Vec::new();
+        for ((name, set), (pname, pset)) in self.sets.iter().zip(&previous.sets) {
+            if name != pname || set.kind != pset.kind {
+                return None;
+            }
+            if set.elements == pset.elements {
+                continue;
+            }
+            let now: BTreeSet<&String> = set.elements.iter().collect();
+            let before: BTreeSet<&String> = pset.elements.iter().collect();
+            let parse = |texts: Vec<&&String>| -> Option<Vec<crate::netlink::Element>> {
+                texts.into_iter().map(|t| crate::netlink::Element::parse(t).filter(|e| e.plain())).collect()
+            };
+            updates.push(crate::netlink::SetUpdate {
+                set: name.clone(),
+                remove: parse(before.difference(&now).collect())?,
+                add: parse(now.difference(&before).collect())?,
+            });
+        }
+        Some(updates)
+    }
+
     /// One transaction that brings a table loaded from `previous` to this ruleset by changing set elements only, or
     /// `None` when chains or set declarations differ (then the table must be replaced). An empty string means that
     /// nothing changed.

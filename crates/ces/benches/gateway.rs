@@ -100,9 +100,7 @@ fn naive_chain(rs: &ces_nft::Ruleset, tenant: usize, client: IpAddr, cap: usize)
 
 fn nft_in(lab: &Lab, text: &str) -> Duration {
     let t = Instant::now();
-    Nft { program: vec!["ip".into(), "netns".into(), "exec".into(), lab.gateway.clone(), "nft".into()] }
-        .run(text)
-        .expect("nft load");
+    Nft::in_netns(&lab.gateway).run(text).expect("nft load");
     t.elapsed()
 }
 
@@ -157,11 +155,7 @@ fn main() {
 
     let load = {
         let t = Instant::now();
-        Applier::new(Nft {
-            program: vec!["ip".into(), "netns".into(), "exec".into(), lab.gateway.clone(), "nft".into()],
-        })
-        .apply(&rs, true)
-        .expect("apply");
+        Applier::new(Nft::in_netns(&lab.gateway)).apply(&rs, true).expect("apply");
         t.elapsed()
     };
     let (ces_t, ces_c) = measure(&lab, client, secs);

@@ -139,7 +139,7 @@ pub fn run(args: &InputArgs) -> Result<(), Failure> {
     };
     eprintln!("ces lab: building {} client side(s), a gateway and a server in network namespaces", spec.sides.len());
     let lab = Lab::build(spec).map_err(|e| Failure { code: 1, message: format!("cannot build the lab: {e}") })?;
-    let nft = Nft { program: vec!["ip".into(), "netns".into(), "exec".into(), lab.gateway.clone(), "nft".into()] };
+    let nft = Nft::in_netns(&lab.gateway);
     Applier::new(nft).apply(&rs, true).map_err(|e| Failure { code: 1, message: e.to_string() })?;
     for d in &rs.diagnostics {
         eprintln!("ces lab: {d}");

@@ -488,8 +488,15 @@ fn the_agent_follows_churn_with_element_updates_survives_kill_and_retries_failed
     let seen = compare(&lab, &dir, &flows, "after churn");
     assert!(seen.contains("accept:ServiceEgressRule/payments/lab-checkout"), "{seen:?}");
 
-    // A transaction fails while a change arrives: the agent retries until it succeeds, and the change lands.
+    // A transaction fails while a change arrives: the agent retries until it succeeds, and the change lands. The
+    // element update goes over netlink, not through nft: someone deletes the table behind the agent's back, so the
+    // kernel refuses it; the agent's retries replace the table whole with nft, which fails until the flag is gone.
     std::fs::write(&flag, "").unwrap();
+    let tamper = Command::new("ip")
+        .args(["netns", "exec", &lab.gateway, real_nft, "delete", "table", "inet", "ces"])
+        .status()
+        .unwrap();
+    assert!(tamper.success());
     move_pod("10.10.0.13", "10.10.0.12");
     wait_until(|| agent.count("failed, retrying") >= 2, || agent.log());
     std::fs::remove_file(&flag).unwrap();
