@@ -13,6 +13,7 @@
 //! - each context's rules are sorted by priority, then namespace, then name;
 //! - the output depends only on the input: no clock, no I/O, no hash-map iteration order.
 
+mod incremental;
 mod selector;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -28,6 +29,7 @@ use ces_model::{
 use ces_snapshot::{Key, Object, Pod, Snapshot};
 use ipnet::IpNet;
 
+pub use incremental::recompile_pods;
 pub use selector::{matches as selector_matches, validate as validate_selector};
 
 /// The namespace that holds the ExternalServices of ClusterEgressRules when none is configured.

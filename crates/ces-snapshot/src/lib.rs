@@ -6,7 +6,7 @@
 
 pub mod manifests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ces_api::{
@@ -72,7 +72,7 @@ pub struct Object<S> {
     pub spec: S,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     pub namespaces: BTreeMap<String, Namespace>,
     /// Sorted by namespace, then name.
@@ -116,6 +116,61 @@ impl Snapshot {
         names.sort_unstable();
         names.dedup();
         names
+    }
+}
+
+/// A pod as it was and as it is now (`None`: absent). Both name the same pod.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodChange {
+    pub before: Option<Pod>,
+    pub after: Option<Pod>,
+}
+
+impl PodChange {
+    /// The namespace and name of the pod.
+    pub fn key(&self) -> Option<(&str, &str)> {
+        let p = self.after.as_ref().or(self.before.as_ref())?;
+        Some((&p.namespace, &p.name))
+    }
+}
+
+impl Snapshot {
+    fn pod_position(&self, namespace: &str, name: &str) -> Result<usize, usize> {
+        self.pods.binary_search_by(|p| (p.namespace.as_str(), p.name.as_str()).cmp(&(namespace, name)))
+    }
+
+    /// Applies pod changes in place, keeping the pods sorted. Refused, with the snapshot unchanged, when a change
+    /// names two pods, a `before` is not what the snapshot holds, an `after` would define a pod twice, or two changes
+    /// name the same pod.
+    pub fn apply_pod_changes(&mut self, changes: &[PodChange]) -> Result<(), String> {
+        let mut seen = BTreeSet::new();
+        for c in changes {
+            let (ns, name) = c.key().ok_or("a pod change without a pod")?;
+            if let (Some(b), Some(a)) = (&c.before, &c.after)
+                && (b.namespace != a.namespace || b.name != a.name)
+            {
+                return Err(format!("a pod change names {}/{} and {}/{}", b.namespace, b.name, a.namespace, a.name));
+            }
+            if !seen.insert((ns, name)) {
+                return Err(format!("pod {ns}/{name} changes twice in one update"));
+            }
+            let held = self.pod(ns, name);
+            if held != c.before.as_ref() {
+                return Err(format!("pod {ns}/{name} is not what the update expects"));
+            }
+        }
+        for c in changes {
+            let (ns, name) = c.key().expect("checked");
+            match (self.pod_position(ns, name), &c.after) {
+                (Ok(i), Some(p)) => self.pods[i] = p.clone(),
+                (Ok(i), None) => {
+                    self.pods.remove(i);
+                }
+                (Err(i), Some(p)) => self.pods.insert(i, p.clone()),
+                (Err(_), None) => {}
+            }
+        }
+        Ok(())
     }
 }
 

@@ -1,0 +1,239 @@
+//! Pod churn without a whole compile: [`recompile_pods`] patches a model into the one [`crate::compile`] would give
+//! after pods changed, touching only the sets built from those pods' namespaces and their tenants' member sets.
+//!
+//! It follows a change only as far as it can prove that nothing else moves, and otherwise says `None` (the caller
+//! then compiles whole). What it requires of each changed pod (before and after):
+//! - none of its addresses lies in a kube-ovn subnet of another namespace of its tenant (that would change which
+//!   subnets are shared), and its namespace has no subnet of a single address (which could not be told apart from
+//!   a pod's address in the namespace's set);
+//! - none of its addresses is an endpoint address of a Service (that would change which endpoints CES trusts);
+//! - its namespace is named by something else too, or stays named by pods (the tenants' namespace lists stay);
+//! - every set it recomputes keeps being empty or non-empty, so no "matches nothing yet" warning comes or goes.
+//!
+//! Property tests (`tests/incremental.rs`) hold the result equal to a whole compile on generated churn.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ces_config::CesConfig;
+use ces_model::{AddressSet, PodDelta, PodEntry, PolicyModel};
+use ces_snapshot::{Pod, PodChange, Snapshot};
+use ipnet::IpNet;
+
+use crate::{
+    is_source, namespace_pods_set, namespace_set, pod_nets, pod_selector_set, selector, service_set, tenant_set,
+};
+
+/// Whether anything but pods names namespace `ns` (the compiler's `Snapshot::all_namespace_names`, without pods).
+fn named_without_pods(snap: &Snapshot, config: &CesConfig, ns: &str) -> bool {
+    fn has<V>(m: &BTreeMap<(String, String), V>, ns: &str) -> bool {
+        m.range((ns.to_string(), String::new())..).next().is_some_and(|((n, _), _)| n == ns)
+    }
+    snap.namespaces.contains_key(ns)
+        || has(&snap.services, ns)
+        || has(&snap.namespace_rules, ns)
+        || has(&snap.service_rules, ns)
+        || has(&snap.external_services, ns)
+        || has(&snap.external_ip_rules, ns)
+        || config.tenant.iter().any(|t| t.namespaces.iter().any(|n| n == ns))
+}
+
+fn entry(config: &CesConfig, p: &Pod) -> Option<PodEntry> {
+    is_source(p).then(|| PodEntry {
+        tenant: config.tenant_of(&p.namespace).to_string(),
+        namespace: p.namespace.clone(),
+        name: p.name.clone(),
+        ips: p.ips.clone(),
+    })
+}
+
+/// Patches `model` (compiled from the snapshot before `changes`) into the model of `snap` (the snapshot after them).
+/// Returns what changed, or `None`, with `model` untouched, when the changes reach further than this follows.
+pub fn recompile_pods(
+    model: &mut PolicyModel,
+    snap: &Snapshot,
+    config: &CesConfig,
+    changes: &[PodChange],
+) -> Option<PodDelta> {
+    let kube_ovn = config.cni_type() == ces_config::DEFAULT_CNI_TYPE;
+    let mut namespaces: BTreeSet<&str> = BTreeSet::new();
+    let mut addresses: BTreeSet<IpAddr> = BTreeSet::new();
+    let mut keys = BTreeSet::new();
+    for c in changes {
+        let (ns, name) = c.key()?;
+        if !keys.insert((ns, name)) {
+            return None;
+        }
+        for p in c.before.iter().chain(&c.after) {
+            if (p.namespace.as_str(), p.name.as_str()) != (ns, name) {
+                return None;
+            }
+            addresses.extend(p.ips.iter().copied());
+        }
+        namespaces.insert(ns);
+    }
+    let in_model = |ns: &str| model.tenants.iter().any(|t| t.namespaces.iter().any(|n| n == ns));
+    for ns in &namespaces {
+        let tenant = config.tenant_of(ns);
+        if in_model(ns) != (named_without_pods(snap, config, ns) || !snap.pods_in(ns).is_empty()) {
+            return None;
+        }
+        if kube_ovn {
+            for n in snap.namespaces.values() {
+                if n.name == *ns {
+                    if n.cidrs.iter().any(|c| c.prefix_len() == c.max_prefix_len()) {
+                        return None;
+                    }
+                } else if config.tenant_of(&n.name) == tenant
+                    && n.cidrs.iter().any(|c| addresses.iter().any(|a| c.contains(a)))
+                {
+                    return None;
+                }
+            }
+        }
+    }
+    if snap.endpoints.values().flatten().any(|ep| addresses.contains(&ep.ip)) {
+        return None;
+    }
+
+    // The sets of the changed namespaces, computed again as the compiler computes them.
+    let mut new_sets: BTreeMap<String, AddressSet> = BTreeMap::new();
+    let mut put = |name: String, addrs: Vec<IpNet>| {
+        if let Some(old) = model.address_sets.get(&name) {
+            let mut addrs = addrs;
+            addrs.sort_unstable();
+            addrs.dedup();
+            new_sets.insert(
+                name,
+                AddressSet { tenant: old.tenant.clone(), route_domain: old.route_domain, addresses: addrs },
+            );
+        }
+    };
+    for ns in &namespaces {
+        let pods = snap.pods_in(ns);
+        put(namespace_pods_set(ns), pod_nets(pods));
+        if let Some(old) = model.address_sets.get(&namespace_set(ns)) {
+            // The namespace's own subnets are those of its subnets the set holds (pods are single addresses; a
+            // subnet of a single address was refused above).
+            let own = snap
+                .namespaces
+                .get(*ns)
+                .filter(|_| kube_ovn)
+                .map(|n| n.cidrs.iter().filter(|c| old.addresses.binary_search(c).is_ok()).copied().collect())
+                .unwrap_or_else(Vec::new);
+            let mut addrs = pod_nets(pods);
+            addrs.extend(own);
+            put(namespace_set(ns), addrs);
+        }
+        let rules = snap.namespace_rules.range((ns.to_string(), String::new())..).take_while(|((n, _), _)| n == ns);
+        for ((_, rule), obj) in rules {
+            if let Some(sel) = &obj.spec.pod_selector {
+                put(pod_selector_set(ns, rule), pod_nets(pods.iter().filter(|p| selector::matches(sel, &p.labels))));
+            }
+        }
+        let services = snap.services.range((ns.to_string(), String::new())..).take_while(|((n, _), _)| n == ns);
+        for (key, svc) in services {
+            if snap.endpoints.contains_key(key) {
+                continue; // its set is its trusted endpoints, which these pods are not
+            }
+            let addrs = match &svc.selector {
+                Some(sel) => pod_nets(pods.iter().filter(|p| p.ready && selector::service_selects(sel, &p.labels))),
+                None => Vec::new(),
+            };
+            put(service_set(ns, &key.1), addrs);
+        }
+    }
+    // Tenants' member sets: the changed pods' old addresses out (unless another pod of the tenant still has them),
+    // the new ones in.
+    let mut members: BTreeMap<&str, (BTreeSet<IpNet>, BTreeSet<IpNet>)> = BTreeMap::new();
+    for c in changes {
+        for (p, added) in c.before.iter().map(|p| (p, false)).chain(c.after.iter().map(|p| (p, true))) {
+            if !is_source(p) {
+                continue;
+            }
+            let slot = members.entry(config.tenant_of(&p.namespace)).or_default();
+            let nets = p.ips.iter().map(|ip| IpNet::from(*ip));
+            if added { slot.1.extend(nets) } else { slot.0.extend(nets) }
+        }
+    }
+    // Which of the addresses going out another source pod of the same tenant still has: one pass over the pods.
+    let going: BTreeSet<IpAddr> = members.values().flat_map(|(out, _)| out.iter().map(IpNet::addr)).collect();
+    let mut held: BTreeSet<(&str, IpAddr)> = BTreeSet::new();
+    if !going.is_empty() {
+        for p in snap.pods.iter().filter(|p| is_source(p)) {
+            for ip in p.ips.iter().filter(|ip| going.contains(ip)) {
+                held.insert((config.tenant_of(&p.namespace), *ip));
+            }
+        }
+    }
+    for (tenant, (out, into)) in members {
+        let name = tenant_set(tenant);
+        let old = model.address_sets.get(&name)?;
+        let mut addrs: Vec<IpNet> = old
+            .addresses
+            .iter()
+            .filter(|n| !out.contains(n) || held.contains(&(tenant, n.addr())))
+            .copied()
+            .chain(into)
+            .collect();
+        addrs.sort_unstable();
+        addrs.dedup();
+        new_sets
+            .insert(name, AddressSet { tenant: old.tenant.clone(), route_domain: old.route_domain, addresses: addrs });
+    }
+    if new_sets.iter().any(|(name, s)| model.address_sets[name].addresses.is_empty() != s.addresses.is_empty()) {
+        return None;
+    }
+
+    // The pod entries.
+    let mut pods = Vec::with_capacity(changes.len());
+    for c in changes {
+        let before = c.before.as_ref().and_then(|p| entry(config, p));
+        let after = c.after.as_ref().and_then(|p| entry(config, p));
+        if before != after {
+            pods.push((before, after));
+        }
+    }
+    let position = |entries: &[PodEntry], e: &PodEntry| {
+        entries.binary_search_by(|x| (&x.namespace, &x.name).cmp(&(&e.namespace, &e.name)))
+    };
+    for (before, after) in &pods {
+        let consistent = match (before, after) {
+            (Some(b), _) => position(&model.pods, b).map(|i| &model.pods[i]) == Ok(b),
+            (None, Some(a)) => position(&model.pods, a).is_err(),
+            (None, None) => true,
+        };
+        if !consistent {
+            return None;
+        }
+    }
+
+    // Nothing can fail from here: patch.
+    let mut delta = PodDelta { sets: Vec::new(), pods };
+    for (name, set) in new_sets {
+        let slot = model.address_sets.get_mut(&name).expect("only existing sets are recomputed");
+        if *slot != set {
+            *slot = set;
+            delta.sets.push(name);
+        }
+    }
+    for (before, after) in &delta.pods {
+        match (before, after) {
+            (Some(b), _) => {
+                let i = position(&model.pods, b).expect("checked");
+                match after {
+                    Some(a) => model.pods[i] = a.clone(),
+                    None => {
+                        model.pods.remove(i);
+                    }
+                }
+            }
+            (None, Some(a)) => {
+                let i = position(&model.pods, a).expect_err("checked");
+                model.pods.insert(i, a.clone());
+            }
+            (None, None) => {}
+        }
+    }
+    Some(delta)
+}

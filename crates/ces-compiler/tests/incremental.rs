@@ -1,0 +1,255 @@
+//! `recompile_pods` against the whole compile, on generated pod churn in a world built to make it hard: two
+//! route-domain tenants whose subnets overlap, a subnet shared inside a tenant, IPv6, a namespace only pods name,
+//! Services with and without endpoint objects (endpoints naming pods by address and by `targetRef`), pod and
+//! namespace selectors, hostNetwork and unready pods, and several pods sharing an address. Either the patched model
+//! equals the whole compile exactly, or the patch declines and leaves the model untouched; both must happen often.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ces_compiler::{compile, recompile_pods};
+use ces_config::CesConfig;
+use ces_snapshot::{Pod, PodChange, Snapshot};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+
+const CONFIG: &str = r#"
+clusterName: k8s
+isSupportRouteDomain: true
+tenant:
+  - name: Common
+    namespaces: "c1"
+  - name: ta
+    namespaces: "a1,a2,a3"
+    routeDomain: {id: 2, name: rd2}
+  - name: tb
+    namespaces: "b1,b2"
+    routeDomain: {id: 3, name: rd3}
+"#;
+
+/// Namespaces: name, kube-ovn subnets, team label. a1 and a3 share a subnet inside tenant ta; b1 has the same subnet
+/// in tenant tb; x9 has no Namespace object (only its pods name it).
+const NAMESPACES: [(&str, &str, &str); 6] = [
+    ("a1", "10.1.0.0/24,fd00:1::/120", "red"),
+    ("a2", "10.2.0.0/24", "blue"),
+    ("a3", "10.1.0.0/24", "red"),
+    ("b1", "10.1.0.0/24", "red"),
+    ("b2", "", "blue"),
+    ("c1", "10.3.0.0/24", "blue"),
+];
+const POD_NAMESPACES: [&str; 7] = ["a1", "a2", "a3", "b1", "b2", "c1", "x9"];
+
+/// The addresses pods take: in subnets, outside any, endpoint addresses, IPv6.
+const POOL: [&str; 16] = [
+    "10.1.0.1",
+    "10.1.0.2",
+    "10.1.0.3",
+    "10.1.0.5",
+    "10.2.0.1",
+    "10.2.0.2",
+    "10.3.0.1",
+    "10.3.0.2",
+    "10.9.0.1",
+    "10.9.0.2",
+    "10.9.0.3",
+    "10.9.0.4",
+    "10.9.0.7",
+    "fd00:1::1",
+    "fd00:1::2",
+    "fd00:9::1",
+];
+
+fn world() -> String {
+    let mut y = String::new();
+    let exsvc = |ns: &str| {
+        format!(
+            "---\napiVersion: kubeovn.io/v1alpha1\nkind: ExternalService\nmetadata: {{name: api, namespace: {ns}}}\nspec: {{addresses: [203.0.113.0/24, 2001:db8::1], ports: [{{protocol: tcp, port: \"443\"}}]}}\n"
+        )
+    };
+    y += &exsvc("kube-system");
+    for (ns, cidr, team) in NAMESPACES {
+        let annotations = if cidr.is_empty() {
+            String::new()
+        } else {
+            format!(", annotations: {{ovn.kubernetes.io/cidr: \"{cidr}\"}}")
+        };
+        y += &format!(
+            "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{team: {team}}}{annotations}}}\n"
+        );
+        y += &exsvc(ns);
+        for (svc, selector) in [("web", "{app: web}"), ("db", "{app: db}")] {
+            y += &format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {svc}, namespace: {ns}}}\nspec: {{selector: {selector}}}\n"
+            );
+        }
+        y += &format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: none, namespace: {ns}}}\nspec: {{}}\n");
+        // web has endpoints: an address of the pool, and one that names a pod of this namespace.
+        y += &format!(
+            "---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: web, namespace: {ns}}}\nsubsets:\n- addresses:\n  - {{ip: 10.9.0.7}}\n  - {{ip: 10.1.0.5, targetRef: {{kind: Pod, namespace: {ns}, name: p1}}}}\n"
+        );
+        for (rule, selector) in [
+            ("all", ""),
+            ("web", "\n  podSelector: {matchLabels: {app: web}}"),
+            ("db", "\n  podSelector: {matchExpressions: [{key: app, operator: In, values: [db]}]}"),
+        ] {
+            y += &format!(
+                "---\napiVersion: kubeovn.io/v1alpha1\nkind: NamespaceEgressRule\nmetadata: {{name: {rule}, namespace: {ns}}}\nspec:\n  action: accept\n  externalServices: [api]{selector}\n"
+            );
+        }
+        for svc in ["web", "db", "none"] {
+            y += &format!(
+                "---\napiVersion: kubeovn.io/v1alpha1\nkind: ServiceEgressRule\nmetadata: {{name: to-{svc}, namespace: {ns}}}\nspec: {{action: drop, service: {svc}, externalServices: [api]}}\n"
+            );
+        }
+    }
+    for (name, selector) in [
+        ("red", "\n  namespaceSelector: {matchLabels: {team: red}}"),
+        ("blue", "\n  namespaceSelector: {matchLabels: {team: blue}}"),
+        ("everyone", ""),
+    ] {
+        y += &format!(
+            "---\napiVersion: kubeovn.io/v1alpha1\nkind: ClusterEgressRule\nmetadata: {{name: {name}}}\nspec:\n  action: drop\n  externalServices: [api]{selector}\n"
+        );
+    }
+    y
+}
+
+/// A generated pod: namespace, name, addresses (indexes into POOL), app label, ready, hostNetwork.
+type PodSpec = (usize, usize, Vec<usize>, usize, bool, bool);
+
+fn pod((ns, name, ips, app, ready, host): &PodSpec) -> Pod {
+    let mut labels = BTreeMap::new();
+    match app % 3 {
+        0 => {}
+        1 => {
+            labels.insert("app".to_string(), "web".to_string());
+        }
+        _ => {
+            labels.insert("app".to_string(), "db".to_string());
+        }
+    }
+    let mut addrs: Vec<IpAddr> = ips.iter().map(|i| POOL[*i].parse().unwrap()).collect();
+    addrs.dedup();
+    Pod {
+        namespace: POD_NAMESPACES[*ns].to_string(),
+        name: format!("p{name}"),
+        labels,
+        ips: addrs,
+        ready: *ready,
+        host_network: *host,
+    }
+}
+
+fn pod_spec() -> impl Strategy<Value = PodSpec> {
+    (
+        0..POD_NAMESPACES.len(),
+        0usize..5,
+        prop::collection::vec(0..POOL.len(), 0..3),
+        0usize..3,
+        prop::bool::weighted(0.85),
+        prop::bool::weighted(0.05),
+    )
+}
+
+/// Pods, and changes: each either a new version of a pod (possibly a new pod) or a deletion of an existing one.
+fn case() -> impl Strategy<Value = (Vec<PodSpec>, Vec<(PodSpec, bool)>)> {
+    (prop::collection::vec(pod_spec(), 0..24), prop::collection::vec((pod_spec(), prop::bool::weighted(0.2)), 1..4))
+}
+
+fn with_pods(base: &Snapshot, specs: &[PodSpec]) -> Snapshot {
+    let mut s = base.clone();
+    let mut pods: BTreeMap<(String, String), Pod> = BTreeMap::new();
+    for spec in specs {
+        let p = pod(spec);
+        pods.insert((p.namespace.clone(), p.name.clone()), p);
+    }
+    s.pods = pods.into_values().collect();
+    s
+}
+
+#[test]
+fn patched_models_equal_whole_compiles_on_generated_pod_churn() {
+    let base = ces_snapshot::manifests::load_str(&world(), "world.yaml");
+    assert!(base.diagnostics.is_empty(), "{:?}", base.diagnostics);
+    let config = CesConfig::from_yaml(CONFIG, "ces-conf.yaml").unwrap();
+    let (patched, declined) = (Cell::new(0usize), Cell::new(0usize));
+    let mut runner = TestRunner::new(Config { cases: 1500, ..Config::default() });
+    runner
+        .run(&case(), |(pods, change_specs)| {
+            let before = with_pods(&base, &pods);
+            let mut changes: Vec<PodChange> = Vec::new();
+            for (spec, delete) in &change_specs {
+                let p = pod(spec);
+                if changes.iter().any(|c| c.key() == Some((&p.namespace, &p.name))) {
+                    continue;
+                }
+                let held = before.pod(&p.namespace, &p.name).cloned();
+                let after = if *delete { None } else { Some(p) };
+                if held.is_none() && after.is_none() {
+                    continue;
+                }
+                changes.push(PodChange { before: held, after });
+            }
+            let mut after = before.clone();
+            after.apply_pod_changes(&changes).map_err(TestCaseError::fail)?;
+            let m0 = compile(&before, &config, "kube-system");
+            let m1 = compile(&after, &config, "kube-system");
+            let mut m = m0.clone();
+            match recompile_pods(&mut m, &after, &config, &changes) {
+                Some(delta) => {
+                    patched.set(patched.get() + 1);
+                    prop_assert_eq!(&m, &m1, "the patched model differs from the whole compile");
+                    let mut moved: Vec<&String> = m1
+                        .address_sets
+                        .iter()
+                        .filter(|(n, s)| m0.address_sets.get(*n) != Some(s))
+                        .map(|(n, _)| n)
+                        .collect();
+                    moved.sort();
+                    let mut said: Vec<&String> = delta.sets.iter().collect();
+                    said.sort();
+                    prop_assert_eq!(said, moved, "the delta names exactly the sets that changed");
+                    let pods_moved = delta.pods.iter().all(|(b, a)| b != a);
+                    prop_assert!(pods_moved);
+                }
+                None => {
+                    declined.set(declined.get() + 1);
+                    prop_assert_eq!(&m, &m0, "a declined patch leaves the model as it was");
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+    let (p, d) = (patched.get(), declined.get());
+    assert!(p >= 300, "the patch must apply to most plain churn: patched {p}, declined {d}");
+    assert!(d >= 100, "the generator must reach the cases the patch declines: patched {p}, declined {d}");
+}
+
+#[test]
+fn pod_changes_are_applied_in_place_and_refused_whole() {
+    let mut s = Snapshot::default();
+    let p = |ns: &str, name: &str, ip: &str| Pod {
+        namespace: ns.into(),
+        name: name.into(),
+        ips: vec![ip.parse().unwrap()],
+        ..Pod::default()
+    };
+    let add = |x: Pod| PodChange { before: None, after: Some(x) };
+    s.apply_pod_changes(&[add(p("b", "x", "10.0.0.1")), add(p("a", "y", "10.0.0.2")), add(p("a", "b", "10.0.0.3"))])
+        .unwrap();
+    let keys: Vec<(&str, &str)> = s.pods.iter().map(|p| (p.namespace.as_str(), p.name.as_str())).collect();
+    assert_eq!(keys, [("a", "b"), ("a", "y"), ("b", "x")], "kept sorted");
+    let moved = PodChange { before: Some(p("a", "y", "10.0.0.2")), after: Some(p("a", "y", "10.0.0.9")) };
+    s.apply_pod_changes(std::slice::from_ref(&moved)).unwrap();
+    assert_eq!(s.pod("a", "y").unwrap().ips, ["10.0.0.9".parse::<IpAddr>().unwrap()]);
+    let held = s.clone();
+    // A stale `before`, a duplicate, and the same pod twice are refused, and nothing of them applied.
+    let deleted = PodChange { before: Some(p("a", "b", "10.0.0.3")), after: None };
+    assert!(s.apply_pod_changes(&[deleted.clone(), moved]).is_err(), "stale before");
+    assert!(s.apply_pod_changes(&[deleted.clone(), add(p("b", "x", "10.0.0.4"))]).is_err(), "a duplicate");
+    assert!(s.apply_pod_changes(&[deleted.clone(), deleted.clone()]).is_err(), "twice");
+    assert_eq!(s, held);
+    s.apply_pod_changes(&[deleted]).unwrap();
+    assert!(s.pod("a", "b").is_none());
+}
