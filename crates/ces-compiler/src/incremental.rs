@@ -120,7 +120,7 @@ pub fn recompile_pods(
                 .get(*ns)
                 .filter(|_| kube_ovn)
                 .map(|n| n.cidrs.iter().filter(|c| old.addresses.binary_search(c).is_ok()).copied().collect())
-                .unwrap_or_else(Vec::new);
+                .unwrap_or_default();
             let mut addrs = pod_nets(pods);
             addrs.extend(own);
             put(namespace_set(ns), addrs);
