@@ -115,7 +115,7 @@ pub fn recompile_pods(
         if let Some(old) = model.address_sets.get(&namespace_set(ns)) {
             // The namespace's own subnets are those of its subnets the set holds (pods are single addresses; a
             // subnet of a single address was refused above).
-            let own = snap
+            let own: Vec<IpNet> = snap
                 .namespaces
                 .get(*ns)
                 .filter(|_| kube_ovn)
