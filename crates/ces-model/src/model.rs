@@ -425,29 +425,45 @@ impl fmt::Display for ObjectRef {
     }
 }
 
-/// Who has an address in a tenant: the pod behind a source address, for logs, reports and `simulate`.
+/// Who has an address in a tenant: the pod behind a source address, for logs, reports and `simulate`. Kept up to
+/// date pod by pod under churn ([`PodIndex::remove`], [`PodIndex::insert`]).
 #[derive(Clone, Debug, Default)]
 pub struct PodIndex {
-    /// `(tenant, address)` to the indexes in `pods` of the pods that have it.
-    by_address: std::collections::HashMap<(String, IpAddr), Vec<usize>>,
-    pods: Vec<(String, String)>,
+    /// `(tenant, address)` to the `(namespace, name)` of the pods that have it.
+    by_address: std::collections::HashMap<(String, IpAddr), Vec<(String, String)>>,
 }
 
 impl PodIndex {
     pub fn new(pods: &[PodEntry]) -> PodIndex {
-        let mut by_address: std::collections::HashMap<(String, IpAddr), Vec<usize>> = Default::default();
-        for (i, p) in pods.iter().enumerate() {
-            for ip in &p.ips {
-                by_address.entry((p.tenant.clone(), *ip)).or_default().push(i);
+        let mut index = PodIndex::default();
+        for p in pods {
+            index.insert(p);
+        }
+        index
+    }
+
+    pub fn insert(&mut self, p: &PodEntry) {
+        for ip in &p.ips {
+            self.by_address.entry((p.tenant.clone(), *ip)).or_default().push((p.namespace.clone(), p.name.clone()));
+        }
+    }
+
+    pub fn remove(&mut self, p: &PodEntry) {
+        for ip in &p.ips {
+            let key = (p.tenant.clone(), *ip);
+            if let Some(v) = self.by_address.get_mut(&key) {
+                v.retain(|(ns, name)| (ns, name) != (&p.namespace, &p.name));
+                if v.is_empty() {
+                    self.by_address.remove(&key);
+                }
             }
         }
-        PodIndex { by_address, pods: pods.iter().map(|p| (p.namespace.clone(), p.name.clone())).collect() }
     }
 
     /// `(namespace, pod)` of the one pod of `tenant` that has `ip`; `None` when no pod, or several, have it.
     pub fn pod(&self, tenant: &str, ip: IpAddr) -> Option<(&str, &str)> {
         match self.by_address.get(&(tenant.to_string(), ip)).map(Vec::as_slice) {
-            Some([one]) => Some((self.pods[*one].0.as_str(), self.pods[*one].1.as_str())),
+            Some([one]) => Some((one.0.as_str(), one.1.as_str())),
             _ => None,
         }
     }

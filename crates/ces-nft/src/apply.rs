@@ -8,7 +8,9 @@
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 
-use crate::Ruleset;
+use std::collections::BTreeMap;
+
+use crate::{NftSet, Ruleset};
 
 /// How to reach the kernel: the `nft` program and the arguments before `-f -` (for example `ip netns exec gw nft`),
 /// and the named network namespace that netlink updates go to (`None`: this process's).
@@ -235,6 +237,56 @@ impl Applier {
                 }
             };
         }
+        self.replace(rs)
+    }
+
+    /// The ruleset last applied, if the kernel is known to hold it.
+    pub fn last(&self) -> Option<&Ruleset> {
+        self.last.as_ref()
+    }
+
+    /// Sets the elements of these sets of the table last applied, and nothing else: over netlink when every
+    /// element allows it, else as one `nft` transaction. Refused when a set is not one the table has, or nothing
+    /// was applied yet.
+    pub fn apply_sets(&mut self, sets: BTreeMap<String, NftSet>) -> Result<Applied, ApplyError> {
+        let Some(last) = &self.last else { return Err(ApplyError("no table applied yet".into())) };
+        let mut changed = BTreeMap::new();
+        for (name, set) in sets {
+            match last.sets.get(&name) {
+                Some(prev) if prev.kind == set.kind => {
+                    if prev.elements != set.elements {
+                        changed.insert(name, set);
+                    }
+                }
+                _ => return Err(ApplyError(format!("set {name} is not one of table inet {}", last.table))),
+            }
+        }
+        if changed.is_empty() {
+            return Ok(Applied::Unchanged);
+        }
+        let updates: Option<Vec<_>> =
+            changed.iter().map(|(name, set)| crate::render::set_update(name, &last.sets[name], set)).collect();
+        let result = match updates {
+            Some(u) => {
+                crate::netlink::apply(self.nft.netns.as_deref(), &last.table, &u).map_err(|e| ApplyError(e.to_string()))
+            }
+            None => self.nft.run(&crate::render::refill_transaction(&last.table, &changed)),
+        };
+        match result {
+            Ok(()) => {
+                let n = changed.len();
+                let last = self.last.as_mut().expect("checked");
+                last.sets.extend(changed);
+                Ok(Applied::Updated(n))
+            }
+            Err(e) => {
+                self.last = None;
+                Err(e)
+            }
+        }
+    }
+
+    fn replace(&mut self, rs: &Ruleset) -> Result<Applied, ApplyError> {
         let existing = self.nft.list_table(&rs.table)?.map(|l| crate::Existing::parse(&l));
         match self.nft.run(&rs.replace_transaction(existing.as_ref())) {
             Ok(()) => {

@@ -50,4 +50,48 @@ impl ces_sync::Backend for NftBackend {
         }
         Ok(ces_sync::Applied { summary, valid_until: rs.valid_until })
     }
+
+    /// Pod churn: re-renders only the source sets built from the sets that moved, and updates their elements. A
+    /// tenant told apart by address whose members moved changes the tenants map and its overlap check: that takes
+    /// the whole render.
+    fn apply_pods(
+        &mut self,
+        model: &ces_model::PolicyModel,
+        delta: &ces_model::PodDelta,
+    ) -> Result<ces_sync::Applied, String> {
+        let by_address =
+            model.tenants.iter().any(|t| t.backend.gateway_interfaces.is_empty() && delta.sets.contains(&t.members));
+        let Some(last) = self.applier.last().filter(|_| !by_address) else { return self.apply(model, false) };
+        let (table, valid_until) = (last.table.clone(), last.valid_until);
+        let mut sets = std::collections::BTreeMap::new();
+        for (stem, names) in &last.sources {
+            if !names.iter().any(|n| delta.sets.contains(n)) {
+                continue;
+            }
+            let parts: Vec<intervals::Intervals> = names
+                .iter()
+                .map(|n| intervals::Intervals::from_nets(model.address_sets.get(n).map_or(&[][..], |s| &s.addresses)))
+                .collect();
+            let iv = intervals::Intervals::union(&parts);
+            sets.insert(format!("{stem}_v4"), NftSet { kind: SetKind::V4, elements: iv.elements_v4() });
+            sets.insert(format!("{stem}_v6"), NftSet { kind: SetKind::V6, elements: iv.elements_v6() });
+        }
+        let applied = self.applier.apply_sets(sets).map_err(|e| e.to_string())?;
+        {
+            let mut index = self.log_index.lock().unwrap_or_else(|p| p.into_inner());
+            for (before, after) in &delta.pods {
+                if let Some(b) = before {
+                    index.pods.remove(b);
+                }
+                if let Some(a) = after {
+                    index.pods.insert(a);
+                }
+            }
+        }
+        let summary = match applied {
+            apply::Applied::Updated(n) => format!("table inet {table}: elements of {n} set(s) updated (pod churn)"),
+            _ => format!("table inet {table} unchanged (pod churn)"),
+        };
+        Ok(ces_sync::Applied { summary, valid_until })
+    }
 }

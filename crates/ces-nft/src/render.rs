@@ -97,6 +97,9 @@ pub struct Ruleset {
     /// Rate-limited traffic classes, shaped on `uplinks` (HTB class `1:<10 + mark>`).
     pub shaping: Vec<ShapeClass>,
     pub uplinks: Vec<String>,
+    /// Each source set stem (`s3`, `u0`) and the model address sets it is the union of, so that pod churn
+    /// re-renders just the stems of the sets that moved.
+    pub sources: BTreeMap<String, Vec<String>>,
 }
 
 /// One rate-limited port entry of one rule: connections it accepts carry `mark` in the CES byte of the conntrack
@@ -147,6 +150,7 @@ struct Renderer<'m> {
     valid_until: Option<Timestamp>,
     log_tags: Vec<LogTag>,
     shaping: Vec<ShapeClass>,
+    sources: BTreeMap<String, Vec<String>>,
 }
 
 /// Renders the model for the gateway, as of `at` (which fixes the UTC form of schedules).
@@ -163,6 +167,7 @@ pub fn render(model: &PolicyModel, at: Timestamp) -> Result<Ruleset, RenderError
         valid_until: None,
         log_tags: Vec::new(),
         shaping: Vec::new(),
+        sources: BTreeMap::new(),
     };
     for (k, (id, d)) in model.destination_sets.iter().enumerate() {
         let stem = format!("d{k}");
@@ -234,6 +239,7 @@ pub fn render(model: &PolicyModel, at: Timestamp) -> Result<Ruleset, RenderError
         log_tags: r.log_tags,
         shaping: r.shaping,
         uplinks: model.settings.gateway.uplinks.clone(),
+        sources: r.sources,
     })
 }
 
@@ -412,6 +418,7 @@ impl<'m> Renderer<'m> {
                 if !self.sets.contains_key(&format!("{stem}_v4")) {
                     let iv = Intervals::from_nets(&self.model.address_sets[*one].addresses);
                     self.add_family_sets(&stem, &iv, true);
+                    self.sources.insert(stem.clone(), vec![one.to_string()]);
                 }
                 Some(Some(stem))
             }
@@ -421,6 +428,7 @@ impl<'m> Renderer<'m> {
                 let stem = format!("u{}", self.unions);
                 self.unions += 1;
                 self.add_family_sets(&stem, &Intervals::union(&parts), true);
+                self.sources.insert(stem.clone(), many.iter().map(|n| n.to_string()).collect());
                 Some(Some(stem))
             }
         }
@@ -586,6 +594,33 @@ impl Existing {
     }
 }
 
+/// The element changes from `before` to `now` of set `name`, for [`crate::netlink`]; `None` when an element is not
+/// one netlink updates carry.
+pub fn set_update(name: &str, before: &NftSet, now: &NftSet) -> Option<crate::netlink::SetUpdate> {
+    let new: BTreeSet<&String> = now.elements.iter().collect();
+    let old: BTreeSet<&String> = before.elements.iter().collect();
+    let parse = |texts: Vec<&&String>| -> Option<Vec<crate::netlink::Element>> {
+        texts.into_iter().map(|t| crate::netlink::Element::parse(t).filter(|e| e.plain())).collect()
+    };
+    Some(crate::netlink::SetUpdate {
+        set: name.to_string(),
+        remove: parse(old.difference(&new).collect())?,
+        add: parse(new.difference(&old).collect())?,
+    })
+}
+
+/// An `nft` transaction that sets the elements of these sets (flushed, then filled).
+pub fn refill_transaction(table: &str, sets: &BTreeMap<String, NftSet>) -> String {
+    let mut s = String::new();
+    for (name, set) in sets {
+        let _ = writeln!(s, "flush {} inet {table} {name}", set.kind.keyword());
+        if !set.elements.is_empty() {
+            let _ = writeln!(s, "add element inet {table} {name} {{ {} }}", set.elements.join(", "));
+        }
+    }
+    s
+}
+
 impl Ruleset {
     fn text(&self, with_elements: bool) -> String {
         let mut s = format!("table inet {} {{\n", self.table);
@@ -653,19 +688,9 @@ impl Ruleset {
             if name != pname || set.kind != pset.kind {
                 return None;
             }
-            if set.elements == pset.elements {
-                continue;
+            if set.elements != pset.elements {
+                updates.push(set_update(name, pset, set)?);
             }
-            let now: BTreeSet<&String> = set.elements.iter().collect();
-            let before: BTreeSet<&String> = pset.elements.iter().collect();
-            let parse = |texts: Vec<&&String>| -> Option<Vec<crate::netlink::Element>> {
-                texts.into_iter().map(|t| crate::netlink::Element::parse(t).filter(|e| e.plain())).collect()
-            };
-            updates.push(crate::netlink::SetUpdate {
-                set: name.clone(),
-                remove: parse(before.difference(&now).collect())?,
-                add: parse(now.difference(&before).collect())?,
-            });
         }
         Some(updates)
     }
@@ -677,17 +702,13 @@ impl Ruleset {
         if self.table != previous.table || self.text(false) != previous.text(false) {
             return None;
         }
-        let mut s = String::new();
-        for (name, set) in &self.sets {
-            if previous.sets.get(name).is_some_and(|p| p.elements == set.elements) {
-                continue;
-            }
-            let _ = writeln!(s, "flush {} inet {} {name}", set.kind.keyword(), self.table);
-            if !set.elements.is_empty() {
-                let _ = writeln!(s, "add element inet {} {name} {{ {} }}", self.table, set.elements.join(", "));
-            }
-        }
-        Some(s)
+        let changed: BTreeMap<String, NftSet> = self
+            .sets
+            .iter()
+            .filter(|(name, set)| previous.sets.get(*name).is_none_or(|p| p.elements != set.elements))
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect();
+        Some(refill_transaction(&self.table, &changed))
     }
 }
 
@@ -710,6 +731,7 @@ mod tests {
             log_tags: vec![],
             shaping: vec![],
             uplinks: vec![],
+            sources: BTreeMap::new(),
         };
         let listing = "table inet ces {\n\tset s0_v4 {\n\t\ttype ipv4_addr\n\t}\n\tmap tenants_v4 {\n\t}\n\tchain forward {\n\t}\n\tchain t9 {\n\t}\n}\n";
         let existing = Existing::parse(listing);

@@ -70,6 +70,7 @@ fn ruleset(v4: &[String], v6: &[String], map: &[String], big: &[String]) -> Rule
         log_tags: vec![],
         shaping: vec![],
         uplinks: vec![],
+        sources: BTreeMap::new(),
     }
 }
 

@@ -139,6 +139,32 @@ impl Snapshot {
         self.pods.binary_search_by(|p| (p.namespace.as_str(), p.name.as_str()).cmp(&(namespace, name)))
     }
 
+    /// Whether two snapshots hold the same objects, pods aside.
+    pub fn same_but_pods(&self, other: &Snapshot) -> bool {
+        self.namespaces == other.namespaces
+            && self.services == other.services
+            && self.endpoints == other.endpoints
+            && self.external_services == other.external_services
+            && self.cluster_rules == other.cluster_rules
+            && self.namespace_rules == other.namespace_rules
+            && self.service_rules == other.service_rules
+            && self.external_ip_rules == other.external_ip_rules
+            && self.diagnostics == other.diagnostics
+    }
+
+    /// The pod changes from `self` to `other` (both sorted, as snapshots are).
+    pub fn pod_changes(&self, other: &Snapshot) -> Vec<PodChange> {
+        let key = |p: &Pod| (p.namespace.clone(), p.name.clone());
+        let mut all: BTreeMap<(String, String), PodChange> = BTreeMap::new();
+        for p in &self.pods {
+            all.insert(key(p), PodChange { before: Some(p.clone()), after: None });
+        }
+        for p in &other.pods {
+            all.entry(key(p)).or_insert(PodChange { before: None, after: None }).after = Some(p.clone());
+        }
+        all.into_values().filter(|c| c.before != c.after).collect()
+    }
+
     /// Applies pod changes in place, keeping the pods sorted. Refused, with the snapshot unchanged, when a change
     /// names two pods, a `before` is not what the snapshot holds, an `after` would define a pod twice, or two changes
     /// name the same pod.

@@ -6,8 +6,8 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
 use ces_config::CesConfig;
-use ces_snapshot::Snapshot;
 use ces_snapshot::manifests::{self, ParsedFile};
+use ces_snapshot::{PodChange, Snapshot};
 
 use crate::Source;
 
@@ -17,11 +17,14 @@ pub struct Folder {
     pub config: Option<PathBuf>,
     /// Each file parsed, with the size and modification time it had: only changed files are parsed again.
     cache: HashMap<PathBuf, (u64, ParsedFile)>,
+    /// The files and the config's stamp of the last load or update.
+    files: Vec<PathBuf>,
+    config_stamp: Option<u64>,
 }
 
 impl Folder {
     pub fn new(manifests: Vec<PathBuf>, config: Option<PathBuf>) -> Folder {
-        Folder { manifests, config, cache: HashMap::new() }
+        Folder { manifests, config, cache: HashMap::new(), files: Vec::new(), config_stamp: None }
     }
 }
 
@@ -81,13 +84,52 @@ impl Source for Folder {
             cache.insert(f.clone(), (stamp, parsed));
         }
         self.cache = cache;
+        self.config_stamp = self.config.as_deref().map(stamp).transpose()?;
         let parsed: Vec<&ParsedFile> = files.iter().map(|f| &self.cache[f].1).collect();
         let (snapshot, _) = manifests::build(&parsed);
         snapshot.refuse_duplicates()?;
+        self.files = files;
         let config = match &self.config {
             Some(p) => CesConfig::from_file(p).map_err(|e| e.to_string())?,
             None => CesConfig::embedded_default(),
         };
         Ok((snapshot, config))
+    }
+
+    /// Pod churn: when the changed files differ from their last version in pods only, those pods are moved in
+    /// the snapshot. Any other change (the config, files added or removed, any other object, a pod defined twice)
+    /// leaves it to `load`; the files parsed here stay cached for it.
+    fn update(&mut self, snapshot: &mut Snapshot) -> Result<Option<Vec<PodChange>>, String> {
+        if self.config.as_deref().map(stamp).transpose()? != self.config_stamp {
+            return Ok(None);
+        }
+        let files = manifests::files(&self.manifests).map_err(|e| e.to_string())?;
+        if files != self.files {
+            return Ok(None);
+        }
+        let mut changes = Vec::new();
+        let mut only_pods = true;
+        for f in &files {
+            let now = stamp(f)?;
+            let Some((then, old)) = self.cache.get(f) else { return Ok(None) };
+            if *then == now {
+                continue;
+            }
+            let new = manifests::parse_file(f).map_err(|e| e.to_string())?;
+            if only_pods {
+                let (before, _) = manifests::build(&[old]);
+                let (after, _) = manifests::build(&[&new]);
+                if before.same_but_pods(&after) {
+                    changes.extend(before.pod_changes(&after));
+                } else {
+                    only_pods = false;
+                }
+            }
+            self.cache.insert(f.clone(), (now, new));
+        }
+        if !only_pods || snapshot.apply_pod_changes(&changes).is_err() {
+            return Ok(None);
+        }
+        Ok(Some(changes))
     }
 }

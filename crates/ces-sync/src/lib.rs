@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ces_config::CesConfig;
-use ces_model::{Diagnostic, ObjectRef, PolicyModel, Severity};
-use ces_snapshot::Snapshot;
+use ces_model::{Diagnostic, ObjectRef, PodDelta, PolicyModel, Severity};
+use ces_snapshot::{PodChange, Snapshot};
 use jiff::Timestamp;
 
 /// Where the policy comes from.
@@ -28,6 +28,12 @@ pub trait Source {
     fn version(&mut self) -> Result<u64, String>;
     /// The current inputs.
     fn load(&mut self) -> Result<(Snapshot, CesConfig), String>;
+    /// Pod churn without a load: when only pods changed since the last `load` or `update`, moves them in `snapshot`
+    /// (the snapshot those gave, kept by the loop) and returns the changes; `None` when something else changed or the
+    /// source cannot tell (the loop then loads). Default: `None`.
+    fn update(&mut self, _snapshot: &mut Snapshot) -> Result<Option<Vec<PodChange>>, String> {
+        Ok(None)
+    }
     /// After each pass that compiled a model: the model, and what the backend made of it. A source that can, writes
     /// it back where its objects came from (the Kubernetes source writes status). Default: nothing.
     fn report(&mut self, _model: &PolicyModel, _report: &Report<'_>) {}
@@ -115,6 +121,10 @@ pub trait Backend {
     fn name(&self) -> &str;
     /// Programs the data plane to `model`. With `full`, assume nothing about what was applied before.
     fn apply(&mut self, model: &PolicyModel, full: bool) -> Result<Applied, String>;
+    /// Programs a model that differs from the one last applied only as `delta` says (pod churn). Default: `apply`.
+    fn apply_pods(&mut self, model: &PolicyModel, _delta: &PodDelta) -> Result<Applied, String> {
+        self.apply(model, false)
+    }
     /// The problems of the last apply with particular objects (see [`Report::problems`]). Default: none.
     fn problems(&self) -> Vec<Diagnostic> {
         Vec::new()
@@ -180,6 +190,7 @@ pub fn run(
     let mut expires: Option<Timestamp> = None;
     let mut retry_at: Option<Instant> = None;
     let mut backoff = opts.retry_min;
+    let mut state: Option<State> = None;
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         let version = source.version();
@@ -207,22 +218,11 @@ pub fn run(
         let version = if reason == "change" { settle(source, opts, stop) } else { version };
         let full = matches!(reason, "retry" | "resync") || applied_version.is_none();
         let result = version.and_then(|v| {
-            let t = Instant::now();
-            let (snapshot, config) = source.load()?;
-            let load = t.elapsed();
-            let model = compile_keeping_last_good(source, &snapshot, &config, &opts.ces_namespace);
-            let compile = t.elapsed() - load;
-            let applied = backend.apply(&model, full);
-            let problems = backend.problems();
-            let report = Report {
-                backend: backend.name(),
-                result: applied.as_ref().map(|_| ()).map_err(String::as_str),
-                problems: &problems,
-            };
-            source.report(&model, &report);
-            let applied = applied?;
-            let timings = Timings { load, compile, apply: t.elapsed() - load - compile };
-            Ok((v, applied, model.errors().count(), timings))
+            let passed = pass(source, backend, opts, &mut state, full);
+            if passed.is_err() {
+                state = None;
+            }
+            passed.map(|(applied, problems, timings)| (v, applied, problems, timings))
         });
         match result {
             Ok((v, applied, problems, timings)) => {
@@ -240,6 +240,73 @@ pub fn run(
             }
         }
     }
+}
+
+/// What the last pass compiled, kept for pod churn: the source moves pods in the snapshot, the compiler patches the
+/// model.
+struct State {
+    snapshot: Snapshot,
+    config: CesConfig,
+    model: PolicyModel,
+}
+
+/// One pass: pod churn through `Source::update`, `recompile_pods` and `Backend::apply_pods` when it can, else a
+/// load, a whole compile and `Backend::apply`. Returns what the backend did, the model's error count and timings.
+fn pass(
+    source: &mut dyn Source,
+    backend: &mut dyn Backend,
+    opts: &Options,
+    state: &mut Option<State>,
+    full: bool,
+) -> Result<(Applied, usize, Timings), String> {
+    let t = Instant::now();
+    let keeps_last_good = |m: &PolicyModel| m.diagnostics.iter().any(|d| d.reason == LAST_GOOD_VERSION_KEPT);
+    if !full
+        && let Some(st) = state.as_mut()
+        && !keeps_last_good(&st.model)
+        && let Some(changes) = source.update(&mut st.snapshot)?
+    {
+        let load = t.elapsed();
+        let delta = ces_compiler::recompile_pods(&mut st.model, &st.snapshot, &st.config, &changes);
+        if delta.is_none() {
+            st.model = compile_keeping_last_good(source, &st.snapshot, &st.config, &opts.ces_namespace);
+        }
+        let compile = t.elapsed() - load;
+        let applied = match &delta {
+            Some(d) => backend.apply_pods(&st.model, d),
+            None => backend.apply(&st.model, false),
+        };
+        let applied = finish(source, backend, &st.model, applied)?;
+        let timings = Timings { load, compile, apply: t.elapsed() - load - compile };
+        return Ok((applied, st.model.errors().count(), timings));
+    }
+    let (snapshot, config) = source.load()?;
+    let load = t.elapsed();
+    let model = compile_keeping_last_good(source, &snapshot, &config, &opts.ces_namespace);
+    let compile = t.elapsed() - load;
+    let applied = backend.apply(&model, full);
+    let applied = finish(source, backend, &model, applied);
+    let timings = Timings { load, compile, apply: t.elapsed() - load - compile };
+    let errors = model.errors().count();
+    *state = Some(State { snapshot, config, model });
+    Ok((applied?, errors, timings))
+}
+
+/// Reports the apply to the source and passes its result on.
+fn finish(
+    source: &mut dyn Source,
+    backend: &mut dyn Backend,
+    model: &PolicyModel,
+    applied: Result<Applied, String>,
+) -> Result<Applied, String> {
+    let problems = backend.problems();
+    let report = Report {
+        backend: backend.name(),
+        result: applied.as_ref().map(|_| ()).map_err(String::as_str),
+        problems: &problems,
+    };
+    source.report(model, &report);
+    applied
 }
 
 /// Waits until the source's version has been stable for `debounce` (or `max_delay` has passed); returns it.
