@@ -194,6 +194,12 @@ impl<B: ces_sync::Backend, F: Fn(&B) -> String> ces_sync::Backend for Counted<B,
         r
     }
 
+    fn apply_pods(&mut self, model: &PolicyModel, delta: &ces_model::PodDelta) -> Result<ces_sync::Applied, String> {
+        let r = self.inner.apply_pods(model, delta);
+        *self.health.extra.lock().unwrap_or_else(|p| p.into_inner()) = (self.extra)(&self.inner);
+        r
+    }
+
     fn problems(&self) -> Vec<Diagnostic> {
         self.inner.problems()
     }

@@ -485,6 +485,7 @@ fn the_agent_follows_churn_with_element_updates_survives_kill_and_retries_failed
     move_pod("10.10.0.12", "10.10.0.13");
     wait_until(|| agent.count("set(s) updated") >= 1, || agent.log());
     assert_eq!(agent.count("replaced"), 1, "pod churn must not replace the table: {}", agent.log());
+    assert!(agent.log().contains("set(s) updated (pod churn)"), "pod churn takes the patch: {}", agent.log());
     let seen = compare(&lab, &dir, &flows, "after churn");
     assert!(seen.contains("accept:ServiceEgressRule/payments/lab-checkout"), "{seen:?}");
 
