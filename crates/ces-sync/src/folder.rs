@@ -1,4 +1,5 @@
-//! The manifests-folder source: YAML/JSON files and folders, and a `ces-conf.yaml`, read whole on each load.
+//! The manifests-folder source: YAML/JSON files and folders, and a `ces-conf.yaml`. Only changed files are parsed
+//! again; an edit that changes pods only is applied to the loop's snapshot in place (`Source::update`).
 
 use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;

@@ -2,8 +2,12 @@
 //!
 //! Every agent (`ces gateway` with the nftables backend, `ces controller` with the AS3 backend; the manifests-folder
 //! and Kubernetes sources) runs this loop; sources and backends plug into it through [`Source`] and [`Backend`]. It is level triggered: each pass
-//! compiles the whole current state and hands the backend the whole model; the backend decides how little to change.
+//! hands the backend the whole current model; the backend decides how little to change.
 //!
+//! - **Pod churn** takes a shorter path: the loop keeps the last snapshot and model; a source that can tell that only
+//!   pods changed moves them in that snapshot ([`Source::update`]), the compiler patches the model
+//!   (`ces_compiler::recompile_pods`, which declines when the change could reach further), and the backend programs
+//!   the delta ([`Backend::apply_pods`]). Everything else, every resync and every retry loads and compiles whole.
 //! - **Changes** are noticed through [`Source::version`] (cheap, polled) and coalesced: after a change the loop waits
 //!   until the version has been stable for `debounce` (at most `max_delay` after the first change), so a burst of
 //!   churn becomes one apply.
