@@ -5,6 +5,7 @@ pub mod apply;
 pub mod intervals;
 pub mod netlink;
 pub mod nflog;
+mod nl;
 mod render;
 
 pub use render::{CT_MARK_MASK, Chain, Existing, LogTag, NftSet, RenderError, Ruleset, SetKind, ShapeClass, render};

@@ -13,16 +13,16 @@
 
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
-const NETLINK_NETFILTER: libc::c_int = 12;
+use crate::nl::{self, attr, message, nested};
+
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 16;
 const NFNL_MSG_BATCH_END: u16 = 17;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
 const NFPROTO_INET: u8 = 1;
-const NLA_F_NESTED: u16 = 0x8000;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
@@ -82,20 +82,6 @@ pub struct SetUpdate {
     pub add: Vec<Element>,
 }
 
-fn attr(t: u16, data: &[u8]) -> Vec<u8> {
-    let len = 4 + data.len();
-    let mut v = Vec::with_capacity(len.div_ceil(4) * 4);
-    v.extend_from_slice(&(len as u16).to_ne_bytes());
-    v.extend_from_slice(&t.to_ne_bytes());
-    v.extend_from_slice(data);
-    v.resize(len.div_ceil(4) * 4, 0);
-    v
-}
-
-fn nested(t: u16, parts: &[Vec<u8>]) -> Vec<u8> {
-    attr(t | NLA_F_NESTED, &parts.concat())
-}
-
 fn cstr(s: &str) -> Vec<u8> {
     let mut v = s.as_bytes().to_vec();
     v.push(0);
@@ -134,22 +120,6 @@ fn kernel_elements(e: &Element) -> [Vec<u8>; 2] {
     [nested(NFTA_LIST_ELEM, &start), nested(NFTA_LIST_ELEM, &end)]
 }
 
-fn message(ty: u16, flags: u16, seq: u32, family: u8, res_id: u16, attrs: &[Vec<u8>]) -> Vec<u8> {
-    let body_len: usize = 4 + attrs.iter().map(Vec::len).sum::<usize>();
-    let mut m = Vec::with_capacity(16 + body_len);
-    m.extend_from_slice(&((16 + body_len) as u32).to_ne_bytes());
-    m.extend_from_slice(&ty.to_ne_bytes());
-    m.extend_from_slice(&flags.to_ne_bytes());
-    m.extend_from_slice(&seq.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    m.extend_from_slice(&[family, 0]);
-    m.extend_from_slice(&res_id.to_be_bytes());
-    for a in attrs {
-        m.extend_from_slice(a);
-    }
-    m
-}
-
 /// The batch for these updates: every removal before any addition, so that an interval may be replaced by one that
 /// overlaps it. Returns the bytes and the sequence numbers that expect an answer.
 pub fn batch(table: &str, updates: &[SetUpdate]) -> (Vec<u8>, Vec<u32>) {
@@ -179,16 +149,6 @@ pub fn batch(table: &str, updates: &[SetUpdate]) -> (Vec<u8>, Vec<u32>) {
     (out, seqs)
 }
 
-fn socket() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the fd is owned right away.
-    let raw = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_NETFILTER) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh fd we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-}
-
 /// A netfilter netlink socket in the named network namespace (`/run/netns/NAME`), opened from a thread that enters
 /// it; the socket stays in that namespace.
 fn socket_in(netns: &str) -> io::Result<OwnedFd> {
@@ -200,7 +160,7 @@ fn socket_in(netns: &str) -> io::Result<OwnedFd> {
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(io::Error::last_os_error());
             }
-            socket()
+            nl::socket()
         })
         .join()
         .map_err(|_| io::Error::other("the netns thread panicked"))?
@@ -216,65 +176,25 @@ pub fn apply(netns: Option<&str>, table: &str, updates: &[SetUpdate]) -> io::Res
     }
     let fd = match netns {
         Some(n) => socket_in(n)?,
-        None => socket()?,
+        None => nl::socket()?,
     };
-    let tv = libc::timeval { tv_sec: 5, tv_usec: 0 };
-    // SAFETY: tv is a valid timeval for SO_RCVTIMEO.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            &tv as *const libc::timeval as *const libc::c_void,
-            std::mem::size_of::<libc::timeval>() as u32,
-        );
-    }
-    // SAFETY: a zeroed sockaddr_nl is valid; the kernel is nl_pid 0.
-    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    addr.nl_family = libc::AF_NETLINK as u16;
-    // SAFETY: the buffer and address are valid for the call.
-    let sent = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            bytes.as_ptr() as *const libc::c_void,
-            bytes.len(),
-            0,
-            &addr as *const libc::sockaddr_nl as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_nl>() as u32,
-        )
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if sent as usize != bytes.len() {
-        return Err(io::Error::other("netlink: the batch was sent in part"));
-    }
+    nl::set_timeout(&fd, std::time::Duration::from_secs(5))?;
+    nl::send(&fd, &bytes)?;
     let mut pending: std::collections::BTreeSet<u32> = seqs.into_iter().collect();
     let mut buf = vec![0u8; 1 << 16];
     while !pending.is_empty() {
-        // SAFETY: buf is valid for its length.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut off = 0;
-        let n = n as usize;
-        while off + 16 <= n {
-            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
-            let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2 bytes"));
-            let seq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().expect("4 bytes"));
-            if len < 16 || off + len > n {
-                break;
-            }
-            if ty == libc::NLMSG_ERROR as u16 && len >= 20 {
-                let errno = i32::from_ne_bytes(buf[off + 16..off + 20].try_into().expect("4 bytes"));
-                if errno != 0 {
+        let n = nl::recv(&fd, &mut buf)?;
+        for m in nl::messages(&buf[..n]) {
+            match m.error() {
+                Some(0) => {
+                    pending.remove(&m.seq);
+                }
+                Some(errno) => {
                     let e = io::Error::from_raw_os_error(-errno);
                     return Err(io::Error::new(e.kind(), format!("nf_tables refused the element batch: {e}")));
                 }
-                pending.remove(&seq);
+                None => {}
             }
-            off += len.div_ceil(4) * 4;
         }
     }
     Ok(())

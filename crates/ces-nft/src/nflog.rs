@@ -7,13 +7,13 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 use ces_model::PolicyModel;
 
+use crate::nl::{self, attr};
 use crate::{LogTag, Ruleset};
 
-const NETLINK_NETFILTER: libc::c_int = 12;
 const NFNL_SUBSYS_ULOG: u16 = 4;
 const NFULNL_MSG_PACKET: u16 = 0;
 const NFULNL_MSG_CONFIG: u16 = 1;
@@ -23,7 +23,6 @@ const NFULNL_CFG_CMD_BIND: u8 = 1;
 const NFULNL_COPY_PACKET: u8 = 2;
 const NFULA_PAYLOAD: u16 = 9;
 const NFULA_PREFIX: u16 = 10;
-const NLMSG_ERROR: u16 = 2;
 
 /// One logged packet: its prefix and the packet from its network header on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,46 +36,9 @@ pub struct NflogSocket {
     fd: OwnedFd,
 }
 
-fn attr(t: u16, data: &[u8]) -> Vec<u8> {
-    let len = 4 + data.len();
-    let mut v = Vec::with_capacity(len.div_ceil(4) * 4);
-    v.extend_from_slice(&(len as u16).to_ne_bytes());
-    v.extend_from_slice(&t.to_ne_bytes());
-    v.extend_from_slice(data);
-    v.resize(len.div_ceil(4) * 4, 0);
-    v
-}
-
 fn config_message(group: u16, attrs: &[Vec<u8>], seq: u32) -> Vec<u8> {
-    let mut body = vec![libc::AF_UNSPEC as u8, 0];
-    body.extend_from_slice(&group.to_be_bytes());
-    for a in attrs {
-        body.extend_from_slice(a);
-    }
-    let mut m = Vec::with_capacity(16 + body.len());
-    m.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
-    m.extend_from_slice(&((NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG).to_ne_bytes());
-    m.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
-    m.extend_from_slice(&seq.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    m.extend_from_slice(&body);
-    m
-}
-
-/// Walks the netlink messages of one datagram: `(type, payload after the 16-byte header)`.
-fn messages(buf: &[u8]) -> Vec<(u16, &[u8])> {
-    let mut out = Vec::new();
-    let mut off = 0;
-    while off + 16 <= buf.len() {
-        let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
-        if len < 16 || off + len > buf.len() {
-            break;
-        }
-        let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2 bytes"));
-        out.push((ty, &buf[off + 16..off + len]));
-        off += len.div_ceil(4) * 4;
-    }
-    out
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
+    nl::message((NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG, flags, seq, libc::AF_UNSPEC as u8, group, attrs)
 }
 
 /// Parses the attributes of an NFLOG packet message (after its 4-byte nfgenmsg).
@@ -103,72 +65,23 @@ fn packet(body: &[u8]) -> Option<LoggedPacket> {
 impl NflogSocket {
     /// Binds NFLOG group `group` in this network namespace (needs CAP_NET_ADMIN).
     pub fn bind(group: u16) -> io::Result<NflogSocket> {
-        // SAFETY: plain socket(2); the fd is owned right away.
-        let raw = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_NETFILTER) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a fresh fd we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: a zeroed sockaddr_nl is valid; family set below.
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as u16;
-        // SAFETY: addr is a valid sockaddr_nl of the given size.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                &addr as *const libc::sockaddr_nl as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_nl>() as u32,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let s = NflogSocket { fd };
+        let s = NflogSocket { fd: nl::socket()? };
         let mut mode = 0xffffu32.to_be_bytes().to_vec();
         mode.extend_from_slice(&[NFULNL_COPY_PACKET, 0]);
         s.request(&config_message(group, &[attr(NFULA_CFG_CMD, &[NFULNL_CFG_CMD_BIND])], 1))?;
         s.request(&config_message(group, &[attr(NFULA_CFG_MODE, &mode)], 2))?;
-        s.set_timeout(std::time::Duration::from_millis(200))?;
+        nl::set_timeout(&s.fd, std::time::Duration::from_millis(200))?;
         Ok(s)
-    }
-
-    fn set_timeout(&self, d: std::time::Duration) -> io::Result<()> {
-        let tv = libc::timeval { tv_sec: d.as_secs() as libc::time_t, tv_usec: d.subsec_micros() as libc::suseconds_t };
-        // SAFETY: tv is a valid timeval for SO_RCVTIMEO.
-        let rc = unsafe {
-            libc::setsockopt(
-                self.fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                &tv as *const libc::timeval as *const libc::c_void,
-                std::mem::size_of::<libc::timeval>() as u32,
-            )
-        };
-        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
-    }
-
-    fn recv_raw(&self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: buf is valid for writes of its length.
-        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
-        if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
     }
 
     /// Sends a configuration request and waits for its acknowledgement.
     fn request(&self, msg: &[u8]) -> io::Result<()> {
-        // SAFETY: msg is valid for reads of its length.
-        let n = unsafe { libc::send(self.fd.as_raw_fd(), msg.as_ptr() as *const libc::c_void, msg.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        nl::send(&self.fd, msg)?;
         let mut buf = vec![0u8; 8192];
-        let n = self.recv_raw(&mut buf)?;
-        for (ty, body) in messages(&buf[..n]) {
-            if ty == NLMSG_ERROR && body.len() >= 4 {
-                let code = i32::from_ne_bytes(body[..4].try_into().expect("4 bytes"));
-                if code != 0 {
-                    return Err(io::Error::from_raw_os_error(-code));
-                }
+        let n = nl::recv(&self.fd, &mut buf)?;
+        for m in nl::messages(&buf[..n]) {
+            if let Some(code) = m.error().filter(|c| *c != 0) {
+                return Err(io::Error::from_raw_os_error(-code));
             }
         }
         Ok(())
@@ -177,11 +90,11 @@ impl NflogSocket {
     /// The packets of the next datagram; empty after the receive timeout (200 ms), so callers can check for stop.
     pub fn recv(&self) -> io::Result<Vec<LoggedPacket>> {
         let mut buf = vec![0u8; 65536];
-        match self.recv_raw(&mut buf) {
-            Ok(n) => Ok(messages(&buf[..n])
+        match nl::recv(&self.fd, &mut buf) {
+            Ok(n) => Ok(nl::messages(&buf[..n])
                 .into_iter()
-                .filter(|(ty, _)| *ty == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET)
-                .filter_map(|(_, body)| packet(body))
+                .filter(|m| m.ty == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET)
+                .filter_map(|m| packet(m.payload))
                 .collect()),
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => Ok(Vec::new()),
             Err(e) => Err(e),
@@ -306,10 +219,11 @@ mod tests {
     #[test]
     fn netlink_messages_and_attributes_round_trip() {
         let msg = config_message(7, &[attr(NFULA_CFG_CMD, &[NFULNL_CFG_CMD_BIND])], 3);
-        let parsed = messages(&msg);
+        let parsed = nl::messages(&msg);
         assert_eq!(parsed.len(), 1);
-        assert_eq!(parsed[0].0, (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG);
-        assert_eq!(&parsed[0].1[2..4], &7u16.to_be_bytes(), "the group is big-endian in nfgenmsg");
+        assert_eq!(parsed[0].ty, (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG);
+        assert_eq!(parsed[0].seq, 3);
+        assert_eq!(&parsed[0].payload[2..4], &7u16.to_be_bytes(), "the group is big-endian in nfgenmsg");
         let mut body = vec![0, 0, 0, 0];
         body.extend(attr(NFULA_PREFIX, b"ces/3 \0"));
         body.extend(attr(NFULA_PAYLOAD, &[0x45, 1, 2]));
