@@ -200,44 +200,18 @@ impl Applier {
         Applier { nft, last: None }
     }
 
-    /// Applies a ruleset: elements only when the structure is unchanged (over netlink when it can), else (and always
+    /// Applies a ruleset: elements only when the structure is unchanged ([`Applier::update_sets`]), else (and always
     /// with `full`) the whole table.
     pub fn apply(&mut self, rs: &Ruleset, full: bool) -> Result<Applied, ApplyError> {
-        if !full
-            && let Some(prev) = &self.last
-            && let Some(updates) = rs.element_updates(prev)
-        {
-            if updates.is_empty() {
-                return Ok(Applied::Unchanged);
+        match &self.last {
+            Some(prev) if !full && rs.same_structure(prev) => {
+                let changed = rs.changed_sets(prev);
+                let applied = self.update_sets(&changed)?;
+                self.last = Some(rs.clone());
+                Ok(applied)
             }
-            return match crate::netlink::apply(self.nft.netns.as_deref(), &rs.table, &updates) {
-                Ok(()) => {
-                    self.last = Some(rs.clone());
-                    Ok(Applied::Updated(updates.len()))
-                }
-                Err(e) => {
-                    self.last = None;
-                    Err(ApplyError(e.to_string()))
-                }
-            };
+            _ => self.replace(rs),
         }
-        if !full && let Some(update) = self.last.as_ref().and_then(|prev| rs.update_transaction(prev)) {
-            if update.is_empty() {
-                return Ok(Applied::Unchanged);
-            }
-            let sets = update.lines().filter(|l| l.starts_with("flush ")).count();
-            return match self.nft.run(&update) {
-                Ok(()) => {
-                    self.last = Some(rs.clone());
-                    Ok(Applied::Updated(sets))
-                }
-                Err(e) => {
-                    self.last = None;
-                    Err(e)
-                }
-            };
-        }
-        self.replace(rs)
     }
 
     /// The ruleset last applied, if the kernel is known to hold it.
@@ -245,9 +219,8 @@ impl Applier {
         self.last.as_ref()
     }
 
-    /// Sets the elements of these sets of the table last applied, and nothing else: over netlink when every
-    /// element allows it, else as one `nft` transaction. Refused when a set is not one the table has, or nothing
-    /// was applied yet.
+    /// Sets the elements of these sets of the table last applied, and nothing else. Refused when a set is not one the
+    /// table has, or nothing was applied yet.
     pub fn apply_sets(&mut self, sets: BTreeMap<String, NftSet>) -> Result<Applied, ApplyError> {
         let Some(last) = &self.last else { return Err(ApplyError("no table applied yet".into())) };
         let mut changed = BTreeMap::new();
@@ -261,6 +234,16 @@ impl Applier {
                 _ => return Err(ApplyError(format!("set {name} is not one of table inet {}", last.table))),
             }
         }
+        let applied = self.update_sets(&changed)?;
+        self.last.as_mut().expect("checked").sets.extend(changed);
+        Ok(applied)
+    }
+
+    /// Changes the elements of these sets of the table last applied, in one transaction: over netlink when every
+    /// element change allows it (see [`crate::netlink`]), else with `nft`, which flushes and refills them. On failure
+    /// nothing is known of the table any more, so the next apply replaces it.
+    fn update_sets(&mut self, changed: &BTreeMap<String, NftSet>) -> Result<Applied, ApplyError> {
+        let Some(last) = &self.last else { return Err(ApplyError("no table applied yet".into())) };
         if changed.is_empty() {
             return Ok(Applied::Unchanged);
         }
@@ -270,15 +253,10 @@ impl Applier {
             Some(u) => {
                 crate::netlink::apply(self.nft.netns.as_deref(), &last.table, &u).map_err(|e| ApplyError(e.to_string()))
             }
-            None => self.nft.run(&crate::render::refill_transaction(&last.table, &changed)),
+            None => self.nft.run(&crate::render::refill_transaction(&last.table, changed)),
         };
         match result {
-            Ok(()) => {
-                let n = changed.len();
-                let last = self.last.as_mut().expect("checked");
-                last.sets.extend(changed);
-                Ok(Applied::Updated(n))
-            }
+            Ok(()) => Ok(Applied::Updated(changed.len())),
             Err(e) => {
                 self.last = None;
                 Err(e)

@@ -8,7 +8,9 @@ pub mod nflog;
 mod nl;
 mod render;
 
-pub use render::{CT_MARK_MASK, Chain, Existing, LogTag, NftSet, RenderError, Ruleset, SetKind, ShapeClass, render};
+pub use render::{
+    CT_MARK_MASK, Chain, Existing, LogTag, NftSet, RenderError, Ruleset, SetKind, ShapeClass, render, set_update,
+};
 
 /// The gateway as a backend of the sync loop: renders the model as of now and applies it.
 pub struct NftBackend {

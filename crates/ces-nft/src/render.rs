@@ -677,38 +677,22 @@ impl Ruleset {
         s + &self.to_text()
     }
 
-    /// The element changes that bring a table loaded from `previous` to this ruleset, for [`crate::netlink`]: `None`
-    /// when chains or set declarations differ, or an element is not one netlink updates can carry (then `nft` does it).
-    pub fn element_updates(&self, previous: &Ruleset) -> Option<Vec<crate::netlink::SetUpdate>> {
-        if self.table != previous.table || self.sets.len() != previous.sets.len() || self.chains != previous.chains {
-            return None;
-        }
-        let mut updates = Vec::new();
-        for ((name, set), (pname, pset)) in self.sets.iter().zip(&previous.sets) {
-            if name != pname || set.kind != pset.kind {
-                return None;
-            }
-            if set.elements != pset.elements {
-                updates.push(set_update(name, pset, set)?);
-            }
-        }
-        Some(updates)
+    /// Whether a table loaded from `previous` becomes this ruleset by changing set elements only: the same table,
+    /// chains, and set and map declarations.
+    pub fn same_structure(&self, previous: &Ruleset) -> bool {
+        self.table == previous.table
+            && self.chains == previous.chains
+            && self.sets.len() == previous.sets.len()
+            && self.sets.iter().zip(&previous.sets).all(|((n, s), (pn, ps))| n == pn && s.kind == ps.kind)
     }
 
-    /// One transaction that brings a table loaded from `previous` to this ruleset by changing set elements only, or
-    /// `None` when chains or set declarations differ (then the table must be replaced). An empty string means that
-    /// nothing changed.
-    pub fn update_transaction(&self, previous: &Ruleset) -> Option<String> {
-        if self.table != previous.table || self.text(false) != previous.text(false) {
-            return None;
-        }
-        let changed: BTreeMap<String, NftSet> = self
-            .sets
+    /// The sets whose elements differ from `previous`'s (of the same structure).
+    pub fn changed_sets(&self, previous: &Ruleset) -> BTreeMap<String, NftSet> {
+        self.sets
             .iter()
             .filter(|(name, set)| previous.sets.get(*name).is_none_or(|p| p.elements != set.elements))
             .map(|(n, s)| (n.clone(), s.clone()))
-            .collect();
-        Some(refill_transaction(&self.table, &changed))
+            .collect()
     }
 }
 
