@@ -21,31 +21,9 @@ use ces_snapshot::{Pod, PodChange, Snapshot};
 use ipnet::IpNet;
 
 use crate::{
-    is_source, namespace_pods_set, namespace_set, pod_nets, pod_selector_set, selector, service_set, tenant_set,
+    is_source, namespace_pods_set, namespace_set, pod_entry, pod_nets, pod_selector_set, selector, service_set,
+    tenant_set,
 };
-
-/// Whether anything but pods names namespace `ns` (the compiler's `Snapshot::all_namespace_names`, without pods).
-fn named_without_pods(snap: &Snapshot, config: &CesConfig, ns: &str) -> bool {
-    fn has<V>(m: &BTreeMap<(String, String), V>, ns: &str) -> bool {
-        m.range((ns.to_string(), String::new())..).next().is_some_and(|((n, _), _)| n == ns)
-    }
-    snap.namespaces.contains_key(ns)
-        || has(&snap.services, ns)
-        || has(&snap.namespace_rules, ns)
-        || has(&snap.service_rules, ns)
-        || has(&snap.external_services, ns)
-        || has(&snap.external_ip_rules, ns)
-        || config.tenant.iter().any(|t| t.namespaces.iter().any(|n| n == ns))
-}
-
-fn entry(config: &CesConfig, p: &Pod) -> Option<PodEntry> {
-    is_source(p).then(|| PodEntry {
-        tenant: config.tenant_of(&p.namespace).to_string(),
-        namespace: p.namespace.clone(),
-        name: p.name.clone(),
-        ips: p.ips.clone(),
-    })
-}
 
 /// Patches `model` (compiled from the snapshot before `changes`) into the model of `snap` (the snapshot after them).
 /// Returns what changed, or `None`, with `model` untouched, when the changes reach further than this follows.
@@ -75,7 +53,8 @@ pub fn recompile_pods(
     let in_model = |ns: &str| model.tenants.iter().any(|t| t.namespaces.iter().any(|n| n == ns));
     for ns in &namespaces {
         let tenant = config.tenant_of(ns);
-        if in_model(ns) != (named_without_pods(snap, config, ns) || !snap.pods_in(ns).is_empty()) {
+        let listed = config.tenant.iter().any(|t| t.namespaces.iter().any(|n| n == ns));
+        if in_model(ns) != (listed || snap.names_namespace_apart_from_pods(ns) || !snap.pods_in(ns).is_empty()) {
             return None;
         }
         if kube_ovn {
@@ -188,8 +167,8 @@ pub fn recompile_pods(
     // The pod entries.
     let mut pods = Vec::with_capacity(changes.len());
     for c in changes {
-        let before = c.before.as_ref().and_then(|p| entry(config, p));
-        let after = c.after.as_ref().and_then(|p| entry(config, p));
+        let entry = |p: &Pod| is_source(p).then(|| pod_entry(config.tenant_of(&p.namespace), p));
+        let (before, after) = (c.before.as_ref().and_then(entry), c.after.as_ref().and_then(entry));
         if before != after {
             pods.push((before, after));
         }

@@ -128,6 +128,16 @@ fn pod_nets<'p>(pods: impl IntoIterator<Item = &'p Pod>) -> Vec<IpNet> {
     pods.into_iter().filter(|p| !p.host_network).flat_map(|p| p.ips.iter().copied().map(IpNet::from)).collect()
 }
 
+/// The model's entry of a source pod of `tenant`.
+fn pod_entry(tenant: &str, p: &Pod) -> ces_model::PodEntry {
+    ces_model::PodEntry {
+        tenant: tenant.to_string(),
+        namespace: p.namespace.clone(),
+        name: p.name.clone(),
+        ips: p.ips.clone(),
+    }
+}
+
 fn overlaps(a: &IpNet, b: &IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
@@ -314,12 +324,7 @@ impl<'a> Compiler<'a> {
             .pods
             .iter()
             .filter(|p| is_source(p))
-            .map(|p| ces_model::PodEntry {
-                tenant: self.tenant_name(&p.namespace).to_string(),
-                namespace: p.namespace.clone(),
-                name: p.name.clone(),
-                ips: p.ips.clone(),
-            })
+            .map(|p| pod_entry(self.tenant_name(&p.namespace), p))
             .collect();
         PolicyModel {
             version: MODEL_VERSION,

@@ -1,7 +1,8 @@
 //! `recompile_pods` against the whole compile, on generated pod churn in a world built to make it hard: two
 //! route-domain tenants whose subnets overlap, a subnet shared inside a tenant, IPv6, a namespace only pods name,
 //! Services with and without endpoint objects (endpoints naming pods by address and by `targetRef`), pod and
-//! namespace selectors, hostNetwork and unready pods, and several pods sharing an address. Either the patched model
+//! namespace selectors, a host name and a schedule among the rules, hostNetwork and unready pods, several pods sharing
+//! an address, and changes in any order. Either the patched model
 //! equals the whole compile exactly, or the patch declines and leaves the model untouched; both must happen often.
 
 use std::cell::Cell;
@@ -64,7 +65,7 @@ fn world() -> String {
     let mut y = String::new();
     let exsvc = |ns: &str| {
         format!(
-            "---\napiVersion: kubeovn.io/v1alpha1\nkind: ExternalService\nmetadata: {{name: api, namespace: {ns}}}\nspec: {{addresses: [203.0.113.0/24, 2001:db8::1], ports: [{{protocol: tcp, port: \"443\"}}]}}\n"
+            "---\napiVersion: kubeovn.io/v1alpha1\nkind: ExternalService\nmetadata: {{name: api, namespace: {ns}}}\nspec: {{addresses: [203.0.113.0/24, 2001:db8::1, api.example.com], ports: [{{protocol: tcp, port: \"443\"}}]}}\n"
         )
     };
     y += &exsvc("kube-system");
@@ -106,7 +107,11 @@ fn world() -> String {
     for (name, selector) in [
         ("red", "\n  namespaceSelector: {matchLabels: {team: red}}"),
         ("blue", "\n  namespaceSelector: {matchLabels: {team: blue}}"),
-        ("everyone", ""),
+        // Only in office hours, Berlin time.
+        (
+            "everyone",
+            "\n  schedule: {timezone: Europe/Berlin, windows: [{days: [Mon, Tue], start: \"09:00\", end: \"17:00\"}]}",
+        ),
     ] {
         y += &format!(
             "---\napiVersion: kubeovn.io/v1alpha1\nkind: ClusterEgressRule\nmetadata: {{name: {name}}}\nspec:\n  action: drop\n  externalServices: [api]{selector}\n"
@@ -173,6 +178,13 @@ fn patched_models_equal_whole_compiles_on_generated_pod_churn() {
     let base = ces_snapshot::manifests::load_str(&world(), "world.yaml");
     assert!(base.diagnostics.is_empty(), "{:?}", base.diagnostics);
     let config = CesConfig::from_yaml(CONFIG, "ces-conf.yaml").unwrap();
+    let m = compile(&base, &config, "kube-system");
+    assert!(
+        m.cluster_rules.iter().any(|r| r.schedule.is_some()),
+        "the world has a scheduled rule: {:?}",
+        m.diagnostics
+    );
+    assert!(m.destination_sets.values().any(|d| d.addresses.iter().any(|a| a.is_name())), "and a host name");
     let (patched, declined) = (Cell::new(0usize), Cell::new(0usize));
     let mut runner = TestRunner::new(Config { cases: 1500, ..Config::default() });
     runner

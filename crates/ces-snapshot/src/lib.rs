@@ -104,6 +104,20 @@ impl Snapshot {
         pods.binary_search_by(|p| p.name.as_str().cmp(name)).ok().map(|i| &pods[i])
     }
 
+    /// Whether anything but a pod names namespace `ns`: a Namespace object, a Service or a namespaced CES object (what
+    /// [`Snapshot::all_namespace_names`] counts, pods aside). Keep the two together.
+    pub fn names_namespace_apart_from_pods(&self, ns: &str) -> bool {
+        fn has<V>(m: &BTreeMap<Key, V>, ns: &str) -> bool {
+            m.range((ns.to_string(), String::new())..).next().is_some_and(|((n, _), _)| n == ns)
+        }
+        self.namespaces.contains_key(ns)
+            || has(&self.services, ns)
+            || has(&self.namespace_rules, ns)
+            || has(&self.service_rules, ns)
+            || has(&self.external_services, ns)
+            || has(&self.external_ip_rules, ns)
+    }
+
     /// Every namespace named anywhere: by a Namespace object, a pod, a Service or a namespaced CES object.
     pub fn all_namespace_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.namespaces.keys().cloned().collect();
@@ -152,17 +166,31 @@ impl Snapshot {
             && self.diagnostics == other.diagnostics
     }
 
-    /// The pod changes from `self` to `other` (both sorted, as snapshots are).
+    /// The pod changes from `self` to `other`: one walk over both sorted pod lists, copying only what differs.
     pub fn pod_changes(&self, other: &Snapshot) -> Vec<PodChange> {
-        let key = |p: &Pod| (p.namespace.clone(), p.name.clone());
-        let mut all: BTreeMap<(String, String), PodChange> = BTreeMap::new();
-        for p in &self.pods {
-            all.insert(key(p), PodChange { before: Some(p.clone()), after: None });
+        fn key(p: &Pod) -> (&str, &str) {
+            (&p.namespace, &p.name)
         }
-        for p in &other.pods {
-            all.entry(key(p)).or_insert(PodChange { before: None, after: None }).after = Some(p.clone());
+        let (mut a, mut b) = (self.pods.iter().peekable(), other.pods.iter().peekable());
+        let mut out = Vec::new();
+        loop {
+            match (a.peek(), b.peek()) {
+                (None, None) => break,
+                (Some(x), Some(y)) if key(x) == key(y) => {
+                    if x != y {
+                        out.push(PodChange { before: Some((*x).clone()), after: Some((*y).clone()) });
+                    }
+                    a.next();
+                    b.next();
+                }
+                (Some(x), y) if y.is_none_or(|y| key(x) < key(y)) => {
+                    out.push(PodChange { before: Some((*x).clone()), after: None });
+                    a.next();
+                }
+                _ => out.push(PodChange { before: None, after: b.next().cloned() }),
+            }
         }
-        all.into_values().filter(|c| c.before != c.after).collect()
+        out
     }
 
     /// Applies pod changes in place, keeping the pods sorted. Refused, with the snapshot unchanged, when a change
@@ -338,6 +366,43 @@ mod tests {
         assert!(s.pods_in("nope").is_empty());
         assert!(s.pod("b", "x").is_some());
         assert!(s.pod("b", "y").is_none());
+    }
+
+    #[test]
+    fn pod_changes_name_what_was_removed_added_and_changed() {
+        let snap = |pods: &[(&str, &str, bool)]| {
+            let mut b = SnapshotBuilder::new();
+            for (ns, n, ready) in pods {
+                b.add_pod(Pod { ready: *ready, ..pod(ns, n) }, None);
+            }
+            b.build()
+        };
+        let before = snap(&[("a", "x", true), ("a", "y", true), ("b", "z", true), ("c", "w", true)]);
+        let after = snap(&[("a", "y", false), ("b", "a", true), ("b", "z", true), ("d", "v", true)]);
+        let changes = before.pod_changes(&after);
+        let got: Vec<(Option<&str>, Option<&str>, Option<bool>)> = changes
+            .iter()
+            .map(|c| {
+                (
+                    c.before.as_ref().map(|p| p.name.as_str()),
+                    c.after.as_ref().map(|p| p.name.as_str()),
+                    c.after.as_ref().map(|p| p.ready),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Some("x"), None, None),
+                (Some("y"), Some("y"), Some(false)),
+                (None, Some("a"), Some(true)),
+                (Some("w"), None, None),
+                (None, Some("v"), Some(true)),
+            ]
+        );
+        let mut moved = before.clone();
+        moved.apply_pod_changes(&changes).unwrap();
+        assert_eq!(moved, after);
     }
 
     #[test]
