@@ -36,6 +36,14 @@ pub struct Rendered {
     pub valid_until: Option<Timestamp>,
 }
 
+impl Rendered {
+    /// Each tenant's declaration (`declaration.<tenant>` of its document): what the device holds for the tenant once
+    /// it took the document.
+    pub fn declarations(&self) -> BTreeMap<String, Value> {
+        self.documents.iter().map(|(t, d)| (t.clone(), d["declaration"][t].clone())).collect()
+    }
+}
+
 /// One policy binding: `PATCH path {field: policy}` when the device's value differs.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Binding {

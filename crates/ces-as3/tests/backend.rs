@@ -31,14 +31,7 @@ fn backend(d: &Double) -> As3Backend {
 }
 
 fn desired(model: &PolicyModel) -> std::collections::BTreeMap<String, Value> {
-    render(model, jiff::Timestamp::now())
-        .documents
-        .into_iter()
-        .map(|(t, d)| {
-            let v = d["declaration"][&t].clone();
-            (t, v)
-        })
-        .collect()
+    render(model, jiff::Timestamp::now()).declarations()
 }
 
 /// The device holds exactly the desired tenants, and every write it received was valid under the schema.

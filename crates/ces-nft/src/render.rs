@@ -82,7 +82,7 @@ pub struct LogTag {
 }
 
 /// A rendered table: everything `nft -f` needs, and what the gateway could not enforce.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Ruleset {
     /// The table name (family `inet`).
     pub table: String,
@@ -710,12 +710,7 @@ mod tests {
                 hook: Some("type filter hook forward priority filter; policy accept;".into()),
                 rules: vec!["ip saddr @s0_v4 drop".into()],
             }],
-            diagnostics: vec![],
-            valid_until: None,
-            log_tags: vec![],
-            shaping: vec![],
-            uplinks: vec![],
-            sources: BTreeMap::new(),
+            ..Ruleset::default()
         };
         let listing = "table inet ces {\n\tset s0_v4 {\n\t\ttype ipv4_addr\n\t}\n\tmap tenants_v4 {\n\t}\n\tchain forward {\n\t}\n\tchain t9 {\n\t}\n}\n";
         let existing = Existing::parse(listing);

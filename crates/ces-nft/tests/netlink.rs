@@ -65,12 +65,7 @@ fn ruleset(v4: &[String], v6: &[String], map: &[String], big: &[String]) -> Rule
             },
             Chain { name: "t1".into(), hook: None, rules: vec!["counter accept".into()] },
         ],
-        diagnostics: vec![],
-        valid_until: None,
-        log_tags: vec![],
-        shaping: vec![],
-        uplinks: vec![],
-        sources: BTreeMap::new(),
+        ..Ruleset::default()
     }
 }
 

@@ -483,6 +483,14 @@ fn the_peak_rss_hook_reports_a_plausible_figure() {
     assert!(!stderr(&ces(&["validate", "--example"])).contains("peak RSS"), "only when asked for");
 }
 
+/// The names of the files in a folder, sorted.
+fn file_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    names.sort();
+    names
+}
+
 fn as3_schema_dir() -> PathBuf {
     ces_bigip_double::schema_dir()
 }
@@ -507,9 +515,7 @@ fn compile_as3_writes_one_valid_document_per_tenant_and_refuses_invalid_ones() {
         out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let mut files: Vec<String> =
-        std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
-    files.sort();
+    let files = file_names(&out);
     assert_eq!(files, ["Common.json", "p2.json", "project3.json"]);
     let p2: Value = serde_json::from_str(&std::fs::read_to_string(out.join("p2.json")).unwrap()).unwrap();
     assert_eq!(p2["declaration"]["p2"]["defaultRouteDomain"], 2);
@@ -569,9 +575,7 @@ fn the_controller_dry_run_writes_each_request_in_order() {
         out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let mut files: Vec<String> =
-        std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
-    files.sort();
+    let files = file_names(&out);
     assert_eq!(
         files,
         [

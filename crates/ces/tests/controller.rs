@@ -64,14 +64,7 @@ impl World {
         let (snap, _) = ces_snapshot::manifests::load_paths(&[self.dir.join("manifests")]).unwrap();
         let config = ces_config::CesConfig::from_file(&self.dir.join("ces-conf.yaml")).unwrap();
         let model = ces_compiler::compile(&snap, &config, "kube-system");
-        ces_as3::render(&model, jiff::Timestamp::now())
-            .documents
-            .into_iter()
-            .map(|(t, d)| {
-                let v = d["declaration"][&t].clone();
-                (t, v)
-            })
-            .collect()
+        ces_as3::render(&model, jiff::Timestamp::now()).declarations()
     }
 
     fn controller(&self, d: &Double, log: &str) -> Controller {
