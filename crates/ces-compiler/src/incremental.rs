@@ -16,14 +16,19 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ces_config::CesConfig;
-use ces_model::{AddressSet, PodDelta, PodEntry, PolicyModel};
+use ces_model::{AddressSet, PodDelta, PodEntry, PolicyModel, TenantRef};
 use ces_snapshot::{Pod, PodChange, Snapshot};
 use ipnet::IpNet;
 
 use crate::{
-    is_source, namespace_pods_set, namespace_set, pod_entry, pod_nets, pod_selector_set, selector, service_set,
-    tenant_set,
+    is_source, namespace_pods_set, namespace_set, pod_entry, pod_nets, pod_selector_set, selected_pod_nets,
+    service_pod_nets, service_set, tenant_set,
 };
+
+/// A set of the same tenant as `old`, with these addresses.
+fn like(old: &AddressSet, addresses: Vec<IpNet>) -> AddressSet {
+    AddressSet::new(&TenantRef { name: old.tenant.clone(), route_domain: old.route_domain }, addresses)
+}
 
 /// Patches `model` (compiled from the snapshot before `changes`) into the model of `snap` (the snapshot after them).
 /// Returns what changed, or `None`, with `model` untouched, when the changes reach further than this follows.
@@ -79,13 +84,7 @@ pub fn recompile_pods(
     let mut new_sets: BTreeMap<String, AddressSet> = BTreeMap::new();
     let mut put = |name: String, addrs: Vec<IpNet>| {
         if let Some(old) = model.address_sets.get(&name) {
-            let mut addrs = addrs;
-            addrs.sort_unstable();
-            addrs.dedup();
-            new_sets.insert(
-                name,
-                AddressSet { tenant: old.tenant.clone(), route_domain: old.route_domain, addresses: addrs },
-            );
+            new_sets.insert(name, like(old, addrs));
         }
     };
     for ns in &namespaces {
@@ -107,7 +106,7 @@ pub fn recompile_pods(
         let rules = snap.namespace_rules.range((ns.to_string(), String::new())..).take_while(|((n, _), _)| n == ns);
         for ((_, rule), obj) in rules {
             if let Some(sel) = &obj.spec.pod_selector {
-                put(pod_selector_set(ns, rule), pod_nets(pods.iter().filter(|p| selector::matches(sel, &p.labels))));
+                put(pod_selector_set(ns, rule), selected_pod_nets(pods, sel));
             }
         }
         let services = snap.services.range((ns.to_string(), String::new())..).take_while(|((n, _), _)| n == ns);
@@ -115,11 +114,10 @@ pub fn recompile_pods(
             if snap.endpoints.contains_key(key) {
                 continue; // its set is its trusted endpoints, which these pods are not
             }
-            let addrs = match &svc.selector {
-                Some(sel) => pod_nets(pods.iter().filter(|p| p.ready && selector::service_selects(sel, &p.labels))),
-                None => Vec::new(),
-            };
-            put(service_set(ns, &key.1), addrs);
+            put(
+                service_set(ns, &key.1),
+                svc.selector.as_ref().map_or_else(Vec::new, |sel| service_pod_nets(pods, sel)),
+            );
         }
     }
     // Tenants' member sets: the changed pods' old addresses out (unless another pod of the tenant still has them),
@@ -148,17 +146,8 @@ pub fn recompile_pods(
     for (tenant, (out, into)) in members {
         let name = tenant_set(tenant);
         let old = model.address_sets.get(&name)?;
-        let mut addrs: Vec<IpNet> = old
-            .addresses
-            .iter()
-            .filter(|n| !out.contains(n) || held.contains(&(tenant, n.addr())))
-            .copied()
-            .chain(into)
-            .collect();
-        addrs.sort_unstable();
-        addrs.dedup();
-        new_sets
-            .insert(name, AddressSet { tenant: old.tenant.clone(), route_domain: old.route_domain, addresses: addrs });
+        let kept = old.addresses.iter().filter(|n| !out.contains(n) || held.contains(&(tenant, n.addr())));
+        new_sets.insert(name, like(old, kept.copied().chain(into).collect()));
     }
     if new_sets.iter().any(|(name, s)| model.address_sets[name].addresses.is_empty() != s.addresses.is_empty()) {
         return None;

@@ -128,6 +128,16 @@ fn pod_nets<'p>(pods: impl IntoIterator<Item = &'p Pod>) -> Vec<IpNet> {
     pods.into_iter().filter(|p| !p.host_network).flat_map(|p| p.ips.iter().copied().map(IpNet::from)).collect()
 }
 
+/// The addresses of the pods a rule's pod selector picks.
+fn selected_pod_nets(pods: &[Pod], sel: &LabelSelector) -> Vec<IpNet> {
+    pod_nets(pods.iter().filter(|p| selector::matches(sel, &p.labels)))
+}
+
+/// The addresses of the ready pods a Service's selector picks: its set when it has no endpoint objects.
+fn service_pod_nets(pods: &[Pod], sel: &ces_snapshot::Labels) -> Vec<IpNet> {
+    pod_nets(pods.iter().filter(|p| p.ready && selector::service_selects(sel, &p.labels)))
+}
+
 /// The model's entry of a source pod of `tenant`.
 fn pod_entry(tenant: &str, p: &Pod) -> ces_model::PodEntry {
     ces_model::PodEntry {
@@ -571,9 +581,8 @@ impl<'a> Compiler<'a> {
             return Ok(Resolved { value: Sources::Sets(vec![set]), warnings });
         };
         selector::validate(sel).map_err(|e| ("InvalidSelector", format!("spec.podSelector: {e}")))?;
-        let pods: Vec<_> = self.snap.pods_in(ns).iter().filter(|p| selector::matches(sel, &p.labels)).collect();
         let name = pod_selector_set(ns, rule);
-        let empty = self.insert_set(&name, ns, pod_nets(pods));
+        let empty = self.insert_set(&name, ns, selected_pod_nets(self.snap.pods_in(ns), sel));
         let warnings = if empty {
             vec![("NoSources", format!("spec.podSelector selects no pod in namespace {ns} yet"))]
         } else {
@@ -630,10 +639,7 @@ impl<'a> Compiler<'a> {
         };
         let (addrs, refused) = match (self.trusted_endpoints.get(&key), &service.selector) {
             (Some((trusted, refused)), _) => (trusted.clone(), refused.clone()),
-            (None, Some(sel)) => (
-                pod_nets(self.snap.pods_in(ns).iter().filter(|p| p.ready && selector::service_selects(sel, &p.labels))),
-                Vec::new(),
-            ),
+            (None, Some(sel)) => (service_pod_nets(self.snap.pods_in(ns), sel), Vec::new()),
             (None, None) => (Vec::new(), Vec::new()),
         };
         let name = service_set(ns, svc);
