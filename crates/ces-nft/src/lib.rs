@@ -66,19 +66,12 @@ impl ces_sync::Backend for NftBackend {
             model.tenants.iter().any(|t| t.backend.gateway_interfaces.is_empty() && delta.sets.contains(&t.members));
         let Some(last) = self.applier.last().filter(|_| !by_address) else { return self.apply(model, false) };
         let (table, valid_until) = (last.table.clone(), last.valid_until);
-        let mut sets = std::collections::BTreeMap::new();
-        for (stem, names) in &last.sources {
-            if !names.iter().any(|n| delta.sets.contains(n)) {
-                continue;
-            }
-            let parts: Vec<intervals::Intervals> = names
-                .iter()
-                .map(|n| intervals::Intervals::from_nets(model.address_sets.get(n).map_or(&[][..], |s| &s.addresses)))
-                .collect();
-            let iv = intervals::Intervals::union(&parts);
-            sets.insert(format!("{stem}_v4"), NftSet { kind: SetKind::V4, elements: iv.elements_v4() });
-            sets.insert(format!("{stem}_v6"), NftSet { kind: SetKind::V6, elements: iv.elements_v6() });
-        }
+        let sets = last
+            .sources
+            .iter()
+            .filter(|(_, names)| names.iter().any(|n| delta.sets.contains(n)))
+            .flat_map(|(stem, names)| render::source_sets(model, stem, names))
+            .collect();
         let applied = self.applier.apply_sets(sets).map_err(|e| e.to_string())?;
         {
             let mut index = self.log_index.lock().unwrap_or_else(|p| p.into_inner());

@@ -172,7 +172,7 @@ pub fn render(model: &PolicyModel, at: Timestamp) -> Result<Ruleset, RenderError
     for (k, (id, d)) in model.destination_sets.iter().enumerate() {
         let stem = format!("d{k}");
         let iv = Intervals::from_entries(&d.addresses);
-        r.add_family_sets(&stem, &iv, false);
+        r.add_destination_sets(&stem, &iv);
         r.destinations.insert(id.as_str(), (stem, iv));
     }
     for (k, name) in model.address_sets.keys().enumerate() {
@@ -320,6 +320,21 @@ fn port_match(p: &PortMatch, v4: bool) -> String {
     }
 }
 
+/// The `<stem>_v4` and `<stem>_v6` sets of a rule's sources: the union of these model address sets, coalesced,
+/// declared even when empty (so that pod churn changes elements only). The renderer and the pod-churn update both
+/// build them here.
+pub(crate) fn source_sets(model: &PolicyModel, stem: &str, names: &[String]) -> [(String, NftSet); 2] {
+    let parts: Vec<Intervals> = names
+        .iter()
+        .map(|n| Intervals::from_nets(model.address_sets.get(n).map_or(&[][..], |s| &s.addresses)))
+        .collect();
+    let iv = Intervals::union(&parts);
+    [
+        (format!("{stem}_v4"), NftSet { kind: SetKind::V4, elements: iv.elements_v4() }),
+        (format!("{stem}_v6"), NftSet { kind: SetKind::V6, elements: iv.elements_v6() }),
+    ]
+}
+
 impl<'m> Renderer<'m> {
     /// Registers a log tag; returns its prefix.
     fn tag(&mut self, tag: LogTag) -> String {
@@ -347,12 +362,12 @@ impl<'m> Renderer<'m> {
         }
     }
 
-    /// Declares `<stem>_v4` and `<stem>_v6`; `always` declares them even when empty.
-    fn add_family_sets(&mut self, stem: &str, iv: &Intervals, always: bool) {
-        if always || !iv.v4.is_empty() {
+    /// Declares a destination's `<stem>_v4` and `<stem>_v6`, each when it has elements.
+    fn add_destination_sets(&mut self, stem: &str, iv: &Intervals) {
+        if !iv.v4.is_empty() {
             self.sets.insert(format!("{stem}_v4"), NftSet { kind: SetKind::V4, elements: iv.elements_v4() });
         }
-        if always || !iv.v6.is_empty() {
+        if !iv.v6.is_empty() {
             self.sets.insert(format!("{stem}_v6"), NftSet { kind: SetKind::V6, elements: iv.elements_v6() });
         }
     }
@@ -411,27 +426,20 @@ impl<'m> Renderer<'m> {
             .filter(|n| self.model.address_sets.get(*n).is_some_and(|s| s.tenant == t.name))
             .map(String::as_str)
             .collect();
-        match mine.as_slice() {
-            [] => Some(None),
-            [one] => {
-                let stem = self.source_stems[one].clone();
-                if !self.sets.contains_key(&format!("{stem}_v4")) {
-                    let iv = Intervals::from_nets(&self.model.address_sets[*one].addresses);
-                    self.add_family_sets(&stem, &iv, true);
-                    self.sources.insert(stem.clone(), vec![one.to_string()]);
-                }
-                Some(Some(stem))
-            }
-            many => {
-                let parts: Vec<Intervals> =
-                    many.iter().map(|n| Intervals::from_nets(&self.model.address_sets[*n].addresses)).collect();
-                let stem = format!("u{}", self.unions);
+        let stem = match mine.as_slice() {
+            [] => return Some(None),
+            [one] => self.source_stems[one].clone(),
+            _ => {
                 self.unions += 1;
-                self.add_family_sets(&stem, &Intervals::union(&parts), true);
-                self.sources.insert(stem.clone(), many.iter().map(|n| n.to_string()).collect());
-                Some(Some(stem))
+                format!("u{}", self.unions - 1)
             }
+        };
+        if !self.sources.contains_key(&stem) {
+            let names: Vec<String> = mine.iter().map(|n| n.to_string()).collect();
+            self.sets.extend(source_sets(self.model, &stem, &names));
+            self.sources.insert(stem.clone(), names);
         }
+        Some(Some(stem))
     }
 
     fn rule_lines(&mut self, t: &TenantPolicy, ctx: Context, rule: &'m Rule, out: &mut Vec<String>) {
