@@ -138,6 +138,37 @@ fn service_pod_nets(pods: &[Pod], sel: &ces_snapshot::Labels) -> Vec<IpNet> {
     pod_nets(pods.iter().filter(|p| p.ready && selector::service_selects(sel, &p.labels)))
 }
 
+/// Why an endpoint address of Service `ns/svc` is not trusted, if it is not: it names a pod of another namespace, its
+/// address is a pod of another namespace of the tenant, or it lies in another namespace's own subnet. An address of a
+/// pod of `ns`, or of nothing CES knows (a VM), is trusted. `pods`: the source pods of the Service's tenant that have
+/// the address, in snapshot order; `other_subnet`: another namespace of the tenant, with its own subnet, that holds
+/// the address (asked only when no pod has it).
+fn endpoint_refusal(
+    ns: &str,
+    svc: &str,
+    ep: &ces_snapshot::Endpoint,
+    pods: &[&Pod],
+    other_subnet: impl FnOnce() -> Option<(String, IpNet)>,
+) -> Option<String> {
+    let ip = ep.ip;
+    if let Some((pns, pname)) = &ep.pod
+        && pns != ns
+    {
+        return Some(format!("endpoint {ip} of Service {ns}/{svc} names pod {pns}/{pname} of another namespace"));
+    }
+    if pods.iter().any(|p| p.namespace == ns) {
+        return None;
+    }
+    if let Some(p) = pods.first() {
+        return Some(format!(
+            "endpoint {ip} of Service {ns}/{svc} is the address of pod {}/{} of another namespace",
+            p.namespace, p.name
+        ));
+    }
+    let (other, net) = other_subnet()?;
+    Some(format!("endpoint {ip} of Service {ns}/{svc} lies in subnet {net} of namespace {other}"))
+}
+
 /// The model's entry of a source pod of `tenant`.
 fn pod_entry(tenant: &str, p: &Pod) -> ces_model::PodEntry {
     ces_model::PodEntry {
@@ -591,40 +622,22 @@ impl<'a> Compiler<'a> {
         Ok(Resolved { value: Sources::Sets(vec![name]), warnings })
     }
 
-    /// Why an endpoint address of a Service in `ns` is not trusted, if it is not: it names a pod of another
-    /// namespace, its address is a pod of another namespace of the tenant, or it lies in another namespace's own
-    /// subnet. An address of a pod of `ns`, or of nothing CES knows (a VM), is trusted.
+    /// Why an endpoint address of a Service in `ns` is not trusted, if it is not ([`endpoint_refusal`]).
     fn foreign_endpoint(&self, ns: &str, svc: &str, ep: &ces_snapshot::Endpoint) -> Option<String> {
-        let ip = ep.ip;
-        if let Some((pns, pname)) = &ep.pod
-            && pns != ns
-        {
-            return Some(format!("endpoint {ip} of Service {ns}/{svc} names pod {pns}/{pname} of another namespace"));
-        }
         let tenant = self.tenant_name(ns);
         let pods: Vec<&Pod> = self
             .pods_by_ip
-            .get(&ip)
+            .get(&ep.ip)
             .map(|v| v.iter().copied().filter(|p| self.tenant_name(&p.namespace) == tenant).collect())
             .unwrap_or_default();
-        if pods.iter().any(|p| p.namespace == ns) {
-            return None;
-        }
-        if let Some(p) = pods.first() {
-            return Some(format!(
-                "endpoint {ip} of Service {ns}/{svc} is the address of pod {}/{} of another namespace",
-                p.namespace, p.name
-            ));
-        }
-        for n in self.snap.namespaces.values().filter(|n| n.name != ns && self.tenant_name(&n.name) == tenant) {
-            if let Some(net) = self.subnets.get(n.name.as_str()).and_then(|s| s.own.iter().find(|c| c.contains(&ip))) {
-                return Some(format!(
-                    "endpoint {ip} of Service {ns}/{svc} lies in subnet {net} of namespace {}",
-                    n.name
-                ));
-            }
-        }
-        None
+        endpoint_refusal(ns, svc, ep, &pods, || {
+            self.snap.namespaces.values().filter(|n| n.name != ns && self.tenant_name(&n.name) == tenant).find_map(
+                |n| {
+                    let own = self.subnets.get(n.name.as_str())?;
+                    own.own.iter().find(|c| c.contains(&ep.ip)).map(|net| (n.name.clone(), *net))
+                },
+            )
+        })
     }
 
     /// The set of a Service's endpoints: the ready addresses of its Endpoints/EndpointSlices that CES trusts, or,

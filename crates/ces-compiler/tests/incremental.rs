@@ -69,7 +69,7 @@ fn world() -> String {
         )
     };
     y += &exsvc("kube-system");
-    for (ns, cidr, team) in NAMESPACES {
+    for (i, (ns, cidr, team)) in NAMESPACES.into_iter().enumerate() {
         let annotations = if cidr.is_empty() {
             String::new()
         } else {
@@ -85,9 +85,12 @@ fn world() -> String {
             );
         }
         y += &format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: none, namespace: {ns}}}\nspec: {{}}\n");
-        // web has endpoints: an address of the pool, and one that names a pod of this namespace.
+        // web has endpoints: an address of the pool of its own (10.9.0.1 to .6), one that names a pod of this
+        // namespace (the same address in every namespace), and, in c1, an address no namespace's pods usually have.
+        let extra = if ns == "c1" { "\n  - {ip: 10.9.0.7}" } else { "" };
         y += &format!(
-            "---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: web, namespace: {ns}}}\nsubsets:\n- addresses:\n  - {{ip: 10.9.0.7}}\n  - {{ip: 10.1.0.5, targetRef: {{kind: Pod, namespace: {ns}, name: p1}}}}\n"
+            "---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: web, namespace: {ns}}}\nsubsets:\n- addresses:\n  - {{ip: 10.9.0.{}}}\n  - {{ip: 10.1.0.5, targetRef: {{kind: Pod, namespace: {ns}, name: p1}}}}{extra}\n",
+            i + 1
         );
         for (rule, selector) in [
             ("all", ""),
