@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex};
 use ces_api::ResourceStatus;
 use ces_config::CesConfig;
 use ces_model::{ObjectRef, PolicyModel};
-use ces_snapshot::Snapshot;
 use ces_snapshot::manifests::{ParsedObject, parse_object};
+use ces_snapshot::{PodChange, Snapshot};
 use ces_sync::{Report, Source};
 use futures::StreamExt;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
@@ -150,6 +150,20 @@ struct Objects {
     errors: BTreeMap<&'static str, String>,
     /// Watch restarts (relists) per kind, for metrics.
     restarts: BTreeMap<&'static str, u64>,
+    /// Since the last load: the pods that changed, and whether anything else did (`Source::update`).
+    dirty_pods: BTreeSet<(String, String)>,
+    other_changed: bool,
+}
+
+impl Objects {
+    /// Notes a change of an object of `kind` for `Source::update`.
+    fn changed(&mut self, kind: &str, key: &(String, String)) {
+        if kind == POD.kind {
+            self.dirty_pods.insert(key.clone());
+        } else {
+            self.other_changed = true;
+        }
+    }
 }
 
 pub struct KubeSource {
@@ -168,6 +182,8 @@ pub struct KubeSource {
     kept: Vec<(String, String, String)>,
     /// The CES objects as the last load read them (events may change the kept objects during a pass).
     loaded: HashMap<(String, String, String), Value>,
+    /// The config file's stamp at the last load.
+    config_stamp: Option<u64>,
     /// Where the source's own warnings go (a status or event it could not write). Default: stderr.
     pub warn: Box<dyn Fn(&str) + Send>,
     /// Status writes that failed, for the log.
@@ -258,6 +274,7 @@ impl KubeSource {
                             o.by_kind.insert(kind.kind, all);
                             o.synced.insert(kind.kind);
                             o.errors.remove(kind.kind);
+                            o.other_changed = true;
                             events.fetch_add(1, Ordering::Relaxed);
                         }
                         Ok(watcher::Event::Apply(d)) => {
@@ -281,6 +298,7 @@ impl KubeSource {
                             map.insert(k.clone(), v.clone());
                             if relevant {
                                 let p = parse_object(v, &origin(kind.kind, &k.0, &k.1));
+                                o.changed(kind.kind, &k);
                                 o.parsed.entry(kind.kind).or_default().insert(k, p);
                                 events.fetch_add(1, Ordering::Relaxed);
                             }
@@ -289,6 +307,7 @@ impl KubeSource {
                             let k = key(&d);
                             o.by_kind.entry(kind.kind).or_default().remove(&k);
                             o.parsed.entry(kind.kind).or_default().remove(&k);
+                            o.changed(kind.kind, &k);
                             events.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(_) => {}
@@ -308,6 +327,7 @@ impl KubeSource {
             good: HashMap::new(),
             kept: Vec::new(),
             loaded: HashMap::new(),
+            config_stamp: None,
             warn: Box::new(|m| eprintln!("ces: {m}")),
             status_errors: 0,
             status_writes: 0,
@@ -443,7 +463,7 @@ impl Source for KubeSource {
             Some(p) => CesConfig::from_file(p).map_err(|e| e.to_string())?,
             None => CesConfig::embedded_default(),
         };
-        let o = self.objects.lock().unwrap_or_else(|p| p.into_inner());
+        let mut o = self.objects.lock().unwrap_or_else(|p| p.into_inner());
         let missing: Vec<&str> = self.kinds.iter().map(|k| k.kind).filter(|k| !o.synced.contains(k)).collect();
         if !missing.is_empty() {
             let why: Vec<String> =
@@ -455,6 +475,9 @@ impl Source for KubeSource {
             ));
         }
         let snapshot = ces_snapshot::manifests::build_objects(o.parsed.values().flat_map(|m| m.values()));
+        o.dirty_pods.clear();
+        o.other_changed = false;
+        self.config_stamp = self.config.as_deref().map(stamp);
         self.kept.clear();
         self.loaded = CES_KINDS
             .iter()
@@ -467,6 +490,49 @@ impl Source for KubeSource {
             })
             .collect();
         Ok((snapshot, config))
+    }
+
+    /// Pod churn: the pods whose events arrived since the last load or update, moved in the loop's snapshot, each
+    /// parsed when its event arrived. Any other change (another kind, a relist, the config, a pod that does not
+    /// read cleanly) leaves it to `load`.
+    fn update(&mut self, snapshot: &mut Snapshot) -> Result<Option<Vec<PodChange>>, String> {
+        if self.config.as_deref().map(stamp) != self.config_stamp {
+            return Ok(None);
+        }
+        let mut o = self.objects.lock().unwrap_or_else(|p| p.into_inner());
+        if o.other_changed {
+            return Ok(None);
+        }
+        let dirty = std::mem::take(&mut o.dirty_pods);
+        let mut changes = Vec::with_capacity(dirty.len());
+        for (ns, name) in dirty {
+            let names_it = |d: &ces_model::Diagnostic| {
+                d.object
+                    .as_ref()
+                    .is_some_and(|r| r.kind == POD.kind && r.namespace.as_deref() == Some(&ns) && r.name == name)
+            };
+            let after = match o.parsed.get(POD.kind).and_then(|m| m.get(&(ns.clone(), name.clone()))) {
+                None => None,
+                Some(p) => {
+                    let one = ces_snapshot::manifests::build_objects([p]);
+                    if !one.diagnostics.is_empty() {
+                        return Ok(None);
+                    }
+                    one.pods.into_iter().next()
+                }
+            };
+            if snapshot.diagnostics.iter().any(names_it) {
+                return Ok(None);
+            }
+            let before = snapshot.pod(&ns, &name).cloned();
+            if before != after {
+                changes.push(PodChange { before, after });
+            }
+        }
+        if snapshot.apply_pod_changes(&changes).is_err() {
+            return Ok(None);
+        }
+        Ok(Some(changes))
     }
 
     fn last_good(&mut self, _snapshot: &Snapshot, model: &PolicyModel) -> Option<(Snapshot, Vec<ces_sync::Kept>)> {

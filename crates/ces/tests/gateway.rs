@@ -778,6 +778,11 @@ fn the_gateway_follows_the_kubernetes_api_with_real_packets() {
     let cluster = std::fs::read_to_string(dir.join("cluster.yaml")).unwrap();
     std::fs::write(dir.join("cluster.yaml"), cluster.replace("{ip: 10.10.0.12}", "{ip: 10.10.0.13}")).unwrap();
     wait_until(|| agent_log().contains("set(s) updated"), agent_log);
+    assert!(
+        agent_log().contains("set(s) updated (pod churn)"),
+        "the pod event takes the pod-churn path: {}",
+        agent_log()
+    );
     let seen = compare(&lab, &dir, &flows, "after the pod moved in the API");
     assert!(seen.contains("accept:ServiceEgressRule/payments/lab-checkout"), "{seen:?}");
     drop(api);

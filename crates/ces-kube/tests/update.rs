@@ -1,0 +1,82 @@
+//! `KubeSource::update` against the fake API server: pod events move pods in the loop's snapshot, which must then
+//! equal a fresh load; an event of any other kind leaves the work to `load`.
+
+use std::time::{Duration, Instant};
+
+use ces_fake_apiserver::FakeApiServer;
+use ces_kube::KubeSource;
+use ces_sync::Source;
+use serde_json::{Value, json};
+
+fn pod(name: &str, ip: &str, app: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": "shop", "labels": {"app": app}},
+           "status": {"phase": "Running", "podIPs": [{"ip": ip}]}})
+}
+
+fn service(selector: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop"},
+           "spec": {"selector": {"app": selector}}})
+}
+
+/// Waits until the source has seen `n` more events than at `from`.
+fn wait_events(src: &mut KubeSource, from: u64, n: u64) {
+    let start = Instant::now();
+    while src.version().unwrap() < from + n {
+        assert!(start.elapsed() < Duration::from_secs(10), "events did not arrive");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn pod_events_move_pods_in_place_and_other_events_ask_for_a_load() {
+    let api = FakeApiServer::start();
+    for crd in ces_api::all_crds() {
+        api.install_crd(&serde_json::to_value(crd).unwrap());
+    }
+    api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}));
+    api.apply(service("web"));
+    for (name, ip) in [("a", "10.0.0.1"), ("b", "10.0.0.2")] {
+        api.apply(pod(name, ip, "web"));
+    }
+    let dir = std::env::temp_dir().join(format!("ces-kube-update-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    api.write_kubeconfig(&dir.join("kubeconfig"));
+    let mut src = KubeSource::start(Some(dir.join("kubeconfig")), None, None).unwrap();
+    let start = Instant::now();
+    let (mut snap, _) = loop {
+        match src.load() {
+            Ok(l) => break l,
+            Err(e) => assert!(start.elapsed() < Duration::from_secs(10), "{e}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(snap.pods.len(), 2);
+
+    // Pod events: one moves, one comes, one goes.
+    let v = src.version().unwrap();
+    api.apply(pod("a", "10.0.0.11", "web"));
+    api.apply(pod("c", "10.0.0.3", "db"));
+    assert!(api.delete("Pod", "shop", "b"));
+    wait_events(&mut src, v, 3);
+    let changes = src.update(&mut snap).unwrap().expect("pod events alone are followed");
+    assert_eq!(changes.len(), 3, "{changes:?}");
+    let (fresh, _) = src.load().unwrap();
+    assert_eq!(snap, fresh, "the moved snapshot equals a fresh load");
+
+    // Nothing new: an empty update.
+    assert_eq!(src.update(&mut snap).unwrap(), Some(vec![]));
+
+    // A Service changes: a load is needed, and until then every update says so.
+    let v = src.version().unwrap();
+    api.apply(service("db"));
+    api.apply(pod("a", "10.0.0.12", "web"));
+    wait_events(&mut src, v, 2);
+    assert_eq!(src.update(&mut snap).unwrap(), None);
+    assert_eq!(src.update(&mut snap).unwrap(), None);
+    let (fresh, _) = src.load().unwrap();
+    assert_eq!(fresh.pod("shop", "a").unwrap().ips, ["10.0.0.12".parse::<std::net::IpAddr>().unwrap()]);
+    let mut snap = fresh;
+    assert_eq!(src.update(&mut snap).unwrap(), Some(vec![]), "a load starts afresh");
+    let _ = std::fs::remove_dir_all(&dir);
+}
