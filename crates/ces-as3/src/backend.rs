@@ -17,7 +17,7 @@ use jiff::Timestamp;
 use serde_json::{Value, json};
 
 use crate::client::{Client, ClientError, Request};
-use crate::render::{Binding, Rendered, render};
+use crate::render::{Binding, Rendered, render, source_addresses};
 use crate::schema::Schema;
 
 pub struct As3Backend {
@@ -33,6 +33,8 @@ pub struct As3Backend {
     pub at: Option<Timestamp>,
     /// What the renderer could not declare in the last apply (wildcards, rates, rules without sources).
     pub render_diagnostics: Vec<Diagnostic>,
+    /// The documents of the last apply that every tenant took, kept for pod churn (`apply_pods`).
+    last: Option<Rendered>,
 }
 
 /// What was done to one tenant.
@@ -63,6 +65,7 @@ impl As3Backend {
             problems: Vec::new(),
             at: None,
             render_diagnostics: Vec::new(),
+            last: None,
         })
     }
 
@@ -362,9 +365,99 @@ impl ces_sync::Backend for As3Backend {
         let mut details: Vec<String> = self.problems.iter().map(ToString::to_string).collect();
         details.extend(rendered.diagnostics.iter().map(ToString::to_string));
         let summary = if details.is_empty() { summary } else { format!("{summary}\n  {}", details.join("\n  ")) };
+        let valid_until = rendered.valid_until;
+        let all_taken = outcomes.values().all(|o| !matches!(o, TenantOutcome::Failed(_) | TenantOutcome::Invalid));
+        self.last = all_taken.then_some(rendered);
         if outcomes.values().any(|o| matches!(o, TenantOutcome::Failed(_))) {
             return Err(summary);
         }
-        Ok(ces_sync::Applied { summary, valid_until: rendered.valid_until })
+        Ok(ces_sync::Applied { summary, valid_until })
+    }
+
+    /// Pod churn: only the source address lists of the sets that moved are rendered again, validated against their
+    /// class, and PATCHed, one request per tenant. A list that would appear or go (a rule gaining its first source
+    /// or losing its last) changes the rule's objects: that takes `apply`, as does a tenant the device state of which
+    /// is not known.
+    fn apply_pods(&mut self, model: &PolicyModel, delta: &ces_model::PodDelta) -> Result<ces_sync::Applied, String> {
+        let Some(mut last) = self.last.take() else { return self.apply(model, false) };
+        let mut lists: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
+        for l in last.source_lists.iter().filter(|l| l.sets.iter().any(|s| delta.sets.contains(s))) {
+            let addresses = source_addresses(model, &l.sets);
+            match &l.object {
+                Some(object) if !addresses.is_empty() => {
+                    lists.entry(l.tenant.clone()).or_default().insert(object.clone(), addresses);
+                }
+                None if addresses.is_empty() => {}
+                _ => return self.apply(model, false),
+            }
+        }
+        let schema = self.schema(&model.settings.schema_version)?;
+        let mut outcomes = Vec::new();
+        for (tenant, changed) in lists {
+            let Some(shared) =
+                last.documents.get_mut(&tenant).and_then(|d| d.pointer_mut(&format!("/declaration/{tenant}/Shared")))
+            else {
+                return self.apply(model, false);
+            };
+            let mut ops = Vec::new();
+            for (name, addresses) in changed {
+                let Some(object) = shared.get_mut(&name).filter(|o| o.get("class").is_some()) else {
+                    return self.apply(model, false);
+                };
+                let addresses = json!(addresses);
+                if object["addresses"] == addresses {
+                    continue;
+                }
+                object["addresses"] = addresses;
+                if let Some(s) = &schema
+                    && !s.validate_object(&tenant, &name, object).is_empty()
+                {
+                    return self.apply(model, false); // it reports the error on the rules
+                }
+                ops.push(json!({"op": "replace", "path": format!("/{tenant}/Shared/{name}"), "value": object}));
+            }
+            if ops.is_empty() {
+                continue;
+            }
+            let known = self.device.get(&tenant).and_then(|(current, _)| current.as_ref()).is_some();
+            let sent = if known {
+                self.client
+                    .call(&Request {
+                        method: "PATCH",
+                        path: "/mgmt/shared/appsvcs/declare".into(),
+                        body: Some(Value::Array(ops.clone())),
+                    })
+                    .map(|_| TenantOutcome::Patched(ops.len()))
+            } else {
+                self.sync_tenant(&tenant, &last.documents[&tenant], false)
+            };
+            match sent {
+                Ok(outcome) => {
+                    if known {
+                        // The device holds the patched lists now; its lock key changed with them.
+                        let entry = self.device.get_mut(&tenant).expect("known");
+                        if let Some(cur) = entry.0.as_mut().and_then(|c| c.get_mut("Shared")) {
+                            for op in &ops {
+                                let name = op["path"].as_str().and_then(|p| p.rsplit('/').next()).unwrap_or_default();
+                                cur[name] = op["value"].clone();
+                            }
+                        }
+                        entry.1 = None;
+                    }
+                    outcomes.push(match outcome {
+                        TenantOutcome::Patched(n) => format!("{tenant}: patched {n} address list(s) (pod churn)"),
+                        other => format!("{tenant}: {other:?} (pod churn)"),
+                    });
+                }
+                Err(e) => {
+                    self.device.remove(&tenant);
+                    return Err(format!("tenant {tenant}: {e}"));
+                }
+            }
+        }
+        let valid_until = last.valid_until;
+        self.last = Some(last);
+        let summary = if outcomes.is_empty() { "unchanged (pod churn)".to_string() } else { outcomes.join("; ") };
+        Ok(ces_sync::Applied { summary, valid_until })
     }
 }

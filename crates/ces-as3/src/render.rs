@@ -34,6 +34,18 @@ pub struct Rendered {
     pub diagnostics: Vec<Diagnostic>,
     /// Render again at this instant: a schedule window opens or closes then.
     pub valid_until: Option<Timestamp>,
+    /// Every source address list a rendered rule has or would have, with the model sets it lists, so that pod churn
+    /// re-renders just the lists of the sets that moved ([`source_addresses`]).
+    pub source_lists: Vec<SourceList>,
+}
+
+/// A rule's source address list in a tenant: its object name when declared (`None`: left out, its sets were empty),
+/// and the model address sets it lists.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceList {
+    pub tenant: String,
+    pub object: Option<String>,
+    pub sets: Vec<String>,
 }
 
 impl Rendered {
@@ -129,6 +141,24 @@ fn action_str(a: Action) -> &'static str {
         Action::AcceptDecisively => "accept-decisively",
         Action::Reject => "reject",
     }
+}
+
+/// The addresses of a source list of these model sets, each with its set's route domain (without route domains,
+/// none), minimal and sorted: what a rule's `..._src_address` list holds.
+pub fn source_addresses(model: &PolicyModel, sets: &[String]) -> Vec<String> {
+    let mut by_rd: BTreeMap<Option<u16>, Vec<IpNet>> = BTreeMap::new();
+    for name in sets {
+        if let Some(set) = model.address_sets.get(name) {
+            let rd = (model.settings.route_domains && set.route_domain != 0).then_some(set.route_domain);
+            by_rd.entry(rd).or_default().extend(set.addresses.iter().copied());
+        }
+    }
+    let mut out = Vec::new();
+    for (rd, mut nets) in by_rd {
+        minimal_cover(&mut nets);
+        out.extend(nets.iter().map(|n| address(n, rd)));
+    }
+    out
 }
 
 /// An address as BIG-IP writes it: a host without `/32`, a route domain after the address (`10.66.0.0%4/16`).
@@ -245,11 +275,6 @@ impl<'m> Renderer<'m> {
     /// The route-domain part of policy names: the tenant's route-domain name, `rd` without route domains.
     fn rd_part(&self, t: &TenantPolicy) -> String {
         if self.model.settings.route_domains { t.route_domain.name.clone() } else { "rd".into() }
-    }
-
-    /// The route domain written after source addresses of a set of this tenant.
-    fn rd_suffix(&self, route_domain: u16) -> Option<u16> {
-        (self.model.settings.route_domains && route_domain != 0).then_some(route_domain)
     }
 
     fn tenant(&mut self, t: &'m TenantPolicy) {
@@ -376,8 +401,16 @@ impl<'m> Renderer<'m> {
         let source = match &rule.sources {
             Sources::Any => json!({}),
             Sources::Sets(sets) => {
-                let addresses = self.source_addresses(sets);
-                if addresses.is_empty() {
+                let name = || {
+                    fit(match (scope, rule.kind, &rule.service) {
+                        (Scope::Service(ns), RuleKind::ServiceEgressRule, Some(svc)) => {
+                            format!("{c}_svc_{ns}_{r}_ep_{svc}_src_address")
+                        }
+                        _ => format!("{c}_{}_{r}_src_address", scope.part()),
+                    })
+                };
+                let (addresses, name) = self.source_list(app, sets, name);
+                let Some(name) = name else {
                     self.warn(
                         &me,
                         "NotDeclared",
@@ -386,13 +419,7 @@ impl<'m> Renderer<'m> {
                             .into(),
                     );
                     return Vec::new();
-                }
-                let name = fit(match (scope, rule.kind, &rule.service) {
-                    (Scope::Service(ns), RuleKind::ServiceEgressRule, Some(svc)) => {
-                        format!("{c}_svc_{ns}_{r}_ep_{svc}_src_address")
-                    }
-                    _ => format!("{c}_{}_{r}_src_address", scope.part()),
-                });
+                };
                 app.add(&name, json!({"class": "Firewall_Address_List", "addresses": addresses}), Some(&me));
                 json!({"addressLists": [app.use_of(&name)]})
             }
@@ -485,20 +512,22 @@ impl<'m> Renderer<'m> {
         lists
     }
 
-    /// The addresses of the named sets, each with its set's route domain, minimal and sorted.
-    fn source_addresses(&self, sets: &[String]) -> Vec<String> {
-        let mut by_rd: BTreeMap<Option<u16>, Vec<IpNet>> = BTreeMap::new();
-        for name in sets {
-            if let Some(set) = self.model.address_sets.get(name) {
-                by_rd.entry(self.rd_suffix(set.route_domain)).or_default().extend(set.addresses.iter().copied());
-            }
-        }
-        let mut out = Vec::new();
-        for (rd, mut nets) in by_rd {
-            minimal_cover(&mut nets);
-            out.extend(nets.iter().map(|n| address(n, rd)));
-        }
-        out
+    /// The addresses of a source list in tenant `app` listing these sets ([`source_addresses`]), noted in
+    /// `source_lists` with the list's name when it is declared (`name` is called only when there are addresses).
+    fn source_list(
+        &mut self,
+        app: &App<'_>,
+        sets: &[String],
+        name: impl FnOnce() -> String,
+    ) -> (Vec<String>, Option<String>) {
+        let addresses = source_addresses(self.model, sets);
+        let object = (!addresses.is_empty()).then(name);
+        self.out.source_lists.push(SourceList {
+            tenant: app.tenant.name.clone(),
+            object: object.clone(),
+            sets: sets.to_vec(),
+        });
+        (addresses, object)
     }
 
     /// ExternalIPRules as the 0.6.x NAT objects (§3.13); returns the NAT policy's name when one is declared.
@@ -514,12 +543,10 @@ impl<'m> Renderer<'m> {
             let base = format!("{c}_snat_{}_{}", rule.namespace, rule.name);
             let mut sources = Vec::new();
             for (i, set) in rule.sources.iter().enumerate() {
-                let addresses = self.source_addresses(std::slice::from_ref(set));
-                if addresses.is_empty() {
-                    continue;
-                }
                 let svc = rule.services.get(i).cloned().unwrap_or_else(|| format!("service{i}"));
-                let name = fit(format!("{base}_ep_{svc}_src_address"));
+                let name = || fit(format!("{base}_ep_{svc}_src_address"));
+                let (addresses, name) = self.source_list(app, std::slice::from_ref(set), name);
+                let Some(name) = name else { continue };
                 app.add(&name, json!({"class": "Firewall_Address_List", "addresses": addresses}), Some(&me));
                 sources.push(app.use_of(&name));
             }

@@ -122,6 +122,25 @@ impl Schema {
         Ok(v)
     }
 
+    /// The errors of one object of a tenant's `Shared` application under its class (none for the application's own
+    /// properties).
+    pub fn validate_object(&self, tenant: &str, name: &str, object: &Value) -> Vec<SchemaError> {
+        let Some(class) = object.get("class").and_then(Value::as_str) else { return Vec::new() };
+        if class == "Application" {
+            return Vec::new();
+        }
+        let at = |path: String, message: String| SchemaError {
+            tenant: Some(tenant.to_string()),
+            object: Some(name.to_string()),
+            path,
+            message,
+        };
+        match self.class(class) {
+            Err(message) => vec![at("/class".into(), message)],
+            Ok(v) => v.iter_errors(object).map(|e| at(e.instance_path().to_string(), e.to_string())).collect(),
+        }
+    }
+
     /// Validates a full AS3 request document (`{"class":"AS3","declaration":{…}}`) or a bare ADC declaration.
     /// Every error is returned, each object's against its own class first.
     pub fn validate(&self, doc: &Value) -> Result<(), Vec<SchemaError>> {
@@ -141,28 +160,7 @@ impl Schema {
             for (tenant, t) in map {
                 let Some(app) = t.get("Shared").and_then(Value::as_object) else { continue };
                 for (name, object) in app {
-                    let Some(class) = object.get("class").and_then(Value::as_str) else { continue };
-                    if class == "Application" {
-                        continue;
-                    }
-                    match self.class(class) {
-                        Err(message) => errors.push(SchemaError {
-                            tenant: Some(tenant.clone()),
-                            object: Some(name.clone()),
-                            path: "/class".into(),
-                            message,
-                        }),
-                        Ok(v) => {
-                            for e in v.iter_errors(object) {
-                                errors.push(SchemaError {
-                                    tenant: Some(tenant.clone()),
-                                    object: Some(name.clone()),
-                                    path: e.instance_path().to_string(),
-                                    message: e.to_string(),
-                                });
-                            }
-                        }
-                    }
+                    errors.extend(self.validate_object(tenant, name, object));
                 }
             }
         }

@@ -292,3 +292,111 @@ fn a_declaration_larger_than_ten_megabytes_is_read_back_whole() {
     fresh.apply(&model, true).unwrap();
     assert_eq!(d.with(|s| s.writes().len()), writes, "{:?}", &d.with(|s| s.writes())[writes..]);
 }
+
+fn delta(sets: &[&str]) -> ces_model::PodDelta {
+    ces_model::PodDelta { sets: sets.iter().map(|s| s.to_string()).collect(), pods: vec![] }
+}
+
+#[test]
+fn apply_pods_patches_only_the_lists_of_the_moved_sets() {
+    let d = double();
+    let mut b = backend(&d);
+    b.apply(&common::original_model(), true).unwrap();
+    let before = d.with(|s| s.requests.len());
+    let model = churned("10.16.0.99");
+    let summary = b.apply_pods(&model, &delta(&["service/default/mysql-service"])).unwrap().summary;
+    assert_eq!(summary, "p2: patched 1 address list(s) (pod churn)");
+    let new: Vec<(String, Value)> = d.with(|s| {
+        s.requests[before..].iter().map(|r| (r.method.clone(), r.body.clone().unwrap_or(Value::Null))).collect()
+    });
+    assert_eq!(new.len(), 1, "one request, no read: {new:?}");
+    assert_eq!(
+        new[0],
+        (
+            "PATCH".to_string(),
+            json!([{"op": "replace", "path": "/p2/Shared/k8s_svc_default_rule4_ep_mysql-service_src_address",
+                    "value": {"class": "Firewall_Address_List", "addresses": ["10.16.0.11%2", "10.16.0.12%2", "10.16.0.99%2"]}}])
+        )
+    );
+    assert_converged(&d, &model);
+    // And back; then the whole path agrees that nothing is left to do.
+    let model = common::original_model();
+    b.apply_pods(&model, &delta(&["service/default/mysql-service"])).unwrap();
+    assert_converged(&d, &model);
+    let before = d.with(|s| s.requests.len());
+    b.apply(&model, false).unwrap();
+    assert_eq!(d.with(|s| s.requests.len()), before, "the kept documents are what a whole render gives");
+}
+
+#[test]
+fn a_source_list_that_empties_or_an_unknown_device_takes_the_whole_path() {
+    let d = double();
+    let mut b = backend(&d);
+    // Nothing applied yet: the whole path.
+    let model = common::original_model();
+    b.apply_pods(&model, &delta(&["service/default/mysql-service"])).unwrap();
+    assert_converged(&d, &model);
+    // The Service loses its last endpoint: its rule leaves the declaration, which a PATCH of lists cannot say.
+    let mut empty = common::original_model();
+    empty.address_sets.get_mut("service/default/mysql-service").unwrap().addresses.clear();
+    let before = d.with(|s| s.requests.len());
+    b.apply_pods(&empty, &delta(&["service/default/mysql-service"])).unwrap();
+    assert!(
+        d.with(|s| s.requests[before..].iter().any(|r| r.method == "POST" && r.path.contains("/declare/p2"))),
+        "the tenant is declared whole"
+    );
+    assert_converged(&d, &empty);
+}
+
+#[test]
+fn pod_churn_through_recompile_and_apply_pods_ends_where_a_whole_compile_does() {
+    let d = Double::start(common::schema_dir());
+    d.with(|s| {
+        for t in ["tenant-a~rd10", "tenant-b~rd20", "tenant-c~rd30", "Common~0"] {
+            s.objects.insert(format!("/mgmt/tm/net/route-domain/~{t}"), json!({}));
+        }
+    });
+    let mut b = backend(&d);
+    let synth = ces_synth::Synth::generate(600, 60, 3);
+    let mut config = synth.config();
+    config.schema_version = Some("3.56.0".into());
+    let mut snap = synth.snapshot();
+    let mut model = ces_compiler::compile(&snap, &config, "kube-system");
+    b.apply(&model, true).unwrap();
+    assert_converged(&d, &model);
+    let mut rng = ces_synth::Rng::new(11);
+    let (mut patched, mut whole) = (0, 0);
+    for step in 0..30 {
+        // A few pods move to another address of their namespace's subnet.
+        let mut changes = Vec::new();
+        for _ in 0..1 + rng.below(3) {
+            let p = &snap.pods[rng.below(snap.pods.len())];
+            if p.host_network
+                || p.ips.is_empty()
+                || changes.iter().any(|c: &ces_snapshot::PodChange| c.key() == Some((&p.namespace, &p.name)))
+            {
+                continue;
+            }
+            let mut q = p.clone();
+            let std::net::IpAddr::V4(a) = q.ips[0] else { continue };
+            let o = a.octets();
+            q.ips = vec![std::net::Ipv4Addr::new(o[0], o[1], o[2], 200 + (step as u8 % 50)).into()];
+            changes.push(ces_snapshot::PodChange { before: Some(p.clone()), after: Some(q) });
+        }
+        snap.apply_pod_changes(&changes).unwrap();
+        match ces_compiler::recompile_pods(&mut model, &snap, &config, &changes) {
+            Some(delta) => {
+                patched += 1;
+                b.apply_pods(&model, &delta).unwrap();
+            }
+            None => {
+                whole += 1;
+                model = ces_compiler::compile(&snap, &config, "kube-system");
+                b.apply(&model, false).unwrap();
+            }
+        }
+        assert_eq!(model, ces_compiler::compile(&snap, &config, "kube-system"), "step {step}");
+        assert_converged(&d, &model);
+    }
+    assert!(patched >= 10, "the patch path ran {patched} times, the whole path {whole}");
+}

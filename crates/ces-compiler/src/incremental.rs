@@ -96,14 +96,19 @@ pub fn recompile_pods(
     // subnet, cannot hold such an address when the Service's namespace is one of the changed ones (refused above);
     // for a Service of another namespace this declines rather than work that check out (conservative: the property
     // test finds no case where it decides).
+    // An endpoint is judged by the pods of its own tenant: those of tenants without a changed pod stay as they are.
+    let tenants: BTreeSet<&str> = namespaces.iter().map(|ns| config.tenant_of(ns)).collect();
     let mut trusted_at: BTreeSet<(&str, IpAddr)> = BTreeSet::new();
     for (key, eps) in snap.endpoints.iter().filter(|(k, _)| snap.services.contains_key(*k)) {
         for ep in eps.iter().filter(|ep| addresses.contains(&ep.ip)) {
             let (ns, svc) = (key.0.as_str(), key.1.as_str());
+            let tenant = config.tenant_of(ns);
+            if !tenants.contains(tenant) {
+                continue;
+            }
             if !namespaces.contains(ns) {
                 return None;
             }
-            let tenant = config.tenant_of(ns);
             let mut now = after_at.get(&ep.ip).cloned().unwrap_or_default();
             let mut then = before_at(ep.ip);
             now.retain(|p| config.tenant_of(&p.namespace) == tenant);
