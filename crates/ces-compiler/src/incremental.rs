@@ -40,24 +40,26 @@ pub fn recompile_pods(
     changes: &[PodChange],
 ) -> Option<PodDelta> {
     let kube_ovn = config.cni_type() == ces_config::DEFAULT_CNI_TYPE;
-    let mut namespaces: BTreeSet<&str> = BTreeSet::new();
-    let mut addresses: BTreeSet<IpAddr> = BTreeSet::new();
+    // The changed addresses, by the namespace of the pod that has or had them.
+    let mut by_namespace: BTreeMap<&str, BTreeSet<IpAddr>> = BTreeMap::new();
     let mut keys = BTreeSet::new();
     for c in changes {
         let (ns, name) = c.key()?;
         if !keys.insert((ns, name)) {
             return None;
         }
+        let mine = by_namespace.entry(ns).or_default();
         for p in c.before.iter().chain(&c.after) {
             if (p.namespace.as_str(), p.name.as_str()) != (ns, name) {
                 return None;
             }
-            addresses.extend(p.ips.iter().copied());
+            mine.extend(p.ips.iter().copied());
         }
-        namespaces.insert(ns);
     }
+    let namespaces: BTreeSet<&str> = by_namespace.keys().copied().collect();
+    let addresses: BTreeSet<IpAddr> = by_namespace.values().flatten().copied().collect();
     let in_model = |ns: &str| model.tenants.iter().any(|t| t.namespaces.iter().any(|n| n == ns));
-    for ns in &namespaces {
+    for (ns, mine) in &by_namespace {
         let tenant = config.tenant_of(ns);
         let listed = config.tenant.iter().any(|t| t.namespaces.iter().any(|n| n == ns));
         if in_model(ns) != (listed || snap.names_namespace_apart_from_pods(ns) || !snap.pods_in(ns).is_empty()) {
@@ -65,12 +67,12 @@ pub fn recompile_pods(
         }
         if kube_ovn {
             for n in snap.namespaces.values() {
-                if n.name == *ns {
+                if n.name == **ns {
                     if n.cidrs.iter().any(|c| c.prefix_len() == c.max_prefix_len()) {
                         return None;
                     }
                 } else if config.tenant_of(&n.name) == tenant
-                    && n.cidrs.iter().any(|c| addresses.iter().any(|a| c.contains(a)))
+                    && n.cidrs.iter().any(|c| mine.iter().any(|a| c.contains(a)))
                 {
                     return None;
                 }
@@ -93,9 +95,8 @@ pub fn recompile_pods(
     };
     // Endpoints at a changed address must be trusted, or refused for the same reason, before and after: then the
     // Services' sets, the refusals and the tenants' endpoint members stay. Their last check, another namespace's own
-    // subnet, cannot hold such an address when the Service's namespace is one of the changed ones (refused above);
-    // for a Service of another namespace this declines rather than work that check out (conservative: the property
-    // test finds no case where it decides).
+    // subnet, cannot hold the address of a changed pod of the Service's own namespace (refused above); an endpoint at
+    // the address of a changed pod of another namespace declines rather than work that check out.
     // An endpoint is judged by the pods of its own tenant: those of tenants without a changed pod stay as they are.
     let tenants: BTreeSet<&str> = namespaces.iter().map(|ns| config.tenant_of(ns)).collect();
     let mut trusted_at: BTreeSet<(&str, IpAddr)> = BTreeSet::new();
@@ -106,7 +107,7 @@ pub fn recompile_pods(
             if !tenants.contains(tenant) {
                 continue;
             }
-            if !namespaces.contains(ns) {
+            if !by_namespace.get(ns).is_some_and(|mine| mine.contains(&ep.ip)) {
                 return None;
             }
             let mut now = after_at.get(&ep.ip).cloned().unwrap_or_default();
