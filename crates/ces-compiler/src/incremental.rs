@@ -97,14 +97,16 @@ pub fn recompile_pods(
     // Services' sets, the refusals and the tenants' endpoint members stay. Their last check, another namespace's own
     // subnet, cannot hold the address of a changed pod of the Service's own namespace (refused above); an endpoint at
     // the address of a changed pod of another namespace declines rather than work that check out.
-    // An endpoint is judged by the pods of its own tenant: those of tenants without a changed pod stay as they are.
-    let tenants: BTreeSet<&str> = namespaces.iter().map(|ns| config.tenant_of(ns)).collect();
+    // An endpoint is judged by the pods of its own tenant: one at an address no changed pod of its tenant has or had
+    // stays as it is.
+    let changed_in_tenant: BTreeSet<(&str, IpAddr)> =
+        by_namespace.iter().flat_map(|(ns, ips)| ips.iter().map(|ip| (config.tenant_of(ns), *ip))).collect();
     let mut trusted_at: BTreeSet<(&str, IpAddr)> = BTreeSet::new();
     for (key, eps) in snap.endpoints.iter().filter(|(k, _)| snap.services.contains_key(*k)) {
         for ep in eps.iter().filter(|ep| addresses.contains(&ep.ip)) {
             let (ns, svc) = (key.0.as_str(), key.1.as_str());
             let tenant = config.tenant_of(ns);
-            if !tenants.contains(tenant) {
+            if !changed_in_tenant.contains(&(tenant, ep.ip)) {
                 continue;
             }
             if !by_namespace.get(ns).is_some_and(|mine| mine.contains(&ep.ip)) {
