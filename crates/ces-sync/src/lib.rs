@@ -9,8 +9,8 @@
 //!   (`ces_compiler::recompile_pods`, which declines when the change could reach further), and the backend programs
 //!   the delta ([`Backend::apply_pods`]). Everything else, every resync and every retry loads and compiles whole.
 //! - **Changes** are noticed through [`Source::version`] (cheap, polled) and coalesced: after a change the loop waits
-//!   until the version has been stable for `debounce` (at most `max_delay` after the first change), so a burst of
-//!   churn becomes one apply.
+//!   until the version has been stable for `debounce` (at most `max_delay` after the first change, which for a change
+//!   seen right after a pass counts from that pass's read of the version), so a burst of churn becomes one apply.
 //! - **Resync**: every `resync`, the model is applied with `full = true`, which repairs changes made behind the
 //!   backend's back.
 //! - **Retry**: a failed load or apply is retried after a backoff that doubles from `retry_min` to `retry_max`, with
@@ -195,6 +195,9 @@ pub fn run(
     let mut retry_at: Option<Instant> = None;
     let mut backoff = opts.retry_min;
     let mut state: Option<State> = None;
+    // When the version of the last pass was read, and whether the loop has polled idly since: a change seen right
+    // after a pass may have waited since that read, which counts against `max_delay`.
+    let (mut read_at, mut idle) = (Instant::now(), true);
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         let version = source.version();
@@ -217,9 +220,15 @@ pub fn run(
         };
         let Some(reason) = reason else {
             std::thread::sleep(opts.poll);
+            idle = true;
             continue;
         };
-        let version = if reason == "change" { settle(source, opts, stop) } else { version };
+        let version = if reason == "change" {
+            settle(source, opts, stop, if idle { Instant::now() } else { read_at })
+        } else {
+            version
+        };
+        (read_at, idle) = (Instant::now(), false);
         let full = matches!(reason, "retry" | "resync") || applied_version.is_none();
         let result = version.and_then(|v| {
             let passed = pass(source, backend, opts, &mut state, full);
@@ -252,6 +261,9 @@ struct State {
     snapshot: Snapshot,
     config: CesConfig,
     model: PolicyModel,
+    /// The backend's problems at the last report of a successful apply: a pod-churn pass that leaves the model's
+    /// diagnostics and these as they were has nothing new to report.
+    reported: Option<Vec<Diagnostic>>,
 }
 
 /// One pass: pod churn through `Source::update`, `recompile_pods` and `Backend::apply_pods` when it can, else a
@@ -280,7 +292,7 @@ fn pass(
             Some(d) => backend.apply_pods(&st.model, d),
             None => backend.apply(&st.model, false),
         };
-        let applied = finish(source, backend, &st.model, applied)?;
+        let applied = finish(source, backend, &st.model, applied, &mut st.reported, delta.is_some())?;
         let timings = Timings { load, compile, apply: t.elapsed() - load - compile };
         return Ok((applied, st.model.errors().count(), timings));
     }
@@ -289,36 +301,45 @@ fn pass(
     let model = compile_keeping_last_good(source, &snapshot, &config, &opts.ces_namespace);
     let compile = t.elapsed() - load;
     let applied = backend.apply(&model, full);
-    let applied = finish(source, backend, &model, applied);
+    let mut reported = None;
+    let applied = finish(source, backend, &model, applied, &mut reported, false);
     let timings = Timings { load, compile, apply: t.elapsed() - load - compile };
     let errors = model.errors().count();
-    *state = Some(State { snapshot, config, model });
+    *state = Some(State { snapshot, config, model, reported });
     Ok((applied?, errors, timings))
 }
 
-/// Reports the apply to the source and passes its result on.
+/// Reports the apply to the source, unless it would say again what was last reported (`diagnostics_kept`: the
+/// model's diagnostics are those of the last report), and passes its result on.
 fn finish(
     source: &mut dyn Source,
     backend: &mut dyn Backend,
     model: &PolicyModel,
     applied: Result<Applied, String>,
+    reported: &mut Option<Vec<Diagnostic>>,
+    diagnostics_kept: bool,
 ) -> Result<Applied, String> {
     let problems = backend.problems();
-    let report = Report {
-        backend: backend.name(),
-        result: applied.as_ref().map(|_| ()).map_err(String::as_str),
-        problems: &problems,
-    };
-    source.report(model, &report);
+    let same = diagnostics_kept && applied.is_ok() && reported.as_ref() == Some(&problems);
+    if !same {
+        let report = Report {
+            backend: backend.name(),
+            result: applied.as_ref().map(|_| ()).map_err(String::as_str),
+            problems: &problems,
+        };
+        source.report(model, &report);
+    }
+    *reported = applied.is_ok().then_some(problems);
     applied
 }
 
-/// Waits until the source's version has been stable for `debounce` (or `max_delay` has passed); returns it.
-fn settle(source: &mut dyn Source, opts: &Options, stop: &AtomicBool) -> Result<u64, String> {
-    let start = Instant::now();
+/// Waits until the source's version has been stable for `debounce`, or until `max_delay` after `since` (when the
+/// first change may have come); returns it.
+fn settle(source: &mut dyn Source, opts: &Options, stop: &AtomicBool, since: Instant) -> Result<u64, String> {
+    let deadline = since + opts.max_delay;
     let mut last = source.version()?;
     let mut stable_since = Instant::now();
-    while !stop.load(Ordering::Relaxed) && start.elapsed() < opts.max_delay {
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
         std::thread::sleep(opts.poll.min(opts.debounce));
         let v = source.version()?;
         if v != last {

@@ -163,3 +163,113 @@ fn the_folder_source_parses_again_only_what_changed_and_sees_every_change() {
     assert!(e.contains("defined more than once"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A source that follows pods (an empty change each time) and counts its reports.
+#[derive(Clone, Default)]
+struct Churning {
+    version: Arc<Mutex<u64>>,
+    reports: Arc<Mutex<usize>>,
+}
+
+impl Source for Churning {
+    fn version(&mut self) -> Result<u64, String> {
+        Ok(*self.version.lock().unwrap())
+    }
+    fn load(&mut self) -> Result<(Snapshot, CesConfig), String> {
+        Ok((Snapshot::default(), CesConfig::embedded_default()))
+    }
+    fn update(&mut self, _: &mut Snapshot) -> Result<Option<Vec<PodChange>>, String> {
+        Ok(Some(Vec::new()))
+    }
+    fn report(&mut self, _: &PolicyModel, _: &Report<'_>) {
+        *self.reports.lock().unwrap() += 1;
+    }
+}
+
+/// A backend whose passes take `slow` and whose problems the test sets.
+#[derive(Clone, Default)]
+struct Slow {
+    slow: Duration,
+    starts: Arc<Mutex<Vec<Instant>>>,
+    problems: Arc<Mutex<Vec<Diagnostic>>>,
+}
+
+impl Backend for Slow {
+    fn name(&self) -> &str {
+        "slow"
+    }
+    fn apply(&mut self, _: &PolicyModel, _: bool) -> Result<Applied, String> {
+        self.starts.lock().unwrap().push(Instant::now());
+        std::thread::sleep(self.slow);
+        Ok(Applied::default())
+    }
+    fn problems(&self) -> Vec<Diagnostic> {
+        self.problems.lock().unwrap().clone()
+    }
+}
+
+fn run_on_thread(mut source: Churning, mut backend: Slow, opts: Options, script: impl FnOnce()) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    let h = std::thread::spawn(move || run(&mut source, &mut backend, &opts, &s2, &mut |_| {}));
+    script();
+    stop.store(true, Ordering::Relaxed);
+    h.join().unwrap();
+}
+
+#[test]
+fn under_constant_churn_a_change_seen_after_a_pass_waits_at_most_max_delay_from_that_pass() {
+    // A change every 5 ms never settles; each pass takes 300 ms; max_delay is 1 s. Counted from the pass's read of
+    // the version, the next pass starts about 1 s after the last one started; counted from the end of the pass (as
+    // before), 1.3 s.
+    let source = Churning::default();
+    let backend = Slow { slow: Duration::from_millis(300), ..Default::default() };
+    let starts = backend.starts.clone();
+    let mut o = opts();
+    o.max_delay = Duration::from_secs(1);
+    let version = source.version.clone();
+    run_on_thread(source, backend, o, || {
+        let t = Instant::now();
+        while starts.lock().unwrap().len() < 4 {
+            *version.lock().unwrap() += 1;
+            std::thread::sleep(Duration::from_millis(5));
+            assert!(t.elapsed() < Duration::from_secs(20), "timed out");
+        }
+    });
+    let starts = starts.lock().unwrap().clone();
+    for w in starts[1..].windows(2) {
+        let gap = w[1] - w[0];
+        assert!(gap >= Duration::from_millis(900) && gap < Duration::from_millis(1200), "gap {gap:?}");
+    }
+}
+
+#[test]
+fn a_pod_churn_pass_that_changes_nothing_reported_does_not_report_again() {
+    let source = Churning::default();
+    let (version, reports) = (source.version.clone(), source.reports.clone());
+    let backend = Slow::default();
+    let (starts, problems) = (backend.starts.clone(), backend.problems.clone());
+    let step = |v: u64, passes: usize| {
+        *version.lock().unwrap() = v;
+        wait_for(|| starts.lock().unwrap().len() >= passes);
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    run_on_thread(source, backend, opts(), || {
+        step(0, 1);
+        assert_eq!(*reports.lock().unwrap(), 1, "the first pass reports");
+        step(1, 2);
+        step(2, 3);
+        assert_eq!(*reports.lock().unwrap(), 1, "pod churn with the same problems: nothing new to report");
+        problems.lock().unwrap().push(Diagnostic {
+            severity: Severity::Error,
+            object: None,
+            origin: None,
+            reason: "Refused".into(),
+            message: "the device said no".into(),
+        });
+        step(3, 4);
+        assert_eq!(*reports.lock().unwrap(), 2, "new problems are reported");
+        step(4, 5);
+        assert_eq!(*reports.lock().unwrap(), 2);
+    });
+}
