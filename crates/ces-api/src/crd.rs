@@ -80,11 +80,15 @@ mod tests {
     }
 
     #[test]
-    fn printer_columns_match_the_original() {
-        let cgr = crd_json("clusteregressrules.kubeovn.io");
-        let cols = &cgr["spec"]["versions"][0]["additionalPrinterColumns"];
-        assert_eq!(cols[0]["jsonPath"], ".spec.action");
-        assert_eq!(cols[1]["jsonPath"], ".status.phase");
+    fn printer_columns_keep_the_originals_first_and_add_the_scope() {
+        for crd in ["clusteregressrules.kubeovn.io", "namespaceegressrules.kubeovn.io", "serviceegressrules.kubeovn.io"]
+        {
+            let crd = crd_json(crd);
+            let cols = &crd["spec"]["versions"][0]["additionalPrinterColumns"];
+            assert_eq!(cols[0]["jsonPath"], ".spec.action");
+            assert_eq!(cols[1]["jsonPath"], ".status.phase");
+            assert_eq!(cols[2]["jsonPath"], ".status.scope");
+        }
         let exsvc = crd_json("externalservices.kubeovn.io");
         assert_eq!(exsvc["spec"]["versions"][0]["additionalPrinterColumns"][0]["jsonPath"], ".spec.addresses");
     }

@@ -23,6 +23,10 @@ pub struct ResourceStatus {
     pub observed_generation: Option<i64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// For rules, what they apply to, as `kubectl get` shows it: `all namespaces`, `namespaces team=red`, `all pods`,
+    /// `pods app=web`, `service web`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
 }
 
 /// A standard Kubernetes condition (the shape of `metav1.Condition`).
@@ -55,6 +59,7 @@ fn status(phase: Phase, generation: Option<i64>, accepted: bool, reason: &str, m
             reason: reason.to_string(),
             message: message.to_string(),
         }],
+        scope: None,
     }
 }
 

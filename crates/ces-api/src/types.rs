@@ -183,6 +183,7 @@ pub struct ExternalServicePort {
     status = "ResourceStatus",
     printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#,
     printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Scope","type":"string","jsonPath":".status.scope"}"#,
     doc = "An egress rule for the whole cluster (AFM global context)."
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -214,6 +215,7 @@ pub struct ClusterEgressRuleSpec {
     status = "ResourceStatus",
     printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#,
     printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Scope","type":"string","jsonPath":".status.scope"}"#,
     doc = "An egress rule for the pods of one namespace (AFM route-domain context)."
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -244,6 +246,7 @@ pub struct NamespaceEgressRuleSpec {
     status = "ResourceStatus",
     printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#,
     printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Scope","type":"string","jsonPath":".status.scope"}"#,
     doc = "An egress rule for the endpoints of one Service (AFM virtual-server context)."
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

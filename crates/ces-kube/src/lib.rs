@@ -602,7 +602,8 @@ impl Source for KubeSource {
                     let current: Option<ResourceStatus> =
                         v.get("status").and_then(|s| serde_json::from_value(s.clone()).ok());
                     let previous = self.written.get(&key).cloned().or(current.clone());
-                    let status = status::status_of(model, report, &object, generation, previous.as_ref(), &now);
+                    let mut status = status::status_of(model, report, &object, generation, previous.as_ref(), &now);
+                    status.scope = status::scope_of(kind.kind, &v["spec"]);
                     if current.as_ref() == Some(&status) || self.written.get(&key) == Some(&status) {
                         continue;
                     }

@@ -7,6 +7,39 @@ use ces_sync::Report;
 
 pub const CONDITION_PROGRAMMED: &str = "Programmed";
 
+/// What a rule applies to (`status.scope`), from its kind and spec; `None` for objects that are not rules.
+pub fn scope_of(kind: &str, spec: &serde_json::Value) -> Option<String> {
+    let (field, all, some) = match kind {
+        "ClusterEgressRule" => ("namespaceSelector", "all namespaces", "namespaces"),
+        "NamespaceEgressRule" => ("podSelector", "all pods", "pods"),
+        "ServiceEgressRule" => return Some(format!("service {}", spec.get("service")?.as_str()?)),
+        _ => return None,
+    };
+    let Some(sel) = spec.get(field).filter(|s| !s.is_null()) else { return Some(all.to_string()) };
+    let mut parts: Vec<String> = Vec::new();
+    for (k, v) in sel.get("matchLabels").and_then(serde_json::Value::as_object).into_iter().flatten() {
+        parts.push(format!("{k}={}", v.as_str().unwrap_or_default()));
+    }
+    for e in sel.get("matchExpressions").and_then(serde_json::Value::as_array).into_iter().flatten() {
+        let key = e.get("key").and_then(serde_json::Value::as_str).unwrap_or_default();
+        let values: Vec<&str> = e
+            .get("values")
+            .and_then(serde_json::Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(serde_json::Value::as_str)
+            .collect();
+        parts.push(match e.get("operator").and_then(serde_json::Value::as_str).unwrap_or_default() {
+            "In" => format!("{key} in ({})", values.join(",")),
+            "NotIn" => format!("{key} notin ({})", values.join(",")),
+            "Exists" => key.to_string(),
+            "DoesNotExist" => format!("!{key}"),
+            other => format!("{key} {other}"),
+        });
+    }
+    Some(if parts.is_empty() { all.to_string() } else { format!("{some} {}", parts.join(",")) })
+}
+
 /// Backend reasons that mean the object is not on the data plane at all.
 const NOT_PROGRAMMED: &[&str] = &["NotDeclared", "InvalidDeclaration", "NotProgrammed", "NotBound"];
 
@@ -68,6 +101,33 @@ pub fn status_of(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_scope_says_what_a_rule_applies_to() {
+        let spec = |v: serde_json::Value| v;
+        assert_eq!(
+            scope_of("ClusterEgressRule", &spec(serde_json::json!({"action": "drop"}))).unwrap(),
+            "all namespaces"
+        );
+        assert_eq!(
+            scope_of(
+                "ClusterEgressRule",
+                &spec(serde_json::json!({"namespaceSelector": {"matchLabels": {"team": "red", "env": "prod"},
+                    "matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "b"]},
+                                         {"key": "legacy", "operator": "DoesNotExist"}]}}))
+            )
+            .unwrap(),
+            "namespaces env=prod,team=red,tier in (a,b),!legacy"
+        );
+        assert_eq!(scope_of("NamespaceEgressRule", &spec(serde_json::json!({}))).unwrap(), "all pods");
+        assert_eq!(
+            scope_of("NamespaceEgressRule", &spec(serde_json::json!({"podSelector": {"matchLabels": {"app": "web"}}})))
+                .unwrap(),
+            "pods app=web"
+        );
+        assert_eq!(scope_of("ServiceEgressRule", &spec(serde_json::json!({"service": "web"}))).unwrap(), "service web");
+        assert_eq!(scope_of("ExternalService", &spec(serde_json::json!({"addresses": []}))), None);
+    }
 
     fn model() -> PolicyModel {
         let snap = ces_snapshot::manifests::load_str(
