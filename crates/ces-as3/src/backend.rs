@@ -176,19 +176,28 @@ impl As3Backend {
             self.device.insert(tenant.to_string(), state);
         }
         let (current, key) = &self.device[tenant];
-        if current.as_ref() == Some(desired) {
-            return Ok(TenantOutcome::Unchanged);
-        }
         let (known, keyless) = (current.is_some(), key.is_none());
+        // One walk over the tenant tells both: nothing differs (no operation), or only address lists do.
         if let Some(ops) = current.as_ref().and_then(|cur| Self::address_patch(tenant, cur, desired)) {
+            if ops.is_empty() {
+                return Ok(TenantOutcome::Unchanged);
+            }
             let n = ops.len();
+            let body = Value::Array(ops);
             self.client.call(&Request {
                 method: "PATCH",
                 path: "/mgmt/shared/appsvcs/declare".into(),
-                body: Some(Value::Array(ops)),
+                body: Some(body.clone()),
             })?;
-            // The lock key changed with the declaration; the next POST reads it again.
-            self.device.insert(tenant.to_string(), (Some(desired.clone()), None));
+            // The device holds the patched lists now (kept in place: a tenant is megabytes); the lock key changed
+            // with them, and the next POST reads it again.
+            if let Some((Some(cur), key)) = self.device.get_mut(tenant) {
+                for op in body.as_array().into_iter().flatten() {
+                    let name = op["path"].as_str().and_then(|p| p.rsplit('/').next()).unwrap_or_default();
+                    cur["Shared"][name] = op["value"].clone();
+                }
+                *key = None;
+            }
             return Ok(TenantOutcome::Patched(n));
         }
         if known && keyless && self.client.is_device() {
@@ -399,7 +408,7 @@ impl ces_sync::Backend for As3Backend {
             else {
                 return self.apply(model, false);
             };
-            let mut ops = Vec::new();
+            let mut moved = false;
             for (name, addresses) in changed {
                 let Some(object) = shared.get_mut(&name).filter(|o| o.get("class").is_some()) else {
                     return self.apply(model, false);
@@ -409,50 +418,23 @@ impl ces_sync::Backend for As3Backend {
                     continue;
                 }
                 object["addresses"] = addresses;
+                moved = true;
                 if let Some(s) = &schema
                     && !s.validate_object(&tenant, &name, object).is_empty()
                 {
                     return self.apply(model, false); // it reports the error on the rules
                 }
-                ops.push(json!({"op": "replace", "path": format!("/{tenant}/Shared/{name}"), "value": object}));
             }
-            if ops.is_empty() {
+            if !moved {
                 continue;
             }
-            let known = self.device.get(&tenant).and_then(|(current, _)| current.as_ref()).is_some();
-            let sent = if known {
-                self.client
-                    .call(&Request {
-                        method: "PATCH",
-                        path: "/mgmt/shared/appsvcs/declare".into(),
-                        body: Some(Value::Array(ops.clone())),
-                    })
-                    .map(|_| TenantOutcome::Patched(ops.len()))
-            } else {
-                self.sync_tenant(&tenant, &last.documents[&tenant], false)
-            };
-            match sent {
-                Ok(outcome) => {
-                    if known {
-                        // The device holds the patched lists now; its lock key changed with them.
-                        let entry = self.device.get_mut(&tenant).expect("known");
-                        if let Some(cur) = entry.0.as_mut().and_then(|c| c.get_mut("Shared")) {
-                            for op in &ops {
-                                let name = op["path"].as_str().and_then(|p| p.rsplit('/').next()).unwrap_or_default();
-                                cur[name] = op["value"].clone();
-                            }
-                        }
-                        entry.1 = None;
-                    }
-                    outcomes.push(match outcome {
-                        TenantOutcome::Patched(n) => format!("{tenant}: patched {n} address list(s) (pod churn)"),
-                        other => format!("{tenant}: {other:?} (pod churn)"),
-                    });
+            // The tenant's usual sync: against what the device holds, only address lists differ, so it PATCHes them.
+            match self.sync_tenant(&tenant, &last.documents[&tenant], false) {
+                Ok(TenantOutcome::Patched(n)) => {
+                    outcomes.push(format!("{tenant}: patched {n} address list(s) (pod churn)"))
                 }
-                Err(e) => {
-                    self.device.remove(&tenant);
-                    return Err(format!("tenant {tenant}: {e}"));
-                }
+                Ok(other) => outcomes.push(format!("{tenant}: {other:?} (pod churn)")),
+                Err(e) => return Err(format!("tenant {tenant}: {e}")),
             }
         }
         let valid_until = last.valid_until;
