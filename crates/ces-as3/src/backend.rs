@@ -383,10 +383,11 @@ impl ces_sync::Backend for As3Backend {
         Ok(ces_sync::Applied { summary, valid_until })
     }
 
-    /// Pod churn: only the source address lists of the sets that moved are rendered again, validated against their
-    /// class, and PATCHed, one request per tenant. A list that would appear or go (a rule gaining its first source
-    /// or losing its last) changes the rule's objects: that takes `apply`, as does a tenant the device state of which
-    /// is not known.
+    /// Pod churn: only the source address lists of the sets that moved are rendered again in the kept documents,
+    /// validated against their class, and each changed tenant goes through the usual `sync_tenant` (a PATCH of those
+    /// lists, one request per tenant; a tenant whose device state is not known is read first). A list that would
+    /// appear or go (a rule gaining its first source or losing its last) changes the rule's objects: that takes
+    /// `apply`.
     fn apply_pods(&mut self, model: &PolicyModel, delta: &ces_model::PodDelta) -> Result<ces_sync::Applied, String> {
         let Some(mut last) = self.last.take() else { return self.apply(model, false) };
         let mut lists: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
