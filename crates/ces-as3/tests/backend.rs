@@ -365,10 +365,12 @@ fn pod_churn_through_recompile_and_apply_pods_ends_where_a_whole_compile_does() 
     b.apply(&model, true).unwrap();
     assert_converged(&d, &model);
     let mut rng = ces_synth::Rng::new(11);
-    let (mut patched, mut whole) = (0, 0);
+    let (mut patched, mut whole, mut with_endpoints) = (0, 0, 0);
     for step in 0..30 {
         // A few pods move to another address of their namespace's subnet.
         let mut changes = Vec::new();
+        let mut endpoints: std::collections::BTreeMap<ces_snapshot::Key, Vec<ces_snapshot::Endpoint>> =
+            Default::default();
         for _ in 0..1 + rng.below(3) {
             let p = &snap.pods[rng.below(snap.pods.len())];
             if p.host_network
@@ -381,12 +383,34 @@ fn pod_churn_through_recompile_and_apply_pods_ends_where_a_whole_compile_does() 
             let std::net::IpAddr::V4(a) = q.ips[0] else { continue };
             let o = a.octets();
             q.ips = vec![std::net::Ipv4Addr::new(o[0], o[1], o[2], 200 + (step as u8 % 50)).into()];
+            // The Service's EndpointSlice follows the pod, as the endpoints controller updates it.
+            for (key, eps) in &snap.endpoints {
+                let before = endpoints.get(key).unwrap_or(eps);
+                if let Some(i) =
+                    before.iter().position(|e| e.pod.as_ref() == Some(&(p.namespace.clone(), p.name.clone())))
+                {
+                    let mut after = before.clone();
+                    after[i].ip = q.ips[0];
+                    after.sort();
+                    endpoints.insert(key.clone(), after);
+                }
+            }
             changes.push(ces_snapshot::PodChange { before: Some(p.clone()), after: Some(q) });
         }
-        snap.apply_pod_changes(&changes).unwrap();
-        match ces_compiler::recompile_pods(&mut model, &snap, &config, &changes) {
+        let endpoints = endpoints
+            .into_iter()
+            .map(|(service, after)| ces_snapshot::EndpointsChange {
+                before: snap.endpoints.get(&service).cloned(),
+                after: Some(after),
+                service,
+            })
+            .collect();
+        let churn = ces_snapshot::Churn { pods: changes, endpoints };
+        snap.apply_churn(&churn).unwrap();
+        match ces_compiler::recompile_churn(&mut model, &snap, &config, &churn) {
             Some(delta) => {
                 patched += 1;
+                with_endpoints += usize::from(!churn.endpoints.is_empty());
                 b.apply_pods(&model, &delta).unwrap();
             }
             None => {
@@ -399,4 +423,5 @@ fn pod_churn_through_recompile_and_apply_pods_ends_where_a_whole_compile_does() 
         assert_converged(&d, &model);
     }
     assert!(patched >= 10, "the patch path ran {patched} times, the whole path {whole}");
+    assert!(with_endpoints >= 10, "the patch path ran {with_endpoints} times with EndpointSlices following the pods");
 }

@@ -1,15 +1,21 @@
-//! Pod churn without a whole compile: [`recompile_pods`] patches a model into the one [`crate::compile`] would give
-//! after pods changed, touching only the sets built from those pods' namespaces and their tenants' member sets.
+//! Churn without a whole compile: [`recompile_churn`] patches a model into the one [`crate::compile`] would give
+//! after pods and Services' endpoints changed, touching only the sets built from the changed pods' namespaces, the
+//! sets of the Services whose endpoints are judged again, and the tenants' member sets.
 //!
 //! It follows a change only as far as it can prove that nothing else moves, and otherwise says `None` (the caller
 //! then compiles whole). What it requires of each changed pod (before and after):
-//! - none of its addresses lies in a kube-ovn subnet of another namespace of its tenant (that would change which
-//!   subnets are shared), and its namespace has no subnet of a single address (which could not be told apart from
-//!   a pod's address in the namespace's set);
-//! - an endpoint at one of its addresses belongs to a Service of a changed pod's namespace and is trusted, or refused
-//!   for the same reason, before and after (so the Services' sets, refusals and the tenants' endpoint members stay);
-//! - its namespace is named by something else too, or stays named by pods (the tenants' namespace lists stay);
-//! - every set it recomputes keeps being empty or non-empty, so no "matches nothing yet" warning comes or goes.
+//! - none of its addresses lies in a kube-ovn subnet of another namespace of its tenant that its own namespace's
+//!   subnets do not overlap (that would change which subnets are shared, and with whom; namespaces on kube-ovn's
+//!   default subnet all overlap it, so their pods pass), and its namespace has no subnet of a single address (which
+//!   could not be told apart from a pod's address in the namespace's set);
+//! - its namespace is named by something else too, or stays named by pods (the tenants' namespace lists stay).
+//!
+//! Endpoints are judged again, before and after, exactly as the compiler judges them, for every Service whose
+//! endpoints changed and every Service with an endpoint at an address that changed in its tenant (a changed pod's
+//! address, a changed endpoint's address). A Service whose set is in the model must keep its refusals (they are
+//! warnings on the rules that use it).
+//!
+//! Every set it recomputes must keep being empty or non-empty, so no "matches nothing yet" warning comes or goes.
 //!
 //! Property tests (`tests/incremental.rs`) hold the result equal to a whole compile on generated churn.
 
@@ -18,11 +24,11 @@ use std::net::IpAddr;
 
 use ces_config::CesConfig;
 use ces_model::{AddressSet, PodDelta, PodEntry, PolicyModel, TenantRef};
-use ces_snapshot::{Pod, PodChange, Snapshot};
+use ces_snapshot::{Churn, Endpoint, EndpointsChange, Key, Pod, Snapshot};
 use ipnet::IpNet;
 
 use crate::{
-    endpoint_refusal, is_source, namespace_pods_set, namespace_set, pod_entry, pod_nets, pod_selector_set,
+    endpoint_refusal, is_source, namespace_pods_set, namespace_set, overlaps, pod_entry, pod_nets, pod_selector_set,
     selected_pod_nets, service_pod_nets, service_set, tenant_set,
 };
 
@@ -31,14 +37,22 @@ fn like(old: &AddressSet, addresses: Vec<IpNet>) -> AddressSet {
     AddressSet::new(&TenantRef { name: old.tenant.clone(), route_domain: old.route_domain }, addresses)
 }
 
-/// Patches `model` (compiled from the snapshot before `changes`) into the model of `snap` (the snapshot after them).
-/// Returns what changed, or `None`, with `model` untouched, when the changes reach further than this follows.
-pub fn recompile_pods(
+/// A Service's endpoints judged: the addresses CES trusts, and why it refuses the others.
+#[derive(Default)]
+struct Trust {
+    trusted: Vec<IpNet>,
+    refused: Vec<String>,
+}
+
+/// Patches `model` (compiled from the snapshot before `churn`) into the model of `snap` (the snapshot after it).
+/// Returns what changed, or `None`, with `model` untouched, when the churn reaches further than this follows.
+pub fn recompile_churn(
     model: &mut PolicyModel,
     snap: &Snapshot,
     config: &CesConfig,
-    changes: &[PodChange],
+    churn: &Churn,
 ) -> Option<PodDelta> {
+    let changes = &churn.pods;
     let kube_ovn = config.cni_type() == ces_config::DEFAULT_CNI_TYPE;
     // The changed addresses, by the namespace of the pod that has or had them.
     let mut by_namespace: BTreeMap<&str, BTreeSet<IpAddr>> = BTreeMap::new();
@@ -57,7 +71,6 @@ pub fn recompile_pods(
         }
     }
     let namespaces: BTreeSet<&str> = by_namespace.keys().copied().collect();
-    let addresses: BTreeSet<IpAddr> = by_namespace.values().flatten().copied().collect();
     let in_model = |ns: &str| model.tenants.iter().any(|t| t.namespaces.iter().any(|n| n == ns));
     for (ns, mine) in &by_namespace {
         let tenant = config.tenant_of(ns);
@@ -66,20 +79,53 @@ pub fn recompile_pods(
             return None;
         }
         if kube_ovn {
-            for n in snap.namespaces.values() {
-                if n.name == **ns {
-                    if n.cidrs.iter().any(|c| c.prefix_len() == c.max_prefix_len()) {
-                        return None;
-                    }
-                } else if config.tenant_of(&n.name) == tenant
-                    && n.cidrs.iter().any(|c| mine.iter().any(|a| c.contains(a)))
-                {
+            let own: &[IpNet] = snap.namespaces.get(*ns).map_or(&[], |n| &n.cidrs);
+            if own.iter().any(|c| c.prefix_len() == c.max_prefix_len()) {
+                return None;
+            }
+            // A pod in another namespace's subnet makes that subnet shared, unless its own namespace's subnet
+            // overlaps it already (as every namespace on kube-ovn's default subnet does).
+            for n in snap.namespaces.values().filter(|n| n.name != **ns && config.tenant_of(&n.name) == tenant) {
+                if n.cidrs.iter().any(|c| mine.iter().any(|a| c.contains(a)) && !own.iter().any(|o| overlaps(o, c))) {
                     return None;
                 }
             }
         }
     }
-    // Source pods at the changed addresses, before and after, in snapshot order: one pass over the pods.
+    // The endpoint changes: each Service once, and the snapshot holds what they say. Those of Services the snapshot
+    // does not have change nothing (the compiler reads the endpoints of Services only).
+    let mut endpoint_changes: BTreeMap<&Key, &EndpointsChange> = BTreeMap::new();
+    for c in &churn.endpoints {
+        if endpoint_changes.insert(&c.service, c).is_some() || snap.endpoints.get(&c.service) != c.after.as_ref() {
+            return None;
+        }
+    }
+    endpoint_changes.retain(|k, _| snap.services.contains_key(*k));
+    let before_endpoints =
+        |key: &Key| endpoint_changes.get(key).map_or_else(|| snap.endpoints.get(key), |c| c.before.as_ref());
+
+    // The addresses that changed in each tenant: changed pods' addresses, changed endpoints' addresses.
+    let mut changed_in_tenant: BTreeSet<(&str, IpAddr)> =
+        by_namespace.iter().flat_map(|(ns, ips)| ips.iter().map(|ip| (config.tenant_of(ns), *ip))).collect();
+    for (key, c) in &endpoint_changes {
+        let tenant = config.tenant_of(&key.0);
+        changed_in_tenant.extend(c.before.iter().chain(&c.after).flatten().map(|ep| (tenant, ep.ip)));
+    }
+    // The Services judged again: those whose endpoints changed, and those with an endpoint at a changed address of
+    // their tenant (an endpoint is judged by the pods of its own tenant; one elsewhere keeps its verdict).
+    let mut judged: BTreeSet<&Key> = endpoint_changes.keys().copied().collect();
+    for (key, eps) in snap.endpoints.iter().filter(|(k, _)| snap.services.contains_key(*k)) {
+        let tenant = config.tenant_of(&key.0);
+        if eps.iter().any(|ep| changed_in_tenant.contains(&(tenant, ep.ip))) {
+            judged.insert(key);
+        }
+    }
+    // Source pods at the changed addresses and at every endpoint address of the judged Services, before and after,
+    // in snapshot order: one pass over the pods.
+    let mut addresses: BTreeSet<IpAddr> = changed_in_tenant.iter().map(|(_, ip)| *ip).collect();
+    for key in &judged {
+        addresses.extend(before_endpoints(key).into_iter().chain(snap.endpoints.get(*key)).flatten().map(|ep| ep.ip));
+    }
     let mut after_at: BTreeMap<IpAddr, Vec<&Pod>> = BTreeMap::new();
     for p in snap.pods.iter().filter(|p| is_source(p)) {
         for ip in p.ips.iter().filter(|ip| addresses.contains(ip)) {
@@ -93,37 +139,18 @@ pub fn recompile_pods(
         v.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         v
     };
-    // Endpoints at a changed address must be trusted, or refused for the same reason, before and after: then the
-    // Services' sets, the refusals and the tenants' endpoint members stay. Their last check, another namespace's own
-    // subnet, cannot hold the address of a changed pod of the Service's own namespace (refused above); an endpoint at
-    // the address of a changed pod of another namespace declines rather than work that check out.
-    // An endpoint is judged by the pods of its own tenant: one at an address no changed pod of its tenant has or had
-    // stays as it is.
-    let changed_in_tenant: BTreeSet<(&str, IpAddr)> =
-        by_namespace.iter().flat_map(|(ns, ips)| ips.iter().map(|ip| (config.tenant_of(ns), *ip))).collect();
-    let mut trusted_at: BTreeSet<(&str, IpAddr)> = BTreeSet::new();
-    for (key, eps) in snap.endpoints.iter().filter(|(k, _)| snap.services.contains_key(*k)) {
-        for ep in eps.iter().filter(|ep| addresses.contains(&ep.ip)) {
-            let (ns, svc) = (key.0.as_str(), key.1.as_str());
-            let tenant = config.tenant_of(ns);
-            if !changed_in_tenant.contains(&(tenant, ep.ip)) {
-                continue;
-            }
-            if !by_namespace.get(ns).is_some_and(|mine| mine.contains(&ep.ip)) {
-                return None;
-            }
-            let mut now = after_at.get(&ep.ip).cloned().unwrap_or_default();
-            let mut then = before_at(ep.ip);
-            now.retain(|p| config.tenant_of(&p.namespace) == tenant);
-            then.retain(|p| config.tenant_of(&p.namespace) == tenant);
-            let verdict = endpoint_refusal(ns, svc, ep, &now, || None);
-            if verdict != endpoint_refusal(ns, svc, ep, &then, || None) {
-                return None;
-            }
-            if verdict.is_none() {
-                trusted_at.insert((tenant, ep.ip));
-            }
+    let after_pods = |ip: IpAddr| after_at.get(&ip).cloned().unwrap_or_default();
+    let mut trust: BTreeMap<&Key, (Trust, Trust)> = BTreeMap::new();
+    for key in &judged {
+        // The changed pods make no subnet of another namespace of their tenant shared that was not, so the subnets'
+        // classification is the same before and after.
+        let then = judge(snap, config, key, before_endpoints(key), before_at);
+        let now = judge(snap, config, key, snap.endpoints.get(*key), after_pods);
+        // The refusals are warnings on the rules that use the Service's set.
+        if then.refused != now.refused && model.address_sets.contains_key(&service_set(&key.0, &key.1)) {
+            return None;
         }
+        trust.insert(key, (then, now));
     }
 
     // The sets of the changed namespaces, computed again as the compiler computes them.
@@ -157,8 +184,8 @@ pub fn recompile_pods(
         }
         let services = snap.services.range((ns.to_string(), String::new())..).take_while(|((n, _), _)| n == ns);
         for (key, svc) in services {
-            if snap.endpoints.contains_key(key) {
-                continue; // its set is its trusted endpoints, which these pods are not
+            if snap.endpoints.contains_key(key) || judged.contains(key) {
+                continue; // its set is its trusted endpoints, which these pods are not; or it is judged below
             }
             put(
                 service_set(ns, &key.1),
@@ -166,8 +193,18 @@ pub fn recompile_pods(
             );
         }
     }
-    // Tenants' member sets: the changed pods' old addresses out (unless another pod of the tenant still has them),
-    // the new ones in.
+    // The sets of the judged Services: their trusted endpoints, or, without endpoint objects, the ready pods their
+    // selectors pick.
+    for (key, (_, now)) in &trust {
+        let addrs = match (snap.endpoints.contains_key(*key), &snap.services[*key].selector) {
+            (true, _) => now.trusted.clone(),
+            (false, Some(sel)) => service_pod_nets(snap.pods_in(&key.0), sel),
+            (false, None) => Vec::new(),
+        };
+        put(service_set(&key.0, &key.1), addrs);
+    }
+    // Tenants' member sets: the changed pods' and the judged endpoints' old addresses out (unless the tenant still
+    // holds them), the new ones in.
     let mut members: BTreeMap<&str, (BTreeSet<IpNet>, BTreeSet<IpNet>)> = BTreeMap::new();
     for c in changes {
         for (p, added) in c.before.iter().map(|p| (p, false)).chain(c.after.iter().map(|p| (p, true))) {
@@ -179,17 +216,30 @@ pub fn recompile_pods(
             if added { slot.1.extend(nets) } else { slot.0.extend(nets) }
         }
     }
-    // The addresses going out that the tenant still holds: another source pod of it has them, or a trusted endpoint.
-    let mut held = trusted_at;
+    // The addresses going out that the tenant still holds: a source pod of it has them, or a trusted endpoint (every
+    // Service of the tenant with an endpoint at such an address is judged, so its trusted addresses go in), or a
+    // subnet of a single address.
+    let mut held: BTreeSet<(&str, IpAddr)> = BTreeSet::new();
+    for (key, (then, now)) in &trust {
+        let slot = members.entry(config.tenant_of(&key.0)).or_default();
+        slot.0.extend(&then.trusted);
+        slot.1.extend(&now.trusted);
+    }
     for (ip, pods) in &after_at {
         for p in pods {
             held.insert((config.tenant_of(&p.namespace), *ip));
         }
     }
+    let subnet_of_one = |tenant: &str, n: &IpNet| {
+        kube_ovn && snap.namespaces.values().any(|ns| config.tenant_of(&ns.name) == tenant && ns.cidrs.contains(n))
+    };
     for (tenant, (out, into)) in members {
         let name = tenant_set(tenant);
         let old = model.address_sets.get(&name)?;
-        let kept = old.addresses.iter().filter(|n| !out.contains(n) || held.contains(&(tenant, n.addr())));
+        let kept = old
+            .addresses
+            .iter()
+            .filter(|n| !out.contains(n) || held.contains(&(tenant, n.addr())) || subnet_of_one(tenant, n));
         new_sets.insert(name, like(old, kept.copied().chain(into).collect()));
     }
     if new_sets.iter().any(|(name, s)| model.address_sets[name].addresses.is_empty() != s.addresses.is_empty()) {
@@ -247,4 +297,52 @@ pub fn recompile_pods(
         }
     }
     Some(delta)
+}
+
+/// Judges a Service's endpoints as the compiler does, with the source pods at each address (`pods_at`, in snapshot
+/// order) of the moment.
+fn judge<'p>(
+    snap: &Snapshot,
+    config: &CesConfig,
+    key: &Key,
+    eps: Option<&Vec<Endpoint>>,
+    pods_at: impl Fn(IpAddr) -> Vec<&'p Pod>,
+) -> Trust {
+    let (ns, svc) = (key.0.as_str(), key.1.as_str());
+    let tenant = config.tenant_of(ns);
+    let mut out = Trust::default();
+    for ep in eps.into_iter().flatten() {
+        let mut pods = pods_at(ep.ip);
+        pods.retain(|p| config.tenant_of(&p.namespace) == tenant);
+        match endpoint_refusal(ns, svc, ep, &pods, || other_own_subnet(snap, config, ns, ep.ip)) {
+            None => out.trusted.push(IpNet::from(ep.ip)),
+            Some(why) => out.refused.push(why),
+        }
+    }
+    out
+}
+
+/// Another namespace of `ns`'s tenant with a kube-ovn subnet of its own that holds `ip`, as the compiler classifies
+/// subnets: one no other namespace of the tenant overlaps and no source pod of another namespace of the tenant is in.
+/// The first such subnet in namespace order, as the compiler finds it.
+fn other_own_subnet(snap: &Snapshot, config: &CesConfig, ns: &str, ip: IpAddr) -> Option<(String, IpNet)> {
+    if config.cni_type() != ces_config::DEFAULT_CNI_TYPE {
+        return None;
+    }
+    let tenant = config.tenant_of(ns);
+    let of_tenant = |name: &str| config.tenant_of(name) == tenant;
+    let own = |owner: &str, net: &IpNet| {
+        let overlapped = snap
+            .namespaces
+            .values()
+            .any(|m| m.name != owner && of_tenant(&m.name) && m.cidrs.iter().any(|c| overlaps(c, net)));
+        !overlapped
+            && !snap.pods.iter().any(|p| {
+                p.namespace != owner && is_source(p) && of_tenant(&p.namespace) && p.ips.iter().any(|a| net.contains(a))
+            })
+    };
+    snap.namespaces
+        .values()
+        .filter(|n| n.name != ns && of_tenant(&n.name))
+        .find_map(|n| n.cidrs.iter().find(|c| c.contains(&ip) && own(&n.name, c)).map(|c| (n.name.clone(), *c)))
 }

@@ -29,7 +29,7 @@ use ces_model::{
 use ces_snapshot::{Key, Object, Pod, Snapshot};
 use ipnet::IpNet;
 
-pub use incremental::recompile_pods;
+pub use incremental::recompile_churn;
 pub use selector::{matches as selector_matches, validate as validate_selector};
 
 /// The namespace that holds the ExternalServices of ClusterEgressRules when none is configured.

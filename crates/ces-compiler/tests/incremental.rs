@@ -1,17 +1,19 @@
-//! `recompile_pods` against the whole compile, on generated pod churn in a world built to make it hard: two
-//! route-domain tenants whose subnets overlap, a subnet shared inside a tenant, IPv6, a namespace only pods name,
-//! Services with and without endpoint objects (endpoints naming pods by address and by `targetRef`), pod and
-//! namespace selectors, a host name and a schedule among the rules, hostNetwork and unready pods, several pods sharing
-//! an address, and changes in any order. Either the patched model
-//! equals the whole compile exactly, or the patch declines and leaves the model untouched; both must happen often.
+//! `recompile_churn` against the whole compile, on generated pod and endpoint churn in a world built to make it hard:
+//! two route-domain tenants whose subnets overlap, a subnet shared inside a tenant, IPv6, a namespace only pods name,
+//! Services with and without endpoint objects (endpoints naming pods by address and by `targetRef`, of their own
+//! namespace and of others, at addresses of no pod, in another namespace's subnet), pod and namespace selectors, a
+//! host name and a schedule among the rules, hostNetwork and unready pods, several pods sharing an address, endpoints
+//! of Services that do not exist, and changes in any order; in some cases the endpoints follow the pods as the
+//! endpoints controller keeps them. Either the patched model equals the whole compile exactly, or the patch declines
+//! and leaves the model untouched; both must happen often.
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use ces_compiler::{compile, recompile_pods};
+use ces_compiler::{compile, recompile_churn};
 use ces_config::CesConfig;
-use ces_snapshot::{Pod, PodChange, Snapshot};
+use ces_snapshot::{Churn, Endpoint, Key, Pod, PodChange, Snapshot};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
@@ -22,7 +24,7 @@ tenant:
   - name: Common
     namespaces: "c1"
   - name: ta
-    namespaces: "a1,a2,a3"
+    namespaces: "a1,a2,a3,a4"
     routeDomain: {id: 2, name: rd2}
   - name: tb
     namespaces: "b1,b2"
@@ -30,14 +32,16 @@ tenant:
 "#;
 
 /// Namespaces: name, kube-ovn subnets, team label. a1 and a3 share a subnet inside tenant ta; b1 has the same subnet
-/// in tenant tb; x9 has no Namespace object (only its pods name it).
-const NAMESPACES: [(&str, &str, &str); 6] = [
+/// in tenant tb; a4's subnet is a single address, its Service web's endpoint; x9 has no Namespace object (only its
+/// pods name it). a4 has no pods (its pods' churn always takes the whole path).
+const NAMESPACES: [(&str, &str, &str); 7] = [
     ("a1", "10.1.0.0/24,fd00:1::/120", "red"),
     ("a2", "10.2.0.0/24", "blue"),
     ("a3", "10.1.0.0/24", "red"),
     ("b1", "10.1.0.0/24", "red"),
     ("b2", "", "blue"),
     ("c1", "10.3.0.0/24", "blue"),
+    ("a4", "10.9.0.7/32", "blue"),
 ];
 const POD_NAMESPACES: [&str; 7] = ["a1", "a2", "a3", "b1", "b2", "c1", "x9"];
 
@@ -160,9 +164,73 @@ fn pod_spec() -> impl Strategy<Value = PodSpec> {
     )
 }
 
-/// Pods, and changes: each either a new version of a pod (possibly a new pod) or a deletion of an existing one.
-fn case() -> impl Strategy<Value = (Vec<PodSpec>, Vec<(PodSpec, bool)>)> {
-    (prop::collection::vec(pod_spec(), 0..24), prop::collection::vec((pod_spec(), prop::bool::weighted(0.2)), 1..4))
+/// A generated endpoint: an address (index into POOL), and the pod it names, if any: (same namespace as its Service,
+/// else this namespace index; pod name).
+type EpSpec = (usize, Option<(bool, usize, usize)>);
+/// A Service's endpoints set to a list (`None`: no endpoint object): namespace (index into NAMESPACES), Service
+/// (`web`, `db`, `none`, or `ghost`, which does not exist).
+type EndpointsSpec = (usize, usize, Option<Vec<EpSpec>>);
+const SERVICES: [&str; 4] = ["web", "db", "none", "ghost"];
+
+fn endpoints_spec() -> impl Strategy<Value = EndpointsSpec> {
+    let ep =
+        (0..POOL.len(), prop::option::weighted(0.6, (prop::bool::weighted(0.8), 0..POD_NAMESPACES.len(), 0usize..5)));
+    (0..NAMESPACES.len(), 0..SERVICES.len(), prop::option::weighted(0.85, prop::collection::vec(ep, 0..4)))
+}
+
+fn endpoints((ns, svc, list): &EndpointsSpec) -> (Key, Option<Vec<Endpoint>>) {
+    let ns = NAMESPACES[*ns].0;
+    let list = list.as_ref().map(|eps| {
+        let mut v: Vec<Endpoint> = eps
+            .iter()
+            .map(|(ip, pod)| Endpoint {
+                ip: POOL[*ip].parse().unwrap(),
+                pod: pod.map(|(same, pns, name)| {
+                    ((if same { ns } else { POD_NAMESPACES[pns] }).to_string(), format!("p{name}"))
+                }),
+            })
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    });
+    ((ns.to_string(), SERVICES[*svc].to_string()), list)
+}
+
+/// The endpoints the endpoints controller keeps for `web` and `db` of every namespace: the ready pods their selectors
+/// pick (not on the host network), by address, naming the pod.
+fn controller_endpoints(snap: &Snapshot) -> BTreeMap<Key, Vec<Endpoint>> {
+    let mut out = BTreeMap::new();
+    for (ns, _, _) in NAMESPACES {
+        for app in ["web", "db"] {
+            let mut v: Vec<Endpoint> = snap
+                .pods_in(ns)
+                .iter()
+                .filter(|p| p.ready && !p.host_network && p.labels.get("app").map(String::as_str) == Some(app))
+                .flat_map(|p| {
+                    p.ips.iter().map(|ip| Endpoint { ip: *ip, pod: Some((p.namespace.clone(), p.name.clone())) })
+                })
+                .collect();
+            v.sort();
+            v.dedup();
+            out.insert((ns.to_string(), app.to_string()), v);
+        }
+    }
+    out
+}
+
+/// A case: pods, endpoints set before, then the churn: pod changes (a new version of a pod, possibly a new pod, or a
+/// deletion), endpoint changes, and whether the endpoints follow the pods as the endpoints controller keeps them.
+type Case = (Vec<PodSpec>, Vec<EndpointsSpec>, Vec<(PodSpec, bool)>, Vec<EndpointsSpec>, bool);
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        prop::collection::vec(pod_spec(), 0..24),
+        prop::collection::vec(endpoints_spec(), 0..3),
+        prop::collection::vec((pod_spec(), prop::bool::weighted(0.2)), 0..4),
+        prop::collection::vec(endpoints_spec(), 0..3),
+        prop::bool::weighted(0.5),
+    )
 }
 
 fn with_pods(base: &Snapshot, specs: &[PodSpec]) -> Snapshot {
@@ -176,8 +244,15 @@ fn with_pods(base: &Snapshot, specs: &[PodSpec]) -> Snapshot {
     s
 }
 
+fn set_endpoints(s: &mut Snapshot, (key, list): (Key, Option<Vec<Endpoint>>)) {
+    match list {
+        Some(v) => s.endpoints.insert(key, v),
+        None => s.endpoints.remove(&key),
+    };
+}
+
 #[test]
-fn patched_models_equal_whole_compiles_on_generated_pod_churn() {
+fn patched_models_equal_whole_compiles_on_generated_churn() {
     let base = ces_snapshot::manifests::load_str(&world(), "world.yaml");
     assert!(base.diagnostics.is_empty(), "{:?}", base.diagnostics);
     let config = CesConfig::from_yaml(CONFIG, "ces-conf.yaml").unwrap();
@@ -188,11 +263,23 @@ fn patched_models_equal_whole_compiles_on_generated_pod_churn() {
         m.diagnostics
     );
     assert!(m.destination_sets.values().any(|d| d.addresses.iter().any(|a| a.is_name())), "and a host name");
-    let (patched, declined) = (Cell::new(0usize), Cell::new(0usize));
-    let mut runner = TestRunner::new(Config { cases: 1500, ..Config::default() });
+    // Patched and declined: all cases, cases with endpoint changes, cases where the endpoints follow the pods.
+    let counts: Cell<[usize; 6]> = Cell::new([0; 6]);
+    let count = |i: usize| {
+        let mut c = counts.get();
+        c[i] += 1;
+        counts.set(c);
+    };
+    let mut runner = TestRunner::new(Config { cases: 2500, ..Config::default() });
     runner
-        .run(&case(), |(pods, change_specs)| {
-            let before = with_pods(&base, &pods);
+        .run(&case(), |(pods, initial, change_specs, endpoint_specs, follow)| {
+            let mut before = with_pods(&base, &pods);
+            if follow {
+                before.endpoints.extend(controller_endpoints(&before));
+            }
+            for e in &initial {
+                set_endpoints(&mut before, endpoints(e));
+            }
             let mut changes: Vec<PodChange> = Vec::new();
             for (spec, delete) in &change_specs {
                 let p = pod(spec);
@@ -206,14 +293,32 @@ fn patched_models_equal_whole_compiles_on_generated_pod_churn() {
                 }
                 changes.push(PodChange { before: held, after });
             }
+            let mut moved = before.clone();
+            moved.apply_pod_changes(&changes).map_err(TestCaseError::fail)?;
+            if follow {
+                moved.endpoints.extend(controller_endpoints(&moved));
+            }
+            for e in &endpoint_specs {
+                set_endpoints(&mut moved, endpoints(e));
+            }
+            // The churn as a source would find it, shuffled by the generator's order of changes.
+            let churn = Churn { pods: changes, endpoints: before.endpoint_changes(&moved) };
             let mut after = before.clone();
-            after.apply_pod_changes(&changes).map_err(TestCaseError::fail)?;
+            after.apply_churn(&churn).map_err(TestCaseError::fail)?;
+            prop_assert_eq!(&after, &moved, "the churn moves the snapshot where it went");
+            let with_endpoints = !churn.endpoints.is_empty();
             let m0 = compile(&before, &config, "kube-system");
             let m1 = compile(&after, &config, "kube-system");
             let mut m = m0.clone();
-            match recompile_pods(&mut m, &after, &config, &changes) {
+            match recompile_churn(&mut m, &after, &config, &churn) {
                 Some(delta) => {
-                    patched.set(patched.get() + 1);
+                    count(0);
+                    if with_endpoints {
+                        count(2);
+                    }
+                    if follow && !churn.pods.is_empty() {
+                        count(4);
+                    }
                     prop_assert_eq!(&m, &m1, "the patched model differs from the whole compile");
                     let mut moved: Vec<&String> = m1
                         .address_sets
@@ -229,16 +334,26 @@ fn patched_models_equal_whole_compiles_on_generated_pod_churn() {
                     prop_assert!(pods_moved);
                 }
                 None => {
-                    declined.set(declined.get() + 1);
+                    count(1);
+                    if with_endpoints {
+                        count(3);
+                    }
+                    if follow && !churn.pods.is_empty() {
+                        count(5);
+                    }
                     prop_assert_eq!(&m, &m0, "a declined patch leaves the model as it was");
                 }
             }
             Ok(())
         })
         .unwrap();
-    let (p, d) = (patched.get(), declined.get());
-    assert!(p >= 300, "the patch must apply to most plain churn: patched {p}, declined {d}");
-    assert!(d >= 100, "the generator must reach the cases the patch declines: patched {p}, declined {d}");
+    let [p, d, pe, de, pf, df] = counts.get();
+    let all = format!("patched {p}, declined {d}; with endpoint changes {pe} / {de}; following the pods {pf} / {df}");
+    eprintln!("{all}");
+    assert!(p >= 400, "the patch must apply to plain churn: {all}");
+    assert!(d >= 100, "the generator must reach the cases the patch declines: {all}");
+    assert!(pe >= 150 && de >= 50, "endpoint churn must be patched and declined: {all}");
+    assert!(pf >= 50, "pods with their endpoints following must be patched: {all}");
 }
 
 #[test]

@@ -22,7 +22,7 @@ use ces_api::ResourceStatus;
 use ces_config::CesConfig;
 use ces_model::{ObjectRef, PolicyModel};
 use ces_snapshot::manifests::{ParsedObject, parse_object};
-use ces_snapshot::{PodChange, Snapshot};
+use ces_snapshot::{Churn, Endpoint, EndpointsChange, Key, PodChange, Snapshot};
 use ces_sync::{Report, Source};
 use futures::StreamExt;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
@@ -150,8 +150,10 @@ struct Objects {
     errors: BTreeMap<&'static str, String>,
     /// Watch restarts (relists) per kind, for metrics.
     restarts: BTreeMap<&'static str, u64>,
-    /// Since the last load: the pods that changed, and whether anything else did (`Source::update`).
+    /// Since the last load: the pods that changed, the namespaces whose endpoint objects changed, and whether
+    /// anything else did (`Source::update`).
     dirty_pods: BTreeSet<(String, String)>,
+    dirty_endpoints: BTreeSet<String>,
     other_changed: bool,
 }
 
@@ -160,9 +162,22 @@ impl Objects {
     fn changed(&mut self, kind: &str, key: &(String, String)) {
         if kind == POD.kind {
             self.dirty_pods.insert(key.clone());
+        } else if kind == ENDPOINT_SLICE.kind || kind == ENDPOINTS.kind {
+            self.dirty_endpoints.insert(key.0.clone());
         } else {
             self.other_changed = true;
         }
+    }
+
+    /// The endpoints of namespace `ns`'s Services as a load reads them (an EndpointSlice names its Service by label,
+    /// so the namespace's endpoint objects are read together); `None` when one of them does not read cleanly.
+    fn endpoints_in(&self, ns: &str) -> Option<BTreeMap<Key, Vec<Endpoint>>> {
+        let objects = [ENDPOINTS.kind, ENDPOINT_SLICE.kind]
+            .into_iter()
+            .filter_map(|k| self.parsed.get(k))
+            .flat_map(|m| m.range((ns.to_string(), String::new())..).take_while(|((n, _), _)| n == ns).map(|(_, p)| p));
+        let built = ces_snapshot::manifests::build_objects(objects);
+        built.diagnostics.is_empty().then_some(built.endpoints)
     }
 }
 
@@ -476,6 +491,7 @@ impl Source for KubeSource {
         }
         let snapshot = ces_snapshot::manifests::build_objects(o.parsed.values().flat_map(|m| m.values()));
         o.dirty_pods.clear();
+        o.dirty_endpoints.clear();
         o.other_changed = false;
         self.config_stamp = self.config.as_deref().map(stamp);
         self.kept.clear();
@@ -492,10 +508,11 @@ impl Source for KubeSource {
         Ok((snapshot, config))
     }
 
-    /// Pod churn: the pods whose events arrived since the last load or update, moved in the loop's snapshot, each
-    /// parsed when its event arrived. Any other change (another kind, a relist, the config, a pod that does not
-    /// read cleanly) leaves it to `load`.
-    fn update(&mut self, snapshot: &mut Snapshot) -> Result<Option<Vec<PodChange>>, String> {
+    /// Churn: the pods whose events arrived since the last load or update, and the endpoints of the namespaces whose
+    /// EndpointSlices (or Endpoints) changed, moved in the loop's snapshot; each object parsed when its event arrived.
+    /// Any other change (another kind, a relist, the config, an object that does not read cleanly) leaves it to
+    /// `load`.
+    fn update(&mut self, snapshot: &mut Snapshot) -> Result<Option<Churn>, String> {
         if self.config.as_deref().map(stamp) != self.config_stamp {
             return Ok(None);
         }
@@ -503,14 +520,15 @@ impl Source for KubeSource {
         if o.other_changed {
             return Ok(None);
         }
-        let dirty = std::mem::take(&mut o.dirty_pods);
-        let mut changes = Vec::with_capacity(dirty.len());
-        for (ns, name) in dirty {
-            let names_it = |d: &ces_model::Diagnostic| {
-                d.object
-                    .as_ref()
-                    .is_some_and(|r| r.kind == POD.kind && r.namespace.as_deref() == Some(&ns) && r.name == name)
-            };
+        let names = |d: &ces_model::Diagnostic, kinds: &[&str], ns: &str, name: Option<&str>| {
+            d.object.as_ref().is_some_and(|r| {
+                kinds.contains(&r.kind.as_str())
+                    && r.namespace.as_deref() == Some(ns)
+                    && name.is_none_or(|n| r.name == n)
+            })
+        };
+        let mut churn = Churn::default();
+        for (ns, name) in std::mem::take(&mut o.dirty_pods) {
             let after = match o.parsed.get(POD.kind).and_then(|m| m.get(&(ns.clone(), name.clone()))) {
                 None => None,
                 Some(p) => {
@@ -521,18 +539,40 @@ impl Source for KubeSource {
                     one.pods.into_iter().next()
                 }
             };
-            if snapshot.diagnostics.iter().any(names_it) {
+            if snapshot.diagnostics.iter().any(|d| names(d, &[POD.kind], &ns, Some(&name))) {
                 return Ok(None);
             }
             let before = snapshot.pod(&ns, &name).cloned();
             if before != after {
-                changes.push(PodChange { before, after });
+                churn.pods.push(PodChange { before, after });
             }
         }
-        if snapshot.apply_pod_changes(&changes).is_err() {
+        for ns in std::mem::take(&mut o.dirty_endpoints) {
+            let Some(mut after) = o.endpoints_in(&ns) else { return Ok(None) };
+            if snapshot.diagnostics.iter().any(|d| names(d, &[ENDPOINTS.kind, ENDPOINT_SLICE.kind], &ns, None)) {
+                return Ok(None);
+            }
+            let before = snapshot.endpoints.range((ns.clone(), String::new())..).take_while(|((n, _), _)| *n == ns);
+            for (service, eps) in before {
+                let now = after.remove(service);
+                if now.as_ref() != Some(eps) {
+                    churn.endpoints.push(EndpointsChange {
+                        service: service.clone(),
+                        before: Some(eps.clone()),
+                        after: now,
+                    });
+                }
+            }
+            churn.endpoints.extend(after.into_iter().map(|(service, eps)| EndpointsChange {
+                service,
+                before: None,
+                after: Some(eps),
+            }));
+        }
+        if snapshot.apply_churn(&churn).is_err() {
             return Ok(None);
         }
-        Ok(Some(changes))
+        Ok(Some(churn))
     }
 
     fn last_good(&mut self, _snapshot: &Snapshot, model: &PolicyModel) -> Option<(Snapshot, Vec<ces_sync::Kept>)> {

@@ -1,5 +1,6 @@
-//! `KubeSource::update` against the fake API server: pod events move pods in the loop's snapshot, which must then
-//! equal a fresh load; an event of any other kind leaves the work to `load`.
+//! `KubeSource::update` against the fake API server: pod and EndpointSlice events move pods and endpoints in the
+//! loop's snapshot, which must then equal a fresh load; an event of any other kind, or an object that does not read
+//! cleanly, leaves the work to `load`.
 
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,20 @@ fn pod(name: &str, ip: &str, app: &str) -> Value {
 fn service(selector: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop"},
            "spec": {"selector": {"app": selector}}})
+}
+
+/// An EndpointSlice of Service `web` listing these pods as ready endpoints.
+fn slice(name: &str, endpoints: &[(&str, &str)]) -> Value {
+    let eps: Vec<Value> = endpoints
+        .iter()
+        .map(|(pod, ip)| {
+            json!({"addresses": [ip], "conditions": {"ready": true},
+                   "targetRef": {"kind": "Pod", "namespace": "shop", "name": pod}})
+        })
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": name, "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
+           "addressType": "IPv4", "endpoints": eps})
 }
 
 /// Waits until the source has seen `n` more events than at `from`.
@@ -59,13 +74,60 @@ fn pod_events_move_pods_in_place_and_other_events_ask_for_a_load() {
     api.apply(pod("c", "10.0.0.3", "db"));
     assert!(api.delete("Pod", "shop", "b"));
     wait_events(&mut src, v, 3);
-    let changes = src.update(&mut snap).unwrap().expect("pod events alone are followed");
-    assert_eq!(changes.len(), 3, "{changes:?}");
+    let churn = src.update(&mut snap).unwrap().expect("pod events alone are followed");
+    assert_eq!((churn.pods.len(), churn.endpoints.len()), (3, 0), "{churn:?}");
     let (fresh, _) = src.load().unwrap();
     assert_eq!(snap, fresh, "the moved snapshot equals a fresh load");
 
     // Nothing new: an empty update.
-    assert_eq!(src.update(&mut snap).unwrap(), Some(vec![]));
+    assert_eq!(src.update(&mut snap).unwrap(), Some(Default::default()));
+
+    // EndpointSlices: one comes, a pod moves and its slice follows, a second slice of the same Service comes (its
+    // endpoints are both slices'), the first goes.
+    let steps: Vec<(Vec<Value>, Option<&str>, usize, usize)> = vec![
+        (vec![slice("web-1", &[("a", "10.0.0.11")])], None, 0, 1),
+        (vec![pod("a", "10.0.0.21", "web"), slice("web-1", &[("a", "10.0.0.21")])], None, 1, 1),
+        (vec![slice("web-2", &[("c", "10.0.0.3")])], None, 0, 1),
+        (vec![], Some("web-1"), 0, 1),
+    ];
+    for (i, (objects, delete, pods, endpoints)) in steps.into_iter().enumerate() {
+        let v = src.version().unwrap();
+        let n = objects.len() as u64 + u64::from(delete.is_some());
+        for o in objects {
+            api.apply(o);
+        }
+        if let Some(name) = delete {
+            assert!(api.delete("EndpointSlice", "shop", name));
+        }
+        wait_events(&mut src, v, n);
+        let churn = src.update(&mut snap).unwrap().expect("pod and EndpointSlice events are followed");
+        assert_eq!((churn.pods.len(), churn.endpoints.len()), (pods, endpoints), "step {i}: {churn:?}");
+        let (fresh, _) = src.load().unwrap();
+        assert_eq!(snap, fresh, "step {i}: the moved snapshot equals a fresh load");
+    }
+    let web = ("shop".to_string(), "web".to_string());
+    let ips: Vec<String> = snap.endpoints[&web].iter().map(|e| e.ip.to_string()).collect();
+    assert_eq!(ips, ["10.0.0.3"], "the endpoints of the slice that is left");
+
+    // A slice that does not read cleanly (an address that is none) is left to a load, which reports it.
+    let v = src.version().unwrap();
+    api.apply(slice("web-3", &[("c", "10.0.0.300")]));
+    wait_events(&mut src, v, 1);
+    assert_eq!(src.update(&mut snap).unwrap(), None);
+    let (fresh, _) = src.load().unwrap();
+    assert!(
+        fresh.diagnostics.iter().any(|d| d.object.as_ref().is_some_and(|o| o.name == "web-3")),
+        "{:?}",
+        fresh.diagnostics
+    );
+    snap = fresh;
+    // While the snapshot holds a problem with the namespace's slices, their events are left to a load too.
+    let v = src.version().unwrap();
+    api.apply(slice("web-2", &[("c", "10.0.0.4")]));
+    wait_events(&mut src, v, 1);
+    assert_eq!(src.update(&mut snap).unwrap(), None);
+    let (fresh, _) = src.load().unwrap();
+    snap = fresh;
 
     // A Service changes: a load is needed, and until then every update says so.
     let v = src.version().unwrap();
@@ -77,6 +139,6 @@ fn pod_events_move_pods_in_place_and_other_events_ask_for_a_load() {
     let (fresh, _) = src.load().unwrap();
     assert_eq!(fresh.pod("shop", "a").unwrap().ips, ["10.0.0.12".parse::<std::net::IpAddr>().unwrap()]);
     let mut snap = fresh;
-    assert_eq!(src.update(&mut snap).unwrap(), Some(vec![]), "a load starts afresh");
+    assert_eq!(src.update(&mut snap).unwrap(), Some(Default::default()), "a load starts afresh");
     let _ = std::fs::remove_dir_all(&dir);
 }

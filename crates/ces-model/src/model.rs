@@ -111,9 +111,9 @@ pub struct PodEntry {
     pub ips: Vec<IpAddr>,
 }
 
-/// How a model differs from the one it was patched from when only pods moved (`ces_compiler::recompile_pods`): the
-/// address sets whose members changed, and the pod entries as they were and are (`None`: absent). Everything else is
-/// as it was. A backend may apply just this.
+/// How a model differs from the one it was patched from when only pods and Services' endpoints moved
+/// (`ces_compiler::recompile_churn`): the address sets whose members changed, and the pod entries as they were and
+/// are (`None`: absent). Everything else is as it was. A backend may apply just this.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodDelta {
     pub sets: Vec<String>,

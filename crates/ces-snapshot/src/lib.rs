@@ -148,22 +148,107 @@ impl PodChange {
     }
 }
 
+/// A Service's ready endpoints as they were and as they are now (`None`: the Service has no endpoint object). A
+/// list is sorted and without duplicates, as the snapshot keeps it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointsChange {
+    pub service: Key,
+    pub before: Option<Vec<Endpoint>>,
+    pub after: Option<Vec<Endpoint>>,
+}
+
+/// What moved in a snapshot when only pods and Services' endpoints changed: the churn a source follows per event.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Churn {
+    pub pods: Vec<PodChange>,
+    pub endpoints: Vec<EndpointsChange>,
+}
+
+impl Churn {
+    pub fn is_empty(&self) -> bool {
+        self.pods.is_empty() && self.endpoints.is_empty()
+    }
+}
+
 impl Snapshot {
     fn pod_position(&self, namespace: &str, name: &str) -> Result<usize, usize> {
         self.pods.binary_search_by(|p| (p.namespace.as_str(), p.name.as_str()).cmp(&(namespace, name)))
     }
 
-    /// Whether two snapshots hold the same objects, pods aside.
-    pub fn same_but_pods(&self, other: &Snapshot) -> bool {
+    /// Whether two snapshots hold the same objects, pods and endpoints aside.
+    pub fn same_but_churn(&self, other: &Snapshot) -> bool {
         self.namespaces == other.namespaces
             && self.services == other.services
-            && self.endpoints == other.endpoints
             && self.external_services == other.external_services
             && self.cluster_rules == other.cluster_rules
             && self.namespace_rules == other.namespace_rules
             && self.service_rules == other.service_rules
             && self.external_ip_rules == other.external_ip_rules
             && self.diagnostics == other.diagnostics
+    }
+
+    /// The churn from `self` to `other`, or `None` when anything else differs.
+    pub fn churn(&self, other: &Snapshot) -> Option<Churn> {
+        self.same_but_churn(other)
+            .then(|| Churn { pods: self.pod_changes(other), endpoints: self.endpoint_changes(other) })
+    }
+
+    /// The endpoint changes from `self` to `other`: one walk over both maps.
+    pub fn endpoint_changes(&self, other: &Snapshot) -> Vec<EndpointsChange> {
+        let (mut a, mut b) = (self.endpoints.iter().peekable(), other.endpoints.iter().peekable());
+        let mut out = Vec::new();
+        loop {
+            let change = match (a.peek(), b.peek()) {
+                (None, None) => break,
+                (Some((ka, x)), Some((kb, y))) if ka == kb => {
+                    let change = (x != y).then(|| EndpointsChange {
+                        service: (*ka).clone(),
+                        before: Some((*x).clone()),
+                        after: Some((*y).clone()),
+                    });
+                    a.next();
+                    b.next();
+                    change
+                }
+                (Some((ka, _)), kb) if kb.is_none_or(|(kb, _)| ka < kb) => {
+                    let (k, x) = a.next().expect("peeked");
+                    Some(EndpointsChange { service: k.clone(), before: Some(x.clone()), after: None })
+                }
+                _ => {
+                    let (k, y) = b.next().expect("peeked");
+                    Some(EndpointsChange { service: k.clone(), before: None, after: Some(y.clone()) })
+                }
+            };
+            out.extend(change);
+        }
+        out
+    }
+
+    /// Applies churn in place: its endpoint changes, then its pod changes ([`Snapshot::apply_pod_changes`]). Refused,
+    /// with the snapshot unchanged, when any of them is refused, a Service's endpoints change twice, an endpoint
+    /// change's `before` is not what the snapshot holds, or its `after` is not sorted and without duplicates.
+    pub fn apply_churn(&mut self, churn: &Churn) -> Result<(), String> {
+        let mut seen = BTreeSet::new();
+        for c in &churn.endpoints {
+            let (ns, svc) = &c.service;
+            if !seen.insert(&c.service) {
+                return Err(format!("the endpoints of Service {ns}/{svc} change twice in one update"));
+            }
+            if self.endpoints.get(&c.service) != c.before.as_ref() {
+                return Err(format!("the endpoints of Service {ns}/{svc} are not what the update expects"));
+            }
+            if c.after.as_ref().is_some_and(|eps| eps.windows(2).any(|w| w[0] >= w[1])) {
+                return Err(format!("the endpoints of Service {ns}/{svc} are not sorted, or listed twice"));
+            }
+        }
+        self.apply_pod_changes(&churn.pods)?;
+        for c in &churn.endpoints {
+            match &c.after {
+                Some(eps) => self.endpoints.insert(c.service.clone(), eps.clone()),
+                None => self.endpoints.remove(&c.service),
+            };
+        }
+        Ok(())
     }
 
     /// The pod changes from `self` to `other`: one walk over both sorted pod lists, copying only what differs.
@@ -403,6 +488,64 @@ mod tests {
         let mut moved = before.clone();
         moved.apply_pod_changes(&changes).unwrap();
         assert_eq!(moved, after);
+    }
+
+    #[test]
+    fn churn_names_endpoint_changes_and_is_applied_whole_or_not_at_all() {
+        let ep = |ip: &str| Endpoint { ip: ip.parse().unwrap(), pod: None };
+        let key = |svc: &str| ("ns".to_string(), svc.to_string());
+        let snap = |eps: &[(&str, &[&str])], pods: &[&str]| {
+            let mut b = SnapshotBuilder::new();
+            for (svc, ips) in eps {
+                b.add_endpoints("ns", svc, ips.iter().map(|i| ep(i)));
+            }
+            for p in pods {
+                b.add_pod(pod("ns", p), None);
+            }
+            b.build()
+        };
+        let before = snap(&[("a", &["10.0.0.1"]), ("b", &["10.0.0.2"]), ("c", &[])], &["x"]);
+        let after = snap(&[("a", &["10.0.0.1"]), ("b", &["10.0.0.3", "10.0.0.2"]), ("d", &[])], &["y"]);
+        let churn = before.churn(&after).expect("only pods and endpoints differ");
+        let got: Vec<(&str, Option<usize>, Option<usize>)> = churn
+            .endpoints
+            .iter()
+            .map(|c| (c.service.1.as_str(), c.before.as_ref().map(Vec::len), c.after.as_ref().map(Vec::len)))
+            .collect();
+        assert_eq!(got, [("b", Some(1), Some(2)), ("c", Some(0), None), ("d", None, Some(0))]);
+        assert_eq!(churn.pods.len(), 2);
+        let mut moved = before.clone();
+        moved.apply_churn(&churn).unwrap();
+        assert_eq!(moved, after);
+
+        // Refused, and nothing applied: a stale `before`, an unsorted `after`, a Service twice, a stale pod.
+        let change = |svc: &str, before: Option<Vec<Endpoint>>, after: Option<Vec<Endpoint>>| EndpointsChange {
+            service: key(svc),
+            before,
+            after,
+        };
+        let stale = Churn { pods: vec![], endpoints: vec![change("a", Some(vec![ep("10.0.0.9")]), None)] };
+        let unsorted = Churn {
+            pods: vec![],
+            endpoints: vec![change("a", Some(vec![ep("10.0.0.1")]), Some(vec![ep("10.0.0.5"), ep("10.0.0.4")]))],
+        };
+        let twice = Churn {
+            pods: vec![],
+            endpoints: vec![change("a", Some(vec![ep("10.0.0.1")]), None), change("a", None, Some(vec![]))],
+        };
+        let stale_pod = Churn {
+            pods: vec![PodChange { before: Some(pod("ns", "zz")), after: None }],
+            endpoints: vec![change("a", Some(vec![ep("10.0.0.1")]), None)],
+        };
+        let mut s = before.clone();
+        for bad in [stale, unsorted, twice, stale_pod] {
+            assert!(s.apply_churn(&bad).is_err(), "{bad:?}");
+            assert_eq!(s, before);
+        }
+        assert!(before.churn(&Snapshot { services: after.services.clone(), ..after.clone() }).is_some());
+        let mut other = after.clone();
+        other.namespaces.insert("ns".into(), Namespace { name: "ns".into(), ..Default::default() });
+        assert_eq!(before.churn(&other), None, "anything else differs: no churn");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use ces_config::CesConfig;
 use ces_snapshot::manifests::{self, ParsedFile};
-use ces_snapshot::{PodChange, Snapshot};
+use ces_snapshot::{Churn, Snapshot};
 
 use crate::Source;
 
@@ -98,9 +98,9 @@ impl Source for Folder {
     }
 
     /// Pod churn: when the changed files differ from their last version in pods only, those pods are moved in
-    /// the snapshot. Any other change (the config, files added or removed, any other object, a pod defined twice)
-    /// leaves it to `load`; the files parsed here stay cached for it.
-    fn update(&mut self, snapshot: &mut Snapshot) -> Result<Option<Vec<PodChange>>, String> {
+    /// the snapshot. Any other change (the config, files added or removed, any other object, endpoints, a pod defined
+    /// twice) leaves it to `load`; the files parsed here stay cached for it.
+    fn update(&mut self, snapshot: &mut Snapshot) -> Result<Option<Churn>, String> {
         if self.config.as_deref().map(stamp).transpose()? != self.config_stamp {
             return Ok(None);
         }
@@ -120,17 +120,19 @@ impl Source for Folder {
             if only_pods {
                 let (before, _) = manifests::build(&[old]);
                 let (after, _) = manifests::build(&[&new]);
-                if before.same_but_pods(&after) {
-                    changes.extend(before.pod_changes(&after));
-                } else {
-                    only_pods = false;
+                // A Service's endpoints may come from several files: a file's own endpoints are not the Service's,
+                // so a change of endpoints is left to `load`.
+                match before.churn(&after) {
+                    Some(churn) if churn.endpoints.is_empty() => changes.extend(churn.pods),
+                    _ => only_pods = false,
                 }
             }
             self.cache.insert(f.clone(), (now, new));
         }
-        if !only_pods || snapshot.apply_pod_changes(&changes).is_err() {
+        let churn = Churn { pods: changes, endpoints: Vec::new() };
+        if !only_pods || snapshot.apply_churn(&churn).is_err() {
             return Ok(None);
         }
-        Ok(Some(changes))
+        Ok(Some(churn))
     }
 }

@@ -4,10 +4,10 @@
 //! and Kubernetes sources) runs this loop; sources and backends plug into it through [`Source`] and [`Backend`]. It is level triggered: each pass
 //! hands the backend the whole current model; the backend decides how little to change.
 //!
-//! - **Pod churn** takes a shorter path: the loop keeps the last snapshot and model; a source that can tell that only
-//!   pods changed moves them in that snapshot ([`Source::update`]), the compiler patches the model
-//!   (`ces_compiler::recompile_pods`, which declines when the change could reach further), and the backend programs
-//!   the delta ([`Backend::apply_pods`]). Everything else, every resync and every retry loads and compiles whole.
+//! - **Churn** (pods, and Services' endpoints) takes a shorter path: the loop keeps the last snapshot and model; a
+//!   source that can tell that only pods and endpoints changed moves them in that snapshot ([`Source::update`]), the
+//!   compiler patches the model (`ces_compiler::recompile_churn`, which declines when the change could reach further),
+//!   and the backend programs the delta ([`Backend::apply_pods`]). Everything else, every resync and every retry loads and compiles whole.
 //! - **Changes** are noticed through [`Source::version`] (cheap, polled) and coalesced: after a change the loop waits
 //!   until the version has been stable for `debounce` (at most `max_delay` after the first change, which for a change
 //!   seen right after a pass counts from that pass's read of the version), so a burst of churn becomes one apply.
@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use ces_config::CesConfig;
 use ces_model::{Diagnostic, ObjectRef, PodDelta, PolicyModel, Severity};
-use ces_snapshot::{PodChange, Snapshot};
+use ces_snapshot::{Churn, Snapshot};
 use jiff::Timestamp;
 
 /// Where the policy comes from.
@@ -32,10 +32,10 @@ pub trait Source {
     fn version(&mut self) -> Result<u64, String>;
     /// The current inputs.
     fn load(&mut self) -> Result<(Snapshot, CesConfig), String>;
-    /// Pod churn without a load: when only pods changed since the last `load` or `update`, moves them in `snapshot`
-    /// (the snapshot those gave, kept by the loop) and returns the changes; `None` when something else changed or the
-    /// source cannot tell (the loop then loads). Default: `None`.
-    fn update(&mut self, _snapshot: &mut Snapshot) -> Result<Option<Vec<PodChange>>, String> {
+    /// Churn without a load: when only pods and Services' endpoints changed since the last `load` or `update`, moves
+    /// them in `snapshot` (the snapshot those gave, kept by the loop) and returns the churn; `None` when something else
+    /// changed or the source cannot tell (the loop then loads). Default: `None`.
+    fn update(&mut self, _snapshot: &mut Snapshot) -> Result<Option<Churn>, String> {
         Ok(None)
     }
     /// After each pass that compiled a model: the model, and what the backend made of it. A source that can, writes
@@ -125,7 +125,8 @@ pub trait Backend {
     fn name(&self) -> &str;
     /// Programs the data plane to `model`. With `full`, assume nothing about what was applied before.
     fn apply(&mut self, model: &PolicyModel, full: bool) -> Result<Applied, String>;
-    /// Programs a model that differs from the one last applied only as `delta` says (pod churn). Default: `apply`.
+    /// Programs a model that differs from the one last applied only as `delta` says: address sets and pod entries
+    /// (pod and endpoint churn). Default: `apply`.
     fn apply_pods(&mut self, model: &PolicyModel, _delta: &PodDelta) -> Result<Applied, String> {
         self.apply(model, false)
     }
@@ -255,8 +256,8 @@ pub fn run(
     }
 }
 
-/// What the last pass compiled, kept for pod churn: the source moves pods in the snapshot, the compiler patches the
-/// model.
+/// What the last pass compiled, kept for churn: the source moves pods and endpoints in the snapshot, the compiler
+/// patches the model.
 struct State {
     snapshot: Snapshot,
     config: CesConfig,
@@ -266,7 +267,7 @@ struct State {
     reported: Option<Vec<Diagnostic>>,
 }
 
-/// One pass: pod churn through `Source::update`, `recompile_pods` and `Backend::apply_pods` when it can, else a
+/// One pass: churn through `Source::update`, `recompile_churn` and `Backend::apply_pods` when it can, else a
 /// load, a whole compile and `Backend::apply`. Returns what the backend did, the model's error count and timings.
 fn pass(
     source: &mut dyn Source,
@@ -280,10 +281,10 @@ fn pass(
     if !full
         && let Some(st) = state.as_mut()
         && !keeps_last_good(&st.model)
-        && let Some(changes) = source.update(&mut st.snapshot)?
+        && let Some(churn) = source.update(&mut st.snapshot)?
     {
         let load = t.elapsed();
-        let delta = ces_compiler::recompile_pods(&mut st.model, &st.snapshot, &st.config, &changes);
+        let delta = ces_compiler::recompile_churn(&mut st.model, &st.snapshot, &st.config, &churn);
         if delta.is_none() {
             st.model = compile_keeping_last_good(source, &st.snapshot, &st.config, &opts.ces_namespace);
         }

@@ -178,8 +178,8 @@ impl Source for Churning {
     fn load(&mut self) -> Result<(Snapshot, CesConfig), String> {
         Ok((Snapshot::default(), CesConfig::embedded_default()))
     }
-    fn update(&mut self, _: &mut Snapshot) -> Result<Option<Vec<PodChange>>, String> {
-        Ok(Some(Vec::new()))
+    fn update(&mut self, _: &mut Snapshot) -> Result<Option<Churn>, String> {
+        Ok(Some(Churn::default()))
     }
     fn report(&mut self, _: &PolicyModel, _: &Report<'_>) {
         *self.reports.lock().unwrap() += 1;
