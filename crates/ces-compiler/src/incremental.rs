@@ -85,8 +85,11 @@ pub fn recompile_churn(
             }
             // A pod in another namespace's subnet makes that subnet shared, unless its own namespace's subnet
             // overlaps it already (as every namespace on kube-ovn's default subnet does).
-            for n in snap.namespaces.values().filter(|n| n.name != **ns && config.tenant_of(&n.name) == tenant) {
-                if n.cidrs.iter().any(|c| mine.iter().any(|a| c.contains(a)) && !own.iter().any(|o| overlaps(o, c))) {
+            // (The tenant is asked last: `tenant_of` reads the config's namespace lists.)
+            for n in snap.namespaces.values().filter(|n| n.name != **ns) {
+                if n.cidrs.iter().any(|c| mine.iter().any(|a| c.contains(a)) && !own.iter().any(|o| overlaps(o, c)))
+                    && config.tenant_of(&n.name) == tenant
+                {
                     return None;
                 }
             }
@@ -113,22 +116,33 @@ pub fn recompile_churn(
     }
     // The Services judged again: those whose endpoints changed, and those with an endpoint at a changed address of
     // their tenant (an endpoint is judged by the pods of its own tenant; one elsewhere keeps its verdict).
+    // (Every endpoint is visited: an address is looked up first, the tenant only for an address that changed.)
+    // (A sorted list: a few addresses, looked up once per endpoint and pod.)
+    let mut addresses: Vec<IpAddr> = changed_in_tenant.iter().map(|(_, ip)| *ip).collect();
+    addresses.sort_unstable();
+    addresses.dedup();
+    let has = |addresses: &[IpAddr], ip: &IpAddr| addresses.binary_search(ip).is_ok();
     let mut judged: BTreeSet<&Key> = endpoint_changes.keys().copied().collect();
-    for (key, eps) in snap.endpoints.iter().filter(|(k, _)| snap.services.contains_key(*k)) {
+    for (key, eps) in &snap.endpoints {
+        let mut at = eps.iter().filter(|ep| has(&addresses, &ep.ip)).peekable();
+        if at.peek().is_none() || !snap.services.contains_key(key) {
+            continue;
+        }
         let tenant = config.tenant_of(&key.0);
-        if eps.iter().any(|ep| changed_in_tenant.contains(&(tenant, ep.ip))) {
+        if at.any(|ep| changed_in_tenant.contains(&(tenant, ep.ip))) {
             judged.insert(key);
         }
     }
     // Source pods at the changed addresses and at every endpoint address of the judged Services, before and after,
     // in snapshot order: one pass over the pods.
-    let mut addresses: BTreeSet<IpAddr> = changed_in_tenant.iter().map(|(_, ip)| *ip).collect();
     for key in &judged {
         addresses.extend(before_endpoints(key).into_iter().chain(snap.endpoints.get(*key)).flatten().map(|ep| ep.ip));
     }
+    addresses.sort_unstable();
+    addresses.dedup();
     let mut after_at: BTreeMap<IpAddr, Vec<&Pod>> = BTreeMap::new();
     for p in snap.pods.iter().filter(|p| is_source(p)) {
-        for ip in p.ips.iter().filter(|ip| addresses.contains(ip)) {
+        for ip in p.ips.iter().filter(|ip| has(&addresses, ip)) {
             after_at.entry(*ip).or_default().push(p);
         }
     }
@@ -231,7 +245,7 @@ pub fn recompile_churn(
         }
     }
     let subnet_of_one = |tenant: &str, n: &IpNet| {
-        kube_ovn && snap.namespaces.values().any(|ns| config.tenant_of(&ns.name) == tenant && ns.cidrs.contains(n))
+        kube_ovn && snap.namespaces.values().any(|ns| ns.cidrs.contains(n) && config.tenant_of(&ns.name) == tenant)
     };
     for (tenant, (out, into)) in members {
         let name = tenant_set(tenant);
@@ -343,6 +357,6 @@ fn other_own_subnet(snap: &Snapshot, config: &CesConfig, ns: &str, ip: IpAddr) -
     };
     snap.namespaces
         .values()
-        .filter(|n| n.name != ns && of_tenant(&n.name))
+        .filter(|n| n.name != ns && n.cidrs.iter().any(|c| c.contains(&ip)) && of_tenant(&n.name))
         .find_map(|n| n.cidrs.iter().find(|c| c.contains(&ip) && own(&n.name, c)).map(|c| (n.name.clone(), *c)))
 }
