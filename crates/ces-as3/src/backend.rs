@@ -169,41 +169,76 @@ impl As3Backend {
         Some(ops)
     }
 
-    fn sync_tenant(&mut self, tenant: &str, doc: &Value, full: bool) -> Result<TenantOutcome, ClientError> {
-        let desired = &doc["declaration"][tenant];
+    /// The operations that bring `tenant` from what the device holds to `doc` when only address lists differ (empty:
+    /// nothing differs); `None` when it needs a POST. Reads the device first when its state is not known (or `full`).
+    fn list_ops(&mut self, tenant: &str, doc: &Value, full: bool) -> Result<Option<Vec<Value>>, ClientError> {
         if full || !self.device.contains_key(tenant) {
             let state = self.read(tenant)?;
             self.device.insert(tenant.to_string(), state);
         }
-        let (current, key) = &self.device[tenant];
-        let (known, keyless) = (current.is_some(), key.is_none());
         // One walk over the tenant tells both: nothing differs (no operation), or only address lists do.
-        if let Some(ops) = current.as_ref().and_then(|cur| Self::address_patch(tenant, cur, desired)) {
-            if ops.is_empty() {
-                return Ok(TenantOutcome::Unchanged);
+        let (current, _) = &self.device[tenant];
+        Ok(current.as_ref().and_then(|cur| Self::address_patch(tenant, cur, &doc["declaration"][tenant])))
+    }
+
+    /// Sends the address-list operations of one or more tenants as one PATCH (AS3 takes operations across tenants),
+    /// so a pass costs the device one request, however many tenants it touches. A tenant whose result is an error
+    /// fails the whole call; what the device holds is then read again before the next change.
+    fn patch_lists(&mut self, ops: Vec<(String, Vec<Value>)>) -> Result<(), ClientError> {
+        let body = Value::Array(ops.iter().flat_map(|(_, o)| o.iter().cloned()).collect());
+        let r = self.client.call(&Request {
+            method: "PATCH",
+            path: "/mgmt/shared/appsvcs/declare".into(),
+            body: Some(body),
+        });
+        let refused: Vec<String> = match &r {
+            Ok(resp) => resp.body["results"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|x| x["code"].as_u64().is_some_and(|c| c >= 300))
+                .map(|x| {
+                    let parts = [&x["tenant"], &x["message"], &x["response"]];
+                    parts.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(": ")
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        if r.is_err() || !refused.is_empty() {
+            for (tenant, _) in &ops {
+                self.device.remove(tenant);
             }
-            let n = ops.len();
-            let body = Value::Array(ops);
-            self.client.call(&Request {
-                method: "PATCH",
-                path: "/mgmt/shared/appsvcs/declare".into(),
-                body: Some(body.clone()),
-            })?;
-            // The device holds the patched lists now (kept in place: a tenant is megabytes); the lock key changed
-            // with them, and the next POST reads it again.
-            if let Some((Some(cur), key)) = self.device.get_mut(tenant) {
-                for op in body.as_array().into_iter().flatten() {
-                    let name = op["path"].as_str().and_then(|p| p.rsplit('/').next()).unwrap_or_default();
+            r?;
+            return Err(ClientError::Refused { status: 422, errors: refused });
+        }
+        // The device holds the patched lists now (kept in place: a tenant is megabytes); the lock key changed with
+        // them, and the next POST reads it again.
+        for (tenant, ops) in ops {
+            if let Some((Some(cur), key)) = self.device.get_mut(&tenant) {
+                for op in ops {
+                    let name = op["path"].as_str().and_then(|p| p.rsplit('/').next()).unwrap_or_default().to_string();
                     cur["Shared"][name] = op["value"].clone();
                 }
                 *key = None;
             }
-            return Ok(TenantOutcome::Patched(n));
         }
-        if known && keyless && self.client.is_device() {
+        Ok(())
+    }
+
+    fn sync_tenant(&mut self, tenant: &str, doc: &Value, full: bool) -> Result<TenantOutcome, ClientError> {
+        match self.list_ops(tenant, doc, full)? {
+            Some(ops) if ops.is_empty() => return Ok(TenantOutcome::Unchanged),
+            Some(ops) => {
+                let n = ops.len();
+                self.patch_lists(vec![(tenant.to_string(), ops)])?;
+                return Ok(TenantOutcome::Patched(n));
+            }
+            None => {}
+        }
+        let (current, key) = &self.device[tenant];
+        if current.is_some() && key.is_none() && self.client.is_device() {
             let state = self.read(tenant)?;
             self.device.insert(tenant.to_string(), state);
-            return self.post(tenant, doc);
         }
         self.post(tenant, doc)
     }
@@ -402,7 +437,7 @@ impl ces_sync::Backend for As3Backend {
             }
         }
         let schema = self.schema(&model.settings.schema_version)?;
-        let mut outcomes = Vec::new();
+        let (mut outcomes, mut patches) = (Vec::new(), Vec::new());
         for (tenant, changed) in lists {
             let Some(shared) =
                 last.documents.get_mut(&tenant).and_then(|d| d.pointer_mut(&format!("/declaration/{tenant}/Shared")))
@@ -429,14 +464,26 @@ impl ces_sync::Backend for As3Backend {
             if !moved {
                 continue;
             }
-            // The tenant's usual sync: against what the device holds, only address lists differ, so it PATCHes them.
-            match self.sync_tenant(&tenant, &last.documents[&tenant], false) {
-                Ok(TenantOutcome::Patched(n)) => {
-                    outcomes.push(format!("{tenant}: patched {n} address list(s) (pod churn)"))
+            // Against what the device holds, only address lists differ: their operations join the pass's one PATCH.
+            // (Otherwise, the tenant's usual sync.)
+            let doc = &last.documents[&tenant];
+            match self.list_ops(&tenant, doc, false) {
+                Ok(Some(ops)) if ops.is_empty() => outcomes.push(format!("{tenant}: unchanged (pod churn)")),
+                Ok(Some(ops)) => {
+                    outcomes.push(format!("{tenant}: patched {} address list(s) (pod churn)", ops.len()));
+                    patches.push((tenant.clone(), ops));
                 }
-                Ok(other) => outcomes.push(format!("{tenant}: {other:?} (pod churn)")),
+                Ok(None) => match self.sync_tenant(&tenant, doc, false) {
+                    Ok(outcome) => outcomes.push(format!("{tenant}: {outcome:?} (pod churn)")),
+                    Err(e) => return Err(format!("tenant {tenant}: {e}")),
+                },
                 Err(e) => return Err(format!("tenant {tenant}: {e}")),
             }
+        }
+        if !patches.is_empty() {
+            let tenants: Vec<&str> = patches.iter().map(|(t, _)| t.as_str()).collect();
+            let tenants = tenants.join(", ");
+            self.patch_lists(patches).map_err(|e| format!("tenants {tenants}: {e}"))?;
         }
         let valid_until = last.valid_until;
         self.last = Some(last);

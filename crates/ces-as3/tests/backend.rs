@@ -365,7 +365,7 @@ fn pod_churn_through_recompile_and_apply_pods_ends_where_a_whole_compile_does() 
     b.apply(&model, true).unwrap();
     assert_converged(&d, &model);
     let mut rng = ces_synth::Rng::new(11);
-    let (mut patched, mut whole, mut with_endpoints) = (0, 0, 0);
+    let (mut patched, mut whole, mut with_endpoints, mut multi_tenant) = (0, 0, 0, 0);
     for step in 0..30 {
         // A few pods move to another address of their namespace's subnet.
         let mut changes = Vec::new();
@@ -411,7 +411,16 @@ fn pod_churn_through_recompile_and_apply_pods_ends_where_a_whole_compile_does() 
             Some(delta) => {
                 patched += 1;
                 with_endpoints += usize::from(!churn.endpoints.is_empty());
-                b.apply_pods(&model, &delta).unwrap();
+                let n = d.with(|s| s.requests.len());
+                let applied = b.apply_pods(&model, &delta).unwrap();
+                // However many tenants moved, one PATCH (the device's state is known: no reads, no POSTs).
+                let sent: Vec<String> =
+                    d.with(|s| s.requests[n..].iter().map(|r| format!("{} {}", r.method, r.path)).collect());
+                let tenants = applied.summary.matches("patched").count();
+                if tenants > 0 {
+                    assert_eq!(sent, ["PATCH /mgmt/shared/appsvcs/declare"], "step {step}: {}", applied.summary);
+                }
+                multi_tenant += usize::from(tenants > 1);
             }
             None => {
                 whole += 1;
@@ -424,4 +433,66 @@ fn pod_churn_through_recompile_and_apply_pods_ends_where_a_whole_compile_does() 
     }
     assert!(patched >= 10, "the patch path ran {patched} times, the whole path {whole}");
     assert!(with_endpoints >= 10, "the patch path ran {with_endpoints} times with EndpointSlices following the pods");
+    assert!(multi_tenant >= 5, "{multi_tenant} steps patched several tenants at once");
+}
+
+/// One PATCH carries several tenants' lists; when the device refuses one of them (AS3 answers 207 and deploys the
+/// others), the pass fails with that tenant's error, and the next apply reads the device again and converges.
+#[test]
+fn a_tenant_refused_in_a_multi_tenant_patch_fails_the_pass_and_the_next_apply_repairs() {
+    let d = Double::start(common::schema_dir());
+    d.with(|s| {
+        for t in ["tenant-a~rd10", "tenant-b~rd20", "tenant-c~rd30", "Common~0"] {
+            s.objects.insert(format!("/mgmt/tm/net/route-domain/~{t}"), json!({}));
+        }
+    });
+    let mut b = backend(&d);
+    let synth = ces_synth::Synth::generate(600, 60, 3);
+    let mut config = synth.config();
+    config.schema_version = Some("3.56.0".into());
+    let mut snap = synth.snapshot();
+    let mut model = ces_compiler::compile(&snap, &config, "kube-system");
+    b.apply(&model, true).unwrap();
+    // One pod of each of two tenants moves: a pod whose address a source list of its tenant holds.
+    let mut changes = Vec::new();
+    for tenant in ["tenant-a", "tenant-b"] {
+        let listed: Vec<String> = d.with(|s| {
+            s.tenants[tenant]["Shared"]
+                .as_object()
+                .unwrap()
+                .values()
+                .filter(|o| o["class"] == "Firewall_Address_List")
+                .flat_map(|o| o["addresses"].as_array().cloned().unwrap_or_default())
+                .filter_map(|a| a.as_str().and_then(|a| a.split('%').next()).map(str::to_string))
+                .collect()
+        });
+        let p = snap
+            .pods
+            .iter()
+            .find(|p| {
+                config.tenant_of(&p.namespace) == tenant
+                    && !p.host_network
+                    && p.ips.first().is_some_and(|ip| listed.contains(&ip.to_string()))
+            })
+            .unwrap()
+            .clone();
+        let mut q = p.clone();
+        let std::net::IpAddr::V4(a) = q.ips[0] else { panic!("IPv4") };
+        let o = a.octets();
+        q.ips = vec![std::net::Ipv4Addr::new(o[0], o[1], o[2], 250).into()];
+        changes.push(ces_snapshot::PodChange { before: Some(p), after: Some(q) });
+    }
+    let churn = ces_snapshot::Churn { pods: changes, endpoints: Vec::new() };
+    snap.apply_churn(&churn).unwrap();
+    let delta = ces_compiler::recompile_churn(&mut model, &snap, &config, &churn).expect("plain churn is patched");
+    d.with(|s| s.refuse.insert("tenant-b".into(), "the device says no".into()));
+    let n = d.with(|s| s.requests.len());
+    let err = b.apply_pods(&model, &delta).unwrap_err();
+    assert!(err.contains("tenant-b") && err.contains("the device says no"), "{err}");
+    let writes: Vec<String> =
+        d.with(|s| s.requests[n..].iter().map(|r| format!("{} {}", r.method, r.status)).collect());
+    assert_eq!(writes, ["PATCH 207"], "one PATCH for both tenants");
+    d.with(|s| s.refuse.clear());
+    b.apply(&model, false).unwrap();
+    assert_converged(&d, &model);
 }

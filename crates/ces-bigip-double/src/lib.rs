@@ -447,11 +447,25 @@ fn patch(st: &mut State, body: Option<&Value>) -> (u16, Value) {
             return e;
         }
     }
+    // Tenants are deployed one by one, as AS3 does: a refused one keeps what it had, the others change; the answer
+    // is 207 when some were refused (422 when all were).
+    let mut results = Vec::new();
     for t in &touched {
-        st.tenants.insert(t.clone(), tenants[t].clone());
+        match st.refuse.get(t) {
+            Some(msg) => {
+                results.push(json!({"code": 422, "message": "declaration failed", "response": msg, "tenant": t}))
+            }
+            None => {
+                st.tenants.insert(t.clone(), tenants[t].clone());
+                results.push(json!({"code": 200, "message": "success", "tenant": t}));
+            }
+        }
     }
-    (
-        200,
-        json!({"results": touched.iter().map(|t| json!({"code": 200, "message": "success", "tenant": t})).collect::<Vec<_>>()}),
-    )
+    let refused = results.iter().filter(|r| r["code"] == 422).count();
+    let status = match refused {
+        0 => 200,
+        n if n == results.len() => 422,
+        _ => 207,
+    };
+    (status, json!({"results": results}))
 }
