@@ -4,11 +4,13 @@
 //! It starts where the user's change starts, a pod event in the API server, and ends where its result appears, the
 //! request that carries the pod's new address reaching the BIG-IP: the synthetic cluster is loaded into the fake API
 //! server (ces-fake-apiserver), the real `ces controller --kubernetes` watches it and programs the BIG-IP double;
-//! then pods selected by cluster rules change address at 100 events per second, and for each event the time from the
-//! API server's write to the first BIG-IP request holding the new address is measured.
+//! then pods that ServiceEgressRules' Services select change address at 100 events per second, each followed by its
+//! EndpointSlice (as the endpoints controller writes it). For each event, two times: from the pod's write to the first
+//! BIG-IP request holding the new address, and from the slice's write to the first request holding it in the
+//! Service's source list.
 //!
-//! Pod events take the pod-churn path (the source moves the pods in the kept snapshot, the compiler patches the model,
-//! the backend PATCHes the address lists built from the moved sets). Baselines, in the same run: a change that takes
+//! Pod and EndpointSlice events take the churn path (the source moves pods and endpoints in the kept snapshot, the
+//! compiler patches the model, the backend PATCHes the address lists built from the moved sets). Baselines, in the same run: a change that takes
 //! the whole path (an ExternalService address: every object assembled, the whole cluster compiled and rendered), from
 //! the API server's write to the BIG-IP request; and a pass's snapshot built the full-rebuild way (every kept object
 //! parsed again, as the manifests source does) against objects parsed once, when their event arrives.
@@ -32,6 +34,23 @@ fn docs(text: &str) -> Vec<Value> {
         .filter(|d| d.contains("kind:"))
         .map(|d| serde_saphyr::from_str::<Value>(d.trim_start_matches("---\n")).unwrap())
         .collect()
+}
+
+/// Whether an AS3 request body holds `needle` (a quoted address) in a Service's source list (`..._ep_..._src_address`):
+/// a PATCH operation on such a list, or such a list in a declaration.
+fn in_service_list(body: &Value, needle: &str) -> bool {
+    let list = |name: &str| name.contains("_ep_") && name.ends_with("_src_address");
+    match body {
+        Value::Array(ops) if ops.iter().all(|op| op.get("op").is_some()) => ops.iter().any(|op| {
+            op["path"].as_str().is_some_and(|p| list(p.rsplit('/').next().unwrap_or_default()))
+                && op["value"].to_string().contains(needle)
+        }),
+        Value::Object(m) => {
+            m.iter().any(|(k, v)| if list(k) { v.to_string().contains(needle) } else { in_service_list(v, needle) })
+        }
+        Value::Array(items) => items.iter().any(|v| in_service_list(v, needle)),
+        _ => false,
+    }
 }
 
 fn pct(v: &mut [Duration], p: f64) -> Duration {
@@ -138,40 +157,59 @@ fn main() {
     }
     println!("  first sync: {:.1} s from start to the BIG-IP holding every tenant", t.elapsed().as_secs_f64());
 
-    // Pods whose addresses are in cluster rules' source lists (namespace selectors list pods, not subnets).
-    let mut targets: BTreeSet<(String, String, String)> = BTreeSet::new();
+    // Pods whose addresses are in ServiceEgressRules' source lists (`..._ep_<service>_src_address`): their Services'
+    // EndpointSlices list them, so each move is a pod event and an EndpointSlice event, as in a cluster.
+    let mut targets: BTreeSet<String> = BTreeSet::new();
     bigip.with(|s| {
-        for (name, o) in s.tenants["Common"]["Shared"].as_object().unwrap() {
-            if name.contains("_global_") && name.ends_with("_src_address") {
-                for a in o["addresses"].as_array().unwrap() {
-                    let a = a.as_str().unwrap();
-                    if !a.contains('/') {
-                        targets.insert((a.to_string(), String::new(), String::new()));
+        for tenant in s.tenants.values() {
+            for (name, o) in tenant["Shared"].as_object().into_iter().flatten() {
+                if name.contains("_ep_") && name.ends_with("_src_address") {
+                    for a in o["addresses"].as_array().into_iter().flatten() {
+                        targets.extend(a.as_str().filter(|a| !a.contains('/')).map(str::to_string));
                     }
                 }
             }
         }
     });
     // Address (with %rd) → the pod that has it.
+    let rd_of = |ns: &str| (ns.trim_start_matches("ns-").parse::<usize>().unwrap() % 4) * 10;
+    let with_rd = |ip: &str, ns: &str| if rd_of(ns) == 0 { ip.to_string() } else { format!("{ip}%{}", rd_of(ns)) };
     let by_ip: std::collections::HashMap<String, Value> = objects
         .iter()
         .filter(|o| o["kind"] == "Pod")
         .filter_map(|o| {
-            let ip = o.pointer("/status/podIPs/0/ip")?.as_str()?.to_string();
-            let ns = o["metadata"]["namespace"].as_str()?;
-            let i: usize = ns.trim_start_matches("ns-").parse().ok()?;
-            let rd = (i % 4) * 10;
-            let key = if rd == 0 { ip } else { format!("{ip}%{rd}") };
-            Some((key, o.clone()))
+            let ip = o.pointer("/status/podIPs/0/ip")?.as_str()?;
+            Some((with_rd(ip, o["metadata"]["namespace"].as_str()?), o.clone()))
         })
         .collect();
-    let chosen: Vec<Value> = targets.iter().filter_map(|(a, _, _)| by_ip.get(a).cloned()).take(1000).collect();
-    assert!(chosen.len() >= 100, "only {} pods in cluster rules' source lists", chosen.len());
+    // Each pod's EndpointSlice, kept as it is now in the API server.
+    let mut slices: std::collections::HashMap<(String, String), Value> = objects
+        .iter()
+        .filter(|o| o["kind"] == "EndpointSlice")
+        .map(|o| {
+            let key = (
+                o["metadata"]["namespace"].as_str().unwrap().to_string(),
+                o["metadata"]["name"].as_str().unwrap().to_string(),
+            );
+            (key, o.clone())
+        })
+        .collect();
+    let mut slice_of: std::collections::HashMap<(String, String), (String, String)> = Default::default();
+    for (key, o) in &slices {
+        for e in o["endpoints"].as_array().into_iter().flatten() {
+            let pod = e["targetRef"]["name"].as_str().unwrap().to_string();
+            slice_of.insert((key.0.clone(), pod), key.clone());
+        }
+    }
+    let chosen: Vec<Value> = targets.iter().filter_map(|a| by_ip.get(a).cloned()).take(1000).collect();
+    assert!(chosen.len() >= 100, "only {} pods in ServiceEgressRules' source lists", chosen.len());
 
-    // 100 pod events per second: each chosen pod moves to a new address in its subnet.
+    // 100 pod events per second: each chosen pod moves to a new address in its subnet, and its EndpointSlice follows
+    // right after, as the endpoints controller writes it.
     let rate = 100.0;
     let events = chosen.len().min(1000);
-    let mut sent: Vec<(Instant, String)> = Vec::with_capacity(events);
+    // Per event: when the pod and the slice were written, and the new address as the BIG-IP shows it.
+    let mut sent: Vec<(Instant, Instant, String)> = Vec::with_capacity(events);
     let start = Instant::now();
     let n0 = bigip.with(|s| s.requests.len());
     for (k, pod) in chosen.iter().take(events).enumerate() {
@@ -185,26 +223,45 @@ fn main() {
         parts[3] = parts[3].wrapping_add(120).max(1);
         let new_ip = format!("{}.{}.{}.{}", parts[0], parts[1], parts[2], parts[3]);
         p["status"]["podIPs"] = json!([{"ip": new_ip}]);
-        let i: usize = p["metadata"]["namespace"].as_str().unwrap().trim_start_matches("ns-").parse().unwrap();
-        let rd = (i % 4) * 10;
-        let needle = if rd == 0 { format!("\"{new_ip}\"") } else { format!("\"{new_ip}%{rd}\"") };
+        let ns = p["metadata"]["namespace"].as_str().unwrap().to_string();
+        let name = p["metadata"]["name"].as_str().unwrap().to_string();
+        let needle = format!("\"{}\"", with_rd(&new_ip, &ns));
         api.apply(p);
-        sent.push((Instant::now(), needle));
+        let pod_at = Instant::now();
+        let slice = slices.get_mut(&slice_of[&(ns, name.clone())]).unwrap();
+        for e in slice["endpoints"].as_array_mut().unwrap() {
+            if e["targetRef"]["name"] == name.as_str() {
+                e["addresses"] = json!([new_ip]);
+            }
+        }
+        api.apply(slice.clone());
+        sent.push((pod_at, Instant::now(), needle));
     }
     let offered = start.elapsed();
-    // Wait for the last ones, then match each event to the first request that holds its address.
+    // Wait for the last ones, then match each event to the first request that holds its address (anywhere: the
+    // pod's own lists), and to the first that holds it in a Service's list (from the slice's write).
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut latencies: Vec<Duration> = Vec::new();
+    let (mut latencies, mut via_slice): (Vec<Duration>, Vec<Duration>) = (Vec::new(), Vec::new());
     let mut missing;
     loop {
-        let reqs: Vec<(Instant, String)> = bigip
-            .with(|s| s.requests[n0..].iter().filter_map(|r| r.body.as_ref().map(|b| (r.at, b.to_string()))).collect());
+        let reqs: Vec<(Instant, Value)> =
+            bigip.with(|s| s.requests[n0..].iter().filter_map(|r| r.body.clone().map(|b| (r.at, b))).collect());
+        let texts: Vec<String> = reqs.iter().map(|(_, b)| b.to_string()).collect();
         latencies.clear();
+        via_slice.clear();
         missing = 0;
-        for (at, needle) in &sent {
-            match reqs.iter().find(|(t, body)| t >= at && body.contains(needle.as_str())) {
-                Some((t, _)) => latencies.push(t.duration_since(*at)),
-                None => missing += 1,
+        for (pod_at, slice_at, needle) in &sent {
+            let first = reqs.iter().zip(&texts).find(|((t, _), body)| t >= pod_at && body.contains(needle.as_str()));
+            let in_service = reqs
+                .iter()
+                .zip(&texts)
+                .find(|((t, b), body)| t >= slice_at && body.contains(needle.as_str()) && in_service_list(b, needle));
+            match (first, in_service) {
+                (Some(((t, _), _)), Some(((u, _), _))) => {
+                    latencies.push(t.duration_since(*pod_at));
+                    via_slice.push(u.duration_since(*slice_at));
+                }
+                _ => missing += 1,
             }
         }
         if missing == 0 || Instant::now() > deadline {
@@ -248,13 +305,21 @@ fn main() {
     let _ = child.kill();
     let _ = child.wait();
     println!(
-        "  {events} pod events offered at {rate:.0}/s (in {:.1} s); {requests} BIG-IP requests; {missing} events never reached the BIG-IP",
+        "  {events} pod events (each with its EndpointSlice) offered at {rate:.0}/s (in {:.1} s); {requests} BIG-IP requests; {missing} events never reached the BIG-IP",
         offered.as_secs_f64()
     );
     if !latencies.is_empty() {
         let (p50, p99, max) = (pct(&mut latencies, 0.5), pct(&mut latencies, 0.99), pct(&mut latencies, 1.0));
         println!(
             "  pod event to BIG-IP request: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (target p99 < 500 ms: {})",
+            p50.as_secs_f64() * 1e3,
+            p99.as_secs_f64() * 1e3,
+            max.as_secs_f64() * 1e3,
+            if p99 < Duration::from_millis(500) && missing == 0 { "met" } else { "NOT met" }
+        );
+        let (p50, p99, max) = (pct(&mut via_slice, 0.5), pct(&mut via_slice, 0.99), pct(&mut via_slice, 1.0));
+        println!(
+            "  EndpointSlice event to BIG-IP request with the address in the Service's list: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (target p99 < 500 ms: {})",
             p50.as_secs_f64() * 1e3,
             p99.as_secs_f64() * 1e3,
             max.as_secs_f64() * 1e3,
