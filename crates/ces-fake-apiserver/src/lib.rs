@@ -199,6 +199,8 @@ pub struct Store {
     pub gone: u64,
     /// Printer columns of installed CRDs, by kind: (name, JSON path).
     columns: BTreeMap<String, Vec<(String, String)>>,
+    /// Kinds this server does not serve (404), as a cluster without an API (EndpointSlices before Kubernetes 1.21).
+    pub unserved: std::collections::BTreeSet<String>,
 }
 
 impl Store {
@@ -265,6 +267,7 @@ impl FakeApiServer {
                 requests: Vec::new(),
                 gone: 0,
                 columns: BTreeMap::new(),
+                unserved: Default::default(),
             }),
             changes,
             epoch,
@@ -533,7 +536,8 @@ async fn answer(
     if let Some(r) = discovery(path) {
         return json_response(StatusCode::OK, &r);
     }
-    let Some(t) = route(path) else {
+    let unserved = |t: &Target| shared.store.lock().unwrap().unserved.contains(t.r.kind);
+    let Some(t) = route(path).filter(|t| !unserved(t)) else {
         return status_error(
             StatusCode::NOT_FOUND,
             "NotFound",

@@ -142,3 +142,52 @@ fn pod_events_move_pods_in_place_and_other_events_ask_for_a_load() {
     assert_eq!(src.update(&mut snap).unwrap(), Some(Default::default()), "a load starts afresh");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// On a cluster without the EndpointSlice API, the source watches Endpoints, and their events are followed the same way.
+#[test]
+fn endpoints_events_are_followed_where_the_cluster_has_no_endpoint_slices() {
+    let api = FakeApiServer::start();
+    api.with(|s| s.unserved.insert("EndpointSlice".into()));
+    for crd in ces_api::all_crds() {
+        api.install_crd(&serde_json::to_value(crd).unwrap());
+    }
+    let endpoints = |ips: &[(&str, &str)]| {
+        let addresses: Vec<Value> = ips
+            .iter()
+            .map(|(pod, ip)| json!({"ip": ip, "targetRef": {"kind": "Pod", "namespace": "shop", "name": pod}}))
+            .collect();
+        json!({"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "web", "namespace": "shop"},
+               "subsets": [{"addresses": addresses}]})
+    };
+    api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}));
+    api.apply(service("web"));
+    api.apply(pod("a", "10.0.0.1", "web"));
+    api.apply(endpoints(&[("a", "10.0.0.1")]));
+    let dir = std::env::temp_dir().join(format!("ces-kube-update-ep-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    api.write_kubeconfig(&dir.join("kubeconfig"));
+    let mut src = KubeSource::start(Some(dir.join("kubeconfig")), None, None).unwrap();
+    let start = Instant::now();
+    let (mut snap, _) = loop {
+        match src.load() {
+            Ok(l) => break l,
+            Err(e) => assert!(start.elapsed() < Duration::from_secs(10), "{e}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let web = ("shop".to_string(), "web".to_string());
+    assert_eq!(snap.endpoints[&web].len(), 1, "the Endpoints object is read");
+    let v = src.version().unwrap();
+    api.apply(pod("a", "10.0.0.7", "web"));
+    api.apply(endpoints(&[("a", "10.0.0.7")]));
+    wait_events(&mut src, v, 2);
+    let churn = src.update(&mut snap).unwrap().expect("pod and Endpoints events are followed");
+    assert_eq!((churn.pods.len(), churn.endpoints.len()), (1, 1), "{churn:?}");
+    let (fresh, _) = src.load().unwrap();
+    assert_eq!(snap, fresh, "the moved snapshot equals a fresh load");
+    assert!(
+        api.with(|s| s.requests.iter().any(|r| r.path.contains("endpointslices") && r.status == 404)),
+        "the source asked for EndpointSlices first"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
