@@ -6,7 +6,11 @@
 //! - list with a `resourceVersion`, and watch from a `resourceVersion` as newline-delimited `WatchEvent`s, with
 //!   `BOOKMARK`s when asked for, and `410 Gone` (an `ERROR` event with a `Status`) when the version was compacted;
 //! - create (409 when it exists), replace (409 on a stale `resourceVersion`), delete, merge patch, and server-side
-//!   apply of `/status` (the status replaced by the applied one; `generation` untouched, as for a status subresource);
+//!   apply of `/status` with field ownership at the granularity of `status`'s top-level fields: `managedFields`
+//!   (`operation: Apply`, `subresource: status`), 409 on a field another manager owns with another value unless
+//!   `force`, which takes it over, shared ownership of equal values, removal of fields a manager stops applying
+//!   (`generation` untouched, as for a status subresource; `managedFields` kept across updates of the object);
+//! - kinds it can be told not to serve (404), as a cluster without the EndpointSlice API;
 //! - `generation` bumped on spec changes, `uid` and `creationTimestamp` set on create;
 //! - discovery (`/api`, `/apis`, resource lists) and `Table` answers with the CRDs' printer columns, so `kubectl get`
 //!   works against it.
@@ -16,7 +20,8 @@
 //! away and bring it back on the same port with the same objects.
 //!
 //! It is not an API server: no authentication, admission, validation against the CRD schemas, field selectors,
-//! pagination tokens or strategic merge.
+//! pagination tokens or strategic merge, and no field ownership finer than `status`'s top-level fields or outside
+//! `/status` applies.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -393,6 +398,10 @@ fn upsert(store: &mut Store, r: &Resource, ns: &str, name: &str, mut object: Val
                     meta.insert(k.into(), v.clone());
                 }
             }
+            // Field ownership is the server's record: an update does not erase it.
+            if let Some(v) = old["metadata"].get("managedFields").filter(|_| !meta.contains_key("managedFields")) {
+                meta.insert("managedFields".into(), v.clone());
+            }
             let old_gen = old["metadata"]["generation"].as_i64().unwrap_or(1);
             let changed = |o: &Value| {
                 let mut o = o.clone();
@@ -630,10 +639,18 @@ async fn answer(
                 return status_error(StatusCode::BAD_REQUEST, "BadRequest", "fieldManager is required for apply patch");
             }
             let mut new = old.clone();
-            if t.status {
-                // The status subresource: only the status changes (server-side apply of the whole status by its one
-                // manager is a replace).
-                new["status"] = patch.get("status").cloned().unwrap_or(Value::Null);
+            let apply = content_type.starts_with("application/apply-patch");
+            if t.status && apply {
+                // Server-side apply of the status subresource, with field ownership.
+                let manager = q.get("fieldManager").map(String::as_str).unwrap_or_default();
+                let force = q.get("force").is_some_and(|f| f == "true");
+                match apply_status(&old, &patch, manager, force, &t.r.api_version()) {
+                    Ok(v) => new = v,
+                    Err(conflict) => return status_error(StatusCode::CONFLICT, "Conflict", &conflict),
+                }
+            } else if t.status {
+                // The status subresource: only the status changes.
+                merge(&mut new["status"], patch.get("status").unwrap_or(&Value::Null));
             } else {
                 merge(&mut new, &patch);
             }
@@ -659,6 +676,78 @@ async fn answer(
         }
         _ => status_error(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "not supported by the fake API server"),
     }
+}
+
+/// The status fields an Apply entry of `managedFields` owns (top-level fields of `status`: the granularity the fake
+/// tracks).
+fn owned_status_fields(entry: &Value) -> Vec<String> {
+    entry["fieldsV1"]["f:status"]
+        .as_object()
+        .map(|m| m.keys().filter_map(|k| k.strip_prefix("f:")).map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+/// Server-side apply of `patch`'s status by `manager`, as the API server does it for the top-level fields of
+/// `status`: a field another manager owns with a different value is a conflict (409) unless `force`, which takes it
+/// over; a field the same value leaves shared; a field this manager applied before and no longer applies is removed,
+/// unless another manager owns it too. `metadata.managedFields` records who owns what (`operation: Apply`,
+/// `subresource: status`).
+fn apply_status(old: &Value, patch: &Value, manager: &str, force: bool, api_version: &str) -> Result<Value, String> {
+    let applied = patch.get("status").and_then(Value::as_object).cloned().unwrap_or_default();
+    let mut status = old.get("status").and_then(Value::as_object).cloned().unwrap_or_default();
+    let mut entries: Vec<Value> = old["metadata"]["managedFields"].as_array().cloned().unwrap_or_default();
+    let is_status_apply = |e: &Value| e["operation"] == "Apply" && e["subresource"] == "status";
+    let mut conflicts = Vec::new();
+    for e in entries.iter().filter(|e| is_status_apply(e) && e["manager"] != manager) {
+        for f in owned_status_fields(e) {
+            if applied.get(&f).is_some_and(|v| status.get(&f) != Some(v)) {
+                conflicts.push(format!("conflict with \"{}\": .status.{f}", e["manager"].as_str().unwrap_or("")));
+            }
+        }
+    }
+    if !conflicts.is_empty() && !force {
+        let n = conflicts.len();
+        return Err(format!(
+            "Apply failed with {n} conflict{}: {}",
+            if n == 1 { "" } else { "s" },
+            conflicts.join(", ")
+        ));
+    }
+    let mine: Vec<String> = entries
+        .iter()
+        .find(|e| is_status_apply(e) && e["manager"] == manager)
+        .map(owned_status_fields)
+        .unwrap_or_default();
+    // Others lose the fields whose values this apply changes (with force); fields left to nobody go.
+    for e in entries.iter_mut().filter(|e| is_status_apply(e) && e["manager"] != manager) {
+        if let Some(m) = e["fieldsV1"]["f:status"].as_object_mut() {
+            m.retain(|k, _| {
+                let f = k.trim_start_matches("f:");
+                applied.get(f).is_none_or(|v| status.get(f) == Some(v))
+            });
+        }
+    }
+    let owned_by_others: Vec<String> = entries
+        .iter()
+        .filter(|e| is_status_apply(e) && e["manager"] != manager)
+        .flat_map(owned_status_fields)
+        .collect();
+    for f in mine.iter().filter(|f| !applied.contains_key(*f) && !owned_by_others.contains(f)) {
+        status.remove(f);
+    }
+    for (k, v) in &applied {
+        status.insert(k.clone(), v.clone());
+    }
+    entries.retain(|e| !(is_status_apply(e) && (e["manager"] == manager || owned_status_fields(e).is_empty())));
+    if !applied.is_empty() {
+        let fields: serde_json::Map<String, Value> = applied.keys().map(|k| (format!("f:{k}"), json!({}))).collect();
+        entries.push(json!({"manager": manager, "operation": "Apply", "apiVersion": api_version, "time": now(),
+                            "fieldsType": "FieldsV1", "fieldsV1": {"f:status": fields}, "subresource": "status"}));
+    }
+    let mut new = old.clone();
+    new["status"] = Value::Object(status);
+    new["metadata"]["managedFields"] = Value::Array(entries);
+    Ok(new)
 }
 
 /// RFC 7386 merge patch.

@@ -151,6 +151,30 @@ fn the_original_examples_are_programmed_and_their_status_says_so() {
             .all(|r| r.query.contains("fieldManager=ces-controller") && r.query.contains("force=true"))
     });
     assert!(applies);
+    // The API server records the controller as the owner of the status fields it writes, and of nothing else.
+    let owned: Vec<(String, String, Vec<String>)> = env.api.with(|s| {
+        let o = s.get("ServiceEgressRule", "default", "rule4").unwrap();
+        o["metadata"]["managedFields"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                let fields =
+                    e["fieldsV1"]["f:status"].as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default();
+                (
+                    e["manager"].as_str().unwrap_or("").to_string(),
+                    e["subresource"].as_str().unwrap_or("").to_string(),
+                    fields,
+                )
+            })
+            .collect()
+    });
+    assert_eq!(owned.len(), 1, "{owned:?}");
+    let (manager, subresource, fields) = &owned[0];
+    assert_eq!((manager.as_str(), subresource.as_str()), ("ces-controller", "status"));
+    for f in ["f:phase", "f:conditions", "f:scope"] {
+        assert!(fields.iter().any(|x| x == f), "{f} in {fields:?}");
+    }
     let before = writes();
     std::thread::sleep(Duration::from_millis(700));
     assert_eq!(writes(), before, "no status write without a change:\n{}", c.log());
