@@ -115,9 +115,9 @@ pub fn recompile_churn(
         changed_in_tenant.extend(c.before.iter().chain(&c.after).flatten().map(|ep| (tenant, ep.ip)));
     }
     // The Services judged again: those whose endpoints changed, and those with an endpoint at a changed address of
-    // their tenant (an endpoint is judged by the pods of its own tenant; one elsewhere keeps its verdict).
-    // (Every endpoint is visited: an address is looked up first, the tenant only for an address that changed.)
-    // (A sorted list: a few addresses, looked up once per endpoint and pod.)
+    // their tenant (an endpoint is judged by the pods of its own tenant; one elsewhere keeps its verdict). Every
+    // endpoint is visited: its address is looked up first (in a sorted list of the few that changed), its tenant only
+    // when the address changed.
     let mut addresses: Vec<IpAddr> = changed_in_tenant.iter().map(|(_, ip)| *ip).collect();
     addresses.sort_unstable();
     addresses.dedup();
