@@ -34,6 +34,21 @@ fn slice(name: &str, endpoints: &[(&str, &str)]) -> Value {
            "addressType": "IPv4", "endpoints": eps})
 }
 
+/// A source watching `api` (its kubeconfig written in `dir`), and its first load.
+fn start_and_load(api: &FakeApiServer, dir: &std::path::Path) -> (KubeSource, ces_snapshot::Snapshot) {
+    std::fs::create_dir_all(dir).unwrap();
+    api.write_kubeconfig(&dir.join("kubeconfig"));
+    let mut src = KubeSource::start(Some(dir.join("kubeconfig")), None, None).unwrap();
+    let start = Instant::now();
+    loop {
+        match src.load() {
+            Ok((snap, _)) => return (src, snap),
+            Err(e) => assert!(start.elapsed() < Duration::from_secs(10), "{e}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Waits until the source has seen `n` more events than at `from`.
 fn wait_events(src: &mut KubeSource, from: u64, n: u64) {
     let start = Instant::now();
@@ -55,17 +70,7 @@ fn pod_events_move_pods_in_place_and_other_events_ask_for_a_load() {
         api.apply(pod(name, ip, "web"));
     }
     let dir = std::env::temp_dir().join(format!("ces-kube-update-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    api.write_kubeconfig(&dir.join("kubeconfig"));
-    let mut src = KubeSource::start(Some(dir.join("kubeconfig")), None, None).unwrap();
-    let start = Instant::now();
-    let (mut snap, _) = loop {
-        match src.load() {
-            Ok(l) => break l,
-            Err(e) => assert!(start.elapsed() < Duration::from_secs(10), "{e}"),
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let (mut src, mut snap) = start_and_load(&api, &dir);
     assert_eq!(snap.pods.len(), 2);
 
     // Pod events: one moves, one comes, one goes.
@@ -164,17 +169,7 @@ fn endpoints_events_are_followed_where_the_cluster_has_no_endpoint_slices() {
     api.apply(pod("a", "10.0.0.1", "web"));
     api.apply(endpoints(&[("a", "10.0.0.1")]));
     let dir = std::env::temp_dir().join(format!("ces-kube-update-ep-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    api.write_kubeconfig(&dir.join("kubeconfig"));
-    let mut src = KubeSource::start(Some(dir.join("kubeconfig")), None, None).unwrap();
-    let start = Instant::now();
-    let (mut snap, _) = loop {
-        match src.load() {
-            Ok(l) => break l,
-            Err(e) => assert!(start.elapsed() < Duration::from_secs(10), "{e}"),
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let (mut src, mut snap) = start_and_load(&api, &dir);
     let web = ("shop".to_string(), "web".to_string());
     assert_eq!(snap.endpoints[&web].len(), 1, "the Endpoints object is read");
     let v = src.version().unwrap();

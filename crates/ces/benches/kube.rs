@@ -309,22 +309,19 @@ fn main() {
         offered.as_secs_f64()
     );
     if !latencies.is_empty() {
-        let (p50, p99, max) = (pct(&mut latencies, 0.5), pct(&mut latencies, 0.99), pct(&mut latencies, 1.0));
-        println!(
-            "  pod event to BIG-IP request: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (target p99 < 500 ms: {})",
-            p50.as_secs_f64() * 1e3,
-            p99.as_secs_f64() * 1e3,
-            max.as_secs_f64() * 1e3,
-            if p99 < Duration::from_millis(500) && missing == 0 { "met" } else { "NOT met" }
-        );
-        let (p50, p99, max) = (pct(&mut via_slice, 0.5), pct(&mut via_slice, 0.99), pct(&mut via_slice, 1.0));
-        println!(
-            "  EndpointSlice event to BIG-IP request with the address in the Service's list: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (target p99 < 500 ms: {})",
-            p50.as_secs_f64() * 1e3,
-            p99.as_secs_f64() * 1e3,
-            max.as_secs_f64() * 1e3,
-            if p99 < Duration::from_millis(500) && missing == 0 { "met" } else { "NOT met" }
-        );
+        for (what, v) in [
+            ("pod event to BIG-IP request", &mut latencies),
+            ("EndpointSlice event to BIG-IP request with the address in the Service's list", &mut via_slice),
+        ] {
+            let (p50, p99, max) = (pct(v, 0.5), pct(v, 0.99), pct(v, 1.0));
+            println!(
+                "  {what}: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (target p99 < 500 ms: {})",
+                p50.as_secs_f64() * 1e3,
+                p99.as_secs_f64() * 1e3,
+                max.as_secs_f64() * 1e3,
+                if p99 < Duration::from_millis(500) && missing == 0 { "met" } else { "NOT met" }
+            );
+        }
     }
     let (w50, w99) = (pct(&mut whole, 0.5), pct(&mut whole, 0.99));
     println!(
