@@ -408,16 +408,22 @@ fn patch(st: &mut State, body: Option<&Value>) -> (u16, Value) {
     let Some(ops) = body.and_then(Value::as_array) else {
         return error(422, "PATCH body must be an array of operations");
     };
-    let mut tenants = st.tenants.clone();
+    // The touched tenants, copied once each: the operations apply to the copies, which replace the tenants only
+    // when every operation and the validation succeed.
+    let mut tenants: BTreeMap<String, Value> = BTreeMap::new();
     let mut touched: Vec<String> = Vec::new();
     for op in ops {
         let (Some(kind), Some(path)) = (op["op"].as_str(), op["path"].as_str()) else {
             return error(422, "each operation needs op and path");
         };
         let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-        let Some(tenant) = tenants.get_mut(parts[0]) else {
-            return error(422, &format!("{path}: tenant {} does not exist", parts[0]));
-        };
+        if !tenants.contains_key(parts[0]) {
+            let Some(t) = st.tenants.get(parts[0]) else {
+                return error(422, &format!("{path}: tenant {} does not exist", parts[0]));
+            };
+            tenants.insert(parts[0].to_string(), t.clone());
+        }
+        let tenant = tenants.get_mut(parts[0]).expect("copied above");
         if !touched.contains(&parts[0].to_string()) {
             touched.push(parts[0].to_string());
         }
@@ -442,8 +448,11 @@ fn patch(st: &mut State, body: Option<&Value>) -> (u16, Value) {
     }
     for t in &touched {
         let version = st.versions.get(t).cloned().unwrap_or_else(|| "3.29.0".into());
-        let doc = json!({"class": "AS3", "declaration": {"class": "ADC", "schemaVersion": version, t.clone(): tenants[t].clone()}});
-        if let Err(e) = validate(st, &doc) {
+        let mut doc = json!({"class": "AS3", "declaration": {"class": "ADC", "schemaVersion": version}});
+        doc["declaration"][t] = tenants.remove(t).expect("touched");
+        let valid = validate(st, &doc);
+        tenants.insert(t.clone(), doc["declaration"][t].take());
+        if let Err(e) = valid {
             return e;
         }
     }
@@ -456,7 +465,7 @@ fn patch(st: &mut State, body: Option<&Value>) -> (u16, Value) {
                 results.push(json!({"code": 422, "message": "declaration failed", "response": msg, "tenant": t}))
             }
             None => {
-                st.tenants.insert(t.clone(), tenants[t].clone());
+                st.tenants.insert(t.clone(), tenants.remove(t).expect("touched"));
                 results.push(json!({"code": 200, "message": "success", "tenant": t}));
             }
         }
