@@ -785,6 +785,42 @@ fn the_gateway_follows_the_kubernetes_api_with_real_packets() {
     );
     let seen = compare(&lab, &dir, &flows, "after the pod moved in the API");
     assert!(seen.contains("accept:ServiceEgressRule/payments/lab-checkout"), "{seen:?}");
+
+    // The checkout Service gains an EndpointSlice listing checkout-1 alone, then loses it: its rule's sources follow
+    // (its endpoints, then its selector's pods again), each time through the churn path, and packets agree with
+    // simulate on files that say the same.
+    let churn_passes = || agent_log().matches("(pod churn)").count();
+    let whole_passes = || agent_log().lines().filter(|l| l.contains("change:") && !l.contains("(pod churn)")).count();
+    let checkout_0 = [svc("10.10.0.11")];
+    assert!(
+        compare(&lab, &dir, &checkout_0, "checkout-0 before the slice")
+            .contains("accept:ServiceEgressRule/payments/lab-checkout")
+    );
+    let slice = serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "checkout-x1", "namespace": "payments", "labels": {"kubernetes.io/service-name": "checkout"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["10.10.0.13"], "conditions": {"ready": true},
+                       "targetRef": {"kind": "Pod", "namespace": "payments", "name": "checkout-1"}}]});
+    let extra = std::fs::read_to_string(dir.join("extra.yaml")).unwrap();
+    for (step, present) in [("came", true), ("went", false)] {
+        let (churned, whole) = (churn_passes(), whole_passes());
+        if present {
+            api.apply(slice.clone());
+            std::fs::write(dir.join("extra.yaml"), format!("{extra}\n---\n{slice}\n")).unwrap();
+        } else {
+            assert!(api.delete("EndpointSlice", "payments", "checkout-x1"));
+            std::fs::write(dir.join("extra.yaml"), &extra).unwrap();
+        }
+        wait_until(|| churn_passes() > churned, agent_log);
+        assert_eq!(whole_passes(), whole, "the slice {step}: the churn path, not a whole pass: {}", agent_log());
+        compare(&lab, &dir, &flows, &format!("after the checkout slice {step}"));
+        let seen = compare(&lab, &dir, &checkout_0, &format!("checkout-0 after the slice {step}"));
+        assert_eq!(
+            seen.contains("accept:ServiceEgressRule/payments/lab-checkout"),
+            !present,
+            "the slice {step}: {seen:?}"
+        );
+    }
     drop(api);
     std::fs::remove_dir_all(&dir).unwrap();
 }
