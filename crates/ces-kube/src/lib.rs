@@ -22,7 +22,7 @@ use ces_api::ResourceStatus;
 use ces_config::CesConfig;
 use ces_model::{ObjectRef, PolicyModel};
 use ces_snapshot::manifests::{ParsedObject, parse_object};
-use ces_snapshot::{Churn, Endpoint, EndpointsChange, Key, PodChange, Snapshot};
+use ces_snapshot::{Churn, Endpoint, Key, PodChange, Snapshot};
 use ces_sync::{Report, Source};
 use futures::StreamExt;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
@@ -548,26 +548,12 @@ impl Source for KubeSource {
             }
         }
         for ns in std::mem::take(&mut o.dirty_endpoints) {
-            let Some(mut after) = o.endpoints_in(&ns) else { return Ok(None) };
+            let Some(after) = o.endpoints_in(&ns) else { return Ok(None) };
             if snapshot.diagnostics.iter().any(|d| names(d, &[ENDPOINTS.kind, ENDPOINT_SLICE.kind], &ns, None)) {
                 return Ok(None);
             }
             let before = snapshot.endpoints.range((ns.clone(), String::new())..).take_while(|((n, _), _)| *n == ns);
-            for (service, eps) in before {
-                let now = after.remove(service);
-                if now.as_ref() != Some(eps) {
-                    churn.endpoints.push(EndpointsChange {
-                        service: service.clone(),
-                        before: Some(eps.clone()),
-                        after: now,
-                    });
-                }
-            }
-            churn.endpoints.extend(after.into_iter().map(|(service, eps)| EndpointsChange {
-                service,
-                before: None,
-                after: Some(eps),
-            }));
+            churn.endpoints.extend(ces_snapshot::endpoint_changes_between(before, &after));
         }
         if snapshot.apply_churn(&churn).is_err() {
             return Ok(None);

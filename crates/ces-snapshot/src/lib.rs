@@ -195,38 +195,12 @@ impl Snapshot {
 
     /// The endpoint changes from `self` to `other`: one walk over both maps.
     pub fn endpoint_changes(&self, other: &Snapshot) -> Vec<EndpointsChange> {
-        let (mut a, mut b) = (self.endpoints.iter().peekable(), other.endpoints.iter().peekable());
-        let mut out = Vec::new();
-        loop {
-            let change = match (a.peek(), b.peek()) {
-                (None, None) => break,
-                (Some((ka, x)), Some((kb, y))) if ka == kb => {
-                    let change = (x != y).then(|| EndpointsChange {
-                        service: (*ka).clone(),
-                        before: Some((*x).clone()),
-                        after: Some((*y).clone()),
-                    });
-                    a.next();
-                    b.next();
-                    change
-                }
-                (Some((ka, _)), kb) if kb.is_none_or(|(kb, _)| ka < kb) => {
-                    let (k, x) = a.next().expect("peeked");
-                    Some(EndpointsChange { service: k.clone(), before: Some(x.clone()), after: None })
-                }
-                _ => {
-                    let (k, y) = b.next().expect("peeked");
-                    Some(EndpointsChange { service: k.clone(), before: None, after: Some(y.clone()) })
-                }
-            };
-            out.extend(change);
-        }
-        out
+        endpoint_changes_between(&self.endpoints, &other.endpoints)
     }
 
-    /// Applies churn in place: its endpoint changes, then its pod changes ([`Snapshot::apply_pod_changes`]). Refused,
-    /// with the snapshot unchanged, when any of them is refused, a Service's endpoints change twice, an endpoint
-    /// change's `before` is not what the snapshot holds, or its `after` is not sorted and without duplicates.
+    /// Applies churn in place: its pod changes ([`Snapshot::apply_pod_changes`]) and its endpoint changes, all or none.
+    /// Refused, with the snapshot unchanged, when a pod change is refused, a Service's endpoints change twice, an
+    /// endpoint change's `before` is not what the snapshot holds, or its `after` is not sorted and without duplicates.
     pub fn apply_churn(&mut self, churn: &Churn) -> Result<(), String> {
         let mut seen = BTreeSet::new();
         for c in &churn.endpoints {
@@ -253,29 +227,13 @@ impl Snapshot {
 
     /// The pod changes from `self` to `other`: one walk over both sorted pod lists, copying only what differs.
     pub fn pod_changes(&self, other: &Snapshot) -> Vec<PodChange> {
-        fn key(p: &Pod) -> (&str, &str) {
-            (&p.namespace, &p.name)
+        fn keyed(pods: &[Pod]) -> impl Iterator<Item = ((&str, &str), &Pod)> {
+            pods.iter().map(|p| ((p.namespace.as_str(), p.name.as_str()), p))
         }
-        let (mut a, mut b) = (self.pods.iter().peekable(), other.pods.iter().peekable());
-        let mut out = Vec::new();
-        loop {
-            match (a.peek(), b.peek()) {
-                (None, None) => break,
-                (Some(x), Some(y)) if key(x) == key(y) => {
-                    if x != y {
-                        out.push(PodChange { before: Some((*x).clone()), after: Some((*y).clone()) });
-                    }
-                    a.next();
-                    b.next();
-                }
-                (Some(x), y) if y.is_none_or(|y| key(x) < key(y)) => {
-                    out.push(PodChange { before: Some((*x).clone()), after: None });
-                    a.next();
-                }
-                _ => out.push(PodChange { before: None, after: b.next().cloned() }),
-            }
-        }
-        out
+        differences(keyed(&self.pods), keyed(&other.pods))
+            .into_iter()
+            .map(|(_, before, after)| PodChange { before: before.cloned(), after: after.cloned() })
+            .collect()
     }
 
     /// Applies pod changes in place, keeping the pods sorted. Refused, with the snapshot unchanged, when a change
@@ -311,6 +269,54 @@ impl Snapshot {
         }
         Ok(())
     }
+}
+
+/// The entries that differ between two sequences sorted by key, as `(key, before, after)`: one walk over both.
+fn differences<'a, K: Ord, V: PartialEq + 'a>(
+    a: impl IntoIterator<Item = (K, &'a V)>,
+    b: impl IntoIterator<Item = (K, &'a V)>,
+) -> Vec<(K, Option<&'a V>, Option<&'a V>)> {
+    let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
+    let mut out = Vec::new();
+    loop {
+        let take_a = match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some((ka, x)), Some((kb, y))) if ka == kb => {
+                let (x, y) = (*x, *y);
+                let (k, _) = a.next().expect("peeked");
+                b.next();
+                if x != y {
+                    out.push((k, Some(x), Some(y)));
+                }
+                continue;
+            }
+            (Some((ka, _)), kb) => kb.is_none_or(|(kb, _)| ka < kb),
+            (None, Some(_)) => false,
+        };
+        if take_a {
+            let (k, x) = a.next().expect("peeked");
+            out.push((k, Some(x), None));
+        } else {
+            let (k, y) = b.next().expect("peeked");
+            out.push((k, None, Some(y)));
+        }
+    }
+    out
+}
+
+/// The changes between two runs of Services' endpoints, each sorted by Service (a snapshot's map, or a part of it).
+pub fn endpoint_changes_between<'a>(
+    before: impl IntoIterator<Item = (&'a Key, &'a Vec<Endpoint>)>,
+    after: impl IntoIterator<Item = (&'a Key, &'a Vec<Endpoint>)>,
+) -> Vec<EndpointsChange> {
+    differences(before, after)
+        .into_iter()
+        .map(|(service, before, after)| EndpointsChange {
+            service: service.clone(),
+            before: before.cloned(),
+            after: after.cloned(),
+        })
+        .collect()
 }
 
 /// The reason code of an object defined twice.
