@@ -235,6 +235,11 @@ impl As3Backend {
             }
             None => {}
         }
+        self.declare(tenant, doc)
+    }
+
+    /// POSTs the tenant whole, after reading its lock key when a PATCH left it unknown.
+    fn declare(&mut self, tenant: &str, doc: &Value) -> Result<TenantOutcome, ClientError> {
         let (current, key) = &self.device[tenant];
         if current.is_some() && key.is_none() && self.client.is_device() {
             let state = self.read(tenant)?;
@@ -418,11 +423,11 @@ impl ces_sync::Backend for As3Backend {
         Ok(ces_sync::Applied { summary, valid_until })
     }
 
-    /// Pod churn: only the source address lists of the sets that moved are rendered again in the kept documents,
-    /// validated against their class, and each changed tenant goes through the usual `sync_tenant` (a PATCH of those
-    /// lists, one request per tenant; a tenant whose device state is not known is read first). A list that would
-    /// appear or go (a rule gaining its first source or losing its last) changes the rule's objects: that takes
-    /// `apply`.
+    /// Pod and endpoint churn: only the source address lists of the sets that moved are rendered again in the kept
+    /// documents and validated against their class; the lists of every tenant they change go in one PATCH (a tenant
+    /// whose device state is not known is read first; one that differs in more than lists is declared whole). A list
+    /// that would appear or go (a rule gaining its first source or losing its last) changes the rule's objects: that
+    /// takes `apply`.
     fn apply_pods(&mut self, model: &PolicyModel, delta: &ces_model::PodDelta) -> Result<ces_sync::Applied, String> {
         let Some(mut last) = self.last.take() else { return self.apply(model, false) };
         let mut lists: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
@@ -465,7 +470,7 @@ impl ces_sync::Backend for As3Backend {
                 continue;
             }
             // Against what the device holds, only address lists differ: their operations join the pass's one PATCH.
-            // (Otherwise, the tenant's usual sync.)
+            // (Otherwise the tenant is declared whole.)
             let doc = &last.documents[&tenant];
             match self.list_ops(&tenant, doc, false) {
                 Ok(Some(ops)) if ops.is_empty() => outcomes.push(format!("{tenant}: unchanged (pod churn)")),
@@ -473,7 +478,7 @@ impl ces_sync::Backend for As3Backend {
                     outcomes.push(format!("{tenant}: patched {} address list(s) (pod churn)", ops.len()));
                     patches.push((tenant.clone(), ops));
                 }
-                Ok(None) => match self.sync_tenant(&tenant, doc, false) {
+                Ok(None) => match self.declare(&tenant, doc) {
                     Ok(outcome) => outcomes.push(format!("{tenant}: {outcome:?} (pod churn)")),
                     Err(e) => return Err(format!("tenant {tenant}: {e}")),
                 },
