@@ -221,7 +221,8 @@ fn controller_endpoints(snap: &Snapshot) -> BTreeMap<Key, Vec<Endpoint>> {
 
 /// A case: pods, endpoints set before, then the churn: pod changes (a new version of a pod, possibly a new pod, or a
 /// deletion), endpoint changes, and whether the endpoints follow the pods as the endpoints controller keeps them.
-type Case = (Vec<PodSpec>, Vec<EndpointsSpec>, Vec<(PodSpec, bool)>, Vec<EndpointsSpec>, bool);
+/// The last element rotates the churn's lists, so that their order is not always the snapshot's.
+type Case = (Vec<PodSpec>, Vec<EndpointsSpec>, Vec<(PodSpec, bool)>, Vec<EndpointsSpec>, bool, usize);
 
 fn case() -> impl Strategy<Value = Case> {
     (
@@ -230,6 +231,7 @@ fn case() -> impl Strategy<Value = Case> {
         prop::collection::vec((pod_spec(), prop::bool::weighted(0.2)), 0..4),
         prop::collection::vec(endpoints_spec(), 0..3),
         prop::bool::weighted(0.5),
+        0usize..8,
     )
 }
 
@@ -272,7 +274,7 @@ fn patched_models_equal_whole_compiles_on_generated_churn() {
     };
     let mut runner = TestRunner::new(Config { cases: 2500, ..Config::default() });
     runner
-        .run(&case(), |(pods, initial, change_specs, endpoint_specs, follow)| {
+        .run(&case(), |(pods, initial, change_specs, endpoint_specs, follow, rotate)| {
             let mut before = with_pods(&base, &pods);
             if follow {
                 before.endpoints.extend(controller_endpoints(&before));
@@ -301,24 +303,31 @@ fn patched_models_equal_whole_compiles_on_generated_churn() {
             for e in &endpoint_specs {
                 set_endpoints(&mut moved, endpoints(e));
             }
-            // The churn as a source would find it, shuffled by the generator's order of changes.
-            let churn = Churn { pods: changes, endpoints: before.endpoint_changes(&moved) };
+            // The churn as a source would find it, in the generator's order of pod changes, both lists rotated.
+            let mut churn = Churn { pods: changes, endpoints: before.endpoint_changes(&moved) };
+            let (np, ne) = (churn.pods.len().max(1), churn.endpoints.len().max(1));
+            churn.pods.rotate_left(rotate % np);
+            churn.endpoints.rotate_left(rotate % ne);
             let mut after = before.clone();
             after.apply_churn(&churn).map_err(TestCaseError::fail)?;
             prop_assert_eq!(&after, &moved, "the churn moves the snapshot where it went");
-            let with_endpoints = !churn.endpoints.is_empty();
+            // Patched or declined, then the same among cases with endpoint changes, and among pods with their
+            // endpoints following.
+            let tally = |declined: usize| {
+                count(declined);
+                if !churn.endpoints.is_empty() {
+                    count(2 + declined);
+                }
+                if follow && !churn.pods.is_empty() {
+                    count(4 + declined);
+                }
+            };
             let m0 = compile(&before, &config, "kube-system");
             let m1 = compile(&after, &config, "kube-system");
             let mut m = m0.clone();
             match recompile_churn(&mut m, &after, &config, &churn) {
                 Some(delta) => {
-                    count(0);
-                    if with_endpoints {
-                        count(2);
-                    }
-                    if follow && !churn.pods.is_empty() {
-                        count(4);
-                    }
+                    tally(0);
                     prop_assert_eq!(&m, &m1, "the patched model differs from the whole compile");
                     let mut moved: Vec<&String> = m1
                         .address_sets
@@ -334,13 +343,7 @@ fn patched_models_equal_whole_compiles_on_generated_churn() {
                     prop_assert!(pods_moved);
                 }
                 None => {
-                    count(1);
-                    if with_endpoints {
-                        count(3);
-                    }
-                    if follow && !churn.pods.is_empty() {
-                        count(5);
-                    }
+                    tally(1);
                     prop_assert_eq!(&m, &m0, "a declined patch leaves the model as it was");
                 }
             }
