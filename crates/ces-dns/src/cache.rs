@@ -10,9 +10,11 @@
 //!
 //! Memory is bounded: a name keeps at most `max_addresses_per_name` addresses and a tenant at most `max_names`
 //! names; the least recently seen go first, counted in [`Stats::evicted`]. Only names that some set's entries
-//! match are kept at all.
+//! match are kept at all. Tenants and names are interned (each string is held once, and freed with its last
+//! holder), so an address costs a few dozen bytes in each index.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 
 use ces_model::{AddressEntry, Destination};
@@ -78,6 +80,63 @@ pub struct Stats {
     pub evicted: u64,
 }
 
+/// Strings held once, by id, with the number of holders; an id is reused once its string is released.
+#[derive(Default)]
+struct Interner {
+    ids: HashMap<Box<str>, u32>,
+    strings: Vec<(Box<str>, u32)>,
+    free: Vec<u32>,
+}
+
+impl Interner {
+    fn get(&self, s: &str) -> Option<u32> {
+        self.ids.get(s).copied()
+    }
+
+    fn str(&self, id: u32) -> &str {
+        &self.strings[id as usize].0
+    }
+
+    /// The id of `s`, with one more holder.
+    fn hold(&mut self, s: &str) -> u32 {
+        if let Some(&id) = self.ids.get(s) {
+            self.strings[id as usize].1 += 1;
+            return id;
+        }
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.strings[id as usize] = (s.into(), 1);
+                id
+            }
+            None => {
+                self.strings.push((s.into(), 1));
+                (self.strings.len() - 1) as u32
+            }
+        };
+        self.ids.insert(s.into(), id);
+        id
+    }
+
+    /// One more holder of `id`.
+    fn retain(&mut self, id: u32) {
+        self.strings[id as usize].1 += 1;
+    }
+
+    fn release(&mut self, id: u32) {
+        let slot = &mut self.strings[id as usize];
+        slot.1 -= 1;
+        if slot.1 == 0 {
+            self.ids.remove(&slot.0);
+            slot.0 = "".into();
+            self.free.push(id);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Addr {
     until: u64,
@@ -90,24 +149,32 @@ struct NameState {
     seen: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// An element as this learner made it: its expiry and a hash of its comment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Held {
     until: u64,
-    comment: String,
+    comment: u64,
 }
+
+/// (tenant, name) ids.
+type NameKey = (u32, u32);
 
 pub struct Learner {
     limits: Limits,
     /// Whether re-adding an element updates its timeout (Linux 6.12 and later).
     readd_refreshes: bool,
     targets: Vec<Target>,
-    names: HashMap<(String, String), NameState>,
-    /// Tenant and address to the names holding it.
-    by_ip: HashMap<(String, IpAddr), BTreeSet<String>>,
+    tenants: Interner,
+    strings: Interner,
+    names: HashMap<NameKey, NameState>,
+    /// Tenant and address to the names holding it (a short list, usually of one).
+    by_ip: HashMap<(u32, IpAddr), Vec<u32>>,
+    /// Each tenant's names by when they were last seen (the key is [`NameState::seen`]): the least recently seen
+    /// first, for eviction and for sweeping expired names a few at a time.
+    lru: HashMap<u32, BTreeMap<u64, u32>>,
     /// What each kernel set holds, as far as this learner made it so.
     kernel: HashMap<String, HashMap<IpAddr, Held>>,
     seq: u64,
-    next_expiry_check: u64,
     pub stats: Stats,
 }
 
@@ -119,17 +186,25 @@ fn lifetime_ms(limits: &Limits, ttl: u32) -> u64 {
     (ttl.max(limits.min_ttl) as u64 + limits.grace as u64) * 1000
 }
 
+fn hash(s: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    s.hash(&mut h);
+    h.finish()
+}
+
 impl Learner {
     pub fn new(limits: Limits, readd_refreshes: bool) -> Learner {
         Learner {
             limits,
             readd_refreshes,
             targets: Vec::new(),
+            tenants: Interner::default(),
+            strings: Interner::default(),
             names: HashMap::new(),
             by_ip: HashMap::new(),
+            lru: HashMap::new(),
             kernel: HashMap::new(),
             seq: 0,
-            next_expiry_check: 0,
             stats: Stats::default(),
         }
     }
@@ -154,70 +229,119 @@ impl Learner {
         (self.names.len(), addrs, elements)
     }
 
+    /// Records `ip` of name `key`, seen now; returns the addresses the name dropped (expired, or beyond the limit).
+    fn record(&mut self, key: NameKey, ip: IpAddr, until: u64, now: u64) -> Vec<IpAddr> {
+        self.seq += 1;
+        let seq = self.seq;
+        if !self.names.contains_key(&key) {
+            // The state holds the tenant's and the name's strings.
+            self.tenants.retain(key.0);
+            self.strings.retain(key.1);
+        }
+        let state = self.names.entry(key).or_default();
+        let lru = self.lru.entry(key.0).or_default();
+        lru.remove(&state.seen);
+        lru.insert(seq, key.1);
+        state.seen = seq;
+        let mut gone = Vec::new();
+        state.addrs.retain(|a, x| {
+            let live = x.until > now;
+            if !live {
+                gone.push(*a);
+            }
+            live
+        });
+        let a = state.addrs.entry(ip).or_insert_with(|| {
+            self.stats.learned += 1;
+            Addr { until, seen: seq }
+        });
+        a.until = a.until.max(until);
+        a.seen = seq;
+        let holders = self.by_ip.entry((key.0, ip)).or_default();
+        if !holders.contains(&key.1) {
+            holders.push(key.1);
+        }
+        if state.addrs.len() > self.limits.max_addresses_per_name {
+            let oldest = state.addrs.iter().min_by_key(|(_, a)| a.seen).map(|(ip, _)| *ip).expect("not empty");
+            state.addrs.remove(&oldest);
+            self.stats.evicted += 1;
+            gone.push(oldest);
+        }
+        // (An address that had expired and is answered again is held again: it stays in the index.)
+        for a in gone.iter().filter(|a| **a != ip) {
+            self.unindex(key, *a);
+        }
+        gone
+    }
+
+    /// Removes `ip` of name `key` from the address index.
+    fn unindex(&mut self, key: NameKey, ip: IpAddr) {
+        if let Some(holders) = self.by_ip.get_mut(&(key.0, ip)) {
+            holders.retain(|n| *n != key.1);
+            if holders.is_empty() {
+                self.by_ip.remove(&(key.0, ip));
+            }
+        }
+    }
+
+    /// Removes name `key` whole; returns its addresses.
+    fn forget(&mut self, key: NameKey) -> Vec<IpAddr> {
+        let Some(state) = self.names.remove(&key) else { return Vec::new() };
+        if let Some(l) = self.lru.get_mut(&key.0) {
+            l.remove(&state.seen);
+        }
+        let ips: Vec<IpAddr> = state.addrs.into_keys().collect();
+        for ip in &ips {
+            self.unindex(key, *ip);
+        }
+        self.tenants.release(key.0);
+        self.strings.release(key.1);
+        ips
+    }
+
     /// What `tenant`'s client was told: the kernel changes that make the addresses usable.
     pub fn observe(&mut self, tenant: &str, learned: &[Learned], now: u64) -> Vec<Op> {
-        self.expire(now, false);
-        let mut touched: BTreeSet<(String, IpAddr)> = BTreeSet::new();
-        let mut gone: Vec<(String, IpAddr)> = Vec::new();
+        let mut touched: BTreeSet<IpAddr> = BTreeSet::new();
+        // Held for the length of this call, so that the ids stay valid while names come and go.
+        let t = self.tenants.hold(tenant);
         for l in learned {
-            if !self.targets.iter().any(|t| t.tenant == tenant && t.wants(&l.name, l.ip)) {
+            if !self.targets.iter().any(|x| x.tenant == tenant && x.wants(&l.name, l.ip)) {
                 continue;
             }
-            self.seq += 1;
+            let n = self.strings.hold(&l.name);
             let until = now + lifetime_ms(&self.limits, l.ttl);
-            let key = (tenant.to_string(), l.name.clone());
-            let state = self.names.entry(key).or_default();
-            state.seen = self.seq;
-            let a = state.addrs.entry(l.ip).or_insert_with(|| {
-                self.stats.learned += 1;
-                Addr { until, seen: self.seq }
-            });
-            a.until = a.until.max(until);
-            a.seen = self.seq;
-            self.by_ip.entry((tenant.to_string(), l.ip)).or_default().insert(l.name.clone());
-            if state.addrs.len() > self.limits.max_addresses_per_name {
-                let oldest = state.addrs.iter().min_by_key(|(_, a)| a.seen).map(|(ip, _)| *ip).expect("not empty");
-                state.addrs.remove(&oldest);
-                self.stats.evicted += 1;
-                gone.push((l.name.clone(), oldest));
-            }
-            touched.insert((l.name.clone(), l.ip));
+            touched.extend(self.record((t, n), l.ip, until, now));
+            self.strings.release(n);
+            touched.insert(l.ip);
         }
-        // Names beyond the tenant's limit: the least recently seen go, with every address.
-        let count = self.names.keys().filter(|(t, _)| t == tenant).count();
-        if count > self.limits.max_names {
-            let mut by_age: Vec<(u64, String)> =
-                self.names.iter().filter(|((t, _), _)| t == tenant).map(|((_, n), s)| (s.seen, n.clone())).collect();
-            by_age.sort();
-            for (_, name) in by_age.into_iter().take(count - self.limits.max_names) {
-                let state = self.names.remove(&(tenant.to_string(), name.clone())).expect("listed");
-                self.stats.evicted += state.addrs.len() as u64;
-                gone.extend(state.addrs.into_keys().map(|ip| (name.clone(), ip)));
+        // Names beyond the tenant's limit go, least recently seen first, with every address; and a few of the least
+        // recently seen names whose addresses have all expired are swept (so memory follows what is live without a
+        // scan of everything).
+        let mut swept = 0;
+        while let Some((_, &n)) = self.lru.get(&t).and_then(|l| l.first_key_value()) {
+            let over = self.lru[&t].len() > self.limits.max_names;
+            let expired = self.names.get(&(t, n)).is_none_or(|s| s.addrs.values().all(|a| a.until <= now));
+            let sweep = expired && swept < 8;
+            if !over && !sweep {
+                break;
             }
-        }
-        for (name, ip) in &gone {
-            let key = (tenant.to_string(), *ip);
-            if let Some(names) = self.by_ip.get_mut(&key) {
-                let still =
-                    self.names.get(&(tenant.to_string(), name.clone())).is_some_and(|s| s.addrs.contains_key(ip));
-                if !still {
-                    names.remove(name);
-                }
-                if names.is_empty() {
-                    self.by_ip.remove(&key);
-                }
+            swept += usize::from(expired);
+            let ips = self.forget((t, n));
+            if !expired {
+                self.stats.evicted += ips.len() as u64;
             }
+            touched.extend(ips);
         }
-        let ips: BTreeSet<IpAddr> = touched.iter().chain(&gone).map(|(_, ip)| *ip).collect();
         let mut ops = Vec::new();
         for i in 0..self.targets.len() {
             if self.targets[i].tenant != tenant {
                 continue;
             }
-            for ip in &ips {
+            for ip in &touched {
                 ops.extend(self.reconcile(i, *ip, now));
             }
         }
+        self.tenants.release(t);
         ops
     }
 
@@ -226,14 +350,15 @@ impl Learner {
         let t = &self.targets[i];
         let mut until = 0u64;
         let mut names: Vec<&str> = Vec::new();
-        if let Some(holders) = self.by_ip.get(&(t.tenant.clone(), ip)) {
-            for name in holders {
+        if let Some(tid) = self.tenants.get(&t.tenant)
+            && let Some(holders) = self.by_ip.get(&(tid, ip))
+        {
+            for &n in holders {
+                let name = self.strings.str(n);
                 if !t.wants(name, ip) {
                     continue;
                 }
-                let Some(a) = self.names.get(&(t.tenant.clone(), name.clone())).and_then(|s| s.addrs.get(&ip)) else {
-                    continue;
-                };
+                let Some(a) = self.names.get(&(tid, n)).and_then(|s| s.addrs.get(&ip)) else { continue };
                 if a.until > now {
                     until = until.max(a.until);
                     names.push(name);
@@ -243,7 +368,8 @@ impl Learner {
         let set = t.set.clone();
         let comment = comment(&t.tenant, &names);
         let held = self.kernel.entry(set.clone()).or_default();
-        let current = held.get(&ip).filter(|h| h.until > now).cloned();
+        let current = held.get(&ip).filter(|h| h.until > now).copied();
+        let c = hash(&comment);
         match (until > now, current) {
             (false, None) => {
                 held.remove(&ip);
@@ -254,42 +380,44 @@ impl Learner {
                 Some(Op::Delete { set, ip })
             }
             (true, None) => {
-                held.insert(ip, Held { until, comment: comment.clone() });
+                held.insert(ip, Held { until, comment: c });
                 Some(Op::Put { set, ip, timeout_ms: until - now, comment, replace: false })
             }
             (true, Some(h)) => {
                 // Within a second is the same expiry: no kernel write per answer for a name asked every second.
-                if h.comment == comment && until.abs_diff(h.until) < 1000 {
+                if h.comment == c && until.abs_diff(h.until) < 1000 {
                     return None;
                 }
                 // A delete must find the element, or the whole batch fails: only when it surely still lives.
-                let replace = (!self.readd_refreshes || h.comment != comment) && h.until > now + 2000;
-                held.insert(ip, Held { until, comment: comment.clone() });
+                let replace = (!self.readd_refreshes || h.comment != c) && h.until > now + 2000;
+                held.insert(ip, Held { until, comment: c });
                 Some(Op::Put { set, ip, timeout_ms: until - now, comment, replace })
             }
         }
     }
 
-    /// Forgets what has expired (the kernel drops the elements itself). Runs at most once a second unless forced.
-    fn expire(&mut self, now: u64, force: bool) {
-        if !force && now < self.next_expiry_check {
-            return;
-        }
-        self.next_expiry_check = now + 1000;
-        let by_ip = &mut self.by_ip;
-        self.names.retain(|(tenant, name), s| {
-            s.addrs.retain(|ip, a| {
+    /// Forgets everything that has expired (the kernel drops the elements itself): a scan of every name, done when
+    /// the policy changes; answers sweep a few names at a time.
+    fn expire(&mut self, now: u64) {
+        let keys: Vec<NameKey> = self.names.keys().copied().collect();
+        for key in keys {
+            let state = self.names.get_mut(&key).expect("listed");
+            let mut gone = Vec::new();
+            state.addrs.retain(|ip, a| {
                 let live = a.until > now;
-                if !live && let Some(names) = by_ip.get_mut(&(tenant.clone(), *ip)) {
-                    names.remove(name);
-                    if names.is_empty() {
-                        by_ip.remove(&(tenant.clone(), *ip));
-                    }
+                if !live {
+                    gone.push(*ip);
                 }
                 live
             });
-            !s.addrs.is_empty()
-        });
+            let empty = state.addrs.is_empty();
+            for ip in gone {
+                self.unindex(key, ip);
+            }
+            if empty {
+                self.forget(key);
+            }
+        }
         for held in self.kernel.values_mut() {
             held.retain(|_, h| h.until > now);
         }
@@ -298,38 +426,31 @@ impl Learner {
     /// The policy changed: these are the sets now. Keeps what was learned for names some set still matches, fills
     /// new sets from it, and empties what no longer belongs.
     pub fn retarget(&mut self, targets: Vec<Target>, now: u64) -> Vec<Op> {
-        self.expire(now, true);
+        self.expire(now);
         let wanted: BTreeSet<&str> = targets.iter().map(|t| t.set.as_str()).collect();
         self.kernel.retain(|set, _| wanted.contains(set.as_str()));
         self.targets = targets;
         // Names no set of their tenant matches any more are forgotten.
-        let targets = &self.targets;
-        let mut dropped: Vec<(String, String, Vec<IpAddr>)> = Vec::new();
-        self.names.retain(|(tenant, name), s| {
-            let keep = s.addrs.keys().any(|ip| targets.iter().any(|t| &t.tenant == tenant && t.wants(name, *ip)));
-            if !keep {
-                dropped.push((tenant.clone(), name.clone(), s.addrs.keys().copied().collect()));
-            }
-            keep
-        });
-        for (tenant, name, ips) in dropped {
-            for ip in ips {
-                if let Some(names) = self.by_ip.get_mut(&(tenant.clone(), ip)) {
-                    names.remove(&name);
-                    if names.is_empty() {
-                        self.by_ip.remove(&(tenant.clone(), ip));
-                    }
-                }
-            }
+        let unwanted: Vec<NameKey> = self
+            .names
+            .iter()
+            .filter(|((t, n), s)| {
+                let (tenant, name) = (self.tenants.str(*t), self.strings.str(*n));
+                !s.addrs.keys().any(|ip| self.targets.iter().any(|x| x.tenant == tenant && x.wants(name, *ip)))
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in unwanted {
+            self.forget(key);
         }
         let mut ops = Vec::new();
         for i in 0..self.targets.len() {
             let t = &self.targets[i];
             let mut ips: BTreeSet<IpAddr> =
                 self.kernel.get(&t.set).map(|h| h.keys().copied().collect()).unwrap_or_default();
-            ips.extend(
-                self.by_ip.keys().filter(|(tenant, ip)| tenant == &t.tenant && ip.is_ipv6() == t.v6).map(|(_, ip)| *ip),
-            );
+            if let Some(tid) = self.tenants.get(&t.tenant) {
+                ips.extend(self.by_ip.keys().filter(|(x, ip)| *x == tid && ip.is_ipv6() == t.v6).map(|(_, ip)| *ip));
+            }
             for ip in ips {
                 ops.extend(self.reconcile(i, ip, now));
             }
@@ -344,20 +465,72 @@ impl Learner {
             let mut words = text.split(' ');
             let Some(tenant) = words.next().filter(|t| !t.is_empty()) else { continue };
             let until = now + left;
+            let t = self.tenants.hold(tenant);
             let mut any = false;
             for name in words.filter(|w| !w.is_empty()) {
                 any = true;
-                self.seq += 1;
-                let state = self.names.entry((tenant.to_string(), name.to_string())).or_default();
-                state.seen = self.seq;
-                let a = state.addrs.entry(*ip).or_insert(Addr { until, seen: self.seq });
-                a.until = a.until.max(until);
-                self.by_ip.entry((tenant.to_string(), *ip)).or_default().insert(name.to_string());
+                let n = self.strings.hold(name);
+                self.record((t, n), *ip, until, now);
+                self.strings.release(n);
             }
+            self.tenants.release(t);
             if any {
-                self.kernel.entry(set.to_string()).or_default().insert(*ip, Held { until, comment: text.clone() });
+                self.kernel.entry(set.to_string()).or_default().insert(*ip, Held { until, comment: hash(text) });
             }
         }
+    }
+
+    /// Checks the learner's indexes against each other (for tests): every name is in its tenant's recency index
+    /// under the time it was last seen, every address index entry names a name that holds the address, and every
+    /// interned string is held by as many names as say so.
+    pub fn check(&self) -> Result<(), String> {
+        let indexed: usize = self.lru.values().map(|l| l.len()).sum();
+        if indexed != self.names.len() {
+            return Err(format!("{indexed} names indexed by recency, {} held", self.names.len()));
+        }
+        let mut holds: HashMap<u32, u32> = HashMap::new();
+        let mut tenant_holds: HashMap<u32, u32> = HashMap::new();
+        for (&(t, n), s) in &self.names {
+            *holds.entry(n).or_default() += 1;
+            *tenant_holds.entry(t).or_default() += 1;
+            let (tenant, name) = (self.tenants.str(t), self.strings.str(n));
+            if self.lru.get(&t).and_then(|l| l.get(&s.seen)) != Some(&n) {
+                return Err(format!("{tenant} {name} is not indexed under its last sighting"));
+            }
+            if self.lru[&t].len() > self.limits.max_names {
+                return Err(format!("{tenant} holds more than {} names", self.limits.max_names));
+            }
+            for ip in s.addrs.keys() {
+                if !self.by_ip.get(&(t, *ip)).is_some_and(|h| h.contains(&n)) {
+                    return Err(format!("{tenant} {name} {ip} is missing from the address index"));
+                }
+            }
+        }
+        for (&(t, ip), holders) in &self.by_ip {
+            for n in holders {
+                if !self.names.get(&(t, *n)).is_some_and(|s| s.addrs.contains_key(&ip)) {
+                    return Err(format!("the address index says {} {n} holds {ip}; it does not", self.tenants.str(t)));
+                }
+            }
+        }
+        for (t, count) in &tenant_holds {
+            if self.tenants.strings[*t as usize].1 != *count {
+                return Err(format!("tenant {} is held {count} times, counted otherwise", self.tenants.str(*t)));
+            }
+        }
+        if holds.len() != self.strings.len() || tenant_holds.len() != self.tenants.len() {
+            return Err(format!("{} names interned, {} held", self.strings.len(), holds.len()));
+        }
+        for (n, count) in holds {
+            if self.strings.strings[n as usize].1 != count {
+                return Err(format!(
+                    "{} is held {count} times, counted {}",
+                    self.strings.str(n),
+                    self.strings.strings[n as usize].1
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Every name and address held, with its expiry: `(tenant, name, address, until)`, sorted.
@@ -365,8 +538,10 @@ impl Learner {
         let mut out: Vec<_> = self
             .names
             .iter()
-            .flat_map(|((t, n), s)| {
-                s.addrs.iter().filter(|(_, a)| a.until > now).map(move |(ip, a)| (t.clone(), n.clone(), *ip, a.until))
+            .flat_map(|(&(t, n), s)| {
+                s.addrs.iter().filter(|(_, a)| a.until > now).map(move |(ip, a)| {
+                    (self.tenants.str(t).to_string(), self.strings.str(n).to_string(), *ip, a.until)
+                })
             })
             .collect();
         out.sort();
@@ -471,6 +646,16 @@ mod tests {
     }
 
     #[test]
+    fn an_address_answered_again_after_it_expired_is_put_back() {
+        let mut lr = Learner::new(Limits { grace: 1, ..Limits::default() }, true);
+        lr.retarget(vec![target("s", "T", false, &["a.example"])], 0);
+        assert_eq!(puts(&lr.observe("T", &[l("a.example", "192.0.2.1", 1)], 0)).len(), 1);
+        let again = lr.observe("T", &[l("a.example", "192.0.2.1", 1)], 5000);
+        assert_eq!(puts(&again), [("s".into(), "192.0.2.1".into(), 2000)], "the kernel dropped it: add it again");
+        lr.check().unwrap();
+    }
+
+    #[test]
     fn limits_evict_the_least_recently_seen() {
         let mut lr = Learner::new(Limits { max_addresses_per_name: 2, max_names: 2, ..Limits::default() }, true);
         lr.retarget(vec![target("s", "T", false, &["*.example"])], 0);
@@ -486,6 +671,28 @@ mod tests {
             .collect();
         assert_eq!(deleted, ["192.0.2.2", "192.0.2.3"], "a.example, seen least recently, goes whole");
         assert_eq!(lr.entries(30).len(), 2);
+    }
+
+    #[test]
+    fn many_names_keep_the_newest_within_the_limit_and_expired_ones_are_swept() {
+        let mut lr = Learner::new(Limits { max_names: 1000, grace: 0, ..Limits::default() }, true);
+        lr.retarget(vec![target("s", "T", false, &["*.example"])], 0);
+        for i in 0..50_000u32 {
+            let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i).to_string();
+            lr.observe("T", &[l(&format!("n{i}.example"), &ip, 100)], i as u64);
+        }
+        lr.check().unwrap();
+        let held = lr.entries(50_000);
+        assert_eq!(held.len(), 1000);
+        assert!(held.iter().all(|(_, n, _, _)| n[1..n.len() - 8].parse::<u32>().unwrap() >= 49_000), "the newest stay");
+        assert_eq!(lr.stats.evicted, 49_000);
+        // Long after they expired, a few answers sweep the expired names a few at a time, evicting nothing.
+        for i in 0..200u32 {
+            lr.observe("T", &[l(&format!("late{i}.example"), "192.0.2.1", 100)], 10_000_000 + i as u64);
+        }
+        lr.check().unwrap();
+        assert_eq!(lr.stats.evicted, 49_000, "expired names are swept, not evicted");
+        assert_eq!(lr.sizes().0, 200, "only the late names are left");
     }
 
     #[test]

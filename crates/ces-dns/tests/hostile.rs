@@ -173,6 +173,7 @@ proptest! {
         }
         let (names, _, _) = lr.sizes();
         prop_assert!(names <= 8, "at most 4 names per tenant: {}", names);
+        lr.check().map_err(TestCaseError::fail)?;
     }
 
     #[test]
