@@ -848,6 +848,18 @@ fn settings(config: &CesConfig) -> Settings {
                 log_rate: g.log_rate.unwrap_or(d.log_rate),
                 log_default: g.log_default.unwrap_or(d.log_default),
                 uplinks: g.uplinks.clone(),
+                dns: {
+                    let c = g.dns.clone().unwrap_or_default();
+                    let d = d.dns;
+                    ces_model::DnsSettings {
+                        min_ttl: c.min_ttl.unwrap_or(d.min_ttl),
+                        grace: c.grace.unwrap_or(d.grace),
+                        max_addresses_per_name: c.max_addresses_per_name.unwrap_or(d.max_addresses_per_name),
+                        max_names: c.max_names.unwrap_or(d.max_names),
+                        queue: c.queue.unwrap_or(d.queue),
+                        pass_when_agent_down: c.when_agent_down.unwrap_or_default() == ces_config::WhenAgentDown::Pass,
+                    }
+                },
             }
         },
     }

@@ -69,6 +69,41 @@ pub struct GatewayConfig {
     /// Interfaces where traffic leaves the gateway towards its destinations: bandwidth limits are shaped there.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub uplinks: Vec<String>,
+    /// How the gateway learns host names' addresses from the DNS answers that cross it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<GatewayDns>,
+}
+
+/// `gateway.dns`: host names on the gateway (docs/nft.md, "Host names").
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayDns {
+    /// TTLs below this count as this many seconds. Default 0.
+    #[serde(default, rename = "minTTL", skip_serializing_if = "Option::is_none")]
+    pub min_ttl: Option<u32>,
+    /// Seconds a learned address lives past its TTL. Default 60.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace: Option<u32>,
+    /// Addresses kept per name and tenant; the least recently seen go. Default 256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_addresses_per_name: Option<u32>,
+    /// Names kept per tenant; the least recently seen go. Default 10000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_names: Option<u32>,
+    /// The NFQUEUE number DNS answers are held in. Default 53.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<u16>,
+    /// What DNS answers do while no agent holds the queue: `pass` (unheld, the default) or `drop`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when_agent_down: Option<WhenAgentDown>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WhenAgentDown {
+    #[default]
+    Pass,
+    Drop,
 }
 
 /// `tenant[].gateway`: how the gateway recognises this tenant's traffic.
@@ -443,6 +478,20 @@ impl CesConfig {
                     "logPool.healthMonitor".into(),
                     "is required when loggingEnabled is true (a monitor such as `tcp`)".into(),
                 );
+            }
+        }
+        if let Some(dns) = self.gateway.as_ref().and_then(|g| g.dns.as_ref()) {
+            if dns.max_addresses_per_name == Some(0) {
+                p("gateway.dns.maxAddressesPerName".into(), "must be at least 1".into());
+            }
+            if dns.max_names == Some(0) {
+                p("gateway.dns.maxNames".into(), "must be at least 1".into());
+            }
+            // A year: beyond it, a lifetime is a mistake (and kernel timeouts are bounded).
+            for (key, v) in [("minTTL", dns.min_ttl), ("grace", dns.grace)] {
+                if v.is_some_and(|v| v > 31_536_000) {
+                    p(format!("gateway.dns.{key}"), "must be at most 31536000 seconds (a year)".into());
+                }
             }
         }
         if self.gateway.as_ref().and_then(|g| g.log_rate) == Some(0) {

@@ -93,11 +93,51 @@ pub struct GatewaySettings {
     /// Where traffic leaves towards its destinations: bandwidth limits are shaped there.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub uplinks: Vec<String>,
+    /// How host names' addresses are learned from DNS answers.
+    pub dns: DnsSettings,
 }
 
 impl Default for GatewaySettings {
     fn default() -> Self {
-        GatewaySettings { table: "ces".into(), log_group: 100, log_rate: 100, log_default: false, uplinks: Vec::new() }
+        GatewaySettings {
+            table: "ces".into(),
+            log_group: 100,
+            log_rate: 100,
+            log_default: false,
+            uplinks: Vec::new(),
+            dns: DnsSettings::default(),
+        }
+    }
+}
+
+/// The gateway's DNS learning (`gateway.dns` in ces-conf.yaml; docs/nft.md, "Host names").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsSettings {
+    /// TTLs below this count as this many seconds.
+    #[serde(rename = "minTTL")]
+    pub min_ttl: u32,
+    /// Seconds a learned address lives past its TTL.
+    pub grace: u32,
+    pub max_addresses_per_name: u32,
+    /// Names kept per tenant.
+    pub max_names: u32,
+    /// The NFQUEUE number answers are held in.
+    pub queue: u16,
+    /// Whether answers pass (unheld) while no agent holds the queue; else they are dropped.
+    pub pass_when_agent_down: bool,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        DnsSettings {
+            min_ttl: 0,
+            grace: 60,
+            max_addresses_per_name: 256,
+            max_names: 10_000,
+            queue: 53,
+            pass_when_agent_down: true,
+        }
     }
 }
 
