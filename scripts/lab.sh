@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job on the embedded example, for real: installs what the lab needs (nftables, iproute2, iputils-ping from
-# Debian) if it is missing, then runs `ces lab --example`: the example's policy on a real nftables gateway in network
-# namespaces, real packets from every pod, each real outcome next to simulate's prediction. Needs root (Linux).
+# The main job on the embedded example, for real: installs what the lab needs (nftables, iproute2, iputils-ping,
+# iptables, dnsmasq from Debian) if it is missing, then runs `ces lab --example`: the example's policy on a real
+# nftables gateway in network namespaces, a real DNS server for the example's host names, real packets from every pod,
+# each real outcome next to simulate's prediction. Needs root (Linux).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then
@@ -9,13 +10,8 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "  (without root: cargo run -p ces -- simulate --example --from payments/checkout-0 --to api.stripe.com:443/tcp)" >&2
   exit 1
 fi
-need=()
-command -v nft >/dev/null 2>&1 || need+=(nftables)
-command -v ip >/dev/null 2>&1 || need+=(iproute2)
-command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
-if [ ${#need[@]} -gt 0 ]; then
-  echo "scripts/lab.sh: installing ${need[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+# shellcheck source=scripts/deps.sh
+. scripts/deps.sh
+# iptables: kernels without nft's `queue` statement hold DNS answers through iptables-nft's NFQUEUE target.
+need nft:nftables ip:iproute2 ping:iputils-ping iptables-nft:iptables dnsmasq:dnsmasq-base
 exec cargo run -q -p ces -- lab --example "$@"

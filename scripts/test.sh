@@ -1,22 +1,17 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh Debian machine: installs what the tests need (the nftables gateway's tests send
-# real packets through network namespaces: nftables, iproute2, iputils-ping), then runs every test.
+# real packets through network namespaces: nftables, iproute2, iputils-ping; host names need a real DNS server,
+# dnsmasq, and on kernels without nft's `queue`, iptables), then runs every test.
 # Needs root, as the network-namespace tests do; without it, it stops and says so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-need=()
-command -v nft >/dev/null 2>&1 || need+=(nftables)
-command -v ip >/dev/null 2>&1 || need+=(iproute2)
-command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
 if [ "$(id -u)" -ne 0 ]; then
   echo "scripts/test.sh: the gateway tests build network namespaces and load nftables rules: run as root" >&2
   exit 1
 fi
-if [ ${#need[@]} -gt 0 ]; then
-  echo "scripts/test.sh: installing ${need[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+# shellcheck source=scripts/deps.sh
+. scripts/deps.sh
+need nft:nftables ip:iproute2 ping:iputils-ping iptables-nft:iptables dnsmasq:dnsmasq-base
 # The official AS3 schema files (F5's, not part of this repository) validate every declaration the tests produce.
 if [ -z "${CES_AS3_SCHEMA_DIR:-}" ]; then
   for d in "$PWD/../shared/as3-schema" /work/shared/as3-schema; do

@@ -67,7 +67,7 @@ pub struct Side {
     pub addresses: Vec<IpAddr>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct LabSpec {
     /// Namespace name prefix; keep it short and unique per run (namespaces are global on the host).
     pub prefix: String,
@@ -78,6 +78,8 @@ pub struct LabSpec {
     pub udp_ports: Vec<u16>,
     /// TCP ports whose servers read everything sent to them (for throughput).
     pub sink_ports: Vec<u16>,
+    /// Server addresses whose port 53 (TCP and UDP) is left to a DNS server ([`Lab::start_dns`]).
+    pub dns: Vec<IpAddr>,
 }
 
 pub struct Lab {
@@ -87,6 +89,22 @@ pub struct Lab {
     pub clients: Vec<String>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    /// DNS servers running in the server namespace, stopped with the lab.
+    dns_servers: Vec<std::process::Child>,
+    dns_dirs: Vec<std::path::PathBuf>,
+}
+
+/// A DNS zone for [`Lab::start_dns`]: what a real DNS server (dnsmasq) in the server namespace answers.
+#[derive(Clone, Debug, Default)]
+pub struct Zone {
+    /// Addresses it listens on (each must be one of the lab's server addresses).
+    pub listen: Vec<IpAddr>,
+    /// Names and their addresses (A and AAAA records).
+    pub records: Vec<(String, IpAddr)>,
+    /// Aliases: `(alias, target)` CNAME records.
+    pub cnames: Vec<(String, String)>,
+    /// The TTL of every answer, in seconds.
+    pub ttl: u32,
 }
 
 /// Runs a command; an error names it and carries its stderr.
@@ -148,6 +166,8 @@ impl Lab {
             spec: spec.clone(),
             stop: Arc::new(AtomicBool::new(false)),
             threads: Vec::new(),
+            dns_servers: Vec::new(),
+            dns_dirs: Vec::new(),
         };
         lab.setup()?;
         Ok(lab)
@@ -159,6 +179,11 @@ impl Lab {
             let _ = run(&["ip", "netns", "del", ns]);
             run(&["ip", "netns", "add", ns])?;
             run_in(ns, &["ip", "link", "set", "lo", "up"])?;
+            // No duplicate address detection: a fresh link-local address would hold the first IPv6 packets back
+            // for a second or more (the interfaces are created below, and take the namespace's defaults).
+            for k in ["net.ipv6.conf.all.accept_dad", "net.ipv6.conf.default.accept_dad"] {
+                run_in(ns, &["sysctl", "-qw", &format!("{k}=0")])?;
+            }
         }
         for (k, v) in [
             ("net.ipv4.ip_forward", "1"),
@@ -277,8 +302,16 @@ impl Lab {
     }
 
     fn start_servers(&mut self) -> Result<(), String> {
-        // TCP that accepts and closes.
+        // TCP that accepts and closes; port 53 of the DNS servers' addresses is theirs.
         for port in self.spec.tcp_ports.clone() {
+            if port == 53 && !self.spec.dns.is_empty() {
+                let addrs: Vec<IpAddr> =
+                    self.spec.servers.iter().filter(|a| !self.spec.dns.contains(a)).copied().collect();
+                for addr in addrs {
+                    self.serve(move || tcp_listener_at(addr, port), |s| drop(s.accept()))?;
+                }
+                continue;
+            }
             self.serve(move || tcp_listener(port), |s| drop(s.accept()))?;
         }
         // TCP that reads everything (throughput).
@@ -301,7 +334,9 @@ impl Lab {
         // UDP echo: one socket per address and port, so that a reply leaves from the address the probe was sent to
         // (a connected client socket ignores datagrams from any other).
         for port in self.spec.udp_ports.clone() {
-            for addr in self.spec.servers.clone() {
+            let addrs: Vec<IpAddr> =
+                self.spec.servers.iter().filter(|a| port != 53 || !self.spec.dns.contains(a)).copied().collect();
+            for addr in addrs {
                 self.serve(
                     move || udp_server(addr, port),
                     |s| {
@@ -363,6 +398,16 @@ fn tcp_listener(port: u16) -> Result<Socket, String> {
     Ok(s)
 }
 
+fn tcp_listener_at(addr: IpAddr, port: u16) -> Result<Socket, String> {
+    let domain = if v6(&addr) { Domain::IPV6 } else { Domain::IPV4 };
+    let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP)).map_err(|e| e.to_string())?;
+    s.set_reuse_address(true).map_err(|e| e.to_string())?;
+    s.bind(&SockAddr::from(SocketAddr::new(addr, port))).map_err(|e| format!("tcp {addr}:{port}: {e}"))?;
+    s.listen(4096).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_millis(50))).map_err(|e| e.to_string())?;
+    Ok(s)
+}
+
 fn udp_server(addr: IpAddr, port: u16) -> Result<Socket, String> {
     let domain = if v6(&addr) { Domain::IPV6 } else { Domain::IPV4 };
     let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP)).map_err(|e| e.to_string())?;
@@ -397,7 +442,10 @@ fn probe_socket(source: IpAddr, dst: IpAddr, proto: Proto, port: u16, timeout: D
         _ => {
             s.connect(&to).map_err(|e| e.to_string())?;
             s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-            s.send(b"ces-probe").map_err(|e| e.to_string())?;
+            // To port 53 a DNS query, which a DNS server answers (and the lab's echo servers echo).
+            let payload =
+                if port == 53 { query(0xce5, "probe.ces-lab", ces_dns::wire::TYPE_A) } else { b"ces-probe".to_vec() };
+            s.send(&payload).map_err(|e| e.to_string())?;
             let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 64];
             match s.recv(&mut buf) {
                 Ok(_) => Ok(Outcome::Accept),
@@ -467,8 +515,172 @@ impl Lab {
     }
 }
 
+impl Lab {
+    /// Starts a real DNS server (dnsmasq, authoritative for the zone's names, no recursion, no other data) in the
+    /// server namespace, answering on the zone's addresses. Fails loudly when dnsmasq is missing.
+    pub fn start_dns(&mut self, zone: &Zone) -> Result<(), String> {
+        let dir = std::env::temp_dir().join(format!("ces-lab-dns-{}-{}", self.spec.prefix, self.dns_servers.len()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mut conf = String::from("no-resolv\nno-hosts\nbind-interfaces\nno-negcache\nlog-facility=-\n");
+        conf += &format!("local-ttl={}\nport=53\npid-file={}\n", zone.ttl, dir.join("pid").display());
+        for a in &zone.listen {
+            conf += &format!("listen-address={a}\n");
+        }
+        // Authoritative for every name's parent domain: a name it does not know is NXDOMAIN, never forwarded.
+        let mut domains: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        for n in zone.records.iter().map(|(n, _)| n).chain(zone.cnames.iter().flat_map(|(a, t)| [a, t])) {
+            domains.insert(n.split_once('.').map_or(n.clone(), |(_, d)| d.to_string()));
+        }
+        for d in &domains {
+            conf += &format!("local=/{d}/\n");
+        }
+        // Many records per name go through a hosts file (one host-record line per address would do too).
+        let mut hosts = String::new();
+        for (name, ip) in &zone.records {
+            hosts += &format!("{ip} {name}\n");
+        }
+        std::fs::write(dir.join("hosts"), hosts).map_err(|e| e.to_string())?;
+        conf += &format!("addn-hosts={}\n", dir.join("hosts").display());
+        for (alias, target) in &zone.cnames {
+            conf += &format!("cname={alias},{target}\n");
+        }
+        std::fs::write(dir.join("dnsmasq.conf"), conf).map_err(|e| e.to_string())?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.server, "dnsmasq", "--keep-in-foreground"])
+            .arg(format!("--conf-file={}", dir.join("dnsmasq.conf").display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start dnsmasq: {e}"))?;
+        self.dns_servers.push(child);
+        self.dns_dirs.push(dir);
+        // Ready when it answers a name it knows, from inside the server namespace.
+        let probe = zone.records.first().map(|(n, ip)| (n.clone(), *ip));
+        let server = zone.listen.first().copied().ok_or("a zone listens on at least one address")?;
+        let ns = self.server.clone();
+        for _ in 0..100 {
+            if let Some(child) = self.dns_servers.last_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    use std::io::Read as _;
+                    let _ = e.read_to_string(&mut err);
+                }
+                return Err(format!(
+                    "dnsmasq exited ({status}) (is it installed? Debian: apt-get install dnsmasq-base): {}",
+                    err.trim()
+                ));
+            }
+            let Some((name, ip)) = probe.clone() else { return Ok(()) };
+            let qtype = if ip.is_ipv6() { ces_dns::wire::TYPE_AAAA } else { ces_dns::wire::TYPE_A };
+            let src = if server.is_ipv6() { "::".parse().unwrap() } else { "0.0.0.0".parse().unwrap() };
+            let got = spawn_in(&ns, move || resolve(src, server, &name, qtype, false, Duration::from_millis(100)))?
+                .join()
+                .map_err(|_| "resolver thread panicked".to_string())??;
+            if got.is_ok_and(|a| a.contains(&ip)) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err("dnsmasq did not answer within 5 s".into())
+    }
+
+    /// Resolves `name` (`A` or `AAAA` as `qtype` says) from `source` on client side `side`, through the gateway, over
+    /// UDP or TCP; the answer's addresses for the name, in order (after its CNAME chain).
+    pub fn resolve(
+        &self,
+        side: usize,
+        source: IpAddr,
+        server: IpAddr,
+        name: &str,
+        qtype: u16,
+        tcp: bool,
+    ) -> Result<Vec<IpAddr>, String> {
+        let name = name.to_string();
+        spawn_in(&self.clients[side], move || resolve(source, server, &name, qtype, tcp, Duration::from_secs(2)))?
+            .join()
+            .map_err(|_| "resolver thread panicked".to_string())??
+    }
+}
+
+/// A DNS query for `name`, as a stub resolver sends it (RD set, no EDNS: a large answer over UDP comes truncated).
+pub fn query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
+    let mut m = id.to_be_bytes().to_vec();
+    m.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    m.extend_from_slice(&ces_dns::wire::name_bytes(name));
+    m.extend_from_slice(&qtype.to_be_bytes());
+    m.extend_from_slice(&1u16.to_be_bytes());
+    m
+}
+
+/// The raw answer to one query from `source` to `server`, over UDP or TCP (in this thread's namespace).
+pub fn exchange(source: IpAddr, server: IpAddr, q: &[u8], tcp: bool, timeout: Duration) -> Result<Vec<u8>, String> {
+    let domain = if server.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
+    let (ty, pr) = if tcp { (Type::STREAM, Protocol::TCP) } else { (Type::DGRAM, Protocol::UDP) };
+    let s = Socket::new(domain, ty, Some(pr)).map_err(|e| e.to_string())?;
+    s.bind(&SockAddr::from(SocketAddr::new(source, 0))).map_err(|e| format!("bind {source}: {e}"))?;
+    let to = SockAddr::from(SocketAddr::new(server, 53));
+    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    let read_exact = |n: usize| -> Result<Vec<u8>, String> {
+        let mut out = Vec::with_capacity(n);
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 65536];
+        while out.len() < n {
+            let k = s.recv(&mut buf[..(n - out.len()).min(65536)]).map_err(|e| format!("DNS over TCP: {e}"))?;
+            if k == 0 {
+                return Err("DNS over TCP: the server closed the connection".into());
+            }
+            // SAFETY: recv initialised the first k bytes.
+            out.extend(buf[..k].iter().map(|b| unsafe { b.assume_init() }));
+        }
+        Ok(out)
+    };
+    if tcp {
+        s.connect_timeout(&to, timeout).map_err(|e| format!("DNS over TCP to {server}: {e}"))?;
+        let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(q);
+        s.send(&framed).map_err(|e| e.to_string())?;
+        let len = read_exact(2)?;
+        read_exact(u16::from_be_bytes([len[0], len[1]]) as usize)
+    } else {
+        s.connect(&to).map_err(|e| e.to_string())?;
+        s.send(q).map_err(|e| e.to_string())?;
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 65536];
+        let n = s.recv(&mut buf).map_err(|e| format!("DNS to {server}: {e}"))?;
+        // SAFETY: recv initialised the first n bytes.
+        Ok(buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect())
+    }
+}
+
+/// Resolves `name` from `source` through `server` (in this thread's namespace): the addresses the answer gives the
+/// name; an error for no answer, or a truncated UDP answer (ask again over TCP).
+pub fn resolve(
+    source: IpAddr,
+    server: IpAddr,
+    name: &str,
+    qtype: u16,
+    tcp: bool,
+    timeout: Duration,
+) -> Result<Vec<IpAddr>, String> {
+    let id = (std::process::id() as u16) ^ (name.len() as u16).rotate_left(7);
+    let answer = exchange(source, server, &query(id, name, qtype), tcp, timeout)?;
+    let msg = ces_dns::wire::parse(&answer).map_err(|e| format!("the answer for {name}: {e}"))?;
+    if msg.truncated && !tcp {
+        return Err(format!("the answer for {name} came truncated"));
+    }
+    let want = name.trim_end_matches('.').to_ascii_lowercase();
+    Ok(ces_dns::learned(&msg).into_iter().filter(|l| l.name == want).map(|l| l.ip).collect())
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
+        for mut c in self.dns_servers.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for d in self.dns_dirs.drain(..) {
+            let _ = std::fs::remove_dir_all(d);
+        }
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads.drain(..) {
             let _ = t.join();

@@ -167,6 +167,99 @@ impl Nft {
         if out.status.success() { Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned())) } else { Ok(None) }
     }
 
+    /// Whether the kernel has nft's `queue` statement (`nft_queue`): checked by a transaction that is validated by the
+    /// kernel and never committed (`nft -c`).
+    pub fn supports_queue(&self) -> bool {
+        let probe = "table inet ces_probe_queue {\n\tchain c {\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tmeta l4proto udp th sport 53 queue num 0 bypass\n\t}\n}\n";
+        let Ok(mut child) = self
+            .command()
+            .args(["-c", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+        else {
+            return false;
+        };
+        if child.stdin.take().expect("piped").write_all(probe.as_bytes()).is_err() {
+            return false;
+        }
+        child.wait().is_ok_and(|s| s.success())
+    }
+
+    /// The iptables-nft chain that queues DNS answers for `table` on kernels without nft's `queue` (in the `mangle`
+    /// table, jumped to first from `FORWARD`).
+    pub fn dns_chain(table: &str) -> String {
+        let mut c = format!("CES-DNS-{table}");
+        c.truncate(28);
+        c
+    }
+
+    fn iptables(&self, v6: bool, args: &[&str]) -> Result<String, ApplyError> {
+        let tool = if v6 { "ip6tables-nft" } else { "iptables-nft" };
+        let out = self.tool(Some(tool)).args(["-w", "-t", "mangle"]).args(args).output().map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                ApplyError(format!(
+                    "`{tool}` was not found: on this kernel (no nft `queue` statement) the gateway holds DNS answers through iptables-nft's NFQUEUE target (Debian: apt-get install iptables)"
+                ))
+            } else {
+                ApplyError(format!("cannot run {tool}: {e}"))
+            }
+        })?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(ApplyError(format!("{tool} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())))
+        }
+    }
+
+    /// Makes the iptables-nft hook that queues `table`'s DNS answers be `queue` (or absent): answers to the clients'
+    /// queries (conntrack reply direction, source port 53, UDP and TCP), IPv4 and IPv6. Rules that are already as
+    /// wanted are left alone, so that no answer passes unheld while they are rewritten.
+    pub fn external_dns_hook(&self, table: &str, queue: Option<crate::DnsQueue>) -> Result<(), ApplyError> {
+        let chain = Self::dns_chain(table);
+        for v6 in [false, true] {
+            let listed = self.iptables(v6, &["-S", &chain]).ok();
+            let Some(q) = queue else {
+                if listed.is_some() {
+                    while self.iptables(v6, &["-D", "FORWARD", "-j", &chain]).is_ok() {}
+                    self.iptables(v6, &["-F", &chain])?;
+                    self.iptables(v6, &["-X", &chain])?;
+                }
+                continue;
+            };
+            let num = q.num.to_string();
+            let rules: Vec<Vec<&str>> = ["udp", "tcp"]
+                .into_iter()
+                .map(|proto| {
+                    let mut r = vec!["-A", chain.as_str(), "-p", proto, "-m", proto, "--sport", "53"];
+                    r.extend(["-m", "conntrack", "--ctdir", "REPLY", "-j", "NFQUEUE", "--queue-num", num.as_str()]);
+                    if q.bypass {
+                        r.push("--queue-bypass");
+                    }
+                    r
+                })
+                .collect();
+            let want: Vec<String> =
+                std::iter::once(format!("-N {chain}")).chain(rules.iter().map(|r| r.join(" "))).collect();
+            let have: Vec<String> = listed.as_deref().unwrap_or("").lines().map(str::to_string).collect();
+            if have != want {
+                if listed.is_none() {
+                    self.iptables(v6, &["-N", &chain])?;
+                } else {
+                    self.iptables(v6, &["-F", &chain])?;
+                }
+                for r in &rules {
+                    self.iptables(v6, r)?;
+                }
+            }
+            if self.iptables(v6, &["-C", "FORWARD", "-j", &chain]).is_err() {
+                self.iptables(v6, &["-I", "FORWARD", "1", "-j", &chain])?;
+            }
+        }
+        Ok(())
+    }
+
     /// Removes the table; `false` when there was none.
     pub fn delete_table(&self, table: &str) -> Result<bool, ApplyError> {
         if self.list_table(table)?.is_none() {

@@ -65,6 +65,18 @@ impl Intervals {
         self
     }
 
+    /// Whether `ip` is in one of the intervals.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        fn find<T: Ord + Copy>(v: &[(T, T)], x: T) -> bool {
+            let i = v.partition_point(|&(a, _)| a <= x);
+            i > 0 && v[i - 1].1 >= x
+        }
+        match ip {
+            IpAddr::V4(a) => find(&self.v4, u32::from(a)),
+            IpAddr::V6(a) => find(&self.v6, u128::from(a)),
+        }
+    }
+
     /// The union of several interval lists.
     pub fn union<'a>(all: impl IntoIterator<Item = &'a Intervals>) -> Intervals {
         let mut out = Intervals::default();
@@ -159,6 +171,24 @@ mod tests {
         ]));
         assert_eq!(i.elements_v4(), ["10.1.0.0-10.2.1.255", "10.9.0.1"], "adjacent intervals merge too");
         assert_eq!(i.elements_v6(), ["fd00::-fd00::1"]);
+    }
+
+    #[test]
+    fn contains_finds_addresses_at_the_edges_only_inside() {
+        let i = Intervals::from_nets(&nets(&["10.1.0.0/16", "10.9.0.1/32", "fd00::/127"]));
+        for (ip, want) in [
+            ("10.1.0.0", true),
+            ("10.1.255.255", true),
+            ("10.2.0.0", false),
+            ("10.0.255.255", false),
+            ("10.9.0.1", true),
+            ("10.9.0.2", false),
+            ("fd00::1", true),
+            ("fd00::2", false),
+            ("0.0.0.0", false),
+        ] {
+            assert_eq!(i.contains(ip.parse().unwrap()), want, "{ip}");
+        }
     }
 
     #[test]

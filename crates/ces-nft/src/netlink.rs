@@ -30,6 +30,10 @@ const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_DATA: u16 = 2;
 const NFTA_SET_ELEM_FLAGS: u16 = 3;
+const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
+const NFTA_SET_ELEM_USERDATA: u16 = 6;
+/// The type of a comment in an element's user data (libnftnl's `NFTNL_UDATA_SET_ELEM_COMMENT`).
+const UDATA_COMMENT: u8 = 0;
 const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
@@ -167,6 +171,58 @@ fn socket_in(netns: &str) -> io::Result<OwnedFd> {
     })
 }
 
+/// A connection to nf_tables that sends batches and waits for every answer. Kept open by the DNS path, which
+/// writes a batch per held answer.
+pub struct Conn {
+    fd: OwnedFd,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    /// `netns`: the named network namespace to program, or this process's.
+    pub fn open(netns: Option<&str>) -> io::Result<Conn> {
+        let fd = match netns {
+            Some(n) => socket_in(n)?,
+            None => nl::socket()?,
+        };
+        nl::set_timeout(&fd, std::time::Duration::from_secs(5))?;
+        Ok(Conn { fd, buf: vec![0u8; 1 << 16] })
+    }
+
+    /// Sends one batch and waits until the kernel has answered every message that expects an answer: all of it is
+    /// applied, or (on the first error) none of it.
+    pub fn send(&mut self, bytes: &[u8], seqs: Vec<u32>) -> io::Result<()> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        nl::send(&self.fd, bytes)?;
+        let mut pending: std::collections::BTreeSet<u32> = seqs.into_iter().collect();
+        let mut failure = None;
+        while !pending.is_empty() {
+            let n = nl::recv(&self.fd, &mut self.buf)?;
+            for m in nl::messages(&self.buf[..n]) {
+                match m.error() {
+                    Some(0) => {
+                        pending.remove(&m.seq);
+                    }
+                    Some(errno) => {
+                        // The kernel answers each message of a refused batch: read them all, so that the next batch
+                        // does not read this one's answers.
+                        pending.remove(&m.seq);
+                        let e = io::Error::from_raw_os_error(-errno);
+                        failure.get_or_insert(io::Error::new(
+                            e.kind(),
+                            format!("nf_tables refused the element batch: {e}"),
+                        ));
+                    }
+                    None => {}
+                }
+            }
+        }
+        failure.map_or(Ok(()), Err)
+    }
+}
+
 /// Sends the updates as one batch and waits for the kernel's answer to each message. `netns`: the named network
 /// namespace to program, or this process's.
 pub fn apply(netns: Option<&str>, table: &str, updates: &[SetUpdate]) -> io::Result<()> {
@@ -174,35 +230,112 @@ pub fn apply(netns: Option<&str>, table: &str, updates: &[SetUpdate]) -> io::Res
     if seqs.is_empty() {
         return Ok(());
     }
-    let fd = match netns {
-        Some(n) => socket_in(n)?,
-        None => nl::socket()?,
-    };
-    nl::set_timeout(&fd, std::time::Duration::from_secs(5))?;
-    nl::send(&fd, &bytes)?;
-    let mut pending: std::collections::BTreeSet<u32> = seqs.into_iter().collect();
-    let mut buf = vec![0u8; 1 << 16];
-    while !pending.is_empty() {
-        let n = nl::recv(&fd, &mut buf)?;
-        for m in nl::messages(&buf[..n]) {
-            match m.error() {
-                Some(0) => {
-                    pending.remove(&m.seq);
-                }
-                Some(errno) => {
-                    let e = io::Error::from_raw_os_error(-errno);
-                    return Err(io::Error::new(e.kind(), format!("nf_tables refused the element batch: {e}")));
-                }
-                None => {}
+    Conn::open(netns)?.send(&bytes, seqs)
+}
+
+/// One change to a set of single addresses with timeouts (the learned sets of host names).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TimedOp {
+    /// Add with this timeout and comment; with `replace`, delete it first in the same batch.
+    Put {
+        set: String,
+        ip: IpAddr,
+        timeout_ms: u64,
+        comment: String,
+        replace: bool,
+    },
+    Delete {
+        set: String,
+        ip: IpAddr,
+    },
+}
+
+/// An element's user data holding its comment (as nft writes it: type, length with the NUL, text, NUL).
+fn comment_udata(comment: &str) -> Vec<u8> {
+    let text: Vec<u8> = comment.bytes().filter(|b| *b != 0).take(127).collect();
+    let mut v = vec![UDATA_COMMENT, text.len() as u8 + 1];
+    v.extend_from_slice(&text);
+    v.push(0);
+    v
+}
+
+/// The batch for timed element changes: every deletion (plain, and of elements being replaced) before any addition.
+/// Returns the bytes and the sequence numbers that expect an answer; `first_seq` numbers the messages.
+pub fn timed_batch(table: &str, ops: &[TimedOp], first_seq: u32) -> (Vec<u8>, Vec<u32>) {
+    let mut deletes: std::collections::BTreeMap<&str, Vec<Vec<u8>>> = Default::default();
+    let mut adds: std::collections::BTreeMap<&str, Vec<Vec<u8>>> = Default::default();
+    for op in ops {
+        match op {
+            TimedOp::Delete { set, ip } | TimedOp::Put { set, ip, replace: true, .. } => {
+                let key = nested(NFTA_SET_ELEM_KEY, &[attr(NFTA_DATA_VALUE, &key_bytes(*ip))]);
+                deletes.entry(set).or_default().push(nested(NFTA_LIST_ELEM, &[key]));
+            }
+            TimedOp::Put { .. } => {}
+        }
+        if let TimedOp::Put { set, ip, timeout_ms, comment, .. } = op {
+            let parts = [
+                nested(NFTA_SET_ELEM_KEY, &[attr(NFTA_DATA_VALUE, &key_bytes(*ip))]),
+                attr(NFTA_SET_ELEM_TIMEOUT, &(*timeout_ms).max(1).to_be_bytes()),
+                attr(NFTA_SET_ELEM_USERDATA, &comment_udata(comment)),
+            ];
+            adds.entry(set).or_default().push(nested(NFTA_LIST_ELEM, &parts));
+        }
+    }
+    let mut out = message(NFNL_MSG_BATCH_BEGIN, libc::NLM_F_REQUEST as u16, first_seq, 0, NFNL_SUBSYS_NFTABLES, &[]);
+    let mut seqs = Vec::new();
+    let mut seq = first_seq + 1;
+    let ack = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
+    for (ty, flags, groups) in
+        [(NFT_MSG_DELSETELEM, ack, &deletes), (NFT_MSG_NEWSETELEM, ack | libc::NLM_F_CREATE as u16, &adds)]
+    {
+        for (set, elements) in groups {
+            for chunk in elements.chunks(CHUNK) {
+                let attrs = [
+                    attr(NFTA_SET_ELEM_LIST_TABLE, &cstr(table)),
+                    attr(NFTA_SET_ELEM_LIST_SET, &cstr(set)),
+                    nested(NFTA_SET_ELEM_LIST_ELEMENTS, chunk),
+                ];
+                out.extend(message((NFNL_SUBSYS_NFTABLES << 8) | ty, flags, seq, NFPROTO_INET, 0, &attrs));
+                seqs.push(seq);
+                seq += 1;
             }
         }
     }
-    Ok(())
+    out.extend(message(NFNL_MSG_BATCH_END, libc::NLM_F_REQUEST as u16, seq, 0, NFNL_SUBSYS_NFTABLES, &[]));
+    (out, seqs)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timed_batches_delete_before_adding_and_carry_timeout_and_comment() {
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let ops = [
+            TimedOp::Put {
+                set: "a".into(),
+                ip,
+                timeout_ms: 65_000,
+                comment: "payments api.stripe.com".into(),
+                replace: true,
+            },
+            TimedOp::Delete { set: "b".into(), ip },
+        ];
+        let (bytes, seqs) = timed_batch("ces", &ops, 10);
+        assert_eq!(seqs, [11, 12, 13], "deletes of a and b, then the add to a");
+        let msgs = nl::messages(&bytes);
+        let types: Vec<u16> = msgs.iter().map(|m| m.ty & 0xff).collect();
+        assert_eq!(
+            types,
+            [NFNL_MSG_BATCH_BEGIN, NFT_MSG_DELSETELEM, NFT_MSG_DELSETELEM, NFT_MSG_NEWSETELEM, NFNL_MSG_BATCH_END]
+        );
+        let add = msgs[3].payload;
+        let find = |needle: &[u8]| add.windows(needle.len()).any(|w| w == needle);
+        assert!(find(&65_000u64.to_be_bytes()), "the timeout in milliseconds, big-endian");
+        assert!(find(b"\x00\x18payments api.stripe.com\x00"), "the comment as nft writes it");
+        assert!(find(&[192, 0, 2, 7]));
+    }
 
     #[test]
     fn elements_are_read_as_the_renderer_writes_them() {

@@ -67,6 +67,84 @@ pub struct Chain {
     pub rules: Vec<String>,
 }
 
+/// How the DNS answers that teach host names' addresses reach the gateway agent (docs/nft.md, "Host names").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DnsHook {
+    /// Nothing learns: host-name entries are not enforced (`ces gateway --once`: no agent runs).
+    Off,
+    /// The table holds answers itself, with nft's `queue` statement.
+    #[default]
+    Native,
+    /// The agent holds answers through iptables-nft's NFQUEUE target (for kernels without nft's `queue`); the table
+    /// has the learned sets but no queue line.
+    External,
+}
+
+/// Where the table's DNS answers are held: the NFQUEUE number, and whether answers pass while no agent holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsQueue {
+    pub num: u16,
+    pub bypass: bool,
+    /// The hook is the table's own `queue` line (else the agent's iptables-nft rules).
+    pub native: bool,
+}
+
+/// A set of the addresses learned from DNS answers for the host names of one ExternalService in one tenant, one
+/// address family. Its elements carry their own timeouts, set by the agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LearnedSet {
+    pub tenant: String,
+    pub destination: String,
+    pub v6: bool,
+    /// The ExternalService's host-name and wildcard entries.
+    pub names: Vec<AddressEntry>,
+}
+
+/// The tenant a DNS answer belongs to: the tenant of the client it goes to, found the way the forward chain finds a
+/// new flow's tenant, reversed (an answer leaves on the interface its query came in on, towards its source).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AnswerTenants {
+    /// Tenant interfaces to their tenant.
+    pub interfaces: BTreeMap<String, String>,
+    /// Tenants told apart by address, with their members.
+    pub by_address: Vec<(String, Intervals)>,
+    /// The tenant of every other client (Common, when it names no interface).
+    pub otherwise: Option<String>,
+}
+
+impl AnswerTenants {
+    /// The tenant of an answer leaving on `out_interface` towards `client`.
+    pub fn tenant(&self, out_interface: Option<&str>, client: std::net::IpAddr) -> Option<&str> {
+        if let Some(t) = out_interface.and_then(|i| self.interfaces.get(i)) {
+            return Some(t);
+        }
+        if let Some((t, _)) = self.by_address.iter().find(|(_, iv)| iv.contains(client)) {
+            return Some(t);
+        }
+        self.otherwise.as_deref()
+    }
+}
+
+/// The stable name of a learned set: a hash of its tenant and ExternalService, so that the same set keeps its name
+/// (and its elements) across policy changes and agent restarts.
+pub fn learned_set_name(tenant: &str, destination: &str, v6: bool) -> String {
+    // FNV-1a, 64 bits.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in tenant.bytes().chain([0]).chain(destination.bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("n{h:016x}_{}", if v6 { "v6" } else { "v4" })
+}
+
+/// Whether a set name is one [`learned_set_name`] makes.
+pub fn is_learned_set_name(name: &str) -> bool {
+    name.len() == 20
+        && name.starts_with('n')
+        && (name.ends_with("_v4") || name.ends_with("_v6"))
+        && name[1..17].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// What a log prefix `ces/<n>` stands for: entry `n` of `Ruleset::log_tags`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LogTag {
@@ -100,6 +178,13 @@ pub struct Ruleset {
     /// Each source set stem (`s3`, `u0`) and the model address sets it is the union of, so that pod churn
     /// re-renders just the stems of the sets that moved.
     pub sources: BTreeMap<String, Vec<String>>,
+    /// The sets of addresses learned from DNS answers, by name. Their elements are the agent's, never the
+    /// renderer's: a replace keeps those of sets that live on.
+    pub learned: BTreeMap<String, LearnedSet>,
+    /// Where DNS answers are held, when the table learns names.
+    pub dns_queue: Option<DnsQueue>,
+    /// The tenant of each DNS answer.
+    pub answer_tenants: AnswerTenants,
 }
 
 /// One rate-limited port entry of one rule: connections it accepts carry `mark` in the CES byte of the conntrack
@@ -139,6 +224,9 @@ impl std::error::Error for RenderError {}
 struct Renderer<'m> {
     model: &'m PolicyModel,
     at: Timestamp,
+    dns: DnsHook,
+    learned: BTreeMap<String, LearnedSet>,
+    answer_tenants: AnswerTenants,
     sets: BTreeMap<String, NftSet>,
     /// Model address-set name to its nft set stem (`s3`).
     source_stems: BTreeMap<&'m str, String>,
@@ -153,11 +241,20 @@ struct Renderer<'m> {
     sources: BTreeMap<String, Vec<String>>,
 }
 
-/// Renders the model for the gateway, as of `at` (which fixes the UTC form of schedules).
+/// Renders the model for the gateway agent, as of `at` (which fixes the UTC form of schedules), with the table's own
+/// DNS queue line: what `ces compile --backend nft` shows.
 pub fn render(model: &PolicyModel, at: Timestamp) -> Result<Ruleset, RenderError> {
+    render_with(model, at, DnsHook::Native)
+}
+
+/// Renders the model with host names learned through `dns` (or not at all).
+pub fn render_with(model: &PolicyModel, at: Timestamp, dns: DnsHook) -> Result<Ruleset, RenderError> {
     let mut r = Renderer {
         model,
         at,
+        dns,
+        learned: BTreeMap::new(),
+        answer_tenants: AnswerTenants::default(),
         sets: BTreeMap::new(),
         source_stems: BTreeMap::new(),
         destinations: BTreeMap::new(),
@@ -226,6 +323,24 @@ pub fn render(model: &PolicyModel, at: Timestamp) -> Result<Ruleset, RenderError
             ),
         );
     }
+    let settings = &model.settings.gateway.dns;
+    let dns_queue = (!r.learned.is_empty() && dns != DnsHook::Off).then_some(DnsQueue {
+        num: settings.queue,
+        bypass: settings.pass_when_agent_down,
+        native: dns == DnsHook::Native,
+    });
+    if let Some(q) = dns_queue.filter(|q| q.native) {
+        // First of all (the established accept below would end the chain): answers to the clients' queries.
+        let at = usize::from(!r.shaping.is_empty());
+        chains[0].rules.insert(
+            at,
+            format!(
+                "meta l4proto {{ tcp, udp }} th sport 53 ct direction reply queue num {}{}",
+                q.num,
+                if q.bypass { " bypass" } else { "" }
+            ),
+        );
+    }
     for nat in model.tenants.iter().flat_map(|t| &t.nat_rules) {
         let object = ObjectRef::new("ExternalIPRule", Some(&nat.namespace), &nat.name);
         r.warn(object, "source NAT (ExternalIPRule) is not enforced by the nft backend yet".into());
@@ -240,6 +355,9 @@ pub fn render(model: &PolicyModel, at: Timestamp) -> Result<Ruleset, RenderError
         shaping: r.shaping,
         uplinks: model.settings.gateway.uplinks.clone(),
         sources: r.sources,
+        learned: r.learned,
+        dns_queue,
+        answer_tenants: r.answer_tenants,
     })
 }
 
@@ -396,6 +514,13 @@ impl<'m> Renderer<'m> {
         if !ifaces.is_empty() {
             rules.push(format!("iifname vmap {{ {} }}", ifaces.join(", ")));
         }
+        for t in &model.tenants {
+            for i in &t.backend.gateway_interfaces {
+                self.answer_tenants.interfaces.insert(i.clone(), t.name.clone());
+            }
+        }
+        self.answer_tenants.by_address =
+            by_address.iter().map(|(i, iv)| (model.tenants[*i].name.clone(), iv.clone())).collect();
         let (mut v4, mut v6) = (Vec::new(), Vec::new());
         for (i, iv) in &by_address {
             v4.extend(iv.elements_v4().into_iter().map(|e| format!("{e} : jump t{i}")));
@@ -409,6 +534,7 @@ impl<'m> Renderer<'m> {
             && model.tenants[c].backend.gateway_interfaces.is_empty()
         {
             rules.push(format!("jump t{c}"));
+            self.answer_tenants.otherwise = Some(model.tenants[c].name.clone());
         }
         Ok(Chain {
             name: "forward".into(),
@@ -442,6 +568,16 @@ impl<'m> Renderer<'m> {
         Some(Some(stem))
     }
 
+    /// Declares the learned sets of `destination`'s names in tenant `t` (both families); returns their stem.
+    fn learned_stem(&mut self, t: &TenantPolicy, destination: &str, names: Vec<AddressEntry>) -> String {
+        for v6 in [false, true] {
+            let set =
+                LearnedSet { tenant: t.name.clone(), destination: destination.to_string(), v6, names: names.clone() };
+            self.learned.insert(learned_set_name(&t.name, destination, v6), set);
+        }
+        learned_set_name(&t.name, destination, false).trim_end_matches("_v4").to_string()
+    }
+
     fn rule_lines(&mut self, t: &TenantPolicy, ctx: Context, rule: &'m Rule, out: &mut Vec<String>) {
         let source = match self.source_stem(t, rule) {
             Some(None) => return,
@@ -469,19 +605,23 @@ impl<'m> Renderer<'m> {
         };
         for dest_id in &rule.destinations {
             let Some(d) = self.model.destination_sets.get(dest_id) else { continue };
-            for e in d.addresses.iter().filter(|e| e.is_name()) {
-                let shown = match e {
-                    AddressEntry::Wildcard(s) => format!("*.{s}"),
-                    AddressEntry::Host(h) => h.clone(),
-                    _ => unreachable!("only names"),
-                };
-                self.warn(
-                    object.clone(),
-                    format!(
-                        "not enforced by the nft backend: host name {shown} of ExternalService {dest_id} (the gateway matches addresses only)"
-                    ),
-                );
-            }
+            let names: Vec<AddressEntry> = d.addresses.iter().filter(|e| e.is_name()).cloned().collect();
+            let learned = if names.is_empty() {
+                None
+            } else if self.dns == DnsHook::Off {
+                for e in &names {
+                    self.warn(
+                        object.clone(),
+                        format!(
+                            "not enforced without the gateway agent: host name {} of ExternalService {dest_id} (the agent learns names' addresses from DNS answers; `ces gateway --once` runs none)",
+                            e
+                        ),
+                    );
+                }
+                None
+            } else {
+                Some(self.learned_stem(t, dest_id, names))
+            };
             // A mark per rate-limited port entry (when the gateway has uplinks to shape on).
             let mut marks: Vec<Option<String>> = Vec::with_capacity(d.ports.len());
             for p in &d.ports {
@@ -526,16 +666,24 @@ impl<'m> Renderer<'m> {
                 marks.push(mark);
             }
             let (stem, iv) = self.destinations[dest_id.as_str()].clone();
+            // The destination's addresses, and the addresses learned for its names: the same rule either way.
+            let mut daddrs: Vec<(bool, &str, String)> = Vec::new();
             for (v4, fam) in [(true, "ip"), (false, "ip6")] {
-                if (v4 && iv.v4.is_empty()) || (!v4 && iv.v6.is_empty()) {
-                    continue;
+                let suffix = if v4 { "v4" } else { "v6" };
+                if (v4 && !iv.v4.is_empty()) || (!v4 && !iv.v6.is_empty()) {
+                    daddrs.push((v4, fam, format!("@{stem}_{suffix}")));
                 }
+                if let Some(l) = &learned {
+                    daddrs.push((v4, fam, format!("@{l}_{suffix}")));
+                }
+            }
+            for (v4, fam, daddr) in daddrs {
                 let suffix = if v4 { "v4" } else { "v6" };
                 let mut base = String::new();
                 if let Some(s) = &source {
                     let _ = write!(base, "{fam} saddr @{s}_{suffix} ");
                 }
-                let _ = write!(base, "{fam} daddr @{stem}_{suffix}");
+                let _ = write!(base, "{fam} daddr {daddr}");
                 let ports: Vec<(String, Option<String>)> = if d.ports.is_empty() {
                     vec![(String::new(), None)]
                 } else {
@@ -639,6 +787,10 @@ impl Ruleset {
             }
             s.push_str("\t}\n");
         }
+        for (name, set) in &self.learned {
+            let ty = if set.v6 { "ipv6_addr" } else { "ipv4_addr" };
+            let _ = writeln!(s, "\tset {name} {{\n\t\ttype {ty}\n\t\tflags timeout\n\t}}");
+        }
         for c in &self.chains {
             let _ = writeln!(s, "\tchain {} {{", c.name);
             if let Some(h) = &c.hook {
@@ -670,14 +822,16 @@ impl Ruleset {
         for c in &existing.chains {
             let _ = writeln!(s, "flush chain inet {t} {c}");
         }
-        for (keyword, name) in &existing.sets {
+        // A learned set that lives on keeps its elements: they are what clients were told, each with its own timeout.
+        let learned = |keyword: &str, name: &str| keyword == "set" && self.learned.contains_key(name);
+        for (keyword, name) in existing.sets.iter().filter(|(k, n)| !learned(k, n)) {
             let _ = writeln!(s, "flush {keyword} inet {t} {name}");
         }
         for c in existing.chains.iter().filter(|c| !self.chains.iter().any(|n| &n.name == *c)) {
             let _ = writeln!(s, "delete chain inet {t} {c}");
         }
         for (keyword, name) in &existing.sets {
-            let keep = self.sets.get(name).is_some_and(|set| set.kind.keyword() == keyword);
+            let keep = self.sets.get(name).is_some_and(|set| set.kind.keyword() == keyword) || learned(keyword, name);
             if !keep {
                 let _ = writeln!(s, "delete {keyword} inet {t} {name}");
             }
@@ -690,6 +844,8 @@ impl Ruleset {
     pub fn same_structure(&self, previous: &Ruleset) -> bool {
         self.table == previous.table
             && self.chains == previous.chains
+            && self.learned.keys().eq(previous.learned.keys())
+            && self.dns_queue == previous.dns_queue
             && self.sets.len() == previous.sets.len()
             && self.sets.iter().zip(&previous.sets).all(|((n, s), (pn, ps))| n == pn && s.kind == ps.kind)
     }

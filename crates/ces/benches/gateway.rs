@@ -125,7 +125,9 @@ fn main() {
     let (snapshot, _) = ces_snapshot::manifests::load_paths(&files).unwrap();
     let model = ces_compiler::compile(&snapshot, &config, "kube-system");
     let t = Instant::now();
-    let rs = ces_nft::render(&model, jiff::Timestamp::now()).expect("render");
+    // The table the agent loads: learned host-name sets, and the DNS queue line where the kernel has nft's `queue`.
+    let hook = if Nft::default().supports_queue() { ces_nft::DnsHook::Native } else { ces_nft::DnsHook::External };
+    let rs = ces_nft::render_with(&model, jiff::Timestamp::now(), hook).expect("render");
     let render_time = t.elapsed();
     let common = model.tenants.iter().position(|t| t.name == "Common").unwrap();
     let client = ces_synth::pod_ip(0, 1);
@@ -146,6 +148,7 @@ fn main() {
         tcp_ports: CONNECT.collect(),
         udp_ports: vec![],
         sink_ports: vec![SINK],
+        dns: Vec::new(),
     })
     .expect("lab (root, nftables)");
 

@@ -113,7 +113,7 @@ pub fn default_identity() -> String {
 }
 
 /// SIGTERM and SIGINT set this: the loop finishes its pass and stops.
-static STOP: AtomicBool = AtomicBool::new(false);
+pub static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::Relaxed);

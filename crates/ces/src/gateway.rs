@@ -2,7 +2,7 @@
 
 use ces_model::PolicyModel;
 use ces_nft::apply::{Applier, Nft};
-use ces_nft::{Ruleset, render};
+use ces_nft::{DnsHook, Ruleset, render_with};
 use clap::{Args, Subcommand};
 use jiff::Timestamp;
 
@@ -32,6 +32,12 @@ pub struct GatewayArgs {
 enum GatewayAction {
     /// Print the packet and byte counters of every rule (JSON lines), from the kernel's table.
     Counters {
+        #[arg(long, default_value = "ces")]
+        table: String,
+    },
+    /// Print what the gateway has learned of host names: one JSON line per tenant, name and address, with its expiry
+    /// (from the kernel's learned sets, so it works while the agent is down).
+    Names {
         #[arg(long, default_value = "ces")]
         table: String,
     },
@@ -69,6 +75,9 @@ pub fn run(args: &GatewayArgs) -> Result<(), Failure> {
     if let Some(GatewayAction::Counters { table }) = &args.action {
         return counters(table);
     }
+    if let Some(GatewayAction::Names { table }) = &args.action {
+        return names(table);
+    }
     if let Some(GatewayAction::Cleanup { table, config }) = &args.action {
         let config = match config {
             Some(p) => Some(ces_config::CesConfig::from_file(p).map_err(|e| Failure::input(e.to_string()))?),
@@ -78,6 +87,10 @@ pub fn run(args: &GatewayArgs) -> Result<(), Failure> {
         let nft = Nft::default();
         let removed = nft.delete_table(&table).map_err(|e| Failure::input(e.to_string()))?;
         eprintln!("ces: table inet {table} {}", if removed { "removed" } else { "was not there" });
+        // The DNS hook of kernels without nft's `queue` lives outside the table.
+        if nft.external_dns_hook(&table, None).is_ok() {
+            eprintln!("ces: DNS hook {} removed (if there was one)", Nft::dns_chain(&table));
+        }
         let uplinks: Vec<String> =
             config.iter().flat_map(|c| c.gateway.iter().flat_map(|g| g.uplinks.clone())).collect();
         if !uplinks.is_empty() {
@@ -110,7 +123,8 @@ pub fn run(args: &GatewayArgs) -> Result<(), Failure> {
     }
     let inputs = Inputs::load_unique(inputs)?;
     let model = inputs.compile();
-    let rs = render(&model, Timestamp::now()).map_err(|e| Failure::input(e.to_string()))?;
+    // No agent stays to learn host names' addresses: their entries are reported as not enforced.
+    let rs = render_with(&model, Timestamp::now(), DnsHook::Off).map_err(|e| Failure::input(e.to_string()))?;
     report(&model, &rs);
     let applied =
         Applier::new(Nft::default()).apply(&rs, true).map_err(|e| Failure { code: 1, message: e.to_string() })?;
@@ -135,7 +149,18 @@ fn watch_with(
     what: String,
     source_metrics: Option<crate::health::MetricsFn>,
 ) -> Result<(), Failure> {
-    let backend = ces_nft::NftBackend::new(Nft::default());
+    let nft = Nft::default();
+    let hook = if nft.supports_queue() { DnsHook::Native } else { DnsHook::External };
+    crate::agent::log(
+        "info",
+        "gateway",
+        match hook {
+            DnsHook::Native => "DNS answers are held with nft's queue statement",
+            _ => "this kernel has no nft queue statement: DNS answers are held through iptables-nft's NFQUEUE target",
+        },
+        serde_json::json!({"dnsHook": format!("{hook:?}")}),
+    );
+    let backend = ces_nft::NftBackend::with_dns(nft, hook, &ces_model::DnsSettings::default());
     let opts = args.sync.options(&inputs.ces_namespace);
     let mut log: Box<dyn std::io::Write + Send> = if args.log_file == "-" {
         Box::new(std::io::stdout())
@@ -152,6 +177,15 @@ fn watch_with(
     std::thread::spawn(move || read_log(index, &mut *log));
     let health = std::sync::Arc::new(crate::health::Health::default());
     *health.source_metrics.lock().unwrap_or_else(|p| p.into_inner()) = source_metrics;
+    if let Some(dns) = backend.dns.clone() {
+        let d = dns.clone();
+        health.more_metrics.lock().unwrap_or_else(|p| p.into_inner()).push(Box::new(move || d.metrics("gateway")));
+        std::thread::spawn(move || {
+            if let Err(e) = dns.run(None, &crate::agent::STOP) {
+                crate::agent::log("error", "gateway", &format!("holding DNS answers: {e}"), serde_json::json!({}));
+            }
+        });
+    }
     if let Some(addr) = &args.kube.health_addr {
         crate::health::serve(addr, health.clone(), "gateway").map_err(Failure::input)?;
     }
@@ -198,6 +232,31 @@ fn read_log(index: std::sync::Arc<std::sync::Mutex<ces_nft::nflog::LogIndex>>, o
             }
         }
     }
+}
+
+/// `ces gateway names`: the learned sets' elements, one line per tenant, name and address.
+fn names(table: &str) -> Result<(), Failure> {
+    let listing = Nft::default()
+        .list_table_json(table)
+        .map_err(|e| Failure::input(e.to_string()))?
+        .ok_or_else(|| Failure::input(format!("there is no table inet {table} on this host")))?;
+    let now = Timestamp::now();
+    let mut lines = std::collections::BTreeSet::new();
+    for e in ces_nft::dns::learned_elements(&listing) {
+        let mut words = e.comment.split(' ');
+        let tenant = words.next().unwrap_or("");
+        let expires = now + jiff::SignedDuration::from_secs(e.expires as i64);
+        for name in words.filter(|w| !w.is_empty()) {
+            lines.insert((tenant.to_string(), name.to_string(), e.ip, e.set.clone(), expires, e.expires));
+        }
+    }
+    for (tenant, name, ip, set, expires, left) in lines {
+        println!(
+            "{}",
+            serde_json::json!({"tenant": tenant, "name": name, "address": ip.to_string(), "expires": expires.to_string(), "expiresInSeconds": left, "set": set})
+        );
+    }
+    Ok(())
 }
 
 /// `ces gateway counters`: sums the counters of the table's rules by rule (their comment).

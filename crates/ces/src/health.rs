@@ -22,6 +22,8 @@ pub struct Health {
     pub extra: Mutex<String>,
     /// The source's metric lines (watch restarts), read at each scrape.
     pub source_metrics: Mutex<Option<MetricsFn>>,
+    /// Other parts' metric lines (the gateway's DNS path), read at each scrape.
+    pub more_metrics: Mutex<Vec<MetricsFn>>,
 }
 
 /// A source's metrics, as Prometheus text lines.
@@ -55,6 +57,9 @@ impl Health {
         );
         out.push_str(&self.extra.lock().unwrap_or_else(|p| p.into_inner()));
         if let Some(f) = &*self.source_metrics.lock().unwrap_or_else(|p| p.into_inner()) {
+            out.push_str(&f());
+        }
+        for f in self.more_metrics.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             out.push_str(&f());
         }
         out

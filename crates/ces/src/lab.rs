@@ -1,5 +1,7 @@
 //! `ces lab`: the embedded example on a real nftables gateway in network namespaces, with real packets, each flow's
-//! real outcome printed next to `simulate`'s prediction.
+//! real outcome printed next to `simulate`'s prediction. Host names are served by a real DNS server (dnsmasq) in the
+//! server namespace: a flow to a name is resolved from its pod through the gateway, which learns the answer, and
+//! then opened to the address at once.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -7,8 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use ces_eval::{Evaluator, Flow};
 use ces_lab::{Lab, LabSpec, Proto, Side};
-use ces_model::{AddressEntry, Destination, PolicyModel, Protocol};
-use ces_nft::apply::{Applier, Nft};
+use ces_model::{AddressEntry, PolicyModel, Protocol};
+use ces_nft::DnsHook;
+use ces_nft::apply::Nft;
+use ces_sync::Backend as _;
 
 use crate::inputs::Inputs;
 use crate::{Failure, InputArgs};
@@ -25,14 +29,88 @@ struct Probe {
     who: String,
     from: IpAddr,
     to: IpAddr,
+    /// A flow to a host name: resolved first, then opened to the name's address (`to` is the address the lab's DNS
+    /// server gives it).
+    name: Option<String>,
     proto: Proto,
     port: u16,
 }
 
 impl Probe {
     fn target(&self) -> String {
-        ces_lab::target(self.to, self.proto, self.port)
+        match &self.name {
+            Some(n) => match self.proto {
+                Proto::Tcp => format!("{n}:{}/tcp", self.port),
+                Proto::Udp => format!("{n}:{}/udp", self.port),
+                Proto::Icmp => format!("{n}/icmp"),
+            },
+            None => ces_lab::target(self.to, self.proto, self.port),
+        }
     }
+}
+
+/// A host name of the lab's DNS zone: the name, its address, the ports its flows use.
+type LabName = (String, IpAddr, Vec<(Proto, u16)>);
+
+/// The ports a probe of a destination uses: the first port of each port entry (443/tcp when it has none).
+fn probe_ports(d: &ces_model::DestinationSet) -> Vec<(Proto, u16)> {
+    if d.ports.is_empty() {
+        return vec![(Proto::Tcp, 443)];
+    }
+    d.ports
+        .iter()
+        .map(|p| {
+            let port = p.ports.first().map_or(443, |r| r.start);
+            match p.protocol {
+                Protocol::Udp => (Proto::Udp, port),
+                Protocol::Icmp => (Proto::Icmp, 0),
+                _ => (Proto::Tcp, port),
+            }
+        })
+        .collect()
+}
+
+/// The host names to probe (a wildcard `*.d` as `x.d`), each with its address in the lab's DNS zone and its ports.
+fn names(model: &PolicyModel) -> Vec<LabName> {
+    let mut out: Vec<LabName> = Vec::new();
+    for d in model.destination_sets.values() {
+        for a in &d.addresses {
+            let name = match a {
+                AddressEntry::Host(h) => h.clone(),
+                AddressEntry::Wildcard(s) => format!("x.{s}"),
+                _ => continue,
+            };
+            match out.iter_mut().find(|(n, _, _)| *n == name) {
+                Some((_, _, ports)) => ports.extend(probe_ports(d)),
+                None => {
+                    let ip = IpAddr::from([198, 18, 200, out.len() as u8 + 1]);
+                    out.push((name, ip, probe_ports(d)));
+                }
+            }
+        }
+    }
+    for (_, _, ports) in &mut out {
+        ports.sort_by_key(|(p, n)| (*p as u8, *n));
+        ports.dedup();
+    }
+    out.truncate(250);
+    out
+}
+
+/// The resolver the lab's pods ask: the first address of a destination that the policy lets DNS reach (UDP port 53).
+fn resolver(model: &PolicyModel) -> Option<IpAddr> {
+    model.destination_sets.values().find_map(|d| {
+        let dns = d.ports.iter().any(|p| {
+            matches!(p.protocol, Protocol::Udp | Protocol::Any) && p.ports.iter().any(|r| r.start <= 53 && 53 <= r.end)
+        });
+        if !dns {
+            return None;
+        }
+        d.addresses.iter().find_map(|a| match a {
+            AddressEntry::Net(n) if n.addr().is_ipv4() => Some(n.network()),
+            _ => None,
+        })
+    })
 }
 
 /// Sides: one per tenant interface (its tenant's pods), and one for the tenants found by address (their pods and an
@@ -53,8 +131,9 @@ fn sides(model: &PolicyModel) -> Vec<(Side, String)> {
     out
 }
 
-/// Flows from every pod to the first address of every IP destination entry, on the entry's first ports.
-fn probes(model: &PolicyModel, sides: &[(Side, String)]) -> Vec<Probe> {
+/// Flows from every pod to the first address of every IP destination entry, on the entry's first ports; and from
+/// every IPv4 pod address to every host name (the lab's resolver is IPv4).
+fn probes(model: &PolicyModel, sides: &[(Side, String)], names: &[LabName]) -> Vec<Probe> {
     let mut out = Vec::new();
     let mut dests: Vec<(IpAddr, Proto, u16)> = Vec::new();
     for d in model.destination_sets.values() {
@@ -64,22 +143,7 @@ fn probes(model: &PolicyModel, sides: &[(Side, String)]) -> Vec<Probe> {
                 AddressEntry::Range(x, _) => *x,
                 _ => continue,
             };
-            let ports: Vec<(Proto, u16)> = if d.ports.is_empty() {
-                vec![(Proto::Tcp, 443)]
-            } else {
-                d.ports
-                    .iter()
-                    .map(|p| {
-                        let port = p.ports.first().map_or(443, |r| r.start);
-                        match p.protocol {
-                            Protocol::Udp => (Proto::Udp, port),
-                            Protocol::Icmp => (Proto::Icmp, 0),
-                            _ => (Proto::Tcp, port),
-                        }
-                    })
-                    .collect()
-            };
-            dests.extend(ports.into_iter().map(|(proto, port)| (ip, proto, port)));
+            dests.extend(probe_ports(d).into_iter().map(|(proto, port)| (ip, proto, port)));
         }
     }
     dests.push(("93.184.216.34".parse().unwrap(), Proto::Tcp, 80));
@@ -98,7 +162,31 @@ fn probes(model: &PolicyModel, sides: &[(Side, String)]) -> Vec<Probe> {
                 .find(|p| p.tenant == tenant && p.ips.contains(&from))
                 .map_or(from.to_string(), |p| format!("{}/{}", p.namespace, p.name));
             for &(to, proto, port) in dests.iter().filter(|d| d.0.is_ipv4() == from.is_ipv4()) {
-                out.push(Probe { side: i, tenant: tenant.clone(), who: who.clone(), from, to, proto, port });
+                out.push(Probe {
+                    side: i,
+                    tenant: tenant.clone(),
+                    who: who.clone(),
+                    from,
+                    to,
+                    name: None,
+                    proto,
+                    port,
+                });
+            }
+            for (name, to, ports) in names.iter().filter(|_| from.is_ipv4()) {
+                for &(proto, port) in ports {
+                    let name = Some(name.clone());
+                    out.push(Probe {
+                        side: i,
+                        tenant: tenant.clone(),
+                        who: who.clone(),
+                        from,
+                        to: *to,
+                        name,
+                        proto,
+                        port,
+                    });
+                }
             }
         }
     }
@@ -108,57 +196,83 @@ fn probes(model: &PolicyModel, sides: &[(Side, String)]) -> Vec<Probe> {
 pub fn run(args: &InputArgs) -> Result<(), Failure> {
     let inputs = Inputs::load_unique(args)?;
     let model = inputs.compile();
-    let rs = ces_nft::render(&model, jiff::Timestamp::now()).map_err(|e| Failure::input(e.to_string()))?;
     let sides = sides(&model);
-    let probes = probes(&model, &sides);
-    let servers: BTreeSet<IpAddr> = probes.iter().map(|p| p.to).collect();
+    let resolver = resolver(&model);
+    let names = if resolver.is_some() { names(&model) } else { Vec::new() };
+    let probes = probes(&model, &sides, &names);
+    let mut servers: BTreeSet<IpAddr> = probes.iter().map(|p| p.to).collect();
+    servers.extend(resolver);
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
+    let ports = |proto: Proto| -> Vec<u16> {
+        probes.iter().filter(|p| p.proto == proto).map(|p| p.port).collect::<BTreeSet<_>>().into_iter().collect()
+    };
     let spec = LabSpec {
         prefix: format!("ceslab{}", std::process::id() % 100_000),
         sides: sides.iter().map(|(s, _)| s.clone()).collect(),
         servers: servers.into_iter().collect(),
         sink_ports: Vec::new(),
-        tcp_ports: probes
-            .iter()
-            .filter(|p| p.proto == Proto::Tcp)
-            .map(|p| p.port)
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect(),
-        udp_ports: probes
-            .iter()
-            .filter(|p| p.proto == Proto::Udp)
-            .map(|p| p.port)
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect(),
+        tcp_ports: ports(Proto::Tcp),
+        udp_ports: ports(Proto::Udp),
+        dns: resolver.into_iter().collect(),
     };
     eprintln!("ces lab: building {} client side(s), a gateway and a server in network namespaces", spec.sides.len());
-    let lab = Lab::build(spec).map_err(|e| Failure { code: 1, message: format!("cannot build the lab: {e}") })?;
+    let mut lab = Lab::build(spec).map_err(|e| Failure { code: 1, message: format!("cannot build the lab: {e}") })?;
+    let failed = |message: String| Failure { code: 1, message };
+    match resolver {
+        Some(r) => {
+            let zone = ces_lab::Zone {
+                listen: vec![r],
+                records: names.iter().map(|(n, ip, _)| (n.clone(), *ip)).collect(),
+                cnames: Vec::new(),
+                ttl: 300,
+            };
+            if !names.is_empty() {
+                lab.start_dns(&zone).map_err(|e| failed(format!("cannot start the lab's DNS server: {e}")))?;
+                eprintln!("ces lab: dnsmasq at {r} answers for {} host name(s)", names.len());
+            }
+        }
+        None => eprintln!("ces lab: no destination lets DNS (UDP port 53) through: host names are not probed"),
+    }
+    // The gateway agent's backend, with host names learned from the DNS answers crossing the gateway.
     let nft = Nft::in_netns(&lab.gateway);
-    Applier::new(nft).apply(&rs, true).map_err(|e| Failure { code: 1, message: e.to_string() })?;
-    for d in &rs.diagnostics {
+    let hook = if nft.supports_queue() { DnsHook::Native } else { DnsHook::External };
+    let mut backend = ces_nft::NftBackend::with_dns(nft, hook, &model.settings.gateway.dns);
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let dns_thread = backend.dns.clone().map(|dns| {
+        let (stop, gw) = (stop.clone(), lab.gateway.clone());
+        std::thread::spawn(move || dns.run(Some(&gw), &stop))
+    });
+    let applied = backend.apply(&model, true).map_err(failed)?;
+    eprintln!("ces lab: {}", applied.summary.lines().next().unwrap_or_default());
+    for d in &backend.last_warnings {
         eprintln!("ces lab: {d}");
     }
     let evaluator = Evaluator::new(&model);
     println!("{:<48} {:<30} {:<58} {:<7} AGREE", "FROM", "TO", "SIMULATE", "NETWORK");
     let (mut agree, mut total) = (0, 0);
+    let mut result = Ok(());
     for p in &probes {
         if INTERRUPTED.load(Ordering::Relaxed) {
             eprintln!("ces lab: interrupted; cleaning up");
-            drop(lab);
-            return Err(Failure { code: 130, message: String::new() });
+            result = Err(Failure { code: 130, message: String::new() });
+            break;
         }
         let (destination, protocol, port) = ces_eval::parse_target(&p.target()).map_err(Failure::input)?;
-        debug_assert!(matches!(destination, Destination::Ip(_)));
         let flow =
             Flow { source: p.from, tenant: p.tenant.clone(), destination, protocol, port, at: jiff::Timestamp::now() };
         let d = evaluator.decide(&flow).map_err(|e| Failure::input(e.to_string()))?;
-        let real = lab.probe(p.side, p.from, p.to, p.proto, p.port).map_err(|e| Failure { code: 1, message: e })?;
+        let to = match (&p.name, resolver) {
+            (Some(n), Some(r)) => {
+                let got = lab.resolve(p.side, p.from, r, n, ces_dns::wire::TYPE_A, false).map_err(failed)?;
+                *got.first().ok_or_else(|| failed(format!("the lab's DNS server gave {n} no address")))?
+            }
+            _ => p.to,
+        };
+        let real = lab.probe(p.side, p.from, to, p.proto, p.port).map_err(failed)?;
         let ok = real.as_str() == d.verdict.as_str();
         total += 1;
         agree += ok as usize;
@@ -171,7 +285,12 @@ pub fn run(args: &InputArgs) -> Result<(), Failure> {
             if ok { "yes" } else { "NO" }
         );
     }
+    stop.store(true, Ordering::Relaxed);
+    if let Some(t) = dns_thread {
+        let _ = t.join();
+    }
     drop(lab);
+    result?;
     println!("{total} flows: {agree} agree, {} differ", total - agree);
     if agree == total { Ok(()) } else { Err(Failure { code: 1, message: String::new() }) }
 }

@@ -84,6 +84,11 @@ enum Command {
         /// Folder of the official AS3 schema files (as3-schema-<version>-<build>.json) to validate against.
         #[arg(long, env = "CES_AS3_SCHEMA_DIR", value_name = "DIR")]
         as3_schema: Option<PathBuf>,
+        /// With --backend nft: how DNS answers reach the agent that learns host names (docs/nft.md, "Host names"):
+        /// `native`, the table's own `queue` line (kernels with nft_queue); `iptables`, the agent's iptables-nft hook
+        /// (the table has no queue line); `off`, no learning (name entries reported as not enforced).
+        #[arg(long, value_enum, default_value = "native")]
+        dns_hook: DnsHookArg,
     },
     /// The BIG-IP controller: keeps AFM (through AS3) in step with the policy; a dry run without --bigip-url.
     Controller(controller::ControllerArgs),
@@ -150,6 +155,13 @@ fn report_peak_rss() {
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum DnsHookArg {
+    Native,
+    Iptables,
+    Off,
+}
+
 fn run(command: Command) -> Result<(), Failure> {
     match command {
         Command::Crds => {
@@ -157,18 +169,23 @@ fn run(command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Validate { inputs, output } => validate(&inputs, output),
-        Command::Compile { inputs, backend: Backend::As3, out, at, as3_schema } => {
+        Command::Compile { inputs, backend: Backend::As3, out, at, as3_schema, .. } => {
             let out = out.ok_or_else(|| Failure::input("--backend as3 writes files: give --out DIR"))?;
             let at = gateway::parse_at(at.as_deref())?;
             let inputs = Inputs::load_unique(&inputs)?;
             as3::compile(&inputs, &out, as3_schema.as_deref(), at)
         }
-        Command::Compile { inputs, backend: Backend::Nft, out, at, .. } => {
+        Command::Compile { inputs, backend: Backend::Nft, out, at, dns_hook, .. } => {
             let out = out.ok_or_else(|| Failure::input("--backend nft writes files: give --out DIR"))?;
             let at = gateway::parse_at(at.as_deref())?;
             let inputs = Inputs::load_unique(&inputs)?;
             let model = inputs.compile();
-            let rs = ces_nft::render(&model, at).map_err(|e| Failure::input(e.to_string()))?;
+            let hook = match dns_hook {
+                DnsHookArg::Native => ces_nft::DnsHook::Native,
+                DnsHookArg::Iptables => ces_nft::DnsHook::External,
+                DnsHookArg::Off => ces_nft::DnsHook::Off,
+            };
+            let rs = ces_nft::render_with(&model, at, hook).map_err(|e| Failure::input(e.to_string()))?;
             std::fs::create_dir_all(&out).map_err(|e| Failure::input(format!("{}: {e}", out.display())))?;
             let file = out.join("ruleset.nft");
             std::fs::write(&file, rs.to_text()).map_err(|e| Failure::input(format!("{}: {e}", file.display())))?;

@@ -624,3 +624,26 @@ fn commands_without_inputs_are_usage_errors() {
         assert!(stderr(&o).contains("give --manifests PATH... (or --example)"), "{cmd:?}: {}", stderr(&o));
     }
 }
+
+#[test]
+fn the_nft_table_holds_dns_answers_as_the_hook_says() {
+    let dir = std::env::temp_dir().join(format!("ces-cli-nft-{}", std::process::id()));
+    let table = |hook: &str| -> (String, String) {
+        let out = dir.join(hook);
+        let o = ces(&["compile", "--backend", "nft", "--example", "--dns-hook", hook, "--out", out.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        (std::fs::read_to_string(out.join("ruleset.nft")).unwrap(), stderr(&o))
+    };
+    let (native, warnings) = table("native");
+    assert!(native.contains("ct direction reply queue num 53 bypass"), "{native}");
+    assert!(native.contains("flags timeout"), "learned sets: {native}");
+    assert!(!warnings.contains("host name"), "names are enforced: {warnings}");
+    let (iptables, _) = table("iptables");
+    assert!(!iptables.contains(" queue ") && iptables.contains("flags timeout"), "{iptables}");
+    let (off, warnings) = table("off");
+    assert!(!off.contains(" queue ") && !off.contains("flags timeout"), "{off}");
+    assert!(warnings.contains("not enforced without the gateway agent: host name api.stripe.com"), "{warnings}");
+    let o = ces(&["compile", "--backend", "nft", "--example", "--dns-hook", "sometimes", "--out", "/tmp"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

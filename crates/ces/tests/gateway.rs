@@ -313,6 +313,7 @@ fn lab_with(prefix: &str, sink_ports: Vec<u16>) -> Lab {
         tcp_ports: TCP_PORTS.to_vec(),
         udp_ports: UDP_PORTS.to_vec(),
         sink_ports,
+        dns: Vec::new(),
     };
     Lab::build(spec).unwrap_or_else(|e| panic!("cannot build the network-namespace lab: {e}"))
 }
