@@ -131,6 +131,15 @@ mod tests {
     }
 
     #[test]
+    fn an_edns_opt_record_in_the_additional_section_changes_nothing() {
+        let mut m = Builder::response(1).question("a.example", TYPE_A).answer("a.example", 30, a("192.0.2.1")).build();
+        m[11] = 1; // ARCOUNT
+        // OPT: root owner, type 41, UDP size 1232, extended flags (DO), no options.
+        m.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0x80, 0, 0, 0]);
+        assert_eq!(learned(&parse(&m).unwrap()), [l("a.example", "192.0.2.1", 30)]);
+    }
+
+    #[test]
     fn several_questions_and_both_families() {
         let m = Builder::response(1)
             .question("a.example", TYPE_A)
