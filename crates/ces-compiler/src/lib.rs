@@ -176,6 +176,7 @@ fn pod_entry(tenant: &str, p: &Pod) -> ces_model::PodEntry {
         namespace: p.namespace.clone(),
         name: p.name.clone(),
         ips: p.ips.clone(),
+        labels: p.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
     }
 }
 

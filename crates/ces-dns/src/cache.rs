@@ -533,6 +533,18 @@ impl Learner {
         Ok(())
     }
 
+    /// The names `tenant` holds `ip` for, sorted.
+    pub fn names_of(&self, tenant: &str, ip: IpAddr) -> Vec<String> {
+        let Some(t) = self.tenants.get(tenant) else { return Vec::new() };
+        let mut v: Vec<String> = self
+            .by_ip
+            .get(&(t, ip))
+            .map(|h| h.iter().map(|n| self.strings.str(*n).to_string()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
     /// Every name and address held, with its expiry: `(tenant, name, address, until)`, sorted.
     pub fn entries(&self, now: u64) -> Vec<(String, String, IpAddr, u64)> {
         let mut out: Vec<_> = self

@@ -149,6 +149,9 @@ pub struct PodEntry {
     pub namespace: String,
     pub name: String,
     pub ips: Vec<IpAddr>,
+    /// The pod's labels (its workload), for flow records and reports.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// How a model differs from the one it was patched from when only pods and Services' endpoints moved
@@ -596,6 +599,7 @@ mod tests {
     #[test]
     fn the_pod_behind_an_address_is_looked_up_in_its_tenant_and_only_when_unique() {
         let pod = |tenant: &str, ns: &str, name: &str, ip: &str| PodEntry {
+            labels: Default::default(),
             tenant: tenant.into(),
             namespace: ns.into(),
             name: name.into(),

@@ -175,24 +175,6 @@ fn raise_priority() -> &'static str {
     "at normal priority (no CAP_SYS_NICE)"
 }
 
-/// The addresses, protocol and transport header offset of an IP packet (IPv6 without extension headers).
-fn ip_header(p: &[u8]) -> Option<(IpAddr, IpAddr, u8, usize)> {
-    match p.first()? >> 4 {
-        4 if p.len() >= 20 => {
-            let ihl = ((p[0] & 15) as usize) * 4;
-            let s: [u8; 4] = p[12..16].try_into().ok()?;
-            let d: [u8; 4] = p[16..20].try_into().ok()?;
-            (ihl >= 20).then_some((IpAddr::from(s), IpAddr::from(d), p[9], ihl))
-        }
-        6 if p.len() >= 40 => {
-            let s: [u8; 16] = p[8..24].try_into().ok()?;
-            let d: [u8; 16] = p[24..40].try_into().ok()?;
-            Some((IpAddr::from(s), IpAddr::from(d), p[6], 40))
-        }
-        _ => None,
-    }
-}
-
 impl Dns {
     pub fn new(settings: &DnsSettings) -> Arc<Dns> {
         Arc::new(Dns {
@@ -347,7 +329,8 @@ impl Dns {
         let mut held = 0;
         let mut learned: Vec<(String, Vec<ces_dns::Learned>)> = Vec::new();
         for p in packets {
-            let Some((src, dst, proto, l4)) = ip_header(&p.payload) else { continue };
+            let Some(crate::nflog::Header { tuple, l4 }) = crate::nflog::header(&p.payload) else { continue };
+            let (src, dst, proto) = (tuple.src, tuple.dst, tuple.proto);
             let t = &p.payload[l4.min(p.payload.len())..];
             let messages: Vec<Vec<u8>> = match proto {
                 17 if t.len() >= 8 => vec![t[8..].to_vec()],
@@ -401,6 +384,11 @@ impl Dns {
             eprintln!("ces gateway: writing learned addresses: {e}");
         }
         held
+    }
+
+    /// The name `tenant`'s clients resolved `ip` from (one of them, when several), for flow records.
+    pub fn name_of(&self, tenant: &str, ip: IpAddr) -> Option<String> {
+        self.learner.lock().unwrap_or_else(|p| p.into_inner()).names_of(tenant, ip).into_iter().next()
     }
 
     /// Prometheus text lines.
@@ -470,13 +458,5 @@ mod tests {
             }],
             "only learned sets; an element without attributes has no expiry to adopt"
         );
-    }
-
-    #[test]
-    fn ip_headers_give_the_transport_offset() {
-        let mut v4 = vec![0x46, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0, 192, 0, 2, 53, 10, 0, 0, 1, 0, 0, 0, 0];
-        v4.extend_from_slice(&[0, 53, 0x9c, 0x40]);
-        assert_eq!(ip_header(&v4), Some(("192.0.2.53".parse().unwrap(), "10.0.0.1".parse().unwrap(), 17, 24)));
-        assert_eq!(ip_header(&[0x44, 0, 0, 0]), None, "a header shorter than 20 bytes");
     }
 }

@@ -2,17 +2,20 @@
 //! the `nft` command ([`apply`]). The meaning is docs/semantics.md; the layout is docs/nft.md.
 
 pub mod apply;
+pub mod conntrack;
 pub mod dns;
+pub mod flows;
 pub mod intervals;
 pub mod netlink;
 pub mod nflog;
 pub mod nfqueue;
 mod nl;
 mod render;
+pub mod tags;
 
 pub use render::{
     AnswerTenants, CT_MARK_MASK, Chain, DnsHook, DnsQueue, Existing, LearnedSet, LogTag, NftSet, RenderError, Ruleset,
-    SetKind, ShapeClass, is_learned_set_name, learned_set_name, render, render_with, set_update,
+    SetKind, ShapeClass, is_learned_set_name, learned_set_name, render, render_tagged, render_with, set_update,
 };
 
 /// The gateway as a backend of the sync loop: renders the model as of now and applies it.
@@ -20,8 +23,14 @@ pub struct NftBackend {
     pub applier: apply::Applier,
     /// The warnings of the last render, so that the agent reports them when they change.
     pub last_warnings: Vec<ces_model::Diagnostic>,
-    /// Kept up to date for the log reader: the tags and pods of what is applied.
-    pub log_index: std::sync::Arc<std::sync::Mutex<nflog::LogIndex>>,
+    /// The tag ids of the table (and of tags that left it), shared with the flow readers.
+    pub tags: std::sync::Arc<std::sync::RwLock<tags::TagIds>>,
+    /// Where the tag ids are kept across restarts (in the flow store's folder).
+    pub tags_file: Option<std::path::PathBuf>,
+    /// The NFLOG group the applied table logs to (`u32::MAX` before the first apply), for the NFLOG reader.
+    pub log_group: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    /// The flow pipeline: told the pods and rules of every applied model.
+    pub flows: Option<std::sync::Arc<ces_flow::pipeline::Pipeline>>,
     /// How host names are learned (`Off`: not at all).
     pub dns_hook: DnsHook,
     /// The learning of host names' addresses, shared with the thread that holds DNS answers.
@@ -36,7 +45,10 @@ impl NftBackend {
         NftBackend {
             applier: apply::Applier::new(nft),
             last_warnings: Vec::new(),
-            log_index: Default::default(),
+            tags: Default::default(),
+            tags_file: None,
+            log_group: std::sync::Arc::new(std::sync::atomic::AtomicU32::new(u32::MAX)),
+            flows: None,
             dns_hook: DnsHook::Off,
             dns: None,
             external_hook: None,
@@ -63,7 +75,17 @@ impl ces_sync::Backend for NftBackend {
     }
 
     fn apply(&mut self, model: &ces_model::PolicyModel, full: bool) -> Result<ces_sync::Applied, String> {
-        let rs = render_with(model, jiff::Timestamp::now(), self.dns_hook).map_err(|e| e.to_string())?;
+        let rs = {
+            let mut ids = self.tags.write().unwrap_or_else(|p| p.into_inner());
+            let rs =
+                render_tagged(model, jiff::Timestamp::now(), self.dns_hook, &mut ids).map_err(|e| e.to_string())?;
+            if let Some(f) = &self.tags_file
+                && let Err(e) = ids.save(f)
+            {
+                eprintln!("ces gateway: keeping the rules' ids in {}: {e}", f.display());
+            }
+            rs
+        };
         if let Some(d) = &self.dns {
             d.want_queue(&rs, &model.settings.gateway.dns);
         }
@@ -79,7 +101,15 @@ impl ces_sync::Backend for NftBackend {
         if let Some(d) = &self.dns {
             d.applied(&rs, &model.settings.gateway.dns, &self.applier.nft)?;
         }
-        *self.log_index.lock().unwrap_or_else(|p| p.into_inner()) = nflog::LogIndex::new(model, &rs);
+        self.log_group.store(model.settings.gateway.log_group as u32, std::sync::atomic::Ordering::Relaxed);
+        if let Some(f) = &self.flows {
+            f.send(ces_flow::pipeline::Input::Pods(model.pods.clone()));
+            let mut rules: Vec<String> = model.rules().map(|(_, r)| r.id.clone()).collect();
+            rules.sort();
+            rules.dedup();
+            rules.extend(model.tenants.iter().map(|t| format!("Tenant/{}", t.name)));
+            f.send(ces_flow::pipeline::Input::Rules(rules));
+        }
         let mut summary = match applied {
             apply::Applied::Replaced => format!("table inet {} replaced", rs.table),
             apply::Applied::Updated(n) => format!("table inet {}: elements of {n} set(s) updated", rs.table),
@@ -113,16 +143,8 @@ impl ces_sync::Backend for NftBackend {
             .flat_map(|(stem, names)| render::source_sets(model, stem, names))
             .collect();
         let applied = self.applier.apply_sets(sets).map_err(|e| e.to_string())?;
-        {
-            let mut index = self.log_index.lock().unwrap_or_else(|p| p.into_inner());
-            for (before, after) in &delta.pods {
-                if let Some(b) = before {
-                    index.pods.remove(b);
-                }
-                if let Some(a) = after {
-                    index.pods.insert(a);
-                }
-            }
+        if let Some(f) = &self.flows {
+            f.send(ces_flow::pipeline::Input::PodChanges(delta.pods.clone()));
         }
         let summary = match applied {
             apply::Applied::Updated(n) => format!("table inet {table}: elements of {n} set(s) updated (pod churn)"),

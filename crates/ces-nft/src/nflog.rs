@@ -1,34 +1,41 @@
 //! Reading the packets the gateway logs, from the kernel's NFLOG group, over a netlink socket.
 //!
-//! The ruleset logs with `limit rate N/second log prefix "ces/<tag> " group G` lines that give no verdict, so a
-//! flood can fill the log's rate limit but never slow forwarding. Each prefix names a [`crate::LogTag`]; the agent
-//! turns a packet and its tag into one JSON line ([`LogEvent`]), naming the pod behind the source address from the
-//! model's pods of the tag's tenant (the same address may be another pod in another tenant).
+//! The ruleset logs with `limit rate N/second log prefix "ces/<tag id> " group G` lines that give no verdict, so a
+//! flood can fill the log's rate limit but never slow forwarding. Each prefix names a tag ([`crate::tags`]); the
+//! agent's flow pipeline turns a packet and its tag into a flow record. The group is bound with per-instance
+//! sequence numbers, so that packets the kernel could not hand over (a full socket) show as gaps, counted.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::OwnedFd;
 
-use ces_model::PolicyModel;
+use ces_flow::attribute::Tuple;
 
 use crate::nl::{self, attr};
-use crate::{LogTag, Ruleset};
 
 const NFNL_SUBSYS_ULOG: u16 = 4;
 const NFULNL_MSG_PACKET: u16 = 0;
 const NFULNL_MSG_CONFIG: u16 = 1;
 const NFULA_CFG_CMD: u16 = 1;
 const NFULA_CFG_MODE: u16 = 2;
+const NFULA_CFG_TIMEOUT: u16 = 3;
+const NFULA_CFG_FLAGS: u16 = 6;
 const NFULNL_CFG_CMD_BIND: u8 = 1;
 const NFULNL_COPY_PACKET: u8 = 2;
+const NFULNL_CFG_F_SEQ: u16 = 1;
+const NFULA_TIMESTAMP: u16 = 3;
 const NFULA_PAYLOAD: u16 = 9;
 const NFULA_PREFIX: u16 = 10;
+const NFULA_SEQ: u16 = 13;
 
-/// One logged packet: its prefix and the packet from its network header on.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One logged packet: its prefix, the packet from its network header on, the group's sequence number, and the
+/// kernel's timestamp when the packet had one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LoggedPacket {
     pub prefix: String,
     pub payload: Vec<u8>,
+    pub seq: Option<u32>,
+    pub time: Option<jiff::Timestamp>,
 }
 
 /// A socket bound to one NFLOG group.
@@ -44,7 +51,7 @@ fn config_message(group: u16, attrs: &[Vec<u8>], seq: u32) -> Vec<u8> {
 /// Parses the attributes of an NFLOG packet message (after its 4-byte nfgenmsg).
 fn packet(body: &[u8]) -> Option<LoggedPacket> {
     let mut a = 4;
-    let (mut prefix, mut payload) = (String::new(), Vec::new());
+    let mut p = LoggedPacket::default();
     while a + 4 <= body.len() {
         let len = u16::from_ne_bytes(body[a..a + 2].try_into().ok()?) as usize;
         let ty = u16::from_ne_bytes(body[a + 2..a + 4].try_into().ok()?) & 0x7fff;
@@ -53,13 +60,19 @@ fn packet(body: &[u8]) -> Option<LoggedPacket> {
         }
         let data = &body[a + 4..a + len];
         match ty {
-            NFULA_PREFIX => prefix = String::from_utf8_lossy(data).trim_end_matches('\0').to_string(),
-            NFULA_PAYLOAD => payload = data.to_vec(),
+            NFULA_PREFIX => p.prefix = String::from_utf8_lossy(data).trim_end_matches('\0').to_string(),
+            NFULA_PAYLOAD => p.payload = data.to_vec(),
+            NFULA_SEQ if data.len() >= 4 => p.seq = Some(u32::from_be_bytes([data[0], data[1], data[2], data[3]])),
+            NFULA_TIMESTAMP if data.len() >= 16 => {
+                let sec = u64::from_be_bytes(data[0..8].try_into().ok()?);
+                let usec = u64::from_be_bytes(data[8..16].try_into().ok()?);
+                p.time = jiff::Timestamp::from_microsecond((sec * 1_000_000 + usec) as i64).ok();
+            }
             _ => {}
         }
         a += len.div_ceil(4) * 4;
     }
-    Some(LoggedPacket { prefix, payload })
+    Some(p)
 }
 
 impl NflogSocket {
@@ -70,6 +83,21 @@ impl NflogSocket {
         mode.extend_from_slice(&[NFULNL_COPY_PACKET, 0]);
         s.request(&config_message(group, &[attr(NFULA_CFG_CMD, &[NFULNL_CFG_CMD_BIND])], 1))?;
         s.request(&config_message(group, &[attr(NFULA_CFG_MODE, &mode)], 2))?;
+        // Sequence numbers, to see what was lost; a flush every 10 ms (not the default second), so records are
+        // fresh.
+        s.request(&config_message(group, &[attr(NFULA_CFG_FLAGS, &NFULNL_CFG_F_SEQ.to_be_bytes())], 3))?;
+        s.request(&config_message(group, &[attr(NFULA_CFG_TIMEOUT, &1u32.to_be_bytes())], 4))?;
+        let size: libc::c_int = 8 << 20;
+        // SAFETY: setsockopt with a c_int value of the right size.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s.fd),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                &size as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as u32,
+            );
+        }
         nl::set_timeout(&s.fd, std::time::Duration::from_millis(200))?;
         Ok(s)
     }
@@ -88,6 +116,8 @@ impl NflogSocket {
     }
 
     /// The packets of the next datagram; empty after the receive timeout (200 ms), so callers can check for stop.
+    /// `ENOBUFS` comes back as an error (the socket overflowed: packets were lost, and the sequence numbers show how
+    /// many).
     pub fn recv(&self) -> io::Result<Vec<LoggedPacket>> {
         let mut buf = vec![0u8; 65536];
         match nl::recv(&self.fd, &mut buf) {
@@ -102,13 +132,25 @@ impl NflogSocket {
     }
 }
 
-/// The addresses, protocol and destination port of an IPv4 or IPv6 packet.
-pub fn parse_ip(p: &[u8]) -> Option<(IpAddr, IpAddr, u8, Option<u16>)> {
+/// A packet's flow and where its transport header starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub tuple: Tuple,
+    /// Offset of the transport header.
+    pub l4: usize,
+}
+
+/// The addresses, protocol, ports and transport header offset of an IPv4 or IPv6 packet (IPv6 without extension
+/// headers).
+pub fn header(p: &[u8]) -> Option<Header> {
     let (src, dst, proto, l4) = match p.first()? >> 4 {
         4 if p.len() >= 20 => {
             let ihl = ((p[0] & 15) as usize) * 4;
             let s: [u8; 4] = p[12..16].try_into().ok()?;
             let d: [u8; 4] = p[16..20].try_into().ok()?;
+            if ihl < 20 {
+                return None;
+            }
             (IpAddr::V4(Ipv4Addr::from(s)), IpAddr::V4(Ipv4Addr::from(d)), p[9], ihl)
         }
         6 if p.len() >= 40 => {
@@ -118,81 +160,26 @@ pub fn parse_ip(p: &[u8]) -> Option<(IpAddr, IpAddr, u8, Option<u16>)> {
         }
         _ => return None,
     };
-    let port = (matches!(proto, 6 | 17) && p.len() >= l4 + 4).then(|| u16::from_be_bytes([p[l4 + 2], p[l4 + 3]]));
-    Some((src, dst, proto, port))
+    let ports = matches!(proto, 6 | 17) && p.len() >= l4 + 4;
+    let sport = ports.then(|| u16::from_be_bytes([p[l4], p[l4 + 1]]));
+    let dport = ports.then(|| u16::from_be_bytes([p[l4 + 2], p[l4 + 3]]));
+    Some(Header { tuple: Tuple { src, dst, proto, sport, dport }, l4 })
 }
 
-/// What a log line needs from the last applied ruleset and model: the tags and who has each address.
-#[derive(Clone, Debug, Default)]
-pub struct LogIndex {
-    /// The NFLOG group the ruleset logs to.
-    pub group: Option<u16>,
-    pub tags: Vec<LogTag>,
-    pub pods: ces_model::PodIndex,
-}
-
-impl LogIndex {
-    pub fn new(model: &PolicyModel, rs: &Ruleset) -> LogIndex {
-        LogIndex {
-            group: Some(model.settings.gateway.log_group),
-            tags: rs.log_tags.clone(),
-            pods: ces_model::PodIndex::new(&model.pods),
-        }
+/// For an ICMP or ICMPv6 error (destination unreachable, time exceeded, ...), the flow of the packet it is about
+/// (from its quoted header), as that packet was sent.
+pub fn icmp_error_about(p: &[u8]) -> Option<Tuple> {
+    let h = header(p)?;
+    let ty = *p.get(h.l4)?;
+    let error = match h.tuple.proto {
+        1 => matches!(ty, 3 | 11 | 12),
+        58 => matches!(ty, 1..=4),
+        _ => false,
+    };
+    if !error {
+        return None;
     }
-
-    /// The JSON line for a logged packet, or `None` when its prefix is not one of ours.
-    pub fn event(&self, pkt: &LoggedPacket, time: jiff::Timestamp) -> Option<String> {
-        let n: usize = pkt.prefix.trim().strip_prefix("ces/")?.parse().ok()?;
-        let tag = self.tags.get(n)?;
-        let (src, dst, proto, port) = parse_ip(&pkt.payload)?;
-        let pod = self.pods.pod(&tag.tenant, src);
-        let protocol = match proto {
-            6 => "tcp".to_string(),
-            17 => "udp".to_string(),
-            1 | 58 => "icmp".to_string(),
-            other => other.to_string(),
-        };
-        let mut source = format!("{{\"ip\":\"{src}\"");
-        if let Some((ns, name)) = pod {
-            source += &format!(",\"namespace\":{},\"pod\":{}", json_str(ns), json_str(name));
-        }
-        source.push('}');
-        let mut line = format!(
-            "{{\"time\":\"{time}\",\"tenant\":{},\"source\":{source},\"destination\":\"{dst}\",\"protocol\":\"{protocol}\"",
-            json_str(&tag.tenant)
-        );
-        if let Some(p) = port {
-            line += &format!(",\"port\":{p}");
-        }
-        line += &format!(
-            ",\"action\":{},\"context\":\"{}\",\"rule\":{},\"mode\":\"{}\"",
-            json_str(&tag.action),
-            tag.context.as_str(),
-            json_str(&tag.rule),
-            tag.mode
-        );
-        if let Some(e) = &tag.external_service {
-            line += &format!(",\"externalService\":{}", json_str(e));
-        }
-        line.push('}');
-        Some(line)
-    }
-}
-
-/// A JSON string literal.
-fn json_str(s: &str) -> String {
-    let mut o = String::with_capacity(s.len() + 2);
-    o.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
+    header(p.get(h.l4 + 8..)?).map(|inner| inner.tuple)
 }
 
 #[cfg(test)]
@@ -204,16 +191,29 @@ mod tests {
         // IPv4 TCP 10.0.0.1 -> 10.0.0.2:443.
         let mut v4 = vec![0x45, 0, 0, 40, 0, 0, 0, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2];
         v4.extend_from_slice(&[0x9c, 0x40, 0x01, 0xbb]);
-        let (s, d, p, port) = parse_ip(&v4).unwrap();
-        assert_eq!((s.to_string(), d.to_string(), p, port), ("10.0.0.1".into(), "10.0.0.2".into(), 6, Some(443)));
+        let t = header(&v4).unwrap().tuple;
+        assert_eq!(
+            (t.src.to_string(), t.dst.to_string(), t.proto, t.sport, t.dport),
+            ("10.0.0.1".into(), "10.0.0.2".into(), 6, Some(40000), Some(443))
+        );
+        // An ICMP port unreachable about that packet.
+        let mut icmp = vec![0x45, 0, 0, 56, 0, 0, 0, 0, 64, 1, 0, 0, 10, 0, 0, 2, 10, 0, 0, 1];
+        icmp.extend_from_slice(&[3, 3, 0, 0, 0, 0, 0, 0]);
+        icmp.extend_from_slice(&v4);
+        assert_eq!(icmp_error_about(&icmp), Some(t), "the packet the error is about");
+        assert_eq!(icmp_error_about(&v4), None, "not ICMP");
         // IPv6 UDP to port 53.
         let mut v6 = vec![0x60, 0, 0, 0, 0, 8, 17, 64];
         v6.extend_from_slice(&"fd00::1".parse::<Ipv6Addr>().unwrap().octets());
         v6.extend_from_slice(&"2001:db8::5".parse::<Ipv6Addr>().unwrap().octets());
         v6.extend_from_slice(&[0x30, 0x39, 0x00, 0x35]);
-        let (s, d, p, port) = parse_ip(&v6).unwrap();
-        assert_eq!((s.to_string(), d.to_string(), p, port), ("fd00::1".into(), "2001:db8::5".into(), 17, Some(53)));
-        assert_eq!(parse_ip(&[0x45, 0]), None, "truncated");
+        let t = header(&v6).unwrap().tuple;
+        assert_eq!(
+            (t.src.to_string(), t.dst.to_string(), t.proto, t.dport),
+            ("fd00::1".into(), "2001:db8::5".into(), 17, Some(53))
+        );
+        assert_eq!(header(&[0x45, 0]), None, "truncated");
+        assert_eq!(header(&[0x44; 20]), None, "a header length below 20");
     }
 
     #[test]
@@ -227,7 +227,8 @@ mod tests {
         let mut body = vec![0, 0, 0, 0];
         body.extend(attr(NFULA_PREFIX, b"ces/3 \0"));
         body.extend(attr(NFULA_PAYLOAD, &[0x45, 1, 2]));
-        assert_eq!(packet(&body).unwrap(), LoggedPacket { prefix: "ces/3 ".into(), payload: vec![0x45, 1, 2] });
-        assert_eq!(json_str("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
+        body.extend(attr(NFULA_SEQ, &7u32.to_be_bytes()));
+        let p = packet(&body).unwrap();
+        assert_eq!((p.prefix.as_str(), p.payload.as_slice(), p.seq), ("ces/3 ", &[0x45, 1, 2][..], Some(7)));
     }
 }

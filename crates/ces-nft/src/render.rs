@@ -145,8 +145,9 @@ pub fn is_learned_set_name(name: &str) -> bool {
         && name[1..17].bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// What a log prefix `ces/<n>` stands for: entry `n` of `Ruleset::log_tags`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What a verdict line stands for; its id ([`crate::tags::TagIds`]) is in the line's log prefix (`ces/<id>`) and, for
+/// lines that accept, in the connection's conntrack label.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LogTag {
     pub tenant: String,
     pub context: Context,
@@ -155,7 +156,7 @@ pub struct LogTag {
     /// What the rule does (or, in audit mode, would do): `accept`, `accept-decisively`, `drop`, `reject`.
     pub action: String,
     /// `enforce` or `audit`.
-    pub mode: &'static str,
+    pub mode: String,
     pub external_service: Option<String>,
 }
 
@@ -170,8 +171,8 @@ pub struct Ruleset {
     pub diagnostics: Vec<Diagnostic>,
     /// When schedules must be rendered again (the next offset change of a schedule's time zone).
     pub valid_until: Option<Timestamp>,
-    /// What each log prefix stands for.
-    pub log_tags: Vec<LogTag>,
+    /// What each tag id of the table stands for (log prefixes, connection labels).
+    pub log_tags: BTreeMap<u16, LogTag>,
     /// Rate-limited traffic classes, shaped on `uplinks` (HTB class `1:<10 + mark>`).
     pub shaping: Vec<ShapeClass>,
     pub uplinks: Vec<String>,
@@ -236,7 +237,8 @@ struct Renderer<'m> {
     diagnostics: Vec<Diagnostic>,
     warned: BTreeSet<(String, String)>,
     valid_until: Option<Timestamp>,
-    log_tags: Vec<LogTag>,
+    log_tags: BTreeMap<u16, LogTag>,
+    ids: crate::tags::TagIds,
     shaping: Vec<ShapeClass>,
     sources: BTreeMap<String, Vec<String>>,
 }
@@ -247,8 +249,19 @@ pub fn render(model: &PolicyModel, at: Timestamp) -> Result<Ruleset, RenderError
     render_with(model, at, DnsHook::Native)
 }
 
-/// Renders the model with host names learned through `dns` (or not at all).
+/// Renders the model with host names learned through `dns` (or not at all), with fresh tag ids.
 pub fn render_with(model: &PolicyModel, at: Timestamp, dns: DnsHook) -> Result<Ruleset, RenderError> {
+    render_tagged(model, at, dns, &mut crate::tags::TagIds::default())
+}
+
+/// Renders the model with the tag ids of `ids`, which it updates (new tags get ids, gone ones retire).
+pub fn render_tagged(
+    model: &PolicyModel,
+    at: Timestamp,
+    dns: DnsHook,
+    ids: &mut crate::tags::TagIds,
+) -> Result<Ruleset, RenderError> {
+    ids.begin();
     let mut r = Renderer {
         model,
         at,
@@ -262,7 +275,8 @@ pub fn render_with(model: &PolicyModel, at: Timestamp, dns: DnsHook) -> Result<R
         diagnostics: Vec::new(),
         warned: BTreeSet::new(),
         valid_until: None,
-        log_tags: Vec::new(),
+        log_tags: BTreeMap::new(),
+        ids: std::mem::take(ids),
         shaping: Vec::new(),
         sources: BTreeMap::new(),
     };
@@ -295,18 +309,22 @@ pub fn render_with(model: &PolicyModel, at: Timestamp, dns: DnsHook) -> Result<R
             context_chains.push(Chain { name, hook: None, rules: lines });
         }
         let comment = quote(&format!("tenant {} default", t.name));
-        if model.settings.gateway.log_default {
-            let tag = r.tag(LogTag {
-                tenant: t.name.clone(),
-                context: Context::Default,
-                rule: format!("Tenant/{}", t.name),
-                action: t.default_action.as_str().to_string(),
-                mode: "enforce",
-                external_service: None,
-            });
-            tenant_chain.rules.push(r.log_line("", &tag));
+        let id = r.tag(LogTag {
+            tenant: t.name.clone(),
+            context: Context::Default,
+            rule: format!("Tenant/{}", t.name),
+            action: t.default_action.as_str().to_string(),
+            mode: "enforce".into(),
+            external_service: None,
+        });
+        // Drops and rejects are always logged (they are the flow records of refused traffic); accepted connections
+        // carry the tag in their label and are recorded from conntrack.
+        if t.default_action != Verdict::Accept {
+            tenant_chain.rules.push(r.log_line("", id));
         }
-        tenant_chain.rules.extend(verdict_lines("", t.default_action, &comment));
+        let decided =
+            if t.default_action == Verdict::Accept { crate::tags::label_statements(id) } else { String::new() };
+        tenant_chain.rules.extend(verdict_lines(&decided, t.default_action, &comment));
         chains.push(tenant_chain);
         chains.extend(context_chains);
     }
@@ -323,6 +341,13 @@ pub fn render_with(model: &PolicyModel, at: Timestamp, dns: DnsHook) -> Result<R
             ),
         );
     }
+    // ICMP errors about connections (destination unreachable, ...): logged under tag 0, for the records' outcomes.
+    let icmp = format!(
+        "ct state related meta l4proto {{ icmp, ipv6-icmp }} limit rate {}/second log prefix \"ces/0 \" group {}",
+        model.settings.gateway.log_rate, model.settings.gateway.log_group
+    );
+    let established = chains[0].rules.iter().position(|l| l.starts_with("ct state established")).unwrap_or(0);
+    chains[0].rules.insert(established, icmp);
     let settings = &model.settings.gateway.dns;
     let dns_queue = (!r.learned.is_empty() && dns != DnsHook::Off).then_some(DnsQueue {
         num: settings.queue,
@@ -345,6 +370,8 @@ pub fn render_with(model: &PolicyModel, at: Timestamp, dns: DnsHook) -> Result<R
         let object = ObjectRef::new("ExternalIPRule", Some(&nat.namespace), &nat.name);
         r.warn(object, "source NAT (ExternalIPRule) is not enforced by the nft backend yet".into());
     }
+    *ids = std::mem::take(&mut r.ids);
+    ids.finish((at.as_nanosecond() / 1000) as i64);
     Ok(Ruleset {
         table: model.settings.gateway.table.clone(),
         sets: r.sets,
@@ -454,18 +481,18 @@ pub(crate) fn source_sets(model: &PolicyModel, stem: &str, names: &[String]) -> 
 }
 
 impl<'m> Renderer<'m> {
-    /// Registers a log tag; returns its prefix.
-    fn tag(&mut self, tag: LogTag) -> String {
-        let prefix = format!("ces/{}", self.log_tags.len());
-        self.log_tags.push(tag);
-        prefix
+    /// Registers a tag; returns its id.
+    fn tag(&mut self, tag: LogTag) -> u16 {
+        let id = self.ids.id(&tag);
+        self.log_tags.insert(id, tag);
+        id
     }
 
-    /// A line that logs matching packets to the NFLOG group, rate-limited, and gives no verdict.
-    fn log_line(&self, matches: &str, prefix: &str) -> String {
+    /// A line that logs matching packets to the NFLOG group under tag `id`, rate-limited, and gives no verdict.
+    fn log_line(&self, matches: &str, id: u16) -> String {
         let g = &self.model.settings.gateway;
         let m = if matches.is_empty() { String::new() } else { format!("{matches} ") };
-        format!("{m}limit rate {}/second log prefix \"{prefix} \" group {}", g.log_rate, g.log_group)
+        format!("{m}limit rate {}/second log prefix \"ces/{id} \" group {}", g.log_rate, g.log_group)
     }
 
     fn warn(&mut self, object: ObjectRef, message: String) {
@@ -701,21 +728,28 @@ impl<'m> Renderer<'m> {
                             Some(mk) => format!("{m} {mk}"),
                             None => m.clone(),
                         };
-                        let logged = verdict.is_none() || rule.logging;
+                        let id = self.tag(LogTag {
+                            tenant: t.name.clone(),
+                            context: ctx,
+                            rule: rule.id.clone(),
+                            action: rule.action.as_str().to_string(),
+                            mode: if verdict.is_none() { "audit" } else { "enforce" }.to_string(),
+                            external_service: Some(dest_id.clone()),
+                        });
+                        // Audit hits, drops and rejects are always logged (they are flow records). Accepted connections
+                        // are recorded from conntrack, each once, whatever `logging` says.
+                        let logged = matches!(verdict, None | Some((_, Some(Verdict::Drop | Verdict::Reject))));
                         if logged {
-                            let tag = self.tag(LogTag {
-                                tenant: t.name.clone(),
-                                context: ctx,
-                                rule: rule.id.clone(),
-                                action: rule.action.as_str().to_string(),
-                                mode: if verdict.is_none() { "audit" } else { "enforce" },
-                                external_service: Some(dest_id.clone()),
-                            });
-                            out.push(self.log_line(&m, &tag));
+                            out.push(self.log_line(&m, id));
                         }
                         match verdict {
                             None => out.push(format!("{m} counter comment {}", quote(&format!("audit {}", rule.id)))),
                             Some(("return", _)) => out.push(format!("{marked} counter return comment {comment}")),
+                            Some((_, Some(Verdict::Accept))) => {
+                                // The deciding line writes its tag into the connection's label.
+                                let decided = format!("{marked} {}", crate::tags::label_statements(id));
+                                out.extend(verdict_lines(&decided, Verdict::Accept, &comment))
+                            }
                             Some((_, Some(v))) => out.extend(verdict_lines(&marked, v, &comment)),
                             Some(_) => unreachable!("every verdict but return has one"),
                         }

@@ -178,7 +178,16 @@ fn main() {
 
     let start_agent = |tag: usize| {
         let agent = Command::new("ip")
-            .args(["netns", "exec", &lab.gateway, env!("CARGO_BIN_EXE_ces"), "gateway", "--manifests"])
+            .args([
+                "netns",
+                "exec",
+                &lab.gateway,
+                env!("CARGO_BIN_EXE_ces"),
+                "gateway",
+                "--flow-store",
+                "none",
+                "--manifests",
+            ])
             .arg(dir.join("policy.yaml"))
             .arg("--config")
             .arg(dir.join("ces-conf.yaml"))

@@ -211,6 +211,8 @@ fn main() {
             "1",
             "--poll-ms",
             "2",
+            "--flow-store",
+            "none",
             "--manifests",
         ])
         .args(&files)

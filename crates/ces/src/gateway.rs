@@ -23,9 +23,11 @@ pub struct GatewayArgs {
     once: bool,
     #[command(flatten)]
     sync: crate::agent::LoopArgs,
-    /// Without --once: where to write one JSON line per logged packet (`-`: standard output).
-    #[arg(long, value_name = "FILE", default_value = "-")]
-    log_file: String,
+    /// Without --once: also write every flow record as one JSON line here (`-`: standard output).
+    #[arg(long, value_name = "FILE")]
+    log_file: Option<String>,
+    #[command(flatten)]
+    flows: crate::flows::FlowArgs,
 }
 
 #[derive(Subcommand)]
@@ -161,22 +163,41 @@ fn watch_with(
         serde_json::json!({"dnsHook": format!("{hook:?}")}),
     );
     let backend = ces_nft::NftBackend::with_dns(nft, hook, &ces_model::DnsSettings::default());
+    let mut backend = backend;
     let opts = args.sync.options(&inputs.ces_namespace);
-    let mut log: Box<dyn std::io::Write + Send> = if args.log_file == "-" {
-        Box::new(std::io::stdout())
-    } else {
-        Box::new(
+    let log: Option<Box<dyn std::io::Write + Send>> = match args.log_file.as_deref() {
+        None => None,
+        Some("-") => Some(Box::new(std::io::stdout())),
+        Some(path) => Some(Box::new(
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
-                .open(&args.log_file)
-                .map_err(|e| Failure::input(format!("--log-file {}: {e}", args.log_file)))?,
-        )
+                .open(path)
+                .map_err(|e| Failure::input(format!("--log-file {path}: {e}")))?,
+        )),
     };
-    let index = backend.log_index.clone();
-    std::thread::spawn(move || read_log(index, &mut *log));
+    // The flow pipeline: conntrack and NFLOG through attribution into the store and the exporters.
+    let (pipeline, store) = args.flows.start(log)?;
+    backend.tags_file = store.map(|d| d.join("gateway-tags.json"));
+    if let Some(f) = &backend.tags_file {
+        *backend.tags.write().unwrap_or_else(|p| p.into_inner()) = ces_nft::tags::TagIds::load(f);
+    }
+    backend.flows = Some(pipeline.clone());
+    if let Some(dns) = backend.dns.clone() {
+        pipeline.send(ces_flow::pipeline::Input::Names(Box::new(move |tenant, ip| dns.name_of(tenant, ip))));
+    }
+    let stop_readers = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers = ces_nft::flows::start(
+        pipeline.clone(),
+        backend.tags.clone(),
+        backend.log_group.clone(),
+        None,
+        stop_readers.clone(),
+    );
     let health = std::sync::Arc::new(crate::health::Health::default());
     *health.source_metrics.lock().unwrap_or_else(|p| p.into_inner()) = source_metrics;
+    let p = pipeline.clone();
+    health.more_metrics.lock().unwrap_or_else(|e| e.into_inner()).push(Box::new(move || p.metrics("gateway")));
     if let Some(dns) = backend.dns.clone() {
         let d = dns.clone();
         health.more_metrics.lock().unwrap_or_else(|p| p.into_inner()).push(Box::new(move || d.metrics("gateway")));
@@ -193,45 +214,16 @@ fn watch_with(
     let msg = format!("watching {what}; the rules stay in place if this agent stops");
     crate::agent::log("info", "gateway", &msg, serde_json::json!({}));
     crate::agent::run_loop("gateway", source, &mut backend, &opts, &health);
-    Ok(())
-}
-
-/// Reads the NFLOG group of the applied ruleset and writes one JSON line per packet.
-fn read_log(index: std::sync::Arc<std::sync::Mutex<ces_nft::nflog::LogIndex>>, out: &mut (dyn std::io::Write + Send)) {
-    let mut bound: Option<(u16, ces_nft::nflog::NflogSocket)> = None;
-    loop {
-        let group = index.lock().unwrap_or_else(|p| p.into_inner()).group;
-        let Some(group) = group else {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            continue;
-        };
-        if bound.as_ref().is_none_or(|(g, _)| *g != group) {
-            match ces_nft::nflog::NflogSocket::bind(group) {
-                Ok(s) => bound = Some((group, s)),
-                Err(e) => {
-                    eprintln!("ces gateway: cannot read NFLOG group {group}: {e}; retrying");
-                    std::thread::sleep(std::time::Duration::from_secs(1));
-                    continue;
-                }
-            }
-        }
-        let (_, socket) = bound.as_ref().expect("bound above");
-        match socket.recv() {
-            Ok(packets) => {
-                let idx = index.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                for p in packets {
-                    if let Some(line) = idx.event(&p, Timestamp::now()) {
-                        let _ = writeln!(out, "{line}");
-                    }
-                }
-                let _ = out.flush();
-            }
-            Err(e) => {
-                eprintln!("ces gateway: reading NFLOG: {e}");
-                bound = None;
-            }
-        }
+    // Stopped: the readers first, then the pipeline stores what it holds.
+    stop_readers.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        let _ = r.join();
     }
+    drop(backend);
+    if let Ok(p) = std::sync::Arc::try_unwrap(pipeline) {
+        p.stop();
+    }
+    Ok(())
 }
 
 /// `ces gateway names`: the learned sets' elements, one line per tenant, name and address.

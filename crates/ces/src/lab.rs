@@ -193,7 +193,7 @@ fn probes(model: &PolicyModel, sides: &[(Side, String)], names: &[LabName]) -> V
     out
 }
 
-pub fn run(args: &InputArgs) -> Result<(), Failure> {
+pub fn run(args: &InputArgs, flow_store: Option<&std::path::Path>) -> Result<(), Failure> {
     let inputs = Inputs::load_unique(args)?;
     let model = inputs.compile();
     let sides = sides(&model);
@@ -246,6 +246,27 @@ pub fn run(args: &InputArgs) -> Result<(), Failure> {
         let (stop, gw) = (stop.clone(), lab.gateway.clone());
         std::thread::spawn(move || dns.run(Some(&gw), &stop))
     });
+    // With a flow store: the gateway's flow readers record the lab's traffic.
+    let mut recording = None;
+    if let Some(dir) = flow_store {
+        let writer = ces_flow::store::Writer::open(dir, ces_flow::store::StoreConfig::default()).map_err(failed)?;
+        let attributor = ces_flow::attribute::Attributor::new(ces_flow::history::PodHistory::new(3600));
+        let pipeline =
+            std::sync::Arc::new(ces_flow::pipeline::Pipeline::start(Some(writer), Vec::new(), attributor, 65_536));
+        if let Some(dns) = backend.dns.clone() {
+            pipeline.send(ces_flow::pipeline::Input::Names(Box::new(move |t, ip| dns.name_of(t, ip))));
+        }
+        backend.flows = Some(pipeline.clone());
+        backend.tags_file = Some(dir.join("gateway-tags.json"));
+        let readers = ces_nft::flows::start(
+            pipeline.clone(),
+            backend.tags.clone(),
+            backend.log_group.clone(),
+            Some(lab.gateway.clone()),
+            stop.clone(),
+        );
+        recording = Some((pipeline, readers));
+    }
     let applied = backend.apply(&model, true).map_err(failed)?;
     eprintln!("ces lab: {}", applied.summary.lines().next().unwrap_or_default());
     for d in &backend.last_warnings {
@@ -284,6 +305,26 @@ pub fn run(args: &InputArgs) -> Result<(), Failure> {
             real.as_str(),
             if ok { "yes" } else { "NO" }
         );
+    }
+    if let Some((pipeline, readers)) = recording.take() {
+        // The connections end now (their records carry what they did), then the readers and the pipeline stop.
+        let gw = lab.gateway.clone();
+        let flushed = ces_lab::spawn_in(&gw, ces_nft::conntrack::flush).map_err(failed)?.join();
+        if !matches!(flushed, Ok(Ok(Ok(())))) {
+            eprintln!("ces lab: could not end the lab's connections: their records are missing");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        stop.store(true, Ordering::Relaxed);
+        for r in readers {
+            let _ = r.join();
+        }
+        backend.flows = None;
+        if let Ok(p) = std::sync::Arc::try_unwrap(pipeline) {
+            p.stop();
+        }
+        if let Some(dir) = flow_store {
+            eprintln!("ces lab: flow records in {} (ces flows --store {0}; ces report --store {0})", dir.display());
+        }
     }
     stop.store(true, Ordering::Relaxed);
     if let Some(t) = dns_thread {

@@ -5,6 +5,7 @@
 mod agent;
 mod as3;
 mod controller;
+mod flows;
 mod gateway;
 mod health;
 mod inputs;
@@ -99,7 +100,15 @@ enum Command {
     Lab {
         #[command(flatten)]
         inputs: InputArgs,
+        /// Also record the lab's traffic as flow records in this store (then: ces flows --store DIR).
+        #[arg(long, value_name = "DIR")]
+        flow_store: Option<PathBuf>,
     },
+    /// Flow records: query the store (filters as `hubble observe`), follow it, or import records into it.
+    Flows(flows::FlowsArgs),
+    /// What egress traffic did: top destinations, drops and rejects, audit hits, protocols, errors, rules never
+    /// hit, records lost (from the flow store).
+    Report(flows::ReportArgs),
     /// Decide flows: the verdict, the rule that decided it, and the rules met on the way.
     Simulate(simulate::SimulateArgs),
     /// Write a synthetic cluster (cluster.yaml, policies.yaml, ces-conf.yaml) for scale experiments.
@@ -130,6 +139,17 @@ impl Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Commands that print (not the agents, which write to sockets): a reader that goes away (`| head`) ends the
+    // process quietly, as for any Unix filter.
+    if matches!(
+        cli.command,
+        Command::Flows(_) | Command::Report(_) | Command::Simulate(_) | Command::Crds | Command::Validate { .. }
+    ) {
+        // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let code = match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
@@ -213,7 +233,9 @@ fn run(command: Command) -> Result<(), Failure> {
         Command::Simulate(args) => simulate::run(&args),
         Command::Gateway(args) => gateway::run(&args),
         Command::Controller(args) => controller::run(&args),
-        Command::Lab { inputs } => lab::run(&inputs),
+        Command::Lab { inputs, flow_store } => lab::run(&inputs, flow_store.as_deref()),
+        Command::Flows(args) => flows::run(&args),
+        Command::Report(args) => flows::report(&args),
         Command::Synth { pods, rules, seed, out } => {
             if pods > 6_553_600 {
                 return Err(Failure::input("--pods: at most 6553600 (65536 namespaces of 100 pods)"));

@@ -7,7 +7,8 @@
 //! without nft's `queue`) and dnsmasq: without them the test fails and says what is missing (`scripts/test.sh`
 //! installs them).
 
-use std::io::{Read as _, Write as _};
+mod common;
+
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -26,9 +27,7 @@ const RESOLVER_A6: &str = "fd99:53::53";
 const RESOLVER_B: &str = "10.255.0.54";
 const GARBAGE: &str = "10.255.0.55";
 
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
+use common::{Agent, ip, wait_until};
 
 /// `HH:MM` of the current UTC time shifted by `hours`.
 fn utc_hhmm(hours: i64) -> String {
@@ -206,83 +205,10 @@ fn lab(prefix: &str, ttl: u32) -> Lab {
     lab
 }
 
-struct Agent {
-    child: std::process::Child,
-    log: PathBuf,
-    health: u16,
-    gateway: String,
-}
-
-impl Agent {
-    fn start(lab: &Lab, dir: &Path, health: u16, tag: &str) -> Agent {
-        let log = dir.join(format!("agent-{tag}.log"));
-        let child = Command::new("ip")
-            .args(["netns", "exec", &lab.gateway, env!("CARGO_BIN_EXE_ces"), "gateway", "--debounce-ms", "50"])
-            .arg("--manifests")
-            .arg(dir.join("policy.yaml"))
-            .arg("--config")
-            .arg(dir.join("ces-conf.yaml"))
-            .args(["--health-addr", &format!("127.0.0.1:{health}"), "--log-file"])
-            .arg(dir.join("packets.jsonl"))
-            .stderr(std::fs::File::create(&log).unwrap())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let a = Agent { child, log, health, gateway: lab.gateway.clone() };
-        wait_until(|| a.log().contains("replaced"), || a.log());
-        wait_until(|| a.metrics().contains("ces_dns_queue_bound{component=\"gateway\"} 1"), || a.log());
-        a
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// `/metrics`, read from inside the gateway namespace.
-    fn metrics(&self) -> String {
-        let port = self.health;
-        ces_lab::spawn_in(&self.gateway, move || {
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-            s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").ok()?;
-            let mut body = String::new();
-            s.read_to_string(&mut body).ok()?;
-            Some(body)
-        })
-        .unwrap()
-        .join()
-        .unwrap()
-        .unwrap()
-        .unwrap_or_default()
-    }
-
-    fn metric(&self, name: &str) -> f64 {
-        let m = self.metrics();
-        m.lines()
-            .find(|l| l.starts_with(name) && l.as_bytes().get(name.len()) == Some(&b'{'))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no metric {name} in:\n{m}"))
-    }
-
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_until(what: impl Fn() -> bool, describe: impl Fn() -> String) {
-    let start = Instant::now();
-    while !what() {
-        assert!(start.elapsed() < Duration::from_secs(20), "timed out waiting: {}", describe());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// The agent's flow records: JSON lines next to the test's files, no store.
+fn dns_args(dir: &Path) -> Vec<&'static str> {
+    let log: &'static str = Box::leak(dir.join("packets.jsonl").to_string_lossy().into_owned().into_boxed_str());
+    vec!["--flow-store", "none", "--log-file", log]
 }
 
 fn setup(name: &str, dns_config: &str) -> PathBuf {
@@ -429,7 +355,8 @@ fn names_are_learned_where_the_packets_are_and_every_verdict_agrees_with_simulat
         }
     })
     .unwrap();
-    let agent = Agent::start(&lab, &dir, 19853, "1");
+    common::fast_conntrack(&lab.gateway);
+    let agent = Agent::start(&lab.gateway, &dir, 19853, "1", &dns_args(&dir), true);
     assert!(!agent.log().contains("NotEnforced"), "the agent enforces names: {}", agent.log());
 
     let mut flows = vec![
@@ -532,12 +459,17 @@ fn names_are_learned_where_the_packets_are_and_every_verdict_agrees_with_simulat
     assert!(agent.metric("ces_dns_answers_held_total") >= 18.0);
     assert_eq!(agent.metric("ces_dns_kernel_errors_total"), 0.0);
 
-    // The audit rule logged the flow it would have dropped, with the name's learned address.
-    // (The kernel hands logged packets over after its NFLOG flush timeout, up to a second later.)
+    // The audit rule's hit is in the connection's flow record, with the name the client resolved.
     let packets = || std::fs::read_to_string(dir.join("packets.jsonl")).unwrap_or_default();
     wait_until(
-        || packets().lines().any(|l| l.contains("ClusterEgressRule/audit-names") && l.contains("198.18.61.8")),
-        || format!("no audit line for audited.test:\n{}", packets()),
+        || {
+            packets().lines().any(|l| {
+                l.contains("ClusterEgressRule/audit-names")
+                    && l.contains("198.18.61.8")
+                    && l.contains("\"host\":\"audited.test\"")
+            })
+        },
+        || format!("no record with the audit hit for audited.test:\n{}", packets()),
     );
 
     flows.clear();
@@ -561,7 +493,7 @@ fn names_are_learned_where_the_packets_are_and_every_verdict_agrees_with_simulat
 fn learned_addresses_expire_after_ttl_plus_grace_and_established_flows_live_on() {
     let dir = setup("ttl", "  dns: {minTTL: 0, grace: 1}\n");
     let lab = lab(&format!("cest{}", std::process::id() % 100_000), 1);
-    let agent = Agent::start(&lab, &dir, 19854, "1");
+    let agent = Agent::start(&lab.gateway, &dir, 19854, "1", &dns_args(&dir), true);
     let addr = lab.resolve(PAY, ip("10.10.0.11"), ip(RESOLVER_A), "a.pay.test", TYPE_A, false).unwrap()[0];
     assert_eq!(lab.probe(PAY, ip("10.10.0.11"), addr, Proto::Tcp, 443).unwrap(), Outcome::Accept);
     // A UDP flow opened now is established in conntrack.
@@ -600,7 +532,7 @@ fn learned_addresses_expire_after_ttl_plus_grace_and_established_flows_live_on()
 fn a_restarted_agent_adopts_what_the_kernel_learned_and_dns_does_what_the_config_says_while_it_is_down() {
     let dir = setup("restart", "");
     let lab = lab(&format!("cesr{}", std::process::id() % 100_000), 60);
-    let agent = Agent::start(&lab, &dir, 19855, "1");
+    let agent = Agent::start(&lab.gateway, &dir, 19855, "1", &dns_args(&dir), true);
     let from = ip("10.10.0.11");
     let addr = lab.resolve(PAY, from, ip(RESOLVER_A), "api.stripe.com", TYPE_A, false).unwrap()[0];
     assert_eq!(lab.probe(PAY, from, addr, Proto::Tcp, 443).unwrap(), Outcome::Accept);
@@ -630,7 +562,7 @@ fn a_restarted_agent_adopts_what_the_kernel_learned_and_dns_does_what_the_config
     assert!(echo(&udp));
 
     // Started again: it adopts what the kernel holds, before any new answer.
-    let agent = Agent::start(&lab, &dir, 19855, "2");
+    let agent = Agent::start(&lab.gateway, &dir, 19855, "2", &dns_args(&dir), true);
     assert!(agent.metric("ces_dns_names") >= 2.0, "adopted: {}", agent.metrics());
     assert_eq!(agent.metric("ces_dns_answers_held_total"), 0.0);
     assert_eq!(lab.probe(PAY, from, addr, Proto::Tcp, 443).unwrap(), Outcome::Accept);
@@ -655,12 +587,12 @@ fn a_restarted_agent_adopts_what_the_kernel_learned_and_dns_does_what_the_config
 
     // With `whenAgentDown: drop`, answers are dropped while no agent holds them, and flow again once one does.
     std::fs::write(dir.join("ces-conf.yaml"), config("  dns: {whenAgentDown: drop}\n")).unwrap();
-    let agent = Agent::start(&lab, &dir, 19855, "3");
+    let agent = Agent::start(&lab.gateway, &dir, 19855, "3", &dns_args(&dir), true);
     assert!(lab.resolve(PAY, from, ip(RESOLVER_A), "now.test", TYPE_A, false).is_ok());
     agent.kill();
     let down = lab.resolve(PAY, from, ip(RESOLVER_A), "now.test", TYPE_A, false);
     assert!(down.is_err(), "answers are dropped while the agent is down: {down:?}");
-    let agent = Agent::start(&lab, &dir, 19855, "4");
+    let agent = Agent::start(&lab.gateway, &dir, 19855, "4", &dns_args(&dir), true);
     assert!(lab.resolve(PAY, from, ip(RESOLVER_A), "now.test", TYPE_A, false).is_ok());
     drop(agent);
     drop(lab);

@@ -1,0 +1,222 @@
+//! The flow pipeline of an agent: data-plane readers submit observations into one bounded queue, never waiting (a
+//! full queue costs records, counted by source); one thread attributes them, appends the records to the store in
+//! batches, and offers them to each exporter's own queue. Every loss is counted where it happens (the kernel's
+//! sequence gaps and overruns reported by the readers, this queue, the store, each exporter), written into the
+//! store once a second (so reports say "n records lost"), and shown on `/metrics`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ces_model::PodEntry;
+use jiff::Timestamp;
+
+use crate::attribute::{Attributor, Observation};
+use crate::export::Exporter;
+use crate::record::FlowRecord;
+use crate::store::Writer;
+
+/// What goes into the pipeline.
+pub enum Input {
+    Observation(Observation),
+    /// A record made elsewhere (imported).
+    Record(FlowRecord),
+    /// The pods now (after a policy pass): the history opens and closes assignments.
+    Pods(Vec<PodEntry>),
+    /// Pods that moved (pod churn).
+    PodChanges(Vec<(Option<PodEntry>, Option<PodEntry>)>),
+    /// The rules of the policy now (for "rules never hit").
+    Rules(Vec<String>),
+    /// Sets how host names are found for destinations.
+    Names(crate::attribute::NameLookup),
+}
+
+#[derive(Default)]
+pub struct PipelineStats {
+    pub received: AtomicU64,
+    pub records: AtomicU64,
+    pub stored: AtomicU64,
+    /// `(source, reason)` to records lost.
+    pub lost: Mutex<BTreeMap<(String, String), u64>>,
+}
+
+impl PipelineStats {
+    pub fn lose(&self, source: &str, reason: &str, n: u64) {
+        if n > 0 {
+            *self
+                .lost
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry((source.to_string(), reason.to_string()))
+                .or_default() += n;
+        }
+    }
+
+    pub fn total_lost(&self) -> u64 {
+        self.lost.lock().unwrap_or_else(|p| p.into_inner()).values().sum()
+    }
+}
+
+pub struct Pipeline {
+    tx: SyncSender<Input>,
+    pub stats: Arc<PipelineStats>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    exporter_stats: Vec<(String, Arc<crate::export::ExportStats>)>,
+}
+
+impl Pipeline {
+    /// Starts the pipeline's thread. `queue`: how many observations may wait.
+    pub fn start(store: Option<Writer>, exporters: Vec<Exporter>, attributor: Attributor, queue: usize) -> Pipeline {
+        let (tx, rx) = sync_channel::<Input>(queue.max(1));
+        let stats = Arc::new(PipelineStats::default());
+        let exporter_stats = exporters.iter().map(|e| (e.name.clone(), e.stats.clone())).collect();
+        let s = stats.clone();
+        let thread = std::thread::Builder::new()
+            .name("ces-flows".into())
+            .spawn(move || run(rx, store, exporters, attributor, s))
+            .expect("a thread");
+        Pipeline { tx, stats, thread: Some(thread), exporter_stats }
+    }
+
+    /// Submits an observation; counted as lost when the queue is full.
+    pub fn observe(&self, source: &str, o: Observation) {
+        self.stats.received.fetch_add(1, Ordering::Relaxed);
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(Input::Observation(o)) {
+            self.stats.lose(source, "queue-full", 1);
+        }
+    }
+
+    /// Sends a control input (pods, rules, an imported record): waits for room, since these must not be lost.
+    pub fn send(&self, i: Input) {
+        let _ = self.tx.send(i);
+    }
+
+    /// Records a reader lost before they reached the pipeline (kernel overruns, sequence gaps).
+    pub fn lost(&self, source: &str, reason: &str, n: u64) {
+        self.stats.lose(source, reason, n);
+    }
+
+    /// Stops after everything queued is stored and offered to the exporters.
+    pub fn stop(mut self) {
+        let (tx, _) = sync_channel(1);
+        drop(std::mem::replace(&mut self.tx, tx));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Prometheus text lines.
+    pub fn metrics(&self, component: &str) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let c = format!("component=\"{component}\"");
+        let mut s = format!(
+            "# HELP ces_flow_observations_total Observations the data plane's readers handed to the flow pipeline.\n# TYPE ces_flow_observations_total counter\nces_flow_observations_total{{{c}}} {}\n\
+             # HELP ces_flow_records_total Flow records made.\n# TYPE ces_flow_records_total counter\nces_flow_records_total{{{c}}} {}\n\
+             # HELP ces_flow_records_stored_total Flow records in the store.\n# TYPE ces_flow_records_stored_total counter\nces_flow_records_stored_total{{{c}}} {}\n\
+             # HELP ces_flow_records_lost_total Records lost, by where (source) and why.\n# TYPE ces_flow_records_lost_total counter\n",
+            g(&self.stats.received),
+            g(&self.stats.records),
+            g(&self.stats.stored)
+        );
+        for ((source, reason), n) in self.stats.lost.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            s += &format!("ces_flow_records_lost_total{{{c},source=\"{source}\",reason=\"{reason}\"}} {n}\n");
+        }
+        s += "# HELP ces_flow_records_exported_total Records sent to each exporter's collector.\n# TYPE ces_flow_records_exported_total counter\n";
+        for (name, st) in &self.exporter_stats {
+            s += &format!("ces_flow_records_exported_total{{{c},exporter=\"{name}\"}} {}\n", g(&st.sent));
+        }
+        s
+    }
+}
+
+fn run(
+    rx: Receiver<Input>,
+    mut store: Option<Writer>,
+    exporters: Vec<Exporter>,
+    mut attr: Attributor,
+    stats: Arc<PipelineStats>,
+) {
+    let mut written: BTreeMap<(String, String), u64> = BTreeMap::new();
+    let mut exported_lost: Vec<u64> = vec![0; exporters.len()];
+    let mut last_flush = Instant::now();
+    let mut done = false;
+    while !done {
+        let mut inputs = Vec::new();
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(i) => inputs.push(i),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => done = true,
+        }
+        while inputs.len() < 8192 {
+            match rx.try_recv() {
+                Ok(i) => inputs.push(i),
+                Err(_) => break,
+            }
+        }
+        let now = Timestamp::now();
+        let mut records = Vec::new();
+        for i in inputs {
+            match i {
+                Input::Observation(o) => records.extend(attr.observe(o, now)),
+                Input::Record(r) => records.push(r),
+                Input::Pods(p) => attr.pods.sync(&p, now.as_microsecond()),
+                Input::PodChanges(c) => attr.pods.apply(&c, now.as_microsecond()),
+                Input::Rules(rules) => {
+                    if let Some(w) = store.as_mut()
+                        && let Err(e) = w.rules(&rules, now)
+                    {
+                        eprintln!("ces: {e}");
+                    }
+                }
+                Input::Names(f) => attr.names = Some(f),
+            }
+        }
+        // Audit hits that waited long enough for a decision.
+        records.extend(attr.tick(now));
+        if !records.is_empty() {
+            stats.records.fetch_add(records.len() as u64, Ordering::Relaxed);
+            if let Some(w) = store.as_mut() {
+                match w.append(&records) {
+                    Ok(()) => {
+                        stats.stored.fetch_add(records.len() as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        eprintln!("ces: {e}");
+                        stats.lose("store", "write-error", records.len() as u64);
+                    }
+                }
+            }
+            for e in &exporters {
+                e.offer(&records);
+            }
+        }
+        if last_flush.elapsed() >= Duration::from_secs(1) || done {
+            last_flush = Instant::now();
+            for (i, e) in exporters.iter().enumerate() {
+                let lost = e.lost();
+                stats.lose(&format!("export {}", e.name), "queue-full or send error", lost - exported_lost[i]);
+                exported_lost[i] = lost;
+            }
+            if let Some(w) = store.as_mut() {
+                let lost = stats.lost.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                for (k, n) in lost {
+                    let before = written.get(&k).copied().unwrap_or(0);
+                    if n > before {
+                        if let Err(e) = w.losses(now, &k.0, &k.1, n - before) {
+                            eprintln!("ces: {e}");
+                        }
+                        written.insert(k, n);
+                    }
+                }
+            }
+        }
+    }
+    for e in exporters {
+        e.stop(Duration::from_secs(2));
+    }
+    if let Some(w) = store {
+        let _ = w.close();
+    }
+}

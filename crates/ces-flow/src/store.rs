@@ -1,0 +1,1215 @@
+//! The embedded flow store: one folder of SQLite files (docs/flows.md, "The store").
+//!
+//! - **Shards** `flows-<created µs>.db` hold the records. The newest ("hot") shard has no secondary index, so
+//!   appends run at close to SQLite's raw insert speed; once it holds `shard_records` records or is `shard_secs` old,
+//!   it is sealed: a background thread builds its indexes in bulk (time; namespace, pod, rule, destination, verdict,
+//!   each with time; audit rules) and it is never written again. Strings (tenants, namespaces, pods, rules, names)
+//!   are stored once per shard in a dictionary; addresses as 4- or 16-byte blobs, so a network is a range.
+//! - **Retention**: the oldest sealed shards are deleted, whole files, once the folder outgrows `max_bytes` or
+//!   their newest record is older than `max_age_secs`.
+//! - **Rollups** (`rollups.db`): per-minute counts for reports, audit hits, losses, and the catalogue of rules the
+//!   agent knew (for "rules never hit").
+//! - **Crash safety**: every file is in WAL mode with `synchronous=NORMAL`: a crash loses at most the last batches,
+//!   never the file; a shard whose sealing was cut short is sealed again when the store is opened.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use jiff::Timestamp;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+
+use crate::filter::{Filter, To, rule_matches};
+use crate::record::{
+    Counts, Destination, FlowRecord, Kind, Nat, Origin, Outcome, RuleRef, SCHEMA_VERSION, Source, Verdict,
+    protocol_name, protocol_number,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// The folder's size limit: the oldest shards go beyond it.
+    pub max_bytes: u64,
+    /// Records older than this go (whole shards at a time).
+    pub max_age_secs: u64,
+    /// A hot shard is sealed once it holds this many records...
+    pub shard_records: u64,
+    /// ... or is this old.
+    pub shard_secs: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { max_bytes: 10 << 30, max_age_secs: 7 * 86_400, shard_records: 1_000_000, shard_secs: 600 }
+    }
+}
+
+/// Where a store lives unless told otherwise.
+pub const DEFAULT_DIR: &str = "/var/lib/ces/flows";
+
+type Result<T> = std::result::Result<T, String>;
+
+fn err(what: &str) -> impl Fn(rusqlite::Error) -> String + '_ {
+    move |e| format!("flow store: {what}: {e}")
+}
+
+fn us(t: Timestamp) -> i64 {
+    (t.as_nanosecond() / 1000) as i64
+}
+
+fn from_us(v: i64) -> Timestamp {
+    Timestamp::from_microsecond(v).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+fn ip_blob(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+fn blob_ip(b: &[u8]) -> Option<IpAddr> {
+    match b.len() {
+        4 => Some(IpAddr::from(<[u8; 4]>::try_from(b).ok()?)),
+        16 => Some(IpAddr::from(<[u8; 16]>::try_from(b).ok()?)),
+        _ => None,
+    }
+}
+
+fn verdict_code(v: Verdict) -> i64 {
+    match v {
+        Verdict::Accept => 0,
+        Verdict::Drop => 1,
+        Verdict::Reject => 2,
+    }
+}
+
+fn code_verdict(c: i64) -> Verdict {
+    match c {
+        1 => Verdict::Drop,
+        2 => Verdict::Reject,
+        _ => Verdict::Accept,
+    }
+}
+
+fn outcome_code(o: Outcome) -> i64 {
+    match o {
+        Outcome::Completed => 0,
+        Outcome::Reset => 1,
+        Outcome::NoAnswer => 2,
+        Outcome::IcmpUnreachable => 3,
+        Outcome::Unknown => 4,
+    }
+}
+
+fn code_outcome(c: i64) -> Outcome {
+    match c {
+        0 => Outcome::Completed,
+        1 => Outcome::Reset,
+        2 => Outcome::NoAnswer,
+        3 => Outcome::IcmpUnreachable,
+        _ => Outcome::Unknown,
+    }
+}
+
+const SHARD_SCHEMA: &str = "
+PRAGMA journal_mode=WAL;
+PRAGMA synchronous=NORMAL;
+CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS dict(id INTEGER PRIMARY KEY, s TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS flows(
+  t INTEGER NOT NULL, e INTEGER, kind INTEGER NOT NULL, origin INTEGER NOT NULL, tenant INTEGER NOT NULL,
+  sip BLOB, sport INTEGER, ns INTEGER, pod INTEGER, labels INTEGER,
+  dip BLOB, dport INTEGER, host INTEGER, es INTEGER,
+  proto INTEGER, verdict INTEGER NOT NULL, rule INTEGER, ctx INTEGER, mode INTEGER,
+  po INTEGER NOT NULL, pi INTEGER NOT NULL, bo INTEGER NOT NULL, bi INTEGER NOT NULL,
+  outcome INTEGER NOT NULL, nat_ip BLOB, nat_port INTEGER);
+CREATE TABLE IF NOT EXISTS flow_audit(flow INTEGER NOT NULL, rule INTEGER NOT NULL);
+";
+
+const SEAL_INDEXES: &str = "
+CREATE INDEX IF NOT EXISTS i_t ON flows(t);
+CREATE INDEX IF NOT EXISTS i_ns ON flows(ns, t);
+CREATE INDEX IF NOT EXISTS i_pod ON flows(pod, t);
+CREATE INDEX IF NOT EXISTS i_rule ON flows(rule, t);
+CREATE INDEX IF NOT EXISTS i_dip ON flows(dip, t);
+CREATE INDEX IF NOT EXISTS i_verdict ON flows(verdict, t);
+CREATE INDEX IF NOT EXISTS i_nat ON flows(nat_ip, t);
+CREATE INDEX IF NOT EXISTS i_audit ON flow_audit(rule, flow);
+";
+
+const ROLLUP_SCHEMA: &str = "
+PRAGMA journal_mode=WAL;
+PRAGMA synchronous=NORMAL;
+CREATE TABLE IF NOT EXISTS minute(
+  m INTEGER NOT NULL, tenant TEXT NOT NULL, ns TEXT NOT NULL, pod TEXT NOT NULL, dst TEXT NOT NULL,
+  dport INTEGER NOT NULL, proto TEXT NOT NULL, verdict INTEGER NOT NULL, rule TEXT NOT NULL, outcome INTEGER NOT NULL,
+  n INTEGER NOT NULL, bytes INTEGER NOT NULL,
+  PRIMARY KEY(m, tenant, ns, pod, dst, dport, proto, verdict, rule, outcome)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS audit(
+  m INTEGER NOT NULL, tenant TEXT NOT NULL, ns TEXT NOT NULL, pod TEXT NOT NULL, rule TEXT NOT NULL,
+  decided TEXT NOT NULL, verdict INTEGER NOT NULL, n INTEGER NOT NULL,
+  PRIMARY KEY(m, tenant, ns, pod, rule, decided, verdict)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS losses(
+  m INTEGER NOT NULL, source TEXT NOT NULL, reason TEXT NOT NULL, n INTEGER NOT NULL,
+  PRIMARY KEY(m, source, reason)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rules(rule TEXT PRIMARY KEY, first INTEGER NOT NULL, last INTEGER NOT NULL) WITHOUT ROWID;
+";
+
+/// Minute (µs since the epoch, floored) of a time in µs.
+fn minute(t: i64) -> i64 {
+    t.div_euclid(60_000_000) * 60_000_000
+}
+
+fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| format!("flow store {}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("flows-") && n.ends_with(".db"))
+        })
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+fn meta(conn: &Connection, k: &str) -> Option<i64> {
+    conn.query_row("SELECT v FROM meta WHERE k = ?1", [k], |r| r.get(0)).optional().ok().flatten()
+}
+
+fn file_size(p: &Path) -> u64 {
+    let mut n = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    for suffix in ["-wal", "-shm"] {
+        let mut s = p.as_os_str().to_owned();
+        s.push(suffix);
+        n += std::fs::metadata(PathBuf::from(s)).map(|m| m.len()).unwrap_or(0);
+    }
+    n
+}
+
+/// Builds the indexes of a shard that is written no more, and marks it sealed.
+pub fn seal(path: &Path) -> Result<()> {
+    let conn = Connection::open(path).map_err(err("opening a shard to seal"))?;
+    conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(err("busy timeout"))?;
+    conn.execute_batch(&format!("BEGIN; {SEAL_INDEXES} INSERT OR REPLACE INTO meta VALUES('sealed', 1); COMMIT;"))
+        .map_err(err("sealing a shard"))?;
+    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);").map_err(err("checkpoint"))?;
+    Ok(())
+}
+
+struct Hot {
+    path: PathBuf,
+    conn: Connection,
+    dict: HashMap<String, i64>,
+    count: u64,
+    opened: i64,
+}
+
+impl Hot {
+    fn create(dir: &Path, now: i64) -> Result<Hot> {
+        // A name that sorts after every earlier shard's, even when two are made in one microsecond.
+        let mut t = now;
+        let path = loop {
+            let p = dir.join(format!("flows-{t:020}.db"));
+            if !p.exists() {
+                break p;
+            }
+            t += 1;
+        };
+        let conn = Connection::open(&path).map_err(err("creating a shard"))?;
+        conn.execute_batch(SHARD_SCHEMA).map_err(err("creating a shard's tables"))?;
+        conn.execute(
+            "INSERT OR REPLACE INTO meta VALUES('sealed', 0), ('count', 0), ('version', ?1)",
+            [SCHEMA_VERSION],
+        )
+        .map_err(err("shard meta"))?;
+        Ok(Hot { path, conn, dict: HashMap::new(), count: 0, opened: now })
+    }
+
+    fn id(&mut self, s: &str) -> Result<i64> {
+        if let Some(id) = self.dict.get(s) {
+            return Ok(*id);
+        }
+        self.conn.execute("INSERT OR IGNORE INTO dict(s) VALUES(?1)", [s]).map_err(err("dictionary"))?;
+        let id: i64 =
+            self.conn.query_row("SELECT id FROM dict WHERE s = ?1", [s], |r| r.get(0)).map_err(err("dictionary"))?;
+        self.dict.insert(s.to_string(), id);
+        Ok(id)
+    }
+
+    fn opt(&mut self, s: Option<&str>) -> Result<Option<i64>> {
+        s.map(|s| self.id(s)).transpose()
+    }
+}
+
+/// Appends records; one writer per store.
+pub struct Writer {
+    dir: PathBuf,
+    cfg: StoreConfig,
+    hot: Option<Hot>,
+    rollups: Connection,
+    sealer: Option<(mpsc::Sender<PathBuf>, JoinHandle<()>)>,
+    appended_since_check: u64,
+    last_check: i64,
+}
+
+/// A row key of the `minute` rollup: minute, tenant, namespace, pod, destination, port, protocol, verdict, rule,
+/// outcome.
+type MinuteKey = (i64, String, String, String, String, i64, String, i64, String, i64);
+/// A row key of the `audit` rollup: minute, tenant, namespace, pod, audit rule, deciding rule, verdict.
+type AuditKey = (i64, String, String, String, String, String, i64);
+
+/// Adds to the per-minute rollups of one batch.
+#[derive(Default)]
+struct Rollup {
+    minute: HashMap<MinuteKey, (i64, i64)>,
+    audit: HashMap<AuditKey, i64>,
+}
+
+impl Writer {
+    /// Opens (or creates) the store in `dir`. Shards a previous writer left unsealed (it stopped or crashed) are
+    /// sealed in the background.
+    pub fn open(dir: &Path, cfg: StoreConfig) -> Result<Writer> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("flow store {}: {e}", dir.display()))?;
+        let rollups = Connection::open(dir.join("rollups.db")).map_err(err("opening rollups.db"))?;
+        rollups.execute_batch(ROLLUP_SCHEMA).map_err(err("rollups.db tables"))?;
+        rollups.busy_timeout(std::time::Duration::from_secs(5)).map_err(err("busy timeout"))?;
+        let (tx, rx) = mpsc::channel::<PathBuf>();
+        let handle = std::thread::Builder::new()
+            .name("ces-flow-sealer".into())
+            .spawn(move || {
+                for p in rx {
+                    if let Err(e) = seal(&p) {
+                        eprintln!("ces: {e} ({})", p.display());
+                    }
+                }
+            })
+            .map_err(|e| format!("flow store: {e}"))?;
+        let w = Writer {
+            dir: dir.to_path_buf(),
+            cfg,
+            hot: None,
+            rollups,
+            sealer: Some((tx, handle)),
+            appended_since_check: 0,
+            last_check: 0,
+        };
+        for p in shard_files(dir)? {
+            let sealed = Connection::open_with_flags(&p, OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .ok()
+                .and_then(|c| meta(&c, "sealed"))
+                .unwrap_or(0);
+            if sealed == 0 {
+                w.sealer.as_ref().expect("just made").0.send(p).map_err(|e| format!("flow store: {e}"))?;
+            }
+        }
+        Ok(w)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Appends records, in one transaction, and adds them to the rollups.
+    pub fn append(&mut self, records: &[FlowRecord]) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let now = us(Timestamp::now());
+        let roll = match &self.hot {
+            Some(h) => h.count >= self.cfg.shard_records || now - h.opened >= self.cfg.shard_secs as i64 * 1_000_000,
+            None => true,
+        };
+        if roll {
+            self.roll(now)?;
+        }
+        let hot = self.hot.as_mut().expect("rolled");
+        let mut rollup = Rollup::default();
+        hot.conn.execute_batch("BEGIN").map_err(err("begin"))?;
+        let result = (|| -> Result<()> {
+            let (mut min_t, mut max_t) = (i64::MAX, i64::MIN);
+            for r in records {
+                let t = us(r.time);
+                min_t = min_t.min(t);
+                max_t = max_t.max(r.end.map_or(t, us));
+                let tenant = hot.id(&r.tenant)?;
+                let ns = hot.opt(r.source.namespace.as_deref())?;
+                let pod = hot.opt(r.source.pod.as_deref())?;
+                let labels = if r.source.labels.is_empty() {
+                    None
+                } else {
+                    Some(hot.id(&serde_json::to_string(&r.source.labels).unwrap_or_default())?)
+                };
+                let host = hot.opt(r.destination.host.as_deref())?;
+                let es = hot.opt(r.destination.external_service.as_deref())?;
+                let (rule, ctx, mode) = match &r.rule {
+                    Some(x) => (Some(hot.id(&x.rule)?), Some(hot.id(&x.context)?), Some(hot.id(&x.mode)?)),
+                    None => (None, None, None),
+                };
+                let proto = protocol_number(&r.protocol).map(i64::from);
+                let kind = match r.kind {
+                    Kind::Connection => 0,
+                    Kind::Packet => 1,
+                };
+                let origin = match r.origin {
+                    Origin::Gateway => 0,
+                    Origin::Bigip => 1,
+                    Origin::Import => 2,
+                };
+                {
+                    let mut st = hot
+                        .conn
+                        .prepare_cached(
+                            "INSERT INTO flows VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23,?24,?25,?26)",
+                        )
+                        .map_err(err("insert"))?;
+                    st.execute(params![
+                        t,
+                        r.end.map(us),
+                        kind,
+                        origin,
+                        tenant,
+                        r.source.ip.map(ip_blob),
+                        r.source.port,
+                        ns,
+                        pod,
+                        labels,
+                        r.destination.ip.map(ip_blob),
+                        r.destination.port,
+                        host,
+                        es,
+                        proto,
+                        verdict_code(r.verdict),
+                        rule,
+                        ctx,
+                        mode,
+                        r.packets.out as i64,
+                        r.packets.back as i64,
+                        r.bytes.out as i64,
+                        r.bytes.back as i64,
+                        outcome_code(r.outcome),
+                        r.nat.as_ref().map(|n| ip_blob(n.ip)),
+                        r.nat.as_ref().and_then(|n| n.port),
+                    ])
+                    .map_err(err("insert"))?;
+                }
+                if !r.audit.is_empty() {
+                    let flow = hot.conn.last_insert_rowid();
+                    for a in &r.audit {
+                        let id = hot.id(a)?;
+                        hot.conn
+                            .prepare_cached("INSERT INTO flow_audit VALUES(?1, ?2)")
+                            .and_then(|mut s| s.execute(params![flow, id]))
+                            .map_err(err("audit"))?;
+                    }
+                }
+                rollup.add(r);
+            }
+            hot.count += records.len() as u64;
+            hot.conn
+                .execute(
+                    "INSERT INTO meta VALUES('count', ?1), ('min_t', ?2), ('max_t', ?3) ON CONFLICT(k) DO UPDATE SET v = CASE k WHEN 'min_t' THEN min(v, excluded.v) WHEN 'max_t' THEN max(v, excluded.v) ELSE excluded.v END",
+                    params![hot.count as i64, min_t, max_t],
+                )
+                .map_err(err("shard meta"))?;
+            Ok(())
+        })();
+        match result {
+            Ok(()) => hot.conn.execute_batch("COMMIT").map_err(err("commit"))?,
+            Err(e) => {
+                let _ = hot.conn.execute_batch("ROLLBACK");
+                return Err(e);
+            }
+        }
+        rollup.write(&self.rollups)?;
+        self.appended_since_check += records.len() as u64;
+        if self.appended_since_check >= 100_000 || now - self.last_check > 10_000_000 {
+            self.retention(now)?;
+        }
+        Ok(())
+    }
+
+    /// Seals the hot shard (its indexes are built in the background) and starts a new one.
+    fn roll(&mut self, now: i64) -> Result<()> {
+        if let Some(h) = self.hot.take() {
+            let path = h.path.clone();
+            drop(h.conn);
+            if let Some((tx, _)) = &self.sealer {
+                tx.send(path).map_err(|e| format!("flow store: {e}"))?;
+            }
+        }
+        self.hot = Some(Hot::create(&self.dir, now)?);
+        Ok(())
+    }
+
+    /// Records lost before they reached the store, counted per minute, source and reason.
+    pub fn losses(&mut self, at: Timestamp, source: &str, reason: &str, n: u64) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.rollups
+            .execute(
+                "INSERT INTO losses VALUES(?1, ?2, ?3, ?4) ON CONFLICT DO UPDATE SET n = n + excluded.n",
+                params![minute(us(at)), source, reason, n as i64],
+            )
+            .map_err(err("losses"))?;
+        Ok(())
+    }
+
+    /// The rules the policy has now (for "rules never hit").
+    pub fn rules(&mut self, rules: &[String], at: Timestamp) -> Result<()> {
+        let t = us(at);
+        let tx = self.rollups.unchecked_transaction().map_err(err("rules"))?;
+        for r in rules {
+            tx.execute(
+                "INSERT INTO rules VALUES(?1, ?2, ?2) ON CONFLICT DO UPDATE SET last = excluded.last",
+                params![r, t],
+            )
+            .map_err(err("rules"))?;
+        }
+        tx.commit().map_err(err("rules"))
+    }
+
+    /// Deletes the oldest sealed shards while the folder is too large or they are too old, and old rollups.
+    fn retention(&mut self, now: i64) -> Result<()> {
+        self.appended_since_check = 0;
+        self.last_check = now;
+        let horizon = now - self.cfg.max_age_secs as i64 * 1_000_000;
+        let hot = self.hot.as_ref().map(|h| h.path.clone());
+        let shards: Vec<PathBuf> = shard_files(&self.dir)?.into_iter().filter(|p| Some(p) != hot.as_ref()).collect();
+        let mut total: u64 = shards.iter().map(|p| file_size(p)).sum::<u64>()
+            + hot.as_ref().map_or(0, |p| file_size(p))
+            + file_size(&self.dir.join("rollups.db"));
+        for p in shards {
+            let (sealed, max_t) = match Connection::open_with_flags(&p, OpenFlags::SQLITE_OPEN_READ_ONLY) {
+                Ok(c) => (meta(&c, "sealed").unwrap_or(0), meta(&c, "max_t").unwrap_or(i64::MIN)),
+                Err(_) => (1, i64::MIN),
+            };
+            if sealed == 0 {
+                continue;
+            }
+            if total > self.cfg.max_bytes || max_t < horizon {
+                let size = file_size(&p);
+                for suffix in ["", "-wal", "-shm"] {
+                    let mut s = p.as_os_str().to_owned();
+                    s.push(suffix);
+                    let _ = std::fs::remove_file(PathBuf::from(s));
+                }
+                total = total.saturating_sub(size);
+            } else {
+                break;
+            }
+        }
+        for table in ["minute", "audit", "losses"] {
+            self.rollups
+                .execute(&format!("DELETE FROM {table} WHERE m < ?1"), [minute(horizon)])
+                .map_err(err("rollup retention"))?;
+        }
+        Ok(())
+    }
+
+    /// Seals the hot shard and waits for every sealing to finish (for a clean stop, and tests).
+    pub fn close(mut self) -> Result<()> {
+        if let Some(h) = self.hot.take() {
+            let path = h.path.clone();
+            drop(h.conn);
+            if let Some((tx, _)) = &self.sealer {
+                tx.send(path).map_err(|e| format!("flow store: {e}"))?;
+            }
+        }
+        if let Some((tx, handle)) = self.sealer.take() {
+            drop(tx);
+            let _ = handle.join();
+        }
+        Ok(())
+    }
+
+    /// Forces the current hot shard to be sealed now (tests).
+    pub fn seal_now(&mut self) -> Result<()> {
+        self.roll(us(Timestamp::now()))?;
+        self.hot = None;
+        Ok(())
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Some((tx, handle)) = self.sealer.take() {
+            drop(tx);
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Rollup {
+    fn add(&mut self, r: &FlowRecord) {
+        let m = minute(us(r.time));
+        let ns = r.source.namespace.clone().unwrap_or_default();
+        let pod = r.source.pod.clone().unwrap_or_default();
+        let dst = r.destination.host.clone().or_else(|| r.destination.ip.map(|i| i.to_string())).unwrap_or_default();
+        let rule = r.rule.as_ref().map(|x| x.rule.clone()).unwrap_or_default();
+        let key = (
+            m,
+            r.tenant.clone(),
+            ns.clone(),
+            pod.clone(),
+            dst,
+            r.destination.port.map_or(0, i64::from),
+            r.protocol.clone(),
+            verdict_code(r.verdict),
+            rule.clone(),
+            outcome_code(r.outcome),
+        );
+        let e = self.minute.entry(key).or_default();
+        e.0 += 1;
+        e.1 += (r.bytes.out + r.bytes.back) as i64;
+        for a in &r.audit {
+            let key = (m, r.tenant.clone(), ns.clone(), pod.clone(), a.clone(), rule.clone(), verdict_code(r.verdict));
+            *self.audit.entry(key).or_default() += 1;
+        }
+    }
+
+    fn write(self, conn: &Connection) -> Result<()> {
+        let tx = conn.unchecked_transaction().map_err(err("rollups"))?;
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT INTO minute VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12) ON CONFLICT DO UPDATE SET n = n + excluded.n, bytes = bytes + excluded.bytes",
+                )
+                .map_err(err("rollups"))?;
+            for ((m, t, ns, pod, dst, port, proto, v, rule, o), (n, bytes)) in self.minute {
+                st.execute(params![m, t, ns, pod, dst, port, proto, v, rule, o, n, bytes]).map_err(err("rollups"))?;
+            }
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT INTO audit VALUES(?1,?2,?3,?4,?5,?6,?7,?8) ON CONFLICT DO UPDATE SET n = n + excluded.n",
+                )
+                .map_err(err("rollups"))?;
+            for ((m, t, ns, pod, rule, decided, v), n) in self.audit {
+                st.execute(params![m, t, ns, pod, rule, decided, v, n]).map_err(err("rollups"))?;
+            }
+        }
+        tx.commit().map_err(err("rollups"))
+    }
+}
+
+/// Reads a store (any number of readers, next to its writer).
+pub struct Reader {
+    dir: PathBuf,
+}
+
+/// Where `--follow` left off: the shard and the last row read in it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Cursor {
+    pub shard: Option<PathBuf>,
+    pub row: i64,
+}
+
+struct ShardReader {
+    conn: Connection,
+    names: HashMap<i64, String>,
+}
+
+const COLUMNS: &str = "rowid, t, e, kind, origin, tenant, sip, sport, ns, pod, labels, dip, dport, host, es, proto, verdict, rule, ctx, mode, po, pi, bo, bi, outcome, nat_ip, nat_port";
+
+impl ShardReader {
+    fn open(path: &Path) -> Result<ShardReader> {
+        let conn =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .map_err(err("opening a shard"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err("busy timeout"))?;
+        Ok(ShardReader { conn, names: HashMap::new() })
+    }
+
+    fn name(&mut self, id: Option<i64>) -> Option<String> {
+        let id = id?;
+        if let Some(s) = self.names.get(&id) {
+            return Some(s.clone());
+        }
+        let s: String = self.conn.query_row("SELECT s FROM dict WHERE id = ?1", [id], |r| r.get(0)).ok()?;
+        self.names.insert(id, s.clone());
+        Some(s)
+    }
+
+    /// The dictionary ids of strings equal to `s`, or (for rules) ending in `/s`.
+    fn ids(&self, s: &str, suffix: bool) -> Result<Vec<i64>> {
+        let sql = if suffix {
+            "SELECT id FROM dict WHERE s = ?1 OR s LIKE '%/' || ?1"
+        } else {
+            "SELECT id FROM dict WHERE s = ?1"
+        };
+        let mut st = self.conn.prepare_cached(sql).map_err(err("dictionary"))?;
+        let ids = st.query_map([s], |r| r.get(0)).map_err(err("dictionary"))?.collect::<std::result::Result<_, _>>();
+        let mut ids: Vec<i64> = ids.map_err(err("dictionary"))?;
+        if suffix {
+            // LIKE treats `_` and `%` in `s` as wildcards: keep only true suffix matches.
+            let mut keep = Vec::new();
+            for id in ids.drain(..) {
+                let name: String = self
+                    .conn
+                    .query_row("SELECT s FROM dict WHERE id = ?1", [id], |r| r.get(0))
+                    .map_err(err("dictionary"))?;
+                if rule_matches(s, &name) {
+                    keep.push(id);
+                }
+            }
+            ids = keep;
+        }
+        Ok(ids)
+    }
+
+    /// SQL conditions and parameters for a filter; `None` when the shard cannot hold a match.
+    fn conditions(&self, f: &Filter) -> Result<Option<(Vec<String>, Vec<rusqlite::types::Value>)>> {
+        use rusqlite::types::Value as V;
+        let mut w: Vec<String> = Vec::new();
+        let mut p: Vec<V> = Vec::new();
+        let eq = |col: &str, ids: Vec<i64>, w: &mut Vec<String>| -> bool {
+            if ids.is_empty() {
+                return false;
+            }
+            w.push(format!("{col} IN ({})", ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")));
+            true
+        };
+        if let Some(s) = f.since {
+            w.push(format!("coalesce(e, t) >= ?{}", p.len() + 1));
+            p.push(V::Integer(us(s)));
+        }
+        if let Some(u) = f.until {
+            w.push(format!("t <= ?{}", p.len() + 1));
+            p.push(V::Integer(us(u)));
+        }
+        if let Some(t) = &f.tenant
+            && !eq("tenant", self.ids(t, false)?, &mut w)
+        {
+            return Ok(None);
+        }
+        if let Some(ns) = &f.namespace
+            && !eq("ns", self.ids(ns, false)?, &mut w)
+        {
+            return Ok(None);
+        }
+        if let Some(pod) = &f.pod {
+            let (ns, name) = match pod.split_once('/') {
+                Some((a, b)) => (Some(a), b),
+                None => (None, pod.as_str()),
+            };
+            if !eq("pod", self.ids(name, false)?, &mut w) {
+                return Ok(None);
+            }
+            if let Some(ns) = ns
+                && !eq("ns", self.ids(ns, false)?, &mut w)
+            {
+                return Ok(None);
+            }
+        }
+        if let Some(rule) = &f.rule {
+            let ids = self.ids(rule, true)?;
+            if ids.is_empty() {
+                return Ok(None);
+            }
+            let list = ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+            w.push(format!("(rule IN ({list}) OR rowid IN (SELECT flow FROM flow_audit WHERE rule IN ({list})))"));
+        }
+        if let Some(v) = f.verdict {
+            w.push(format!("verdict = {}", verdict_code(v)));
+        }
+        match &f.to {
+            None => {}
+            Some(To::Net(n)) => {
+                w.push(format!("dip BETWEEN ?{} AND ?{}", p.len() + 1, p.len() + 2));
+                p.push(V::Blob(ip_blob(n.network())));
+                p.push(V::Blob(ip_blob(n.broadcast())));
+                w.push(format!("length(dip) = {}", if n.network().is_ipv4() { 4 } else { 16 }));
+            }
+            Some(To::Host(h)) if !eq("host", self.ids(h, false)?, &mut w) => return Ok(None),
+            Some(To::Host(_)) => {}
+        }
+        if let Some(proto) = &f.protocol {
+            match protocol_number(proto) {
+                Some(n) => w.push(format!("proto = {n}")),
+                None => return Ok(None),
+            }
+        }
+        if let Some(port) = f.port {
+            w.push(format!("dport = {port}"));
+        }
+        if let Some(nat) = f.nat {
+            w.push(format!("nat_ip = ?{}", p.len() + 1));
+            p.push(V::Blob(ip_blob(nat)));
+        }
+        Ok(Some((w, p)))
+    }
+
+    fn decode(&mut self, raw: RawRow) -> (i64, FlowRecord) {
+        let port = |p: Option<i64>| p.and_then(|p| u16::try_from(p).ok());
+        let rec = FlowRecord {
+            v: SCHEMA_VERSION,
+            kind: if raw.kind == 0 { Kind::Connection } else { Kind::Packet },
+            origin: match raw.origin {
+                0 => Origin::Gateway,
+                1 => Origin::Bigip,
+                _ => Origin::Import,
+            },
+            time: from_us(raw.t),
+            end: raw.e.map(from_us),
+            tenant: self.name(Some(raw.tenant)).unwrap_or_default(),
+            source: Source {
+                ip: raw.sip.as_deref().and_then(blob_ip),
+                port: port(raw.sport),
+                namespace: self.name(raw.ns),
+                pod: self.name(raw.pod),
+                labels: self.name(raw.labels).and_then(|j| serde_json::from_str(&j).ok()).unwrap_or_default(),
+            },
+            destination: Destination {
+                ip: raw.dip.as_deref().and_then(blob_ip),
+                port: port(raw.dport),
+                host: self.name(raw.host),
+                external_service: self.name(raw.es),
+            },
+            protocol: raw.proto.map_or(String::new(), |p| protocol_name(p as u8)),
+            verdict: code_verdict(raw.verdict),
+            rule: self.name(raw.rule).map(|rule| RuleRef {
+                rule,
+                context: self.name(raw.ctx).unwrap_or_default(),
+                mode: self.name(raw.mode).unwrap_or_default(),
+            }),
+            audit: Vec::new(),
+            packets: Counts { out: raw.po as u64, back: raw.pi as u64 },
+            bytes: Counts { out: raw.bo as u64, back: raw.bi as u64 },
+            outcome: code_outcome(raw.outcome),
+            nat: raw.nat_ip.as_deref().and_then(blob_ip).map(|ip| Nat { ip, port: port(raw.nat_port) }),
+        };
+        (raw.rowid, rec)
+    }
+
+    /// Records of this shard that pass `f` with a row id after `after`; the newest `last` when given.
+    fn select(&mut self, f: &Filter, last: Option<usize>, after: i64) -> Result<Vec<(i64, FlowRecord)>> {
+        let Some((mut w, p)) = self.conditions(f)? else { return Ok(Vec::new()) };
+        w.push(format!("rowid > {after}"));
+        let order = match last {
+            Some(n) => format!("ORDER BY t DESC LIMIT {n}"),
+            None => "ORDER BY rowid".to_string(),
+        };
+        let sql = format!("SELECT {COLUMNS} FROM flows WHERE {} {order}", w.join(" AND "));
+        let rows: Vec<(i64, FlowRecord)> = {
+            let mut st = self.conn.prepare(&sql).map_err(err("query"))?;
+            let mut rows = st.query(rusqlite::params_from_iter(p)).map_err(err("query"))?;
+            let mut raw = Vec::new();
+            while let Some(r) = rows.next().map_err(err("query"))? {
+                // Dictionary lookups need the connection: collect the row first.
+                raw.push(RawRow::read(r).map_err(err("query"))?);
+            }
+            drop(rows);
+            drop(st);
+            raw.into_iter().map(|raw| self.decode(raw)).collect()
+        };
+        let mut rows = rows;
+        let any: bool =
+            self.conn.query_row("SELECT EXISTS(SELECT 1 FROM flow_audit)", [], |r| r.get(0)).map_err(err("audit"))?;
+        if !any {
+            return Ok(rows);
+        }
+        // Audit rules, for the rows that have some.
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT d.s FROM flow_audit a JOIN dict d ON d.id = a.rule WHERE a.flow = ?1")
+            .map_err(err("audit"))?;
+        for (rowid, rec) in rows.iter_mut() {
+            let names = st.query_map([*rowid], |r| r.get::<_, String>(0)).map_err(err("audit"))?;
+            rec.audit = names.collect::<std::result::Result<_, _>>().map_err(err("audit"))?;
+        }
+        Ok(rows)
+    }
+}
+
+/// A row's raw values, read before decoding (decoding needs the shard's dictionary).
+struct RawRow {
+    rowid: i64,
+    t: i64,
+    e: Option<i64>,
+    kind: i64,
+    origin: i64,
+    tenant: i64,
+    sip: Option<Vec<u8>>,
+    sport: Option<i64>,
+    ns: Option<i64>,
+    pod: Option<i64>,
+    labels: Option<i64>,
+    dip: Option<Vec<u8>>,
+    dport: Option<i64>,
+    host: Option<i64>,
+    es: Option<i64>,
+    proto: Option<i64>,
+    verdict: i64,
+    rule: Option<i64>,
+    ctx: Option<i64>,
+    mode: Option<i64>,
+    po: i64,
+    pi: i64,
+    bo: i64,
+    bi: i64,
+    outcome: i64,
+    nat_ip: Option<Vec<u8>>,
+    nat_port: Option<i64>,
+}
+
+impl RawRow {
+    /// The columns of [`COLUMNS`], in order.
+    fn read(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
+        Ok(RawRow {
+            rowid: r.get(0)?,
+            t: r.get(1)?,
+            e: r.get(2)?,
+            kind: r.get(3)?,
+            origin: r.get(4)?,
+            tenant: r.get(5)?,
+            sip: r.get(6)?,
+            sport: r.get(7)?,
+            ns: r.get(8)?,
+            pod: r.get(9)?,
+            labels: r.get(10)?,
+            dip: r.get(11)?,
+            dport: r.get(12)?,
+            host: r.get(13)?,
+            es: r.get(14)?,
+            proto: r.get(15)?,
+            verdict: r.get(16)?,
+            rule: r.get(17)?,
+            ctx: r.get(18)?,
+            mode: r.get(19)?,
+            po: r.get(20)?,
+            pi: r.get(21)?,
+            bo: r.get(22)?,
+            bi: r.get(23)?,
+            outcome: r.get(24)?,
+            nat_ip: r.get(25)?,
+            nat_port: r.get(26)?,
+        })
+    }
+}
+
+/// Report figures over a window, from the rollups.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReportData {
+    pub since: Option<Timestamp>,
+    pub until: Option<Timestamp>,
+    pub records: u64,
+    pub by_verdict: BTreeMap<String, u64>,
+    /// Per tenant and namespace, the destinations with most records: `(destination, records, bytes)`.
+    pub top_destinations: Vec<Top>,
+    pub drops_by_rule: Vec<Count>,
+    pub drops_by_pod: Vec<Count>,
+    pub audit_by_rule: Vec<Count>,
+    pub protocols: Vec<Count>,
+    pub errors_by_destination: Vec<Count>,
+    /// Rules the policy had in the window that decided nothing and audited nothing.
+    pub rules_never_hit: Vec<String>,
+    pub lost: Vec<Count>,
+    /// Records per minute and verdict (for charts): `(minute, verdict, records)`.
+    pub timeline: Vec<(Timestamp, String, u64)>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Top {
+    pub tenant: String,
+    pub namespace: String,
+    pub destination: String,
+    pub records: u64,
+    pub bytes: u64,
+}
+
+/// One row of a count table: what it is about, and how many.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Count {
+    pub key: Vec<String>,
+    pub records: u64,
+}
+
+impl Reader {
+    /// Opens the store in `dir`; an error when the folder holds no store.
+    pub fn open(dir: &Path) -> Result<Reader> {
+        if !dir.join("rollups.db").exists() {
+            return Err(format!(
+                "{} holds no flow store (no rollups.db): give the store's folder (--store DIR)",
+                dir.display()
+            ));
+        }
+        Ok(Reader { dir: dir.to_path_buf() })
+    }
+
+    fn shards(&self, f: &Filter) -> Result<Vec<ShardReader>> {
+        let mut out = Vec::new();
+        for p in shard_files(&self.dir)? {
+            let Ok(s) = ShardReader::open(&p) else { continue };
+            // Shards wholly outside the time window are skipped.
+            let (min_t, max_t) = (meta(&s.conn, "min_t"), meta(&s.conn, "max_t"));
+            if let (Some(since), Some(max_t)) = (f.since, max_t)
+                && max_t < us(since)
+            {
+                continue;
+            }
+            if let (Some(until), Some(min_t)) = (f.until, min_t)
+                && min_t > us(until)
+            {
+                continue;
+            }
+            out.push(s);
+        }
+        Ok(out)
+    }
+
+    /// The records that pass `f`, in time order; with `last`, only the newest `last`.
+    pub fn query(&self, f: &Filter, last: Option<usize>) -> Result<Vec<FlowRecord>> {
+        let mut shards = self.shards(f)?;
+        let mut out: Vec<FlowRecord> = Vec::new();
+        // A record's time is when its traffic began, and connections are recorded when they end: any shard may hold
+        // the newest records, so each gives its newest `last`, and the newest of those are kept.
+        for s in shards.iter_mut() {
+            out.extend(s.select(f, last, 0)?.into_iter().map(|(_, r)| r));
+        }
+        out.sort_by_key(|r| r.time);
+        if let Some(n) = last {
+            let skip = out.len().saturating_sub(n);
+            out.drain(..skip);
+        }
+        Ok(out)
+    }
+
+    /// Records that arrived after `cursor` and pass `f`, in arrival order, and the new cursor.
+    pub fn follow(&self, f: &Filter, cursor: &Cursor) -> Result<(Vec<FlowRecord>, Cursor)> {
+        let files = shard_files(&self.dir)?;
+        let mut out = Vec::new();
+        let mut next = cursor.clone();
+        for p in files.iter().filter(|p| cursor.shard.as_ref().is_none_or(|c| *p >= c)) {
+            let Ok(mut s) = ShardReader::open(p) else { continue };
+            let after = if cursor.shard.as_ref() == Some(p) { cursor.row } else { 0 };
+            for (row, r) in s.select(f, None, after)? {
+                next = Cursor { shard: Some(p.clone()), row };
+                out.push(r);
+            }
+            // Rows the filter left out still move the cursor.
+            let max: i64 = s
+                .conn
+                .query_row("SELECT coalesce(max(rowid), 0) FROM flows", [], |r| r.get(0))
+                .map_err(err("follow"))?;
+            if max > after {
+                next = Cursor { shard: Some(p.clone()), row: max };
+            }
+        }
+        Ok((out, next))
+    }
+
+    /// The cursor at the end of the store: `follow` from it returns only what arrives later.
+    pub fn end(&self) -> Result<Cursor> {
+        let Some(p) = shard_files(&self.dir)?.pop() else { return Ok(Cursor::default()) };
+        let s = ShardReader::open(&p)?;
+        let max: i64 =
+            s.conn.query_row("SELECT coalesce(max(rowid), 0) FROM flows", [], |r| r.get(0)).map_err(err("end"))?;
+        Ok(Cursor { shard: Some(p), row: max })
+    }
+
+    /// Records in the store (every shard).
+    pub fn count(&self) -> Result<u64> {
+        let mut n = 0;
+        for p in shard_files(&self.dir)? {
+            let s = ShardReader::open(&p)?;
+            n += s.conn.query_row("SELECT count(*) FROM flows", [], |r| r.get::<_, i64>(0)).map_err(err("count"))?
+                as u64;
+        }
+        Ok(n)
+    }
+
+    /// Bytes the store takes on disk.
+    pub fn bytes(&self) -> Result<u64> {
+        Ok(shard_files(&self.dir)?.iter().map(|p| file_size(p)).sum::<u64>() + file_size(&self.dir.join("rollups.db")))
+    }
+
+    /// The report over a window (`tenant`/`namespace` narrow it), from the per-minute rollups.
+    pub fn report(&self, f: &Filter, top: usize) -> Result<ReportData> {
+        let conn = Connection::open_with_flags(self.dir.join("rollups.db"), OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(err("opening rollups.db"))?;
+        let since = f.since.map_or(i64::MIN, |t| minute(us(t)));
+        let until = f.until.map_or(i64::MAX, us);
+        let mut w = String::from("m >= ?1 AND m <= ?2");
+        if let Some(t) = &f.tenant {
+            w += &format!(" AND tenant = '{}'", t.replace('\'', "''"));
+        }
+        if let Some(ns) = &f.namespace {
+            w += &format!(" AND ns = '{}'", ns.replace('\'', "''"));
+        }
+        let rows = |sql: &str, n: usize| -> Result<Vec<(Vec<String>, u64, u64)>> {
+            let mut st = conn.prepare(sql).map_err(err("report"))?;
+            let mapped = st
+                .query_map(params![since, until], |r| {
+                    let mut key = Vec::new();
+                    for i in 0..n {
+                        let v: rusqlite::types::Value = r.get(i)?;
+                        key.push(match v {
+                            rusqlite::types::Value::Integer(i) => i.to_string(),
+                            rusqlite::types::Value::Text(t) => t,
+                            _ => String::new(),
+                        });
+                    }
+                    Ok((key, r.get::<_, i64>(n)? as u64, r.get::<_, Option<i64>>(n + 1)?.unwrap_or(0) as u64))
+                })
+                .map_err(err("report"))?;
+            mapped.collect::<std::result::Result<_, _>>().map_err(err("report"))
+        };
+        let count = |v: Vec<(Vec<String>, u64, u64)>| -> Vec<Count> {
+            v.into_iter().map(|(key, records, _)| Count { key, records }).collect()
+        };
+        let mut d = ReportData { since: f.since, until: f.until, ..ReportData::default() };
+        for (k, n, _) in rows(&format!("SELECT verdict, sum(n), 0 FROM minute WHERE {w} GROUP BY verdict"), 1)? {
+            let v = code_verdict(k[0].parse().unwrap_or(0)).as_str().to_string();
+            d.records += n;
+            d.by_verdict.insert(v, n);
+        }
+        let all = rows(
+            &format!(
+                "SELECT tenant, ns, dst, sum(n), sum(bytes) FROM minute WHERE {w} GROUP BY tenant, ns, dst ORDER BY tenant, ns, sum(n) DESC, dst"
+            ),
+            3,
+        )?;
+        let mut per: HashMap<(String, String), usize> = HashMap::new();
+        for (k, n, bytes) in all {
+            let seen = per.entry((k[0].clone(), k[1].clone())).or_default();
+            if *seen < top {
+                *seen += 1;
+                d.top_destinations.push(Top {
+                    tenant: k[0].clone(),
+                    namespace: k[1].clone(),
+                    destination: k[2].clone(),
+                    records: n,
+                    bytes,
+                });
+            }
+        }
+        d.drops_by_rule = count(rows(
+            &format!(
+                "SELECT rule, CASE verdict WHEN 1 THEN 'drop' ELSE 'reject' END, sum(n), 0 FROM minute WHERE {w} AND verdict > 0 GROUP BY rule, verdict ORDER BY sum(n) DESC, rule LIMIT {top}"
+            ),
+            2,
+        )?);
+        d.drops_by_pod = count(rows(
+            &format!(
+                "SELECT tenant, ns, pod, CASE verdict WHEN 1 THEN 'drop' ELSE 'reject' END, sum(n), 0 FROM minute WHERE {w} AND verdict > 0 GROUP BY tenant, ns, pod, verdict ORDER BY sum(n) DESC, pod LIMIT {top}"
+            ),
+            4,
+        )?);
+        d.audit_by_rule = count(rows(
+            &format!(
+                "SELECT rule, decided, CASE verdict WHEN 0 THEN 'accept' WHEN 1 THEN 'drop' ELSE 'reject' END, sum(n), 0 FROM audit WHERE {w} GROUP BY rule, decided, verdict ORDER BY sum(n) DESC, rule LIMIT {top}"
+            ),
+            3,
+        )?);
+        d.protocols = count(rows(
+            &format!(
+                "SELECT proto, dport, sum(n), 0 FROM minute WHERE {w} GROUP BY proto, dport ORDER BY sum(n) DESC, proto, dport LIMIT {top}"
+            ),
+            2,
+        )?);
+        d.errors_by_destination = count(rows(
+            &format!(
+                "SELECT dst, dport, CASE outcome WHEN 1 THEN 'reset' WHEN 2 THEN 'no-answer' ELSE 'icmp-unreachable' END, sum(n), 0 FROM minute WHERE {w} AND outcome IN (1, 2, 3) GROUP BY dst, dport, outcome ORDER BY sum(n) DESC, dst LIMIT {top}"
+            ),
+            3,
+        )?);
+        let lost_w = "m >= ?1 AND m <= ?2";
+        d.lost = count(rows(
+            &format!(
+                "SELECT source, reason, sum(n), 0 FROM losses WHERE {lost_w} GROUP BY source, reason ORDER BY sum(n) DESC"
+            ),
+            2,
+        )?);
+        // Rules the policy had during the window (first seen before its end, last seen after its start) that appear in
+        // no record.
+        let mut st = conn
+            .prepare(
+                "SELECT rule FROM rules WHERE first <= ?2 AND last >= ?1 AND rule NOT IN (SELECT rule FROM minute WHERE m >= ?1 AND m <= ?2) AND rule NOT IN (SELECT rule FROM audit WHERE m >= ?1 AND m <= ?2) ORDER BY rule",
+            )
+            .map_err(err("report"))?;
+        d.rules_never_hit = st
+            .query_map(params![since, until], |r| r.get(0))
+            .map_err(err("report"))?
+            .collect::<std::result::Result<_, _>>()
+            .map_err(err("report"))?;
+        for (k, n, _) in
+            rows(&format!("SELECT m, verdict, sum(n), 0 FROM minute WHERE {w} GROUP BY m, verdict ORDER BY m"), 2)?
+        {
+            let m: i64 = k[0].parse().unwrap_or(0);
+            d.timeline.push((from_us(m), code_verdict(k[1].parse().unwrap_or(0)).as_str().to_string(), n));
+        }
+        Ok(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(i: u32, t: Timestamp) -> FlowRecord {
+        let mut r = FlowRecord::packet(t, if i.is_multiple_of(2) { "payments" } else { "analytics" }, Verdict::Accept);
+        r.kind = Kind::Connection;
+        r.source.ip = Some(IpAddr::from([10, 10, 0, (i % 250) as u8]));
+        r.source.namespace = Some(format!("ns{}", i % 3));
+        r.source.pod = Some(format!("pod-{}", i % 7));
+        r.destination.ip = Some(IpAddr::from([198, 51, 100, (i % 9) as u8]));
+        r.destination.port = Some(443);
+        r.protocol = "tcp".into();
+        r.verdict = if i.is_multiple_of(5) { Verdict::Drop } else { Verdict::Accept };
+        r.rule = Some(RuleRef {
+            rule: format!("NamespaceEgressRule/ns{}/r{}", i % 3, i % 4),
+            context: "namespace".into(),
+            mode: "enforce".into(),
+        });
+        if i.is_multiple_of(11) {
+            r.audit = vec!["ClusterEgressRule/audit-all".into()];
+        }
+        r.bytes = Counts { out: 100, back: 1000 };
+        r.outcome = if i.is_multiple_of(13) { Outcome::Reset } else { Outcome::Completed };
+        r
+    }
+
+    #[test]
+    fn records_come_back_as_written_through_sealed_and_hot_shards() {
+        let dir = std::env::temp_dir().join(format!("ces-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let t0: Timestamp = "2026-12-06T10:00:00Z".parse().unwrap();
+        let records: Vec<FlowRecord> =
+            (0..1000).map(|i| rec(i, t0 + jiff::SignedDuration::from_millis(i as i64))).collect();
+        let cfg = StoreConfig { shard_records: 300, ..StoreConfig::default() };
+        let mut w = Writer::open(&dir, cfg).unwrap();
+        for chunk in records.chunks(100) {
+            w.append(chunk).unwrap();
+        }
+        w.rules(&["NamespaceEgressRule/ns0/r0".into(), "ClusterEgressRule/never".into()], t0).unwrap();
+        w.losses(t0, "nflog", "sequence-gap", 7).unwrap();
+        w.close().unwrap();
+        assert!(shard_files(&dir).unwrap().len() >= 4, "sealed shards and the last");
+        let r = Reader::open(&dir).unwrap();
+        assert_eq!(r.count().unwrap(), 1000);
+        let all = r.query(&Filter::default(), None).unwrap();
+        assert_eq!(all, records, "every field comes back");
+        let f = Filter { namespace: Some("ns1".into()), verdict: Some(Verdict::Drop), ..Filter::default() };
+        let want: Vec<FlowRecord> = records.iter().filter(|x| f.matches(x)).cloned().collect();
+        assert_eq!(r.query(&f, None).unwrap(), want);
+        let f = Filter { rule: Some("audit-all".into()), ..Filter::default() };
+        assert_eq!(r.query(&f, None).unwrap().len(), records.iter().filter(|x| f.matches(x)).count());
+        let f = Filter { to: Some(To::parse("198.51.100.0/30").unwrap()), ..Filter::default() };
+        assert_eq!(r.query(&f, None).unwrap().len(), records.iter().filter(|x| f.matches(x)).count());
+        let last = r.query(&Filter::default(), Some(5)).unwrap();
+        assert_eq!(last, records[995..].to_vec(), "the newest five, in time order");
+        let rep = r.report(&Filter::default(), 100).unwrap();
+        assert_eq!(rep.records, 1000);
+        assert_eq!(rep.by_verdict["drop"], 200);
+        assert_eq!(rep.rules_never_hit, ["ClusterEgressRule/never"]);
+        assert_eq!(rep.lost, [Count { key: vec!["nflog".into(), "sequence-gap".into()], records: 7 }]);
+        assert_eq!(rep.audit_by_rule.iter().map(|c| c.records).sum::<u64>(), 91);
+        assert!(rep.errors_by_destination.iter().all(|c| c.key[2] == "reset"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
