@@ -459,7 +459,11 @@ fn names_are_learned_where_the_packets_are_and_every_verdict_agrees_with_simulat
     assert!(agent.metric("ces_dns_answers_held_total") >= 18.0);
     assert_eq!(agent.metric("ces_dns_kernel_errors_total"), 0.0);
 
-    // The audit rule's hit is in the connection's flow record, with the name the client resolved.
+    // The audit rule's hit is in the connection's flow record, with the name the client resolved. (Connections are
+    // recorded when conntrack reaps them, up to a minute after they end on a table this small: reaped now.)
+    std::thread::sleep(Duration::from_millis(1500));
+    let flushed = ces_lab::spawn_in(&lab.gateway, ces_nft::conntrack::flush).unwrap().join().unwrap();
+    assert!(matches!(flushed, Ok(Ok(()))), "{flushed:?}");
     let packets = || std::fs::read_to_string(dir.join("packets.jsonl")).unwrap_or_default();
     wait_until(
         || {
