@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh Debian machine: installs what the tests need (the nftables gateway's tests send
 # real packets through network namespaces: nftables, iproute2, iputils-ping; host names need a real DNS server,
-# dnsmasq, and on kernels without nft's `queue`, iptables), then runs every test.
+# dnsmasq, and on kernels without nft's `queue`, iptables; flow export needs rsyslog, rsyslog-gnutls and pmacct),
+# then runs every test.
 # Needs root, as the network-namespace tests do; without it, it stops and says so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,9 @@ fi
 # shellcheck source=scripts/deps.sh
 . scripts/deps.sh
 need nft:nftables ip:iproute2 ping:iputils-ping iptables-nft:iptables dnsmasq:dnsmasq-base
+# Flow export is tested against real receivers: rsyslog (with TLS) and pmacct's IPFIX collector.
+need rsyslogd:rsyslog nfacctd:pmacct
+need_pkg rsyslog-gnutls
 # The official AS3 schema files (F5's, not part of this repository) validate every declaration the tests produce.
 if [ -z "${CES_AS3_SCHEMA_DIR:-}" ]; then
   for d in "$PWD/../shared/as3-schema" /work/shared/as3-schema; do

@@ -391,18 +391,20 @@ mod ie {
     pub const POST_NAT_SRC_V6: u16 = 281;
     /// RFC 5103: reverse elements are the forward ones under this enterprise number.
     pub const REVERSE_PEN: u32 = 29305;
-    /// CES's own, under the configured enterprise number (variable-length strings).
-    pub const CES_TENANT: u16 = 1;
-    pub const CES_NAMESPACE: u16 = 2;
-    pub const CES_POD: u16 = 3;
-    pub const CES_RULE: u16 = 4;
-    pub const CES_VERDICT: u16 = 5;
-    pub const CES_CONTEXT: u16 = 6;
-    pub const CES_MODE: u16 = 7;
-    pub const CES_HOST: u16 = 8;
-    pub const CES_EXTERNAL_SERVICE: u16 = 9;
-    pub const CES_OUTCOME: u16 = 10;
-    pub const CES_AUDIT: u16 = 11;
+    /// CES's own, under the configured enterprise number (variable-length strings). Numbered from 101, so that no
+    /// number is also an IANA element of the same template (collectors such as pmacct key a template's fields by
+    /// number and would confuse them).
+    pub const CES_TENANT: u16 = 101;
+    pub const CES_NAMESPACE: u16 = 102;
+    pub const CES_POD: u16 = 103;
+    pub const CES_RULE: u16 = 104;
+    pub const CES_VERDICT: u16 = 105;
+    pub const CES_CONTEXT: u16 = 106;
+    pub const CES_MODE: u16 = 107;
+    pub const CES_HOST: u16 = 108;
+    pub const CES_EXTERNAL_SERVICE: u16 = 109;
+    pub const CES_OUTCOME: u16 = 110;
+    pub const CES_AUDIT: u16 = 111;
 }
 
 /// The template of a family: `(element, length, enterprise)`; length 65535 is variable.
