@@ -48,6 +48,11 @@ pub enum TenantOutcome {
 }
 
 impl As3Backend {
+    /// The documents of the last apply that every tenant took.
+    pub fn rendered(&self) -> Option<&Rendered> {
+        self.last.as_ref()
+    }
+
     /// `schema_dir` holds the official schema files; without it nothing is sent to a device (a dry run may go on,
     /// unvalidated, and says so).
     pub fn new(client: Client, schema_dir: Option<std::path::PathBuf>) -> Result<As3Backend, String> {

@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod client;
+pub mod logs;
 pub mod names;
 pub mod render;
 pub mod schema;

@@ -234,7 +234,24 @@ fn address(v: Option<&String>) -> Option<IpAddr> {
     v.split('%').next()?.trim().parse().ok()
 }
 
+const COMMON: &str = "Common";
+
 impl AfmIndex {
+    /// Indexes one declared rule: under its policy and its name alone, as `rule-list:rule`, and (for messages
+    /// without a policy name) under its name only.
+    pub fn insert(&mut self, policy: &str, rule_list: &str, rule: &str, info: RuleInfo) {
+        for key in [
+            (policy.to_string(), rule.to_string()),
+            (policy.to_string(), format!("{rule_list}:{rule}")),
+            (String::new(), rule.to_string()),
+        ] {
+            let v = self.rules.entry(key).or_default();
+            if !v.contains(&info) {
+                v.push(info.clone());
+            }
+        }
+    }
+
     /// The observation an AFM event makes. `received`: when it arrived (the time when the message's own has no zone).
     pub fn observation(&self, ev: &AfmEvent, received: Timestamp) -> Result<Observation, String> {
         let f = &ev.fields;
@@ -253,7 +270,7 @@ impl AfmIndex {
             .and_then(|r| r.parse::<u16>().ok())
             .or_else(|| f.get("source_ip").and_then(|s| s.split_once('%')?.1.parse().ok()))
             .unwrap_or(0);
-        let tenant = self.tenants.get(&rd).cloned().unwrap_or_else(|| "Common".to_string());
+        let tenant = self.tenants.get(&rd).cloned().unwrap_or_else(|| COMMON.to_string());
         let action = f.get("action").cloned().unwrap_or_default().to_ascii_lowercase();
         let staged = f.get("acl_policy_type").is_some_and(|t| t.eq_ignore_ascii_case("staged"));
         let policy = f.get("acl_policy_name").cloned().unwrap_or_default();
@@ -264,7 +281,9 @@ impl AfmIndex {
             .or_else(|| self.rules.get(&(String::new(), rule_name.clone())))
             .cloned()
             .unwrap_or_default();
-        let mut candidates: Vec<RuleInfo> = candidates.into_iter().filter(|r| r.tenant == tenant).collect();
+        // The tenant's own rules, and Common's (the global context applies to every tenant's traffic).
+        let mut candidates: Vec<RuleInfo> =
+            candidates.into_iter().filter(|r| r.tenant == tenant || r.tenant == COMMON).collect();
         // Of several rules AFM names alike, those whose action is what AFM did.
         if candidates.len() > 1 {
             let same: Vec<RuleInfo> = candidates
@@ -279,6 +298,7 @@ impl AfmIndex {
         let rule = match candidates.first() {
             Some(r) => {
                 let mut r = r.clone();
+                r.tenant = tenant.clone();
                 if staged {
                     r.mode = "audit".into();
                 }

@@ -68,8 +68,8 @@ pub struct Attributor {
     pub pods: PodHistory,
     /// Host names the tenant's clients resolved an address from (the gateway's DNS learner).
     pub names: Option<NameLookup>,
-    /// Audit hits waiting for the decision on their packet: (tenant, tuple) to (rules, when).
-    audits: HashMap<(String, Tuple), (Vec<String>, Timestamp)>,
+    /// Audit hits waiting for the decision on their packet: (tenant, tuple) to (rules, when, which data plane).
+    audits: HashMap<(String, Tuple), (Vec<String>, Timestamp, Origin)>,
     /// Connections open now (conntrack NEW seen) with the audit hits of their first packet, kept for their end. The
     /// NEW event may come before or after the audit line (NFLOG batches its messages): either order joins.
     open: HashMap<(String, Tuple), Vec<String>>,
@@ -148,7 +148,7 @@ impl Attributor {
                 }
             }
             Observation::Opened { tuple, tenant } => {
-                let rules = self.audits.remove(&(tenant.clone(), tuple)).map(|(r, _)| r).unwrap_or_default();
+                let rules = self.audits.remove(&(tenant.clone(), tuple)).map(|(r, ..)| r).unwrap_or_default();
                 if self.open.len() >= MAX_OPEN {
                     // Connections whose end never came (a lost event) do not stay for ever.
                     self.open.clear();
@@ -163,7 +163,7 @@ impl Attributor {
                         }
                         return out;
                     }
-                    let e = self.audits.entry((rule.tenant.clone(), tuple)).or_insert((Vec::new(), time));
+                    let e = self.audits.entry((rule.tenant.clone(), tuple)).or_insert((Vec::new(), time, origin));
                     if !e.0.contains(&rule.rule) {
                         e.0.push(rule.rule.clone());
                     }
@@ -171,7 +171,7 @@ impl Attributor {
                 }
                 let mut r = self.record(Kind::Packet, origin, time, &tuple, &rule.tenant, Some(&rule));
                 r.packets = Counts { out: 1, back: 0 };
-                if let Some((rules, _)) = self.audits.remove(&(rule.tenant.clone(), tuple)) {
+                if let Some((rules, ..)) = self.audits.remove(&(rule.tenant.clone(), tuple)) {
                     r.audit = rules;
                 }
                 out.push(r);
@@ -195,7 +195,7 @@ impl Attributor {
                 r.nat = nat;
                 if let Some(rules) = self.open.remove(&(tenant.clone(), tuple)) {
                     r.audit = rules;
-                } else if let Some((rules, _)) = self.audits.remove(&(tenant, tuple)) {
+                } else if let Some((rules, ..)) = self.audits.remove(&(tenant, tuple)) {
                     r.audit = rules;
                 }
                 out.push(r);
@@ -209,11 +209,11 @@ impl Attributor {
     fn expire(&mut self, now: Timestamp) -> Vec<FlowRecord> {
         let horizon = now - jiff::SignedDuration::from_secs(AUDIT_WAIT_SECS);
         let stale: Vec<(String, Tuple)> =
-            self.audits.iter().filter(|(_, (_, t))| *t < horizon).map(|(k, _)| k.clone()).collect();
+            self.audits.iter().filter(|(_, (_, t, _))| *t < horizon).map(|(k, _)| k.clone()).collect();
         let mut out = Vec::new();
         for k in stale {
-            let (rules, time) = self.audits.remove(&k).expect("listed");
-            let mut r = self.record(Kind::Packet, Origin::Gateway, time, &k.1, &k.0, None);
+            let (rules, time, origin) = self.audits.remove(&k).expect("listed");
+            let mut r = self.record(Kind::Packet, origin, time, &k.1, &k.0, None);
             r.packets = Counts { out: 1, back: 0 };
             r.audit = rules;
             out.push(r);

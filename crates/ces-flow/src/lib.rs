@@ -10,6 +10,7 @@ pub mod attribute;
 pub mod export;
 pub mod filter;
 pub mod history;
+pub mod listen;
 pub mod pipeline;
 pub mod record;
 pub mod store;

@@ -31,6 +31,8 @@ pub enum Input {
     Rules(Vec<String>),
     /// Sets how host names are found for destinations.
     Names(crate::attribute::NameLookup),
+    /// Store and export what came before, then stop (`Pipeline::close`).
+    Stop,
 }
 
 #[derive(Default)]
@@ -62,7 +64,7 @@ impl PipelineStats {
 pub struct Pipeline {
     tx: SyncSender<Input>,
     pub stats: Arc<PipelineStats>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     exporter_stats: Vec<(String, Arc<crate::export::ExportStats>)>,
 }
 
@@ -77,7 +79,7 @@ impl Pipeline {
             .name("ces-flows".into())
             .spawn(move || run(rx, store, exporters, attributor, s))
             .expect("a thread");
-        Pipeline { tx, stats, thread: Some(thread), exporter_stats }
+        Pipeline { tx, stats, thread: Mutex::new(Some(thread)), exporter_stats }
     }
 
     /// Submits an observation; counted as lost when the queue is full.
@@ -93,18 +95,33 @@ impl Pipeline {
         let _ = self.tx.send(i);
     }
 
+    /// The policy now (after a pass): its pods for the history, its rules (and each tenant's default) for "rules
+    /// never hit".
+    pub fn policy(&self, model: &ces_model::PolicyModel) {
+        self.send(Input::Pods(model.pods.clone()));
+        let mut rules: Vec<String> = model.rules().map(|(_, r)| r.id.clone()).collect();
+        rules.sort();
+        rules.dedup();
+        rules.extend(model.tenants.iter().map(|t| format!("Tenant/{}", t.name)));
+        self.send(Input::Rules(rules));
+    }
+
     /// Records a reader lost before they reached the pipeline (kernel overruns, sequence gaps).
     pub fn lost(&self, source: &str, reason: &str, n: u64) {
         self.stats.lose(source, reason, n);
     }
 
-    /// Stops after everything queued is stored and offered to the exporters.
-    pub fn stop(mut self) {
-        let (tx, _) = sync_channel(1);
-        drop(std::mem::replace(&mut self.tx, tx));
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+    /// Stops after everything queued is stored and offered to the exporters. Whoever still holds the pipeline may
+    /// go on calling it: what they observe after is counted as lost.
+    pub fn close(&self) {
+        let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() else { return };
+        let _ = self.tx.send(Input::Stop);
+        let _ = t.join();
+    }
+
+    /// `close`, for the pipeline's only holder.
+    pub fn stop(self) {
+        self.close();
     }
 
     /// Prometheus text lines.
@@ -171,6 +188,7 @@ fn run(
                     }
                 }
                 Input::Names(f) => attr.names = Some(f),
+                Input::Stop => done = true,
             }
         }
         // Audit hits that waited long enough for a decision.

@@ -103,12 +103,7 @@ impl ces_sync::Backend for NftBackend {
         }
         self.log_group.store(model.settings.gateway.log_group as u32, std::sync::atomic::Ordering::Relaxed);
         if let Some(f) = &self.flows {
-            f.send(ces_flow::pipeline::Input::Pods(model.pods.clone()));
-            let mut rules: Vec<String> = model.rules().map(|(_, r)| r.id.clone()).collect();
-            rules.sort();
-            rules.dedup();
-            rules.extend(model.tenants.iter().map(|t| format!("Tenant/{}", t.name)));
-            f.send(ces_flow::pipeline::Input::Rules(rules));
+            f.policy(model);
         }
         let mut summary = match applied {
             apply::Applied::Replaced => format!("table inet {} replaced", rs.table),

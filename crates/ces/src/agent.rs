@@ -178,6 +178,10 @@ impl<B: ces_sync::Backend, F: Fn(&B) -> String> Counted<B, F> {
     pub fn new(inner: B, health: Arc<Health>, extra: F) -> Counted<B, F> {
         Counted { inner, health, extra }
     }
+
+    pub fn into_inner(self) -> B {
+        self.inner
+    }
 }
 
 impl<B: ces_sync::Backend, F: Fn(&B) -> String> ces_sync::Backend for Counted<B, F> {

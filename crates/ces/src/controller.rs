@@ -1,10 +1,14 @@
 //! `ces controller`: keeps a BIG-IP's AFM configuration (through AS3) in step with the policy, through the sync loop.
 
 use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use ces_as3::As3Backend;
 use ces_as3::client::{Client, Credentials, DryRun, Http, Transport};
+use ces_flow::attribute::RuleInfo;
+use ces_flow::listen::AfmSettings;
+use ces_flow::pipeline::{Input, Pipeline};
 use clap::Args;
 
 use crate::inputs::Inputs;
@@ -61,6 +65,75 @@ pub struct ControllerArgs {
     once: bool,
     #[command(flatten)]
     sync: crate::agent::LoopArgs,
+    /// Receive AFM's firewall log messages as syslog on ADDR (UDP and TCP, e.g. 0.0.0.0:5140) and keep them as flow
+    /// records: the log publisher's destination points here (docs/flows.md, "From the BIG-IP").
+    #[arg(long, value_name = "ADDR")]
+    afm_syslog_listen: Option<String>,
+    #[command(flatten)]
+    flows: crate::flows::FlowArgs,
+}
+
+/// The AS3 backend, with the flow pipeline told of each policy it applied: the pods (for attribution) and what
+/// AFM's logs will call each rule.
+pub struct Observed {
+    pub inner: As3Backend,
+    flows: Option<(Arc<Pipeline>, Arc<RwLock<AfmSettings>>)>,
+}
+
+impl Observed {
+    fn applied(&self, model: &ces_model::PolicyModel) {
+        let (Some((pipeline, settings)), Some(rendered)) = (&self.flows, self.inner.rendered()) else { return };
+        pipeline.policy(model);
+        *settings.write().unwrap_or_else(|p| p.into_inner()) = afm_settings(rendered, model);
+    }
+}
+
+/// How AFM's messages about `rendered` are read.
+pub fn afm_settings(rendered: &ces_as3::Rendered, model: &ces_model::PolicyModel) -> AfmSettings {
+    let mut index = ces_flow::afm::AfmIndex::default();
+    for r in ces_as3::logs::logged_rules(rendered, model) {
+        let info = RuleInfo {
+            rule: r.rule_id.clone().unwrap_or_else(|| format!("Tenant/{}", r.tenant)),
+            tenant: r.tenant,
+            context: r.context,
+            action: r.action,
+            mode: r.mode,
+            external_service: r.external_service,
+        };
+        index.insert(&r.policy, &r.rule_list, &r.rule, info);
+    }
+    index.tenants = ces_as3::logs::route_domains(model).into_iter().collect();
+    let (fields, delimiter) = ces_as3::logs::storage_format(model)
+        .unwrap_or_else(|| (ces_flow::afm::ORIGINAL_FIELDS.iter().map(|f| f.to_string()).collect(), ','));
+    AfmSettings { index, fields, delimiter }
+}
+
+impl ces_sync::Backend for Observed {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn apply(&mut self, model: &ces_model::PolicyModel, full: bool) -> Result<ces_sync::Applied, String> {
+        let r = self.inner.apply(model, full);
+        self.applied(model);
+        r
+    }
+
+    fn apply_pods(
+        &mut self,
+        model: &ces_model::PolicyModel,
+        delta: &ces_model::PodDelta,
+    ) -> Result<ces_sync::Applied, String> {
+        let r = self.inner.apply_pods(model, delta);
+        if let Some((pipeline, _)) = &self.flows {
+            pipeline.send(Input::PodChanges(delta.pods.clone()));
+        }
+        r
+    }
+
+    fn problems(&self) -> Vec<ces_model::Diagnostic> {
+        self.inner.problems()
+    }
 }
 
 fn client(args: &ControllerArgs) -> Result<Client, Failure> {
@@ -94,6 +167,9 @@ pub fn run(args: &ControllerArgs) -> Result<(), Failure> {
     if args.kube.kubernetes && !args.inputs.manifests.is_empty() {
         return Err(Failure::input("--kubernetes and --manifests are two sources: give one"));
     }
+    if args.once && args.afm_syslog_listen.is_some() {
+        return Err(Failure::input("--afm-syslog-listen receives logs until stopped: not with --once"));
+    }
     if args.kube.kubernetes && (args.once || args.inputs.example) {
         return Err(Failure::input(
             "with --kubernetes the controller runs until stopped: --once and --example read files",
@@ -119,7 +195,29 @@ pub fn run(args: &ControllerArgs) -> Result<(), Failure> {
         crate::health::serve(addr, health.clone(), "controller").map_err(Failure::input)?;
     }
     let opts = args.sync.options(&args.inputs.ces_namespace);
-    let mut backend = crate::agent::Counted::new(backend, health.clone(), |b: &As3Backend| {
+    let mut backend = Observed { inner: backend, flows: None };
+    let stop_listener = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(addr) = &args.afm_syslog_listen {
+        let a: std::net::SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(addr.as_str())
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| Failure::input(format!("--afm-syslog-listen: `{addr}` is not HOST:PORT")))?;
+        let (pipeline, _) = args.flows.start(None)?;
+        let settings = Arc::new(RwLock::new(AfmSettings::default()));
+        let bound = ces_flow::listen::listen(a, settings.clone(), pipeline.clone(), stop_listener.clone())
+            .map_err(Failure::input)?;
+        crate::agent::log(
+            "info",
+            "controller",
+            &format!("receiving AFM's logs on {bound} (UDP and TCP)"),
+            serde_json::json!({"listen": bound.to_string()}),
+        );
+        let p = pipeline.clone();
+        health.more_metrics.lock().unwrap_or_else(|e| e.into_inner()).push(Box::new(move || p.metrics("controller")));
+        backend.flows = Some((pipeline, settings));
+    }
+    let mut backend = crate::agent::Counted::new(backend, health.clone(), |b: &Observed| {
+        let b = &b.inner;
         let s = b.client.stats;
         let mut out = format!(
             "# HELP ces_backend_requests_total Requests sent to the BIG-IP.\n# TYPE ces_backend_requests_total counter\n\
@@ -156,6 +254,7 @@ pub fn run(args: &ControllerArgs) -> Result<(), Failure> {
         health.leader.store(true, std::sync::atomic::Ordering::Relaxed);
         crate::agent::log("info", "controller", "watching the Kubernetes API", serde_json::json!({}));
         crate::agent::run_loop("controller", &mut source, &mut backend, &opts, &health);
+        stop_flows(backend.into_inner(), &stop_listener);
         return Ok(());
     }
     if args.inputs.example {
@@ -172,5 +271,14 @@ pub fn run(args: &ControllerArgs) -> Result<(), Failure> {
         serde_json::json!({}),
     );
     crate::agent::run_loop("controller", &mut source, &mut backend, &opts, &health);
+    stop_flows(backend.into_inner(), &stop_listener);
     Ok(())
+}
+
+/// Stopped: the listener first, then the pipeline stores what it holds.
+fn stop_flows(backend: Observed, stop: &std::sync::atomic::AtomicBool) {
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some((pipeline, _)) = backend.flows {
+        pipeline.close();
+    }
 }

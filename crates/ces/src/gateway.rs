@@ -220,9 +220,7 @@ fn watch_with(
         let _ = r.join();
     }
     drop(backend);
-    if let Ok(p) = std::sync::Arc::try_unwrap(pipeline) {
-        p.stop();
-    }
+    pipeline.close();
     Ok(())
 }
 

@@ -319,9 +319,7 @@ pub fn run(args: &InputArgs, flow_store: Option<&std::path::Path>) -> Result<(),
             let _ = r.join();
         }
         backend.flows = None;
-        if let Ok(p) = std::sync::Arc::try_unwrap(pipeline) {
-            p.stop();
-        }
+        pipeline.close();
         if let Some(dir) = flow_store {
             eprintln!("ces lab: flow records in {} (ces flows --store {0}; ces report --store {0})", dir.display());
         }
