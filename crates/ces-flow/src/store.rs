@@ -217,13 +217,24 @@ impl Hot {
             }
             t += 1;
         };
-        let conn = Connection::open(&path).map_err(err("creating a shard"))?;
-        conn.execute_batch(SHARD_SCHEMA).map_err(err("creating a shard's tables"))?;
-        conn.execute(
-            "INSERT OR REPLACE INTO meta VALUES('sealed', 0), ('count', 0), ('version', ?1)",
-            [SCHEMA_VERSION],
-        )
-        .map_err(err("shard meta"))?;
+        // Made under a temporary name and renamed once whole: a crash never leaves a shard without its tables.
+        let mut tmp = path.clone().into_os_string();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        {
+            let conn = Connection::open(&tmp).map_err(err("creating a shard"))?;
+            conn.execute_batch(SHARD_SCHEMA).map_err(err("creating a shard's tables"))?;
+            conn.execute(
+                "INSERT OR REPLACE INTO meta VALUES('sealed', 0), ('count', 0), ('version', ?1)",
+                [SCHEMA_VERSION],
+            )
+            .map_err(err("shard meta"))?;
+            // Closing checkpoints the write-ahead log into the file: nothing is left beside it to rename.
+            conn.close().map_err(|(_, e)| format!("flow store: creating a shard: {e}"))?;
+        }
+        std::fs::rename(&tmp, &path).map_err(|e| format!("flow store: {}: {e}", path.display()))?;
+        let conn = Connection::open(&path).map_err(err("opening a new shard"))?;
+        conn.execute_batch("PRAGMA synchronous=NORMAL;").map_err(err("opening a new shard"))?;
         Ok(Hot { path, conn, dict: HashMap::new(), count: 0, opened: now })
     }
 
@@ -295,6 +306,13 @@ impl Writer {
             appended_since_check: 0,
             last_check: 0,
         };
+        // A shard a crash cut short while it was being made.
+        for e in std::fs::read_dir(dir).map_err(|e| format!("flow store {}: {e}", dir.display()))?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("flows-") && name.contains(".db.tmp") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         for p in shard_files(dir)? {
             let sealed = Connection::open_with_flags(&p, OpenFlags::SQLITE_OPEN_READ_ONLY)
                 .ok()
