@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 /// The version of the record's JSON form; readers refuse records of a version they do not know.
 pub const SCHEMA_VERSION: u32 = 1;
 
+/// The JSON schema of the record's JSON form (`docs/flow-record.schema.json`).
+pub const JSON_SCHEMA: &str = include_str!("../../../docs/flow-record.schema.json");
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {

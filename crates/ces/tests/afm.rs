@@ -99,7 +99,16 @@ fn try_flows(store: &Path, args: &[&str]) -> Result<Vec<Value>, String> {
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
-    Ok(String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect())
+    let schema: Value = serde_json::from_str(ces_flow::record::JSON_SCHEMA).unwrap();
+    let schema = jsonschema::options().build(&schema).unwrap();
+    let records: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for r in &records {
+        if let Err(e) = schema.validate(r) {
+            panic!("{r:#}\ndoes not match the schema: {e}");
+        }
+    }
+    Ok(records)
 }
 
 fn flows(store: &Path, args: &[&str]) -> Vec<Value> {

@@ -146,7 +146,17 @@ fn flows(store: &Path, args: &[&str]) -> Vec<Value> {
         .output()
         .unwrap();
     assert!(out.status.success(), "ces flows: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    let schema: Value = serde_json::from_str(ces_flow::record::JSON_SCHEMA).unwrap();
+    let schema = jsonschema::options().build(&schema).unwrap();
+    let records: Vec<Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for r in &records {
+        // Every record the gateway makes is one docs/flow-record.schema.json describes.
+        if let Err(e) = schema.validate(r) {
+            panic!("{r:#}\ndoes not match the schema: {e}");
+        }
+    }
+    records
 }
 
 fn is(r: &Value, pod: &str, dst: &str, port: u64) -> bool {
