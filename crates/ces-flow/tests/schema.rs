@@ -26,7 +26,7 @@ impl Gen {
     }
 
     fn maybe(&mut self) -> bool {
-        self.next() % 2 == 0
+        self.next().is_multiple_of(2)
     }
 }
 
@@ -48,7 +48,7 @@ fn record(g: &mut Gen) -> FlowRecord {
             std::net::Ipv4Addr::from(g.next() as u32).into()
         }
     };
-    r.source.ip = if g.next() % 10 == 0 { None } else { Some(ip(g, v6)) };
+    r.source.ip = if g.next().is_multiple_of(10) { None } else { Some(ip(g, v6)) };
     r.destination.ip = Some(ip(g, v6));
     if g.maybe() {
         r.source.port = Some(g.next() as u16);
@@ -64,7 +64,7 @@ fn record(g: &mut Gen) -> FlowRecord {
         r.destination.external_service = Some("payments/stripe".into());
     }
     r.protocol = g.pick(&["tcp", "udp", "icmp", "132"]).to_string();
-    if g.next() % 5 != 0 {
+    if !g.next().is_multiple_of(5) {
         r.rule = Some(RuleRef {
             rule: g.pick(&["NamespaceEgressRule/payments/out", "ClusterEgressRule/dns", "Tenant/payments"]).into(),
             context: g.pick(&["cluster", "namespace", "service", "default"]).into(),
