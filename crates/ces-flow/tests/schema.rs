@@ -111,7 +111,8 @@ fn the_schema_refuses_what_a_record_may_not_be() {
     let v = validator();
     let good = serde_json::to_value(record(&mut Gen(7))).unwrap();
     assert!(v.is_valid(&good));
-    let bad: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+    type Change = Box<dyn Fn(&mut Value)>;
+    let bad: Vec<(&str, Change)> = vec![
         ("another version", Box::new(|r| r["v"] = json!(2))),
         ("an unknown verdict", Box::new(|r| r["verdict"] = json!("maybe"))),
         ("no tenant", Box::new(|r| drop(r.as_object_mut().unwrap().remove("tenant")))),
