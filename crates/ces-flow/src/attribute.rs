@@ -137,10 +137,10 @@ impl Attributor {
         }
     }
 
-    /// The records an observation makes (none while an audit hit waits for its decision), and any audit hits that
-    /// waited too long, as records of their own.
-    pub fn observe(&mut self, o: Observation, now: Timestamp) -> Vec<FlowRecord> {
-        let mut out = self.expire(now);
+    /// The records an observation makes (none while an audit hit waits for its decision). Audit hits that waited too
+    /// long come out of [`Attributor::tick`].
+    pub fn observe(&mut self, o: Observation, _now: Timestamp) -> Vec<FlowRecord> {
+        let mut out = Vec::new();
         match o {
             Observation::IcmpError { time, about } => {
                 if self.icmp_errors.len() < 100_000 {
@@ -346,10 +346,8 @@ mod tests {
         assert_eq!(a.waiting(), 0);
         // An audit hit no decision follows is recorded on its own after two seconds.
         a.observe(audit, t);
-        let r = a.observe(
-            Observation::Opened { tuple: tuple("10.0.0.1", "10.0.0.2"), tenant: "x".into() },
-            t + jiff::SignedDuration::from_secs(3),
-        );
+        assert!(a.tick(t + jiff::SignedDuration::from_secs(1)).is_empty());
+        let r = a.tick(t + jiff::SignedDuration::from_secs(3));
         assert_eq!((r.len(), r[0].rule.clone(), r[0].audit.len()), (1, None, 1));
     }
 }

@@ -13,6 +13,7 @@ pub mod history;
 pub mod listen;
 pub mod pipeline;
 pub mod record;
+pub mod rollup;
 pub mod store;
 
 pub use filter::Filter;

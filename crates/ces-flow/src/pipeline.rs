@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,8 @@ pub struct PipelineStats {
     pub received: AtomicU64,
     pub records: AtomicU64,
     pub stored: AtomicU64,
+    /// Connection starts dropped on a full queue (their records still come, without audit hits seen before them).
+    pub starts_lost: AtomicU64,
     /// `(source, reason)` to records lost.
     pub lost: Mutex<BTreeMap<(String, String), u64>>,
 }
@@ -66,6 +68,8 @@ pub struct Pipeline {
     pub stats: Arc<PipelineStats>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     exporter_stats: Vec<(String, Arc<crate::export::ExportStats>)>,
+    /// Observations wait for room instead of being dropped: for imports and benchmarks, never on a data path.
+    pub lossless: bool,
 }
 
 impl Pipeline {
@@ -79,14 +83,24 @@ impl Pipeline {
             .name("ces-flows".into())
             .spawn(move || run(rx, store, exporters, attributor, s))
             .expect("a thread");
-        Pipeline { tx, stats, thread: Mutex::new(Some(thread)), exporter_stats }
+        Pipeline { tx, stats, thread: Mutex::new(Some(thread)), exporter_stats, lossless: false }
     }
 
-    /// Submits an observation; counted as lost when the queue is full.
+    /// Submits an observation; counted as lost when the queue is full (a connection's start, which makes no record
+    /// of its own, is counted apart).
     pub fn observe(&self, source: &str, o: Observation) {
         self.stats.received.fetch_add(1, Ordering::Relaxed);
+        if self.lossless {
+            let _ = self.tx.send(Input::Observation(o));
+            return;
+        }
+        let start = matches!(o, Observation::Opened { .. });
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(Input::Observation(o)) {
-            self.stats.lose(source, "queue-full", 1);
+            if start {
+                self.stats.starts_lost.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.stats.lose(source, "queue-full", 1);
+            }
         }
     }
 
@@ -132,10 +146,12 @@ impl Pipeline {
             "# HELP ces_flow_observations_total Observations the data plane's readers handed to the flow pipeline.\n# TYPE ces_flow_observations_total counter\nces_flow_observations_total{{{c}}} {}\n\
              # HELP ces_flow_records_total Flow records made.\n# TYPE ces_flow_records_total counter\nces_flow_records_total{{{c}}} {}\n\
              # HELP ces_flow_records_stored_total Flow records in the store.\n# TYPE ces_flow_records_stored_total counter\nces_flow_records_stored_total{{{c}}} {}\n\
+             # HELP ces_flow_connection_starts_lost_total Connection starts dropped on a full queue (their records come without the audit hits logged before them).\n# TYPE ces_flow_connection_starts_lost_total counter\nces_flow_connection_starts_lost_total{{{c}}} {}\n\
              # HELP ces_flow_records_lost_total Records lost, by where (source) and why.\n# TYPE ces_flow_records_lost_total counter\n",
             g(&self.stats.received),
             g(&self.stats.records),
-            g(&self.stats.stored)
+            g(&self.stats.stored),
+            g(&self.stats.starts_lost)
         );
         for ((source, reason), n) in self.stats.lost.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             s += &format!("ces_flow_records_lost_total{{{c},source=\"{source}\",reason=\"{reason}\"}} {n}\n");
@@ -160,17 +176,21 @@ fn run(
     let mut last_flush = Instant::now();
     let mut done = false;
     while !done {
+        // The queue is drained without blocking, and polled every millisecond when empty: a reader handing over an
+        // observation never has to wake this thread (a wake-up per observation cost more than the record).
         let mut inputs = Vec::new();
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(i) => inputs.push(i),
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => done = true,
-        }
         while inputs.len() < 8192 {
             match rx.try_recv() {
                 Ok(i) => inputs.push(i),
-                Err(_) => break,
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    done = true;
+                    break;
+                }
             }
+        }
+        if inputs.is_empty() && !done {
+            std::thread::sleep(Duration::from_millis(1));
         }
         let now = Timestamp::now();
         let mut records = Vec::new();

@@ -12,7 +12,7 @@
 //! - **Crash safety**: every file is in WAL mode with `synchronous=NORMAL`: a crash loses at most the last batches,
 //!   never the file; a shard whose sealing was cut short is sealed again when the store is opened.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -23,9 +23,11 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use crate::filter::{Filter, To, rule_matches};
 use crate::record::{
-    Counts, Destination, FlowRecord, Kind, Nat, Origin, Outcome, RuleRef, SCHEMA_VERSION, Source, Verdict,
-    protocol_name, protocol_number,
+    Counts, Destination, FlowRecord, Kind, Nat, Origin, Outcome, RuleRef, SCHEMA_VERSION, Source, protocol_name,
+    protocol_number,
 };
+use crate::rollup::{self, code_verdict, outcome_code, verdict_code};
+pub use crate::rollup::{Count, ReportData, Top};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StoreConfig {
@@ -77,32 +79,6 @@ fn blob_ip(b: &[u8]) -> Option<IpAddr> {
     }
 }
 
-fn verdict_code(v: Verdict) -> i64 {
-    match v {
-        Verdict::Accept => 0,
-        Verdict::Drop => 1,
-        Verdict::Reject => 2,
-    }
-}
-
-fn code_verdict(c: i64) -> Verdict {
-    match c {
-        1 => Verdict::Drop,
-        2 => Verdict::Reject,
-        _ => Verdict::Accept,
-    }
-}
-
-fn outcome_code(o: Outcome) -> i64 {
-    match o {
-        Outcome::Completed => 0,
-        Outcome::Reset => 1,
-        Outcome::NoAnswer => 2,
-        Outcome::IcmpUnreachable => 3,
-        Outcome::Unknown => 4,
-    }
-}
-
 fn code_outcome(c: i64) -> Outcome {
     match c {
         0 => Outcome::Completed,
@@ -137,24 +113,6 @@ CREATE INDEX IF NOT EXISTS i_dip ON flows(dip, t);
 CREATE INDEX IF NOT EXISTS i_verdict ON flows(verdict, t);
 CREATE INDEX IF NOT EXISTS i_nat ON flows(nat_ip, t);
 CREATE INDEX IF NOT EXISTS i_audit ON flow_audit(rule, flow);
-";
-
-const ROLLUP_SCHEMA: &str = "
-PRAGMA journal_mode=WAL;
-PRAGMA synchronous=NORMAL;
-CREATE TABLE IF NOT EXISTS minute(
-  m INTEGER NOT NULL, tenant TEXT NOT NULL, ns TEXT NOT NULL, pod TEXT NOT NULL, dst TEXT NOT NULL,
-  dport INTEGER NOT NULL, proto TEXT NOT NULL, verdict INTEGER NOT NULL, rule TEXT NOT NULL, outcome INTEGER NOT NULL,
-  n INTEGER NOT NULL, bytes INTEGER NOT NULL,
-  PRIMARY KEY(m, tenant, ns, pod, dst, dport, proto, verdict, rule, outcome)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS audit(
-  m INTEGER NOT NULL, tenant TEXT NOT NULL, ns TEXT NOT NULL, pod TEXT NOT NULL, rule TEXT NOT NULL,
-  decided TEXT NOT NULL, verdict INTEGER NOT NULL, n INTEGER NOT NULL,
-  PRIMARY KEY(m, tenant, ns, pod, rule, decided, verdict)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS losses(
-  m INTEGER NOT NULL, source TEXT NOT NULL, reason TEXT NOT NULL, n INTEGER NOT NULL,
-  PRIMARY KEY(m, source, reason)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS rules(rule TEXT PRIMARY KEY, first INTEGER NOT NULL, last INTEGER NOT NULL) WITHOUT ROWID;
 ";
 
 /// Minute (µs since the epoch, floored) of a time in µs.
@@ -198,10 +156,45 @@ pub fn seal(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Work for the store's background thread.
+enum Job {
+    /// A shard written no more: build its indexes.
+    Seal(PathBuf),
+    /// The shard now being written: its write-ahead log is checkpointed every second from here, not by the writer.
+    Hot(PathBuf),
+}
+
+/// The store's background thread: seals shards, and checkpoints the hot one (a passive checkpoint never waits for
+/// the writer, and its file writes and syncs stay off the pipeline's thread).
+fn background(rx: mpsc::Receiver<Job>) {
+    let mut hot: Option<(PathBuf, Connection)> = None;
+    loop {
+        match rx.recv_timeout(std::time::Duration::from_secs(1)) {
+            Ok(Job::Seal(p)) => {
+                if hot.as_ref().is_some_and(|(h, _)| *h == p) {
+                    hot = None;
+                }
+                if let Err(e) = seal(&p) {
+                    eprintln!("ces: {e} ({})", p.display());
+                }
+            }
+            Ok(Job::Hot(p)) => hot = Connection::open(&p).ok().map(|c| (p, c)),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if let Some((_, c)) = &hot {
+                    let _ = c.execute_batch("PRAGMA wal_checkpoint(PASSIVE);");
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
 struct Hot {
     path: PathBuf,
     conn: Connection,
     dict: HashMap<String, i64>,
+    /// Label sets already in the dictionary (as JSON), by value: most records repeat their pod's.
+    labels: HashMap<std::collections::BTreeMap<String, String>, i64>,
     count: u64,
     opened: i64,
 }
@@ -234,8 +227,10 @@ impl Hot {
         }
         std::fs::rename(&tmp, &path).map_err(|e| format!("flow store: {}: {e}", path.display()))?;
         let conn = Connection::open(&path).map_err(err("opening a new shard"))?;
-        conn.execute_batch("PRAGMA synchronous=NORMAL;").map_err(err("opening a new shard"))?;
-        Ok(Hot { path, conn, dict: HashMap::new(), count: 0, opened: now })
+        // Checkpoints are the background thread's (`background`).
+        conn.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint=0;")
+            .map_err(err("opening a new shard"))?;
+        Ok(Hot { path, conn, dict: HashMap::new(), labels: HashMap::new(), count: 0, opened: now })
     }
 
     fn id(&mut self, s: &str) -> Result<i64> {
@@ -260,22 +255,12 @@ pub struct Writer {
     cfg: StoreConfig,
     hot: Option<Hot>,
     rollups: Connection,
-    sealer: Option<(mpsc::Sender<PathBuf>, JoinHandle<()>)>,
+    sealer: Option<(mpsc::Sender<Job>, JoinHandle<()>)>,
     appended_since_check: u64,
     last_check: i64,
-}
-
-/// A row key of the `minute` rollup: minute, tenant, namespace, pod, destination, port, protocol, verdict, rule,
-/// outcome.
-type MinuteKey = (i64, String, String, String, String, i64, String, i64, String, i64);
-/// A row key of the `audit` rollup: minute, tenant, namespace, pod, audit rule, deciding rule, verdict.
-type AuditKey = (i64, String, String, String, String, String, i64);
-
-/// Adds to the per-minute rollups of one batch.
-#[derive(Default)]
-struct Rollup {
-    minute: HashMap<MinuteKey, (i64, i64)>,
-    audit: HashMap<AuditKey, i64>,
+    /// Rollup rows not yet written, and since when.
+    pending: rollup::Batch,
+    pending_since: std::time::Instant,
 }
 
 impl Writer {
@@ -284,18 +269,12 @@ impl Writer {
     pub fn open(dir: &Path, cfg: StoreConfig) -> Result<Writer> {
         std::fs::create_dir_all(dir).map_err(|e| format!("flow store {}: {e}", dir.display()))?;
         let rollups = Connection::open(dir.join("rollups.db")).map_err(err("opening rollups.db"))?;
-        rollups.execute_batch(ROLLUP_SCHEMA).map_err(err("rollups.db tables"))?;
+        rollups.execute_batch(&rollup::schema()).map_err(err("rollups.db tables"))?;
         rollups.busy_timeout(std::time::Duration::from_secs(5)).map_err(err("busy timeout"))?;
-        let (tx, rx) = mpsc::channel::<PathBuf>();
+        let (tx, rx) = mpsc::channel::<Job>();
         let handle = std::thread::Builder::new()
             .name("ces-flow-sealer".into())
-            .spawn(move || {
-                for p in rx {
-                    if let Err(e) = seal(&p) {
-                        eprintln!("ces: {e} ({})", p.display());
-                    }
-                }
-            })
+            .spawn(move || background(rx))
             .map_err(|e| format!("flow store: {e}"))?;
         let w = Writer {
             dir: dir.to_path_buf(),
@@ -305,6 +284,8 @@ impl Writer {
             sealer: Some((tx, handle)),
             appended_since_check: 0,
             last_check: 0,
+            pending: rollup::Batch::default(),
+            pending_since: std::time::Instant::now(),
         };
         // A shard a crash cut short while it was being made.
         for e in std::fs::read_dir(dir).map_err(|e| format!("flow store {}: {e}", dir.display()))?.flatten() {
@@ -319,7 +300,7 @@ impl Writer {
                 .and_then(|c| meta(&c, "sealed"))
                 .unwrap_or(0);
             if sealed == 0 {
-                w.sealer.as_ref().expect("just made").0.send(p).map_err(|e| format!("flow store: {e}"))?;
+                w.sealer.as_ref().expect("just made").0.send(Job::Seal(p)).map_err(|e| format!("flow store: {e}"))?;
             }
         }
         Ok(w)
@@ -343,21 +324,26 @@ impl Writer {
             self.roll(now)?;
         }
         let hot = self.hot.as_mut().expect("rolled");
-        let mut rollup = Rollup::default();
+        let mut rollup = rollup::Batch::default();
         hot.conn.execute_batch("BEGIN").map_err(err("begin"))?;
         let result = (|| -> Result<()> {
-            let (mut min_t, mut max_t) = (i64::MAX, i64::MIN);
+            let (mut min_t, mut max_t, mut max_dur) = (i64::MAX, i64::MIN, 0);
             for r in records {
                 let t = us(r.time);
                 min_t = min_t.min(t);
                 max_t = max_t.max(r.end.map_or(t, us));
+                max_dur = max_dur.max(r.end.map_or(t, us) - t);
                 let tenant = hot.id(&r.tenant)?;
                 let ns = hot.opt(r.source.namespace.as_deref())?;
                 let pod = hot.opt(r.source.pod.as_deref())?;
                 let labels = if r.source.labels.is_empty() {
                     None
+                } else if let Some(id) = hot.labels.get(&r.source.labels) {
+                    Some(*id)
                 } else {
-                    Some(hot.id(&serde_json::to_string(&r.source.labels).unwrap_or_default())?)
+                    let id = hot.id(&serde_json::to_string(&r.source.labels).unwrap_or_default())?;
+                    hot.labels.insert(r.source.labels.clone(), id);
+                    Some(id)
                 };
                 let host = hot.opt(r.destination.host.as_deref())?;
                 let es = hot.opt(r.destination.external_service.as_deref())?;
@@ -427,8 +413,8 @@ impl Writer {
             hot.count += records.len() as u64;
             hot.conn
                 .execute(
-                    "INSERT INTO meta VALUES('count', ?1), ('min_t', ?2), ('max_t', ?3) ON CONFLICT(k) DO UPDATE SET v = CASE k WHEN 'min_t' THEN min(v, excluded.v) WHEN 'max_t' THEN max(v, excluded.v) ELSE excluded.v END",
-                    params![hot.count as i64, min_t, max_t],
+                    "INSERT INTO meta VALUES('count', ?1), ('min_t', ?2), ('max_t', ?3), ('max_dur', ?4) ON CONFLICT(k) DO UPDATE SET v = CASE k WHEN 'min_t' THEN min(v, excluded.v) WHEN 'max_t' THEN max(v, excluded.v) WHEN 'max_dur' THEN max(v, excluded.v) ELSE excluded.v END",
+                    params![hot.count as i64, min_t, max_t, max_dur],
                 )
                 .map_err(err("shard meta"))?;
             Ok(())
@@ -440,12 +426,23 @@ impl Writer {
                 return Err(e);
             }
         }
-        rollup.write(&self.rollups)?;
+        // The rollups are written once a second (or beyond 50k rows): records of the same minutes, arriving in many
+        // batches, add up in memory first. A crash costs the rollups (not the records) that last second.
+        self.pending.merge(rollup);
+        if self.pending.len() >= 50_000 || self.pending_since.elapsed() >= std::time::Duration::from_secs(1) {
+            self.flush_rollups()?;
+        }
         self.appended_since_check += records.len() as u64;
         if self.appended_since_check >= 100_000 || now - self.last_check > 10_000_000 {
             self.retention(now)?;
         }
         Ok(())
+    }
+
+    /// Writes the rollups waiting in memory.
+    pub fn flush_rollups(&mut self) -> Result<()> {
+        self.pending_since = std::time::Instant::now();
+        std::mem::take(&mut self.pending).write(&self.rollups)
     }
 
     /// Seals the hot shard (its indexes are built in the background) and starts a new one.
@@ -454,10 +451,14 @@ impl Writer {
             let path = h.path.clone();
             drop(h.conn);
             if let Some((tx, _)) = &self.sealer {
-                tx.send(path).map_err(|e| format!("flow store: {e}"))?;
+                tx.send(Job::Seal(path)).map_err(|e| format!("flow store: {e}"))?;
             }
         }
-        self.hot = Some(Hot::create(&self.dir, now)?);
+        let hot = Hot::create(&self.dir, now)?;
+        if let Some((tx, _)) = &self.sealer {
+            tx.send(Job::Hot(hot.path.clone())).map_err(|e| format!("flow store: {e}"))?;
+        }
+        self.hot = Some(hot);
         Ok(())
     }
 
@@ -519,21 +520,17 @@ impl Writer {
                 break;
             }
         }
-        for table in ["minute", "audit", "losses"] {
-            self.rollups
-                .execute(&format!("DELETE FROM {table} WHERE m < ?1"), [minute(horizon)])
-                .map_err(err("rollup retention"))?;
-        }
-        Ok(())
+        rollup::retain(&self.rollups, now, horizon)
     }
 
     /// Seals the hot shard and waits for every sealing to finish (for a clean stop, and tests).
     pub fn close(mut self) -> Result<()> {
+        self.flush_rollups()?;
         if let Some(h) = self.hot.take() {
             let path = h.path.clone();
             drop(h.conn);
             if let Some((tx, _)) = &self.sealer {
-                tx.send(path).map_err(|e| format!("flow store: {e}"))?;
+                tx.send(Job::Seal(path)).map_err(|e| format!("flow store: {e}"))?;
             }
         }
         if let Some((tx, handle)) = self.sealer.take() {
@@ -545,6 +542,7 @@ impl Writer {
 
     /// Forces the current hot shard to be sealed now (tests).
     pub fn seal_now(&mut self) -> Result<()> {
+        self.flush_rollups()?;
         self.roll(us(Timestamp::now()))?;
         self.hot = None;
         Ok(())
@@ -553,62 +551,13 @@ impl Writer {
 
 impl Drop for Writer {
     fn drop(&mut self) {
+        if let Err(e) = self.flush_rollups() {
+            eprintln!("ces: {e}");
+        }
         if let Some((tx, handle)) = self.sealer.take() {
             drop(tx);
             let _ = handle.join();
         }
-    }
-}
-
-impl Rollup {
-    fn add(&mut self, r: &FlowRecord) {
-        let m = minute(us(r.time));
-        let ns = r.source.namespace.clone().unwrap_or_default();
-        let pod = r.source.pod.clone().unwrap_or_default();
-        let dst = r.destination.host.clone().or_else(|| r.destination.ip.map(|i| i.to_string())).unwrap_or_default();
-        let rule = r.rule.as_ref().map(|x| x.rule.clone()).unwrap_or_default();
-        let key = (
-            m,
-            r.tenant.clone(),
-            ns.clone(),
-            pod.clone(),
-            dst,
-            r.destination.port.map_or(0, i64::from),
-            r.protocol.clone(),
-            verdict_code(r.verdict),
-            rule.clone(),
-            outcome_code(r.outcome),
-        );
-        let e = self.minute.entry(key).or_default();
-        e.0 += 1;
-        e.1 += (r.bytes.out + r.bytes.back) as i64;
-        for a in &r.audit {
-            let key = (m, r.tenant.clone(), ns.clone(), pod.clone(), a.clone(), rule.clone(), verdict_code(r.verdict));
-            *self.audit.entry(key).or_default() += 1;
-        }
-    }
-
-    fn write(self, conn: &Connection) -> Result<()> {
-        let tx = conn.unchecked_transaction().map_err(err("rollups"))?;
-        {
-            let mut st = tx
-                .prepare_cached(
-                    "INSERT INTO minute VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12) ON CONFLICT DO UPDATE SET n = n + excluded.n, bytes = bytes + excluded.bytes",
-                )
-                .map_err(err("rollups"))?;
-            for ((m, t, ns, pod, dst, port, proto, v, rule, o), (n, bytes)) in self.minute {
-                st.execute(params![m, t, ns, pod, dst, port, proto, v, rule, o, n, bytes]).map_err(err("rollups"))?;
-            }
-            let mut st = tx
-                .prepare_cached(
-                    "INSERT INTO audit VALUES(?1,?2,?3,?4,?5,?6,?7,?8) ON CONFLICT DO UPDATE SET n = n + excluded.n",
-                )
-                .map_err(err("rollups"))?;
-            for ((m, t, ns, pod, rule, decided, v), n) in self.audit {
-                st.execute(params![m, t, ns, pod, rule, decided, v, n]).map_err(err("rollups"))?;
-            }
-        }
-        tx.commit().map_err(err("rollups"))
     }
 }
 
@@ -690,6 +639,12 @@ impl ShardReader {
             true
         };
         if let Some(s) = f.since {
+            // A connection counts from its start to its end. No connection of this shard lasted longer than
+            // `max_dur`: so the time index can narrow the rows first.
+            if let Some(d) = meta(&self.conn, "max_dur") {
+                w.push(format!("t >= ?{}", p.len() + 1));
+                p.push(V::Integer(us(s).saturating_sub(d)));
+            }
             w.push(format!("coalesce(e, t) >= ?{}", p.len() + 1));
             p.push(V::Integer(us(s)));
         }
@@ -907,46 +862,6 @@ impl RawRow {
     }
 }
 
-/// Report figures over a window, from the rollups.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ReportData {
-    pub since: Option<Timestamp>,
-    pub until: Option<Timestamp>,
-    pub records: u64,
-    pub by_verdict: BTreeMap<String, u64>,
-    /// Per tenant and namespace, the destinations with most records: `(destination, records, bytes)`.
-    pub top_destinations: Vec<Top>,
-    pub drops_by_rule: Vec<Count>,
-    pub drops_by_pod: Vec<Count>,
-    pub audit_by_rule: Vec<Count>,
-    pub protocols: Vec<Count>,
-    pub errors_by_destination: Vec<Count>,
-    /// Rules the policy had in the window that decided nothing and audited nothing.
-    pub rules_never_hit: Vec<String>,
-    pub lost: Vec<Count>,
-    /// Records per minute and verdict (for charts): `(minute, verdict, records)`.
-    pub timeline: Vec<(Timestamp, String, u64)>,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Top {
-    pub tenant: String,
-    pub namespace: String,
-    pub destination: String,
-    pub records: u64,
-    pub bytes: u64,
-}
-
-/// One row of a count table: what it is about, and how many.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Count {
-    pub key: Vec<String>,
-    pub records: u64,
-}
-
 impl Reader {
     /// Opens the store in `dir`; an error when the folder holds no store.
     pub fn open(dir: &Path) -> Result<Reader> {
@@ -1046,128 +961,19 @@ impl Reader {
         Ok(shard_files(&self.dir)?.iter().map(|p| file_size(p)).sum::<u64>() + file_size(&self.dir.join("rollups.db")))
     }
 
-    /// The report over a window (`tenant`/`namespace` narrow it), from the per-minute rollups.
+    /// The report over a window (`tenant`/`namespace` narrow it), from the rollups.
     pub fn report(&self, f: &Filter, top: usize) -> Result<ReportData> {
         let conn = Connection::open_with_flags(self.dir.join("rollups.db"), OpenFlags::SQLITE_OPEN_READ_ONLY)
             .map_err(err("opening rollups.db"))?;
-        let since = f.since.map_or(i64::MIN, |t| minute(us(t)));
-        let until = f.until.map_or(i64::MAX, us);
-        let mut w = String::from("m >= ?1 AND m <= ?2");
-        if let Some(t) = &f.tenant {
-            w += &format!(" AND tenant = '{}'", t.replace('\'', "''"));
-        }
-        if let Some(ns) = &f.namespace {
-            w += &format!(" AND ns = '{}'", ns.replace('\'', "''"));
-        }
-        let rows = |sql: &str, n: usize| -> Result<Vec<(Vec<String>, u64, u64)>> {
-            let mut st = conn.prepare(sql).map_err(err("report"))?;
-            let mapped = st
-                .query_map(params![since, until], |r| {
-                    let mut key = Vec::new();
-                    for i in 0..n {
-                        let v: rusqlite::types::Value = r.get(i)?;
-                        key.push(match v {
-                            rusqlite::types::Value::Integer(i) => i.to_string(),
-                            rusqlite::types::Value::Text(t) => t,
-                            _ => String::new(),
-                        });
-                    }
-                    Ok((key, r.get::<_, i64>(n)? as u64, r.get::<_, Option<i64>>(n + 1)?.unwrap_or(0) as u64))
-                })
-                .map_err(err("report"))?;
-            mapped.collect::<std::result::Result<_, _>>().map_err(err("report"))
-        };
-        let count = |v: Vec<(Vec<String>, u64, u64)>| -> Vec<Count> {
-            v.into_iter().map(|(key, records, _)| Count { key, records }).collect()
-        };
-        let mut d = ReportData { since: f.since, until: f.until, ..ReportData::default() };
-        for (k, n, _) in rows(&format!("SELECT verdict, sum(n), 0 FROM minute WHERE {w} GROUP BY verdict"), 1)? {
-            let v = code_verdict(k[0].parse().unwrap_or(0)).as_str().to_string();
-            d.records += n;
-            d.by_verdict.insert(v, n);
-        }
-        let all = rows(
-            &format!(
-                "SELECT tenant, ns, dst, sum(n), sum(bytes) FROM minute WHERE {w} GROUP BY tenant, ns, dst ORDER BY tenant, ns, sum(n) DESC, dst"
-            ),
-            3,
-        )?;
-        let mut per: HashMap<(String, String), usize> = HashMap::new();
-        for (k, n, bytes) in all {
-            let seen = per.entry((k[0].clone(), k[1].clone())).or_default();
-            if *seen < top {
-                *seen += 1;
-                d.top_destinations.push(Top {
-                    tenant: k[0].clone(),
-                    namespace: k[1].clone(),
-                    destination: k[2].clone(),
-                    records: n,
-                    bytes,
-                });
-            }
-        }
-        d.drops_by_rule = count(rows(
-            &format!(
-                "SELECT rule, CASE verdict WHEN 1 THEN 'drop' ELSE 'reject' END, sum(n), 0 FROM minute WHERE {w} AND verdict > 0 GROUP BY rule, verdict ORDER BY sum(n) DESC, rule LIMIT {top}"
-            ),
-            2,
-        )?);
-        d.drops_by_pod = count(rows(
-            &format!(
-                "SELECT tenant, ns, pod, CASE verdict WHEN 1 THEN 'drop' ELSE 'reject' END, sum(n), 0 FROM minute WHERE {w} AND verdict > 0 GROUP BY tenant, ns, pod, verdict ORDER BY sum(n) DESC, pod LIMIT {top}"
-            ),
-            4,
-        )?);
-        d.audit_by_rule = count(rows(
-            &format!(
-                "SELECT rule, decided, CASE verdict WHEN 0 THEN 'accept' WHEN 1 THEN 'drop' ELSE 'reject' END, sum(n), 0 FROM audit WHERE {w} GROUP BY rule, decided, verdict ORDER BY sum(n) DESC, rule LIMIT {top}"
-            ),
-            3,
-        )?);
-        d.protocols = count(rows(
-            &format!(
-                "SELECT proto, dport, sum(n), 0 FROM minute WHERE {w} GROUP BY proto, dport ORDER BY sum(n) DESC, proto, dport LIMIT {top}"
-            ),
-            2,
-        )?);
-        d.errors_by_destination = count(rows(
-            &format!(
-                "SELECT dst, dport, CASE outcome WHEN 1 THEN 'reset' WHEN 2 THEN 'no-answer' ELSE 'icmp-unreachable' END, sum(n), 0 FROM minute WHERE {w} AND outcome IN (1, 2, 3) GROUP BY dst, dport, outcome ORDER BY sum(n) DESC, dst LIMIT {top}"
-            ),
-            3,
-        )?);
-        let lost_w = "m >= ?1 AND m <= ?2";
-        d.lost = count(rows(
-            &format!(
-                "SELECT source, reason, sum(n), 0 FROM losses WHERE {lost_w} GROUP BY source, reason ORDER BY sum(n) DESC"
-            ),
-            2,
-        )?);
-        // Rules the policy had during the window (first seen before its end, last seen after its start) that appear in
-        // no record.
-        let mut st = conn
-            .prepare(
-                "SELECT rule FROM rules WHERE first <= ?2 AND last >= ?1 AND rule NOT IN (SELECT rule FROM minute WHERE m >= ?1 AND m <= ?2) AND rule NOT IN (SELECT rule FROM audit WHERE m >= ?1 AND m <= ?2) ORDER BY rule",
-            )
-            .map_err(err("report"))?;
-        d.rules_never_hit = st
-            .query_map(params![since, until], |r| r.get(0))
-            .map_err(err("report"))?
-            .collect::<std::result::Result<_, _>>()
-            .map_err(err("report"))?;
-        for (k, n, _) in
-            rows(&format!("SELECT m, verdict, sum(n), 0 FROM minute WHERE {w} GROUP BY m, verdict ORDER BY m"), 2)?
-        {
-            let m: i64 = k[0].parse().unwrap_or(0);
-            d.timeline.push((from_us(m), code_verdict(k[1].parse().unwrap_or(0)).as_str().to_string(), n));
-        }
-        Ok(d)
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err("busy timeout"))?;
+        rollup::report(&conn, f, top)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::Verdict;
 
     fn rec(i: u32, t: Timestamp) -> FlowRecord {
         let mut r = FlowRecord::packet(t, if i.is_multiple_of(2) { "payments" } else { "analytics" }, Verdict::Accept);

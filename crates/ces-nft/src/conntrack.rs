@@ -264,19 +264,31 @@ impl EventSocket {
         Ok(EventSocket { fd, buf: vec![0u8; 1 << 17] })
     }
 
-    /// The events of the next datagram (none after 200 ms, so callers can check for stop).
-    pub fn recv(&mut self) -> io::Result<Received> {
+    /// The next datagram as the kernel sent it (empty after 200 ms, so callers can check for stop); `Ok(None)`: the
+    /// socket overflowed and events were lost.
+    pub fn recv_datagram(&mut self) -> io::Result<Option<&[u8]>> {
         match nl::recv(&self.fd, &mut self.buf) {
-            Ok(n) => Ok(Received::Events(
-                nl::messages(&self.buf[..n]).into_iter().filter_map(|m| parse(m.ty, m.payload)).collect(),
-            )),
-            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => Ok(Received::Overrun),
+            Ok(n) => Ok(Some(&self.buf[..n])),
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => Ok(None),
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                Ok(Received::Events(Vec::new()))
+                Ok(Some(&self.buf[..0]))
             }
             Err(e) => Err(e),
         }
     }
+
+    /// The events of the next datagram (none after 200 ms, so callers can check for stop).
+    pub fn recv(&mut self) -> io::Result<Received> {
+        Ok(match self.recv_datagram()? {
+            Some(d) => Received::Events(events(d)),
+            None => Received::Overrun,
+        })
+    }
+}
+
+/// The events of one datagram from a conntrack event socket.
+pub fn events(datagram: &[u8]) -> Vec<CtEvent> {
+    nl::messages(datagram).into_iter().filter_map(|m| parse(m.ty, m.payload)).collect()
 }
 
 /// Every tracked connection of this thread's network namespace now (a dump: each as a NEW event), so that a reader

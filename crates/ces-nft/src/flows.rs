@@ -83,6 +83,8 @@ pub fn observation(e: &CtEvent, id: u16, tags: &TagIds) -> Option<Observation> {
     let tuple =
         Tuple { src: e.orig.src?, dst: e.orig.dst?, proto: e.orig.proto, sport: e.orig.sport, dport: e.orig.dport };
     Some(match e.kind {
+        // A connection's start is only needed to join the audit hits of its first packet.
+        CtKind::New if !tags.audits() => return None,
         CtKind::New => Observation::Opened { tuple, tenant: tag.tenant.clone() },
         CtKind::Destroy => {
             // Source NAT shows in the reply: it goes back to the translated address.
@@ -160,6 +162,7 @@ pub fn start(
 fn read_nflog(p: &Pipeline, tags: &RwLock<TagIds>, group: &AtomicU32, stop: &AtomicBool) {
     let mut bound: Option<(u32, NflogSocket)> = None;
     let mut last_seq: Option<u32> = None;
+    let mut buf = vec![0u8; 1 << 17];
     while !stop.load(Ordering::Relaxed) {
         let g = group.load(Ordering::Relaxed);
         if g > u16::MAX as u32 {
@@ -180,8 +183,8 @@ fn read_nflog(p: &Pipeline, tags: &RwLock<TagIds>, group: &AtomicU32, stop: &Ato
             }
         }
         let (_, socket) = bound.as_ref().expect("bound above");
-        let packets = match socket.recv() {
-            Ok(packets) => packets,
+        let packets = match socket.recv_datagram(&mut buf) {
+            Ok(d) => nflog::packets(d),
             Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                 // How many: the sequence numbers will say.
                 continue;
@@ -192,33 +195,49 @@ fn read_nflog(p: &Pipeline, tags: &RwLock<TagIds>, group: &AtomicU32, stop: &Ato
                 continue;
             }
         };
-        let now = Timestamp::now();
         let tags = tags.read().unwrap_or_else(|e| e.into_inner());
-        for pkt in packets {
-            if let Some(s) = pkt.seq {
-                if let Some(l) = last_seq
-                    && s > l.wrapping_add(1)
-                    && s.wrapping_sub(l) < u32::MAX / 2
-                {
-                    p.lost("nflog", "sequence-gap", (s - l - 1) as u64);
-                }
-                last_seq = Some(s);
+        nflog_packets(packets, &mut last_seq, &tags, p);
+    }
+}
+
+/// Hands the packets of one NFLOG datagram to the pipeline: drops, rejects and audit hits with their rules, ICMP
+/// errors for the flows they are about; sequence gaps counted as lost.
+pub fn nflog_packets(packets: Vec<nflog::LoggedPacket>, last_seq: &mut Option<u32>, tags: &TagIds, p: &Pipeline) {
+    let now = Timestamp::now();
+    for pkt in packets {
+        if let Some(s) = pkt.seq {
+            if let Some(l) = *last_seq
+                && s > l.wrapping_add(1)
+                && s.wrapping_sub(l) < u32::MAX / 2
+            {
+                p.lost("nflog", "sequence-gap", (s - l - 1) as u64);
             }
-            let Some(id) = pkt.prefix.trim().strip_prefix("ces/").and_then(|n| n.parse::<u16>().ok()) else { continue };
-            let time = pkt.time.unwrap_or(now);
-            if id == 0 {
-                if let Some(about) = nflog::icmp_error_about(&pkt.payload) {
-                    p.observe("nflog", Observation::IcmpError { time, about });
-                }
-                continue;
+            *last_seq = Some(s);
+        }
+        let Some(id) = pkt.prefix.trim().strip_prefix("ces/").and_then(|n| n.parse::<u16>().ok()) else { continue };
+        let time = pkt.time.unwrap_or(now);
+        if id == 0 {
+            if let Some(about) = nflog::icmp_error_about(&pkt.payload) {
+                p.observe("nflog", Observation::IcmpError { time, about });
             }
-            let Some((tag, _)) = tags.get(id) else {
-                p.lost("nflog", "unknown-tag", 1);
-                continue;
-            };
-            let Some(h) = nflog::header(&pkt.payload) else { continue };
-            let tuple = h.tuple;
-            p.observe("nflog", Observation::Packet { time, tuple, rule: rule_info(tag), origin: Origin::Gateway });
+            continue;
+        }
+        let Some((tag, _)) = tags.get(id) else {
+            p.lost("nflog", "unknown-tag", 1);
+            continue;
+        };
+        let Some(h) = nflog::header(&pkt.payload) else { continue };
+        let tuple = h.tuple;
+        p.observe("nflog", Observation::Packet { time, tuple, rule: rule_info(tag), origin: Origin::Gateway });
+    }
+}
+
+/// Hands the events of one conntrack datagram to the pipeline: connections CES decided, as they begin and end.
+pub fn conntrack_events(events: Vec<CtEvent>, open: &mut OpenConnections, tags: &TagIds, p: &Pipeline) {
+    for e in events {
+        let id = open.id(&e);
+        if let Some(o) = observation(&e, id, tags) {
+            p.observe("conntrack", o);
         }
     }
 }
@@ -248,12 +267,7 @@ fn read_conntrack(p: &Pipeline, tags: &RwLock<TagIds>, stop: &AtomicBool) {
         match socket.recv() {
             Ok(Received::Events(events)) => {
                 let tags = tags.read().unwrap_or_else(|e| e.into_inner());
-                for e in events {
-                    let id = open.id(&e);
-                    if let Some(o) = observation(&e, id, &tags) {
-                        p.observe("conntrack", o);
-                    }
-                }
+                conntrack_events(events, &mut open, &tags, p);
             }
             Ok(Received::Overrun) => p.lost("conntrack", "socket-overrun", 1),
             Err(e) => {

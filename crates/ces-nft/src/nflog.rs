@@ -115,21 +115,31 @@ impl NflogSocket {
         Ok(())
     }
 
-    /// The packets of the next datagram; empty after the receive timeout (200 ms), so callers can check for stop.
-    /// `ENOBUFS` comes back as an error (the socket overflowed: packets were lost, and the sequence numbers show how
-    /// many).
-    pub fn recv(&self) -> io::Result<Vec<LoggedPacket>> {
-        let mut buf = vec![0u8; 65536];
-        match nl::recv(&self.fd, &mut buf) {
-            Ok(n) => Ok(nl::messages(&buf[..n])
-                .into_iter()
-                .filter(|m| m.ty == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET)
-                .filter_map(|m| packet(m.payload))
-                .collect()),
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => Ok(Vec::new()),
+    /// The next datagram as the kernel sent it (empty after the receive timeout, 200 ms, so callers can check for
+    /// stop). `ENOBUFS` comes back as an error (the socket overflowed: packets were lost, and the sequence numbers
+    /// show how many).
+    pub fn recv_datagram<'b>(&self, buf: &'b mut [u8]) -> io::Result<&'b [u8]> {
+        match nl::recv(&self.fd, buf) {
+            Ok(n) => Ok(&buf[..n]),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => Ok(&buf[..0]),
             Err(e) => Err(e),
         }
     }
+
+    /// The packets of the next datagram (see `recv_datagram`).
+    pub fn recv(&self) -> io::Result<Vec<LoggedPacket>> {
+        let mut buf = vec![0u8; 65536];
+        Ok(packets(self.recv_datagram(&mut buf)?))
+    }
+}
+
+/// The logged packets of one datagram from an NFLOG socket.
+pub fn packets(datagram: &[u8]) -> Vec<LoggedPacket> {
+    nl::messages(datagram)
+        .into_iter()
+        .filter(|m| m.ty == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET)
+        .filter_map(|m| packet(m.payload))
+        .collect()
 }
 
 /// A packet's flow and where its transport header starts.

@@ -29,12 +29,17 @@ pub struct TagIds {
     /// Ids used by the render in progress.
     #[serde(skip)]
     seen: std::collections::BTreeSet<u16>,
+    /// Whether a line of the table audits (its hits are joined to their connections).
+    #[serde(skip)]
+    audits: bool,
 }
 
 impl TagIds {
     /// Reads the ids a previous agent left in `path` (an absent or unreadable file is a fresh start).
     pub fn load(path: &Path) -> TagIds {
-        std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+        let mut t: TagIds = std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        t.audits = t.live.values().any(|t| t.mode == "audit");
+        t
     }
 
     /// Writes the ids to `path` atomically (a temporary file renamed over it), mode 0600.
@@ -97,6 +102,12 @@ impl TagIds {
             let t = self.live.remove(&id).expect("listed");
             self.retired.insert(id, (t, now));
         }
+        self.audits = self.live.values().any(|t| t.mode == "audit");
+    }
+
+    /// Whether a line of the table audits.
+    pub fn audits(&self) -> bool {
+        self.audits
     }
 
     /// The tag of `id`, and whether it has left the table.

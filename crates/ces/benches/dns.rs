@@ -51,6 +51,29 @@ fn policy() -> String {
 /// `maxNames` above every name the run resolves, so that nothing is evicted while memory is measured.
 const CONFIG: &str = "clusterName: k8s\nisSupportRouteDomain: true\ntenant:\n  - name: Common\n  - name: payments\n    namespaces: payments\n    routeDomain: {id: 10, name: rd10}\n    defaultAction: reject\n    gateway: {interfaces: [pay0]}\ngateway:\n  dns: {maxNames: 100000}\n";
 
+/// The agent, killed when dropped (also when the run fails half-way).
+struct Killed(std::process::Child);
+
+impl std::ops::Deref for Killed {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Killed {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn pct(v: &mut [f64], q: f64) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1]
@@ -202,7 +225,7 @@ fn main() {
             assert!(start.elapsed() < Duration::from_secs(30), "{log}");
             std::thread::sleep(Duration::from_millis(20));
         }
-        agent
+        Killed(agent)
     };
     let cleanup = || {
         let out = Command::new("ip")
@@ -217,7 +240,7 @@ fn main() {
     let (mut base, mut held) = (Vec::new(), Vec::new());
     let (mut base_lost, mut held_lost) = (0, 0);
     let mut diffs = Vec::new();
-    let mut agent: Option<std::process::Child> = None;
+    let mut agent: Option<Killed> = None;
     for r in 0..rounds {
         if let Some(mut a) = agent.take() {
             let _ = a.kill();

@@ -143,7 +143,7 @@ fn afm_log_messages_become_records_of_the_right_tenant_rule_and_pod() {
             .arg(dir.join("ces-conf.yaml"))
             .arg("--bigip-dry-run")
             .arg(dir.join("dry-run"))
-            .args(["--afm-syslog-listen", "127.0.0.1:0", "--debounce-ms", "50"])
+            .args(["--afm-syslog-listen", "127.0.0.1:0", "--debounce-ms", "50", "--health-addr", "127.0.0.1:19871"])
             .arg("--flow-store")
             .arg(&store)
             .env_remove("CES_AS3_SCHEMA_DIR")
@@ -232,6 +232,21 @@ fn afm_log_messages_become_records_of_the_right_tenant_rule_and_pod() {
     let report: Value = serde_json::from_slice(&report.stdout).unwrap();
     let lost = report["lost"].to_string();
     assert!(lost.contains("afm-syslog") && lost.contains("malformed"), "{report:#}");
+    // The controller's /metrics count what came in, what was stored, and what was lost.
+    let metrics = {
+        use std::io::Read as _;
+        let mut s = TcpStream::connect("127.0.0.1:19871").unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    };
+    for line in [
+        "ces_flow_records_stored_total{component=\"controller\"} 4",
+        "ces_flow_records_lost_total{component=\"controller\",source=\"afm-syslog\",reason=\"malformed\"} 1",
+    ] {
+        assert!(metrics.contains(line), "no `{line}` in\n{metrics}");
+    }
     drop(c);
     let _ = std::fs::remove_dir_all(&dir);
 }
