@@ -271,7 +271,7 @@ impl<'m> Evaluator<'m> {
     }
 
     fn check(&self, flow: &Flow) -> Result<usize, EvalError> {
-        if let Destination::Ip(dst) = &flow.destination
+        if let Destination::Ip(dst) | Destination::Resolved { ip: dst, .. } = &flow.destination
             && dst.is_ipv4() != flow.source.is_ipv4()
         {
             return Err(EvalError::FamilyMismatch(flow.source, *dst));

@@ -483,6 +483,40 @@ fn destinations_ip_cidr_range_host_and_wildcard() {
     }
 }
 
+/// A connection to an address its client resolved from a name (a recorded flow) is a flow to both: the first rule in
+/// evaluation order that matches either way decides (§5).
+#[test]
+fn a_resolved_destination_matches_by_address_and_by_name() {
+    let rules = es("kube-system", "byname", "{addresses: ['api.example.com']}")
+        + &es("kube-system", "bynet", "{addresses: [203.0.113.0/28]}")
+        + &cgr("deny-name", "{action: reject, priority: 1, externalServices: [byname]}")
+        + &cgr("allow-net", "{action: accept-decisively, priority: 2, externalServices: [bynet]}");
+    let w = World::new(&rules);
+    let ev = Evaluator::new(&w.model);
+    let tenant = ev.tenant_of("10.1.0.10".parse().unwrap()).unwrap().to_string();
+    let decide = |destination: Destination| {
+        let flow = Flow {
+            source: "10.1.0.10".parse().unwrap(),
+            tenant: tenant.clone(),
+            destination,
+            protocol: Protocol::Tcp,
+            port: Some(443),
+            at: NOON.parse().unwrap(),
+        };
+        let d = ev.decide(&flow).unwrap();
+        assert_eq!(d, ev.decide_by_scan(&flow).unwrap());
+        format!("{} by {}", d.verdict.as_str(), d.decided_by.rule)
+    };
+    let resolved = |host: &str, ip: &str| Destination::Resolved { host: host.into(), ip: ip.parse().unwrap() };
+    // The name's rule comes first: it decides, whatever the address.
+    assert_eq!(decide(resolved("api.example.com", "203.0.113.5")), "reject by ClusterEgressRule/deny-name");
+    // Another name to an address of the network: the address decides.
+    assert_eq!(decide(resolved("www.example.com", "203.0.113.5")), "accept by ClusterEgressRule/allow-net");
+    assert_eq!(decide(Destination::Ip("203.0.113.5".parse().unwrap())), "accept by ClusterEgressRule/allow-net");
+    // Neither: the default.
+    assert_eq!(decide(resolved("www.example.com", "198.51.100.1")).split(' ').nth(2), Some("Tenant/Common"));
+}
+
 #[test]
 fn protocols_and_ports() {
     let rules = es(

@@ -573,9 +573,96 @@ pub struct Cursor {
     pub row: i64,
 }
 
+/// What makes flows alike for [`Reader::scan_distinct`]: tenant, source address (length, then bytes: no allocation
+/// per row), namespace, pod, destination address, port, host, protocol, verdict, rule, minute (dictionary ids).
+type DistinctKey =
+    (i64, [u8; 17], Option<i64>, Option<i64>, [u8; 17], Option<i64>, Option<i64>, Option<i64>, i64, Option<i64>, i64);
+
+/// The distinct flows of the rows `lo < rowid <= hi` of a shard that pass the conditions `w` (parameters `p`).
+fn distinct_rows(
+    path: &Path,
+    w: &[String],
+    p: Vec<rusqlite::types::Value>,
+    lo: i64,
+    hi: i64,
+    by_minute: bool,
+) -> Result<HashMap<DistinctKey, (u64, i64)>> {
+    fn addr(v: rusqlite::types::ValueRef<'_>) -> [u8; 17] {
+        let mut a = [0u8; 17];
+        if let rusqlite::types::ValueRef::Blob(b) = v
+            && b.len() <= 16
+        {
+            a[0] = b.len() as u8;
+            a[1..=b.len()].copy_from_slice(b);
+        }
+        a
+    }
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(err("opening a shard"))?;
+    let mut w = w.to_vec();
+    w.push(format!("rowid > {lo} AND rowid <= {hi}"));
+    let sql = format!(
+        "SELECT t, tenant, sip, ns, pod, dip, dport, host, proto, verdict, rule FROM flows WHERE {}",
+        w.join(" AND ")
+    );
+    let mut seen: HashMap<DistinctKey, (u64, i64)> = HashMap::new();
+    let mut st = conn.prepare(&sql).map_err(err("scan"))?;
+    let mut rows = st.query(rusqlite::params_from_iter(p)).map_err(err("scan"))?;
+    while let Some(r) = rows.next().map_err(err("scan"))? {
+        let e = err("scan");
+        let t: i64 = r.get(0).map_err(&e)?;
+        let key: DistinctKey = (
+            r.get(1).map_err(&e)?,
+            addr(r.get_ref(2).map_err(&e)?),
+            r.get(3).map_err(&e)?,
+            r.get(4).map_err(&e)?,
+            addr(r.get_ref(5).map_err(&e)?),
+            r.get(6).map_err(&e)?,
+            r.get(7).map_err(&e)?,
+            r.get(8).map_err(&e)?,
+            r.get(9).map_err(&e)?,
+            r.get(10).map_err(&e)?,
+            if by_minute { t.div_euclid(60_000_000) } else { 0 },
+        );
+        let v = seen.entry(key).or_insert((0, t));
+        v.0 += 1;
+        v.1 = v.1.min(t);
+    }
+    Ok(seen)
+}
+
+/// The records of a part's distinct flows (see [`Reader::scan_distinct`]), by time, then by flow; `names`: the
+/// shard's strings by id.
+fn distinct_records(seen: HashMap<DistinctKey, (u64, i64)>, names: &HashMap<i64, String>) -> Vec<(FlowRecord, u64)> {
+    let ip = |a: &[u8; 17]| blob_ip(&a[1..=a[0] as usize]);
+    let port = |p: Option<i64>| p.and_then(|p| u16::try_from(p).ok());
+    let name = |id: Option<i64>| id.and_then(|id| names.get(&id).cloned());
+    // Sorted before the records are made (they are large).
+    let mut keys: Vec<(i64, DistinctKey, u64)> = seen.into_iter().map(|(k, (n, t))| (t, k, n)).collect();
+    keys.sort_unstable();
+    let mut out = Vec::with_capacity(keys.len());
+    for (t, (tenant, sip, ns, pod, dip, dport, host, proto, verdict, rule, _), n) in keys {
+        let mut r = FlowRecord::packet(from_us(t), &name(Some(tenant)).unwrap_or_default(), code_verdict(verdict));
+        r.source.ip = ip(&sip);
+        r.source.namespace = name(ns);
+        r.source.pod = name(pod);
+        r.destination.ip = ip(&dip);
+        r.destination.port = port(dport);
+        r.destination.host = name(host);
+        r.protocol = proto.map_or(String::new(), |p| protocol_name(p as u8));
+        r.rule = name(rule).map(|rule| RuleRef { rule, context: String::new(), mode: String::new() });
+        out.push((r, n));
+    }
+    out
+}
+
+/// The most records [`Reader::scan_distinct`] reads as one part.
+pub const DISTINCT_PART: i64 = 50_000;
+
 struct ShardReader {
     conn: Connection,
     names: HashMap<i64, String>,
+    path: PathBuf,
 }
 
 const COLUMNS: &str = "rowid, t, e, kind, origin, tenant, sip, sport, ns, pod, labels, dip, dport, host, es, proto, verdict, rule, ctx, mode, po, pi, bo, bi, outcome, nat_ip, nat_port";
@@ -586,7 +673,11 @@ impl ShardReader {
             Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
                 .map_err(err("opening a shard"))?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err("busy timeout"))?;
-        Ok(ShardReader { conn, names: HashMap::new() })
+        Ok(ShardReader { conn, names: HashMap::new(), path: path.to_path_buf() })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
     }
 
     fn name(&mut self, id: Option<i64>) -> Option<String> {
@@ -910,6 +1001,104 @@ impl Reader {
             out.drain(..skip);
         }
         Ok(out)
+    }
+
+    /// Every record that passes `f`, shard by shard in arrival order, handed to `each` as it is read (nothing is
+    /// collected: for passes over the whole store). The records come without their audit rules. `each` returns
+    /// false to stop.
+    pub fn scan(&self, f: &Filter, mut each: impl FnMut(FlowRecord) -> bool) -> Result<()> {
+        for mut s in self.shards(f)? {
+            let Some((w, p)) = s.conditions(f)? else { continue };
+            // The whole dictionary first: decoding then needs no query of its own.
+            {
+                let mut st = s.conn.prepare("SELECT id, s FROM dict").map_err(err("dictionary"))?;
+                let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)));
+                for row in rows.map_err(err("dictionary"))? {
+                    let (id, name) = row.map_err(err("dictionary"))?;
+                    s.names.insert(id, name);
+                }
+            }
+            let sql = format!(
+                "SELECT {COLUMNS} FROM flows{} ORDER BY rowid",
+                if w.is_empty() { String::new() } else { format!(" WHERE {}", w.join(" AND ")) }
+            );
+            let conn = Connection::open_with_flags(s.path(), OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .map_err(err("opening a shard"))?;
+            let mut st = conn.prepare(&sql).map_err(err("scan"))?;
+            let mut rows = st.query(rusqlite::params_from_iter(p)).map_err(err("scan"))?;
+            while let Some(r) = rows.next().map_err(err("scan"))? {
+                let raw = RawRow::read(r).map_err(err("scan"))?;
+                if !each(s.decode(raw).1) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The distinct flows among the records that pass `f`, part by part: within a part of the store (at most
+    /// [`DISTINCT_PART`] records of one shard), records with the same tenant, source (address, namespace, pod),
+    /// destination (address, host name, port), protocol, verdict and deciding rule (and, with `by_minute`, the same
+    /// minute) are one, with the number of records it stands for; its time is the earliest record's. Only those
+    /// fields are filled in. Parts are read on every core, by their integer columns (strings are looked up once per
+    /// distinct flow): each thread makes its state with `init` and hands it each part it read, numbered in the
+    /// store's order, with `each`; the states come back at the end. For passes that decide every record again
+    /// (`ces impact`), in bounded memory.
+    pub fn scan_distinct<S: Send>(
+        &self,
+        f: &Filter,
+        by_minute: bool,
+        init: impl Fn() -> S + Sync,
+        each: impl Fn(&mut S, usize, Vec<(FlowRecord, u64)>) + Sync,
+    ) -> Result<Vec<S>> {
+        let shards = self.shards(f)?;
+        // (part number, shard, conditions, their parameters, rows after, rows up to).
+        type Part = (usize, usize, Vec<String>, Vec<rusqlite::types::Value>, i64, i64);
+        let mut jobs: Vec<Part> = Vec::new();
+        for (i, s) in shards.iter().enumerate() {
+            let Some((w, p)) = s.conditions(f)? else { continue };
+            let max: i64 =
+                s.conn.query_row("SELECT coalesce(max(rowid), 0) FROM flows", [], |r| r.get(0)).map_err(err("scan"))?;
+            let mut lo = 0;
+            while lo < max {
+                jobs.push((jobs.len(), i, w.clone(), p.clone(), lo, lo + DISTINCT_PART));
+                lo += DISTINCT_PART;
+            }
+        }
+        jobs.reverse();
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
+        let queue = std::sync::Mutex::new(jobs);
+        let shards = std::sync::Mutex::new(shards);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    scope.spawn(|| -> Result<S> {
+                        let mut state = init();
+                        loop {
+                            let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop();
+                            let Some((n, i, w, p, lo, hi)) = next else { return Ok(state) };
+                            let path = shards.lock().unwrap_or_else(|p| p.into_inner())[i].path.clone();
+                            let seen = distinct_rows(&path, &w, p, lo, hi, by_minute)?;
+                            // The strings of the part's flows, from the shard's dictionary (ids are per shard).
+                            let names = {
+                                let mut guard = shards.lock().unwrap_or_else(|p| p.into_inner());
+                                let s = &mut guard[i];
+                                let mut ids: Vec<i64> = Vec::new();
+                                for k in seen.keys() {
+                                    ids.push(k.0);
+                                    ids.extend([k.2, k.3, k.6, k.9].into_iter().flatten());
+                                }
+                                ids.sort_unstable();
+                                ids.dedup();
+                                ids.into_iter().filter_map(|id| Some((id, s.name(Some(id))?))).collect()
+                            };
+                            each(&mut state, n, distinct_records(seen, &names));
+                        }
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap_or_else(|_| Err("a reading thread failed".into()))).collect()
+        })
     }
 
     /// Records that arrived after `cursor` and pass `f`, in arrival order, and the new cursor.

@@ -20,11 +20,14 @@ pub enum AddressEntry {
     Wildcard(String),
 }
 
-/// A destination: an address or a host name (as in `--to api.example.com:443/tcp`).
+/// A destination: an address or a host name (as in `--to api.example.com:443/tcp`), or both: a connection to an
+/// address its client resolved from a name (a recorded flow), which IP entries match by the address and name entries
+/// by the name (docs/semantics.md §5).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Destination {
     Ip(IpAddr),
     Host(String),
+    Resolved { host: String, ip: IpAddr },
 }
 
 impl Destination {
@@ -43,6 +46,7 @@ impl fmt::Display for Destination {
         match self {
             Destination::Ip(ip) => write!(f, "{ip}"),
             Destination::Host(h) => f.write_str(h),
+            Destination::Resolved { host, ip } => write!(f, "{host} ({ip})"),
         }
     }
 }
@@ -51,11 +55,25 @@ impl AddressEntry {
     /// Does this entry match the destination? IP entries match addresses; name entries match names, ignoring case
     /// and a trailing dot (the destination is already normalised by [`Destination::parse`]).
     pub fn matches(&self, dst: &Destination) -> bool {
-        match (self, dst) {
-            (AddressEntry::Net(n), Destination::Ip(ip)) => n.contains(ip),
-            (AddressEntry::Range(a, b), Destination::Ip(ip)) => a.is_ipv4() == ip.is_ipv4() && a <= ip && ip <= b,
-            (AddressEntry::Host(h), Destination::Host(d)) => h == d,
-            (AddressEntry::Wildcard(suffix), Destination::Host(d)) => {
+        match dst {
+            Destination::Ip(ip) => self.matches_ip(*ip),
+            Destination::Host(d) => self.matches_name(d),
+            Destination::Resolved { host, ip } => self.matches_ip(*ip) || self.matches_name(host),
+        }
+    }
+
+    fn matches_ip(&self, ip: IpAddr) -> bool {
+        match self {
+            AddressEntry::Net(n) => n.contains(&ip),
+            AddressEntry::Range(a, b) => a.is_ipv4() == ip.is_ipv4() && *a <= ip && ip <= *b,
+            _ => false,
+        }
+    }
+
+    fn matches_name(&self, d: &str) -> bool {
+        match self {
+            AddressEntry::Host(h) => h == d,
+            AddressEntry::Wildcard(suffix) => {
                 d.len() > suffix.len() + 1
                     && d.ends_with(suffix.as_str())
                     && d.as_bytes()[d.len() - suffix.len() - 1] == b'.'

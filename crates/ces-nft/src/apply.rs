@@ -286,16 +286,24 @@ pub enum Applied {
 pub struct Applier {
     pub nft: Nft,
     last: Option<Ruleset>,
+    /// Why the last apply replaced the table rather than updating elements (`None`: it did not, or nothing was
+    /// there to compare with).
+    pub replaced_for: Option<String>,
 }
 
 impl Applier {
     pub fn new(nft: Nft) -> Applier {
-        Applier { nft, last: None }
+        Applier { nft, last: None, replaced_for: None }
     }
 
     /// Applies a ruleset: elements only when the structure is unchanged ([`Applier::update_sets`]), else (and always
     /// with `full`) the whole table.
     pub fn apply(&mut self, rs: &Ruleset, full: bool) -> Result<Applied, ApplyError> {
+        self.replaced_for = match &self.last {
+            Some(prev) if !full => rs.structure_change(prev).map(|w| format!("{w} changed")),
+            Some(_) => Some("a full pass".into()),
+            None => None,
+        };
         match &self.last {
             Some(prev) if !full && rs.same_structure(prev) => {
                 let changed = rs.changed_sets(prev);

@@ -106,7 +106,10 @@ impl ces_sync::Backend for NftBackend {
             f.policy(model);
         }
         let mut summary = match applied {
-            apply::Applied::Replaced => format!("table inet {} replaced", rs.table),
+            apply::Applied::Replaced => match &self.applier.replaced_for {
+                Some(why) => format!("table inet {} replaced ({why})", rs.table),
+                None => format!("table inet {} replaced", rs.table),
+            },
             apply::Applied::Updated(n) => format!("table inet {}: elements of {n} set(s) updated", rs.table),
             apply::Applied::Unchanged => format!("table inet {} unchanged", rs.table),
         };

@@ -876,12 +876,32 @@ impl Ruleset {
     /// Whether a table loaded from `previous` becomes this ruleset by changing set elements only: the same table,
     /// chains, and set and map declarations.
     pub fn same_structure(&self, previous: &Ruleset) -> bool {
-        self.table == previous.table
-            && self.chains == previous.chains
-            && self.learned.keys().eq(previous.learned.keys())
-            && self.dns_queue == previous.dns_queue
-            && self.sets.len() == previous.sets.len()
-            && self.sets.iter().zip(&previous.sets).all(|((n, s), (pn, ps))| n == pn && s.kind == ps.kind)
+        self.structure_change(previous).is_none()
+    }
+
+    /// What differs from `previous` beyond set elements (what makes a change replace the table), if anything.
+    pub fn structure_change(&self, previous: &Ruleset) -> Option<String> {
+        if self.table != previous.table {
+            return Some("the table's name".into());
+        }
+        if self.chains.len() != previous.chains.len() {
+            return Some("the number of chains".into());
+        }
+        if let Some((c, _)) = self.chains.iter().zip(&previous.chains).find(|(a, b)| a != b) {
+            return Some(format!("chain {}", c.name));
+        }
+        if !self.learned.keys().eq(previous.learned.keys()) {
+            return Some("the learned sets".into());
+        }
+        if self.dns_queue != previous.dns_queue {
+            return Some("the DNS queue".into());
+        }
+        let same_sets = self.sets.len() == previous.sets.len()
+            && self.sets.iter().zip(&previous.sets).all(|((n, s), (pn, ps))| n == pn && s.kind == ps.kind);
+        if !same_sets {
+            return Some("the sets".into());
+        }
+        None
     }
 
     /// The sets whose elements differ from `previous`'s (of the same structure).

@@ -8,6 +8,7 @@ mod controller;
 mod flows;
 mod gateway;
 mod health;
+mod impact;
 mod inputs;
 mod lab;
 mod simulate;
@@ -111,6 +112,9 @@ enum Command {
     Report(flows::ReportArgs),
     /// Decide flows: the verdict, the rule that decided it, and the rules met on the way.
     Simulate(simulate::SimulateArgs),
+    /// What a proposed policy would change: recorded or listed flows decided again (exit 0 no change, 2 changes, 1
+    /// error).
+    Impact(impact::ImpactArgs),
     /// Write a synthetic cluster (cluster.yaml, policies.yaml, ces-conf.yaml) for scale experiments.
     Synth {
         #[arg(long, default_value_t = 1000)]
@@ -143,7 +147,12 @@ fn main() -> ExitCode {
     // process quietly, as for any Unix filter.
     if matches!(
         cli.command,
-        Command::Flows(_) | Command::Report(_) | Command::Simulate(_) | Command::Crds | Command::Validate { .. }
+        Command::Flows(_)
+            | Command::Report(_)
+            | Command::Simulate(_)
+            | Command::Impact(_)
+            | Command::Crds
+            | Command::Validate { .. }
     ) {
         // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
         unsafe {
@@ -231,6 +240,7 @@ fn run(command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Simulate(args) => simulate::run(&args),
+        Command::Impact(args) => impact::run(&args),
         Command::Gateway(args) => gateway::run(&args),
         Command::Controller(args) => controller::run(&args),
         Command::Lab { inputs, flow_store } => lab::run(&inputs, flow_store.as_deref()),

@@ -52,12 +52,12 @@ struct FlowLine {
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct Source {
-    ip: IpAddr,
+pub(crate) struct Source {
+    pub ip: IpAddr,
     #[serde(skip_serializing_if = "Option::is_none")]
-    namespace: Option<String>,
+    pub namespace: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pod: Option<String>,
+    pub pod: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -71,11 +71,11 @@ struct SimResult {
     decision: Decision,
 }
 
-struct Request {
+pub(crate) struct Request {
     from: String,
     to: String,
-    flow: Flow,
-    source: Source,
+    pub flow: Flow,
+    pub source: Source,
     decision: Decision,
 }
 
@@ -87,20 +87,20 @@ fn parse_at(s: Option<&str>, default: Timestamp) -> Result<Timestamp, String> {
 }
 
 /// Turns `--from`/`--to` into flows, with the pods of the manifests indexed by address once.
-struct Resolver<'a> {
+pub(crate) struct Resolver<'a> {
     inputs: &'a Inputs,
     evaluator: &'a Evaluator<'a>,
     pods: PodIndex,
 }
 
 impl<'a> Resolver<'a> {
-    fn new(inputs: &'a Inputs, evaluator: &'a Evaluator<'a>) -> Resolver<'a> {
+    pub fn new(inputs: &'a Inputs, evaluator: &'a Evaluator<'a>) -> Resolver<'a> {
         Resolver { inputs, evaluator, pods: PodIndex::new(&evaluator.model().pods) }
     }
 
     /// Resolves a source: a pod by name (its tenant is its namespace's), or an address in the given tenant, or else
     /// in the tenant that holds it (docs/semantics.md §2). An address names its pod when one pod of that tenant has it.
-    fn resolve(&self, from: &str, to: &str, tenant: Option<&str>, at: Timestamp) -> Result<Request, String> {
+    pub fn resolve(&self, from: &str, to: &str, tenant: Option<&str>, at: Timestamp) -> Result<Request, String> {
         let inputs = self.inputs;
         let (destination, protocol, port) = parse_target(to)?;
         let (source, tenant) = if let Ok(ip) = from.parse::<IpAddr>() {
@@ -136,7 +136,7 @@ impl<'a> Resolver<'a> {
                 ));
             }
             let want_v4 = match &destination {
-                Destination::Ip(ip) => ip.is_ipv4(),
+                Destination::Ip(ip) | Destination::Resolved { ip, .. } => ip.is_ipv4(),
                 Destination::Host(_) => true,
             };
             let ip = pod
