@@ -15,6 +15,8 @@ fi
 need nft:nftables ip:iproute2 ping:iputils-ping iptables-nft:iptables dnsmasq:dnsmasq-base
 # Flow export is tested against real receivers: rsyslog (with TLS) and pmacct's IPFIX collector.
 need rsyslogd:rsyslog nfacctd:pmacct
+# The web UI is tested in a real browser: Debian's chromium, headless.
+need chromium:chromium
 need_pkg rsyslog-gnutls
 # The official AS3 schema files (F5's, not part of this repository) validate every declaration the tests produce.
 if [ -z "${CES_AS3_SCHEMA_DIR:-}" ]; then

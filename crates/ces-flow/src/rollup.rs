@@ -76,7 +76,8 @@ const ERRORS: usize = 4;
 const AUDIT: usize = 5;
 
 const TABLES: [Table; 6] = [
-    Table { name: "dest", cols: &["tenant", "ns", "dst"] },
+    // The verdict and ExternalService: for the flow map's edges.
+    Table { name: "dest", cols: &["tenant", "ns", "dst", "verdict", "es"] },
     Table { name: "verdicts", cols: &["tenant", "ns", "verdict", "rule"] },
     // Drops and rejects only.
     Table { name: "pods", cols: &["tenant", "ns", "pod", "verdict"] },
@@ -164,7 +165,7 @@ impl Batch {
             e.0 += 1;
             e.1 += bytes;
         };
-        put(DEST, vec![tenant.clone(), ns.clone(), dst.clone()], bytes);
+        put(DEST, vec![tenant.clone(), ns.clone(), dst.clone(), v.clone(), s(&r.destination.external_service)], bytes);
         put(VERDICTS, vec![tenant.clone(), ns.clone(), v.clone(), rule.clone()], 0);
         if r.verdict != Verdict::Accept {
             put(PODS, vec![tenant.clone(), ns.clone(), s(&r.source.pod), v.clone()], 0);
@@ -480,9 +481,78 @@ pub(crate) fn report_at(conn: &Connection, f: &Filter, top: usize, now: i64) -> 
     Ok(d)
 }
 
+/// Records per tenant, namespace, destination, ExternalService and verdict over a window (the flow map's edges).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DestRow {
+    pub tenant: String,
+    pub namespace: String,
+    pub destination: String,
+    pub external_service: String,
+    pub verdict: String,
+    pub records: u64,
+    pub bytes: u64,
+}
+
+pub(crate) fn destinations(conn: &Connection, f: &Filter, now: i64) -> Result<Vec<DestRow>> {
+    let w = Window::new(f, now);
+    let rows = rows(
+        conn,
+        &w,
+        &format!(
+            "SELECT tenant, ns, dst, es, verdict, sum(n), sum(bytes) FROM {} GROUP BY tenant, ns, dst, es, verdict",
+            w.source(DEST)
+        ),
+        5,
+    )?;
+    Ok(rows
+        .into_iter()
+        .map(|(k, records, bytes)| DestRow {
+            tenant: k[0].clone(),
+            namespace: k[1].clone(),
+            destination: k[2].clone(),
+            external_service: k[3].clone(),
+            verdict: code_verdict(k[4].parse().unwrap_or(0)).as_str().to_string(),
+            records,
+            bytes,
+        })
+        .collect())
+}
+
+/// What a rule did over a window: records it decided and audit hits, with the last of each (to the minute or hour
+/// of the rollups).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RuleHits {
+    pub decided: u64,
+    pub last_decided: Option<Timestamp>,
+    pub audited: u64,
+    pub last_audited: Option<Timestamp>,
+}
+
+pub(crate) fn rule_hits(conn: &Connection, f: &Filter, now: i64) -> Result<BTreeMap<String, RuleHits>> {
+    let w = Window::new(f, now);
+    let mut out: BTreeMap<String, RuleHits> = BTreeMap::new();
+    for (k, n, last) in
+        rows(conn, &w, &format!("SELECT rule, sum(n), max(m) FROM {} GROUP BY rule", w.source(VERDICTS)), 1)?
+    {
+        let h = out.entry(k[0].clone()).or_default();
+        h.decided += n;
+        h.last_decided = Some(from_us(last as i64));
+    }
+    for (k, n, last) in
+        rows(conn, &w, &format!("SELECT rule, sum(n), max(m) FROM {} GROUP BY rule", w.source(AUDIT)), 1)?
+    {
+        let h = out.entry(k[0].clone()).or_default();
+        h.audited += n;
+        h.last_audited = Some(from_us(last as i64));
+    }
+    Ok(out)
+}
+
 /// Whether a rule id belongs to a report narrowed to a tenant or namespace: `Tenant/<t>` to its tenant, namespaced
 /// rules (`Kind/ns/name`) to their namespace; cluster rules to any.
-fn in_scope(rule: &str, tenant: Option<&str>, ns: Option<&str>) -> bool {
+pub fn in_scope(rule: &str, tenant: Option<&str>, ns: Option<&str>) -> bool {
     let parts: Vec<&str> = rule.split('/').collect();
     match parts.as_slice() {
         ["Tenant", t] => tenant.is_none_or(|x| x == *t) && ns.is_none(),

@@ -12,7 +12,7 @@
 //! - **Crash safety**: every file is in WAL mode with `synchronous=NORMAL`: a crash loses at most the last batches,
 //!   never the file; a shard whose sealing was cut short is sealed again when the store is opened.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -269,7 +269,9 @@ impl Writer {
     pub fn open(dir: &Path, cfg: StoreConfig) -> Result<Writer> {
         std::fs::create_dir_all(dir).map_err(|e| format!("flow store {}: {e}", dir.display()))?;
         let rollups = Connection::open(dir.join("rollups.db")).map_err(err("opening rollups.db"))?;
+        check_version(&rollups, &dir.join("rollups.db"))?;
         rollups.execute_batch(&rollup::schema()).map_err(err("rollups.db tables"))?;
+        rollups.execute_batch(&format!("PRAGMA user_version = {STORE_VERSION};")).map_err(err("rollups.db version"))?;
         rollups.busy_timeout(std::time::Duration::from_secs(5)).map_err(err("busy timeout"))?;
         let (tx, rx) = mpsc::channel::<Job>();
         let handle = std::thread::Builder::new()
@@ -953,8 +955,26 @@ impl RawRow {
     }
 }
 
+/// The layout of the store's files: a store of another layout is refused with a clear message, never misread.
+pub const STORE_VERSION: i64 = 2;
+
+/// Refuses a `rollups.db` of another layout (an empty one is new).
+fn check_version(conn: &Connection, path: &Path) -> Result<()> {
+    let v: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(err("rollups.db version"))?;
+    let tables: i64 = conn
+        .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0))
+        .map_err(err("rollups.db version"))?;
+    if tables > 0 && v != STORE_VERSION {
+        return Err(format!(
+            "{}: a flow store of layout {v}, this CES reads layout {STORE_VERSION}: give it a new folder (or remove this one)",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
 impl Reader {
-    /// Opens the store in `dir`; an error when the folder holds no store.
+    /// Opens the store in `dir`; an error when the folder holds no store, or one of another layout.
     pub fn open(dir: &Path) -> Result<Reader> {
         if !dir.join("rollups.db").exists() {
             return Err(format!(
@@ -962,6 +982,9 @@ impl Reader {
                 dir.display()
             ));
         }
+        let conn = Connection::open_with_flags(dir.join("rollups.db"), OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(err("opening rollups.db"))?;
+        check_version(&conn, &dir.join("rollups.db"))?;
         Ok(Reader { dir: dir.to_path_buf() })
     }
 
@@ -1150,12 +1173,26 @@ impl Reader {
         Ok(shard_files(&self.dir)?.iter().map(|p| file_size(p)).sum::<u64>() + file_size(&self.dir.join("rollups.db")))
     }
 
-    /// The report over a window (`tenant`/`namespace` narrow it), from the rollups.
-    pub fn report(&self, f: &Filter, top: usize) -> Result<ReportData> {
+    fn rollups(&self) -> Result<Connection> {
         let conn = Connection::open_with_flags(self.dir.join("rollups.db"), OpenFlags::SQLITE_OPEN_READ_ONLY)
             .map_err(err("opening rollups.db"))?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err("busy timeout"))?;
-        rollup::report(&conn, f, top)
+        Ok(conn)
+    }
+
+    /// The report over a window (`tenant`/`namespace` narrow it), from the rollups.
+    pub fn report(&self, f: &Filter, top: usize) -> Result<ReportData> {
+        rollup::report(&self.rollups()?, f, top)
+    }
+
+    /// Records per tenant, namespace, destination, ExternalService and verdict over a window (the flow map).
+    pub fn destinations(&self, f: &Filter) -> Result<Vec<rollup::DestRow>> {
+        rollup::destinations(&self.rollups()?, f, us(Timestamp::now()))
+    }
+
+    /// What each rule decided and audited over a window, by rule id.
+    pub fn rule_hits(&self, f: &Filter) -> Result<BTreeMap<String, rollup::RuleHits>> {
+        rollup::rule_hits(&self.rollups()?, f, us(Timestamp::now()))
     }
 }
 

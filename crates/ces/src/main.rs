@@ -12,6 +12,7 @@ mod impact;
 mod inputs;
 mod lab;
 mod simulate;
+mod ui;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -115,6 +116,8 @@ enum Command {
     /// What a proposed policy would change: recorded or listed flows decided again (exit 0 no change, 2 changes, 1
     /// error).
     Impact(impact::ImpactArgs),
+    /// The web UI: overview, flow map, flows (live), rules, simulate, impact; read-only, over a flow store.
+    Ui(ui::UiArgs),
     /// Write a synthetic cluster (cluster.yaml, policies.yaml, ces-conf.yaml) for scale experiments.
     Synth {
         #[arg(long, default_value_t = 1000)]
@@ -241,6 +244,7 @@ fn run(command: Command) -> Result<(), Failure> {
         }
         Command::Simulate(args) => simulate::run(&args),
         Command::Impact(args) => impact::run(&args),
+        Command::Ui(args) => ui::run(&args),
         Command::Gateway(args) => gateway::run(&args),
         Command::Controller(args) => controller::run(&args),
         Command::Lab { inputs, flow_store } => lab::run(&inputs, flow_store.as_deref()),
