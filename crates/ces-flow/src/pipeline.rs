@@ -238,6 +238,9 @@ fn run(
                 exported_lost[i] = lost;
             }
             if let Some(w) = store.as_mut() {
+                if let Err(e) = w.flush_due() {
+                    eprintln!("ces: {e}");
+                }
                 let lost = stats.lost.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 for (k, n) in lost {
                     let before = written.get(&k).copied().unwrap_or(0);
@@ -256,5 +259,33 @@ fn run(
     }
     if let Some(w) = store {
         let _ = w.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Reader, StoreConfig};
+
+    /// The last records before a quiet spell reach the report within about two seconds, without waiting for more
+    /// records to come (the rollups wait in memory a second at most).
+    #[test]
+    fn the_report_counts_the_last_records_when_no_more_come() {
+        let dir = std::env::temp_dir().join(format!("ces-pipeline-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let w = Writer::open(&dir, StoreConfig::default()).unwrap();
+        let p = Pipeline::start(Some(w), Vec::new(), Attributor::new(crate::history::PodHistory::new(60)), 16);
+        for i in 0..3 {
+            p.send(Input::Record(crate::store::tests::rec(i, Timestamp::now())));
+        }
+        let reader = Reader::open(&dir).unwrap();
+        let start = Instant::now();
+        let counted = || reader.report(&crate::filter::Filter::default(), 5).unwrap().records;
+        while counted() < 3 && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(counted(), 3, "the report counts every stored record while the pipeline still runs");
+        p.stop();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

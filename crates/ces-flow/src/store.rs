@@ -441,6 +441,15 @@ impl Writer {
         Ok(())
     }
 
+    /// Writes the rollups waiting in memory if they have waited a second: called once a second by the pipeline, so
+    /// a report counts the last records even when no more arrive.
+    pub fn flush_due(&mut self) -> Result<()> {
+        if self.pending.len() > 0 && self.pending_since.elapsed() >= std::time::Duration::from_secs(1) {
+            self.flush_rollups()?;
+        }
+        Ok(())
+    }
+
     /// Writes the rollups waiting in memory.
     pub fn flush_rollups(&mut self) -> Result<()> {
         self.pending_since = std::time::Instant::now();
@@ -1197,11 +1206,11 @@ impl Reader {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::record::Verdict;
 
-    fn rec(i: u32, t: Timestamp) -> FlowRecord {
+    pub(crate) fn rec(i: u32, t: Timestamp) -> FlowRecord {
         let mut r = FlowRecord::packet(t, if i.is_multiple_of(2) { "payments" } else { "analytics" }, Verdict::Accept);
         r.kind = Kind::Connection;
         r.source.ip = Some(IpAddr::from([10, 10, 0, (i % 250) as u8]));

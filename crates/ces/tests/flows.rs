@@ -213,7 +213,13 @@ fn the_gateway_records_what_each_connection_did_and_who_made_it() {
     assert!(matches!(flushed, Ok(Ok(()))), "{flushed:?}");
     wait_for(
         std::time::Duration::from_secs(30),
-        || flows(&store, &[]).iter().filter(|r| r["kind"] == "connection").count() >= 7,
+        // Eight connections and three refused packets: the report below is compared with every record, so all
+        // of them must have landed first.
+        || {
+            let all = flows(&store, &[]);
+            all.iter().filter(|r| r["kind"] == "connection").count() >= 8
+                && all.iter().filter(|r| r["kind"] == "packet").count() >= 3
+        },
         || format!("{:#?}\n{}", flows(&store, &[]), agent.log()),
     );
     let all = flows(&store, &[]);
@@ -282,17 +288,25 @@ fn the_gateway_records_what_each_connection_did_and_who_made_it() {
     assert_eq!(flows(&store, &["--last", "2"]).len(), 2);
     assert!(flows(&store, &["--since", "1s", "--until", "1970-01-01T00:00:00Z"]).is_empty());
 
-    // The report: numbers equal what the records say; the rule nothing hit is named.
-    let out = Command::new(env!("CARGO_BIN_EXE_ces"))
-        .args(["report", "--store"])
-        .arg(&store)
-        .args(["-o", "json"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let rep: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The report: numbers equal what the records say; the rule nothing hit is named. Its rollups are written once
+    // a second, so it may trail the records by that.
+    let report = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_ces"))
+            .args(["report", "--store"])
+            .arg(&store)
+            .args(["-o", "json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
     let all = flows(&store, &[]);
-    assert_eq!(rep["records"].as_u64().unwrap() as usize, all.len());
+    wait_for(
+        std::time::Duration::from_secs(5),
+        || report()["records"].as_u64() == Some(all.len() as u64),
+        || format!("{} records, report: {}", all.len(), report()),
+    );
+    let rep = report();
     let drops = all.iter().filter(|r| r["verdict"] == "drop").count() as u64;
     assert_eq!(rep["byVerdict"]["drop"].as_u64(), Some(drops));
     assert!(
