@@ -4,7 +4,7 @@
 //! Pure: the caller reads the flows and compiles the policies. The same flow (tenant, source, destination, protocol,
 //! port, and the minute when a policy has schedules) is decided once: recorded traffic repeats itself.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 use ces_eval::{Evaluator, Flow};
@@ -221,8 +221,23 @@ fn hash_of(s: &Subject, minute: i64) -> u64 {
 /// proposed one's.
 type Decided = Result<(Option<Side>, Side), String>;
 
-/// Before, after, tenant, namespace, destination.
-type GroupKey = (Side, Side, String, String, String);
+/// The changed flows alike, counted (found by a hash of their key, compared in full).
+struct GroupEntry {
+    before: Side,
+    after: Side,
+    tenant: String,
+    namespace: Option<String>,
+    destination: Destination,
+    flows: u64,
+    example: FlowView,
+}
+
+fn group_hash(before: &Side, after: &Side, tenant: &str, namespace: &Option<String>, d: &Destination) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (before, after, tenant, namespace, d).hash(&mut h);
+    h.finish()
+}
 
 /// Decided decisions kept at most (beyond, the cache starts again).
 const CACHE: usize = 1 << 18;
@@ -246,7 +261,10 @@ pub struct Impact<'e, 'm> {
     /// up without copying the flow.
     cache: HashMap<u64, Vec<(Key, Decided)>>,
     cached: usize,
-    groups: BTreeMap<GroupKey, (u64, FlowView)>,
+    groups: HashMap<u64, Vec<GroupEntry>>,
+    /// Whether `add` and `add_many` make a [`Change`] of each changed flow (`quiet` turns it off: counts and groups
+    /// only).
+    changes: bool,
     /// Flows decided.
     pub flows: u64,
     /// Flows whose verdict or rule changed, and of those the ones `fail_on` counts.
@@ -268,7 +286,8 @@ impl<'e, 'm> Impact<'e, 'm> {
             fail_on,
             cache: HashMap::new(),
             cached: 0,
-            groups: BTreeMap::new(),
+            groups: HashMap::new(),
+            changes: true,
             flows: 0,
             changed: 0,
             failing: 0,
@@ -352,24 +371,40 @@ impl<'e, 'm> Impact<'e, 'm> {
         if !changed {
             return None;
         }
-        let (before, after) = (before.clone(), after.clone());
         self.changed += n;
-        if self.fail_on.counts(&before, &after) {
+        if self.fail_on.counts(before, after) {
             self.failing += n;
         }
-        let view = s.view();
-        let g = self
-            .groups
-            .entry((
-                before.clone(),
-                after.clone(),
-                s.tenant.clone(),
-                s.namespace.clone().unwrap_or_default(),
-                view.destination.clone(),
-            ))
-            .or_insert_with(|| (0, view.clone()));
-        g.0 += n;
-        Some(Change { flow: view, before, after, flows: n })
+        let h = group_hash(before, after, &s.tenant, &s.namespace, &s.destination);
+        let bucket = self.groups.entry(h).or_default();
+        match bucket.iter_mut().find(|g| {
+            g.before == *before
+                && g.after == *after
+                && g.tenant == s.tenant
+                && g.namespace == s.namespace
+                && g.destination == s.destination
+        }) {
+            Some(g) => g.flows += n,
+            None => bucket.push(GroupEntry {
+                before: before.clone(),
+                after: after.clone(),
+                tenant: s.tenant.clone(),
+                namespace: s.namespace.clone(),
+                destination: s.destination.clone(),
+                flows: n,
+                example: s.view(),
+            }),
+        }
+        if !self.changes {
+            return None;
+        }
+        Some(Change { flow: s.view(), before: before.clone(), after: after.clone(), flows: n })
+    }
+
+    /// Counts and groups only: `add` and `add_many` make no [`Change`].
+    pub fn quiet(mut self) -> Self {
+        self.changes = false;
+        self
     }
 
     /// Adds another's counts and groups (for flows decided on several threads).
@@ -383,27 +418,50 @@ impl<'e, 'm> Impact<'e, 'm> {
                 self.reasons.push(r);
             }
         }
-        for (k, (n, example)) in other.groups {
-            self.groups.entry(k).or_insert((0, example)).0 += n;
+        for (h, entries) in other.groups {
+            let bucket = self.groups.entry(h).or_default();
+            for e in entries {
+                match bucket.iter_mut().find(|g| {
+                    g.before == e.before
+                        && g.after == e.after
+                        && g.tenant == e.tenant
+                        && g.namespace == e.namespace
+                        && g.destination == e.destination
+                }) {
+                    Some(g) => g.flows += e.flows,
+                    None => bucket.push(e),
+                }
+            }
         }
     }
 
-    /// The changed flows grouped, most flows first.
+    /// The changed flows grouped, most flows first (then by tenant, namespace, destination).
     pub fn groups(&self) -> Vec<Group> {
         let mut v: Vec<Group> = self
             .groups
-            .iter()
-            .map(|((before, after, tenant, namespace, destination), (flows, example))| Group {
-                before: before.clone(),
-                after: after.clone(),
-                tenant: tenant.clone(),
-                namespace: namespace.clone(),
-                destination: destination.clone(),
-                flows: *flows,
-                example: example.clone(),
+            .values()
+            .flatten()
+            .map(|g| Group {
+                before: g.before.clone(),
+                after: g.after.clone(),
+                tenant: g.tenant.clone(),
+                namespace: g.namespace.clone().unwrap_or_default(),
+                destination: g.destination.to_string(),
+                flows: g.flows,
+                example: g.example.clone(),
             })
             .collect();
-        v.sort_by_key(|g| std::cmp::Reverse(g.flows));
+        v.sort_by(|a, b| {
+            b.flows.cmp(&a.flows).then_with(|| {
+                (&a.tenant, &a.namespace, &a.destination, &a.before, &a.after).cmp(&(
+                    &b.tenant,
+                    &b.namespace,
+                    &b.destination,
+                    &b.before,
+                    &b.after,
+                ))
+            })
+        });
         v
     }
 }

@@ -269,3 +269,24 @@ fn flows_of_another_family_or_tenant_are_undecided_and_said() {
     assert_eq!(i.undecided, 2);
     assert!(i.reasons[0].contains("gamma"), "{:?}", i.reasons);
 }
+
+/// Flows decided on several threads and merged, quietly, group and count as one run that lists every change.
+#[test]
+fn quiet_runs_merged_equal_one_run() {
+    let (current, proposed) = (model(ALLOW_A), model(""));
+    let (one, changes) = run(&current, &proposed, "accept->any");
+    let (ce, pe) = (Evaluator::new(&current), Evaluator::new(&proposed));
+    let all = flows();
+    let mut merged = Impact::new(Some(&ce), &pe, FailOn::parse("accept->any").unwrap()).quiet();
+    for part in all.chunks(5) {
+        let mut i = Impact::new(Some(&ce), &pe, FailOn::parse("accept->any").unwrap()).quiet();
+        assert!(part.iter().all(|s| i.add(s, None).is_none()), "quiet lists no change");
+        merged.merge(i);
+    }
+    assert!(!changes.is_empty());
+    assert_eq!(
+        (merged.flows, merged.changed, merged.failing, merged.undecided),
+        (one.flows, one.changed, one.failing, one.undecided)
+    );
+    assert_eq!(format!("{:?}", merged.groups()), format!("{:?}", one.groups));
+}

@@ -307,7 +307,7 @@ impl Ui {
         let states = self.reader()?.scan_distinct(
             &f,
             by_minute,
-            || Impact::new(None, &pe, fail_on.clone()),
+            || Impact::new(None, &pe, fail_on.clone()).quiet(),
             |impact, _, flows| {
                 for (r, n) in flows {
                     if let Ok((s, side)) = Subject::from_record(&r) {

@@ -160,6 +160,9 @@ pub fn run(args: &ImpactArgs) -> Result<(), Failure> {
             let (ce, pe) = (ce.as_ref(), &pe);
             workers.push(scope.spawn(move || {
                 let mut impact = Impact::new(ce, pe, fail_on);
+                if !json {
+                    impact = impact.quiet();
+                }
                 loop {
                     let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                     let Ok((n, items)) = next else { break };
@@ -243,7 +246,10 @@ pub fn run(args: &ImpactArgs) -> Result<(), Failure> {
                 let states = reader.scan_distinct(
                     &f,
                     by_minute,
-                    || Impact::new(ce.as_ref(), &pe, fail_on.clone()),
+                    || {
+                        let i = Impact::new(ce.as_ref(), &pe, fail_on.clone());
+                        if json { i } else { i.quiet() }
+                    },
                     |impact, n, flows| {
                         let mut changes = Vec::new();
                         let mut bad = Vec::new();
