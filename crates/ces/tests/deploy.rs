@@ -179,3 +179,96 @@ fn the_chart_and_its_values_are_well_formed() {
     typo["controller"]["replica"] = Value::from(3);
     assert!(!validator.is_valid(&typo), "unknown keys are refused");
 }
+
+/// A chart template read as YAML with its template actions blanked (helm cannot be installed here): control lines
+/// (`{{- if }}`, `{{- end }}`) are dropped, so every branch is kept, and an action in a value becomes `{}` (an
+/// include or toYaml) or a placeholder string.
+fn blanked_template(file: &str) -> Value {
+    let text = std::fs::read_to_string(root().join("charts/ces/templates").join(file)).unwrap();
+    let mut out = String::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with("{{") && t.ends_with("}}") {
+            continue;
+        }
+        let mut l = line.to_string();
+        while let (Some(a), Some(b)) = (l.find("{{"), l.find("}}")) {
+            let action = &l[a..b + 2];
+            let with = if action.contains("toYaml") || action.contains("include \"ces.labels\"") { "{}" } else { "x" };
+            l = format!("{}{with}{}", &l[..a], &l[b + 2..]);
+        }
+        out.push_str(&l);
+        out.push('\n');
+    }
+    serde_saphyr::from_str(&out).unwrap_or_else(|e| panic!("charts/ces/templates/{file}: {e}\n{out}"))
+}
+
+/// What every CES pod must have (issue 20): seccomp RuntimeDefault, a read-only root file system, no privilege
+/// escalation, every capability dropped (the gateway adds NET_ADMIN alone), liveness and readiness probes, and every
+/// path it writes on a volume (the dry run's on a bounded emptyDir).
+fn assert_hardened(what: &str, pod: &Value, limits: &Value) {
+    assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault", "{what}: seccomp");
+    for c in pod["containers"].as_array().unwrap() {
+        let sc = &c["securityContext"];
+        assert_eq!(sc["readOnlyRootFilesystem"], true, "{what}: readOnlyRootFilesystem");
+        assert_eq!(sc["allowPrivilegeEscalation"], false, "{what}: allowPrivilegeEscalation");
+        assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]), "{what}: capabilities");
+        let added = sc["capabilities"]["add"].as_array().cloned().unwrap_or_default();
+        assert!(added.iter().all(|a| a == "NET_ADMIN"), "{what}: adds {added:?}");
+        for p in ["livenessProbe", "readinessProbe"] {
+            assert!(c[p]["httpGet"]["path"].is_string(), "{what}: {p}");
+        }
+        assert!(limits["ephemeral-storage"].is_string(), "{what}: an ephemeral-storage limit: {limits}");
+        assert!(limits["memory"].is_string(), "{what}: a memory limit");
+        // Every folder it is told to write to is a mounted volume.
+        let mounts: Vec<&str> =
+            c["volumeMounts"].as_array().unwrap().iter().filter_map(|m| m["mountPath"].as_str()).collect();
+        for a in c["args"].as_array().unwrap().iter().filter_map(|a| a.as_str()) {
+            if let Some(dir) = a.strip_prefix("--bigip-dry-run=").or_else(|| a.strip_prefix("--flow-store=")) {
+                assert!(mounts.iter().any(|m| dir.starts_with(m)), "{what}: {dir} is not on a volume: {mounts:?}");
+            }
+        }
+        if c["args"][0] == "gateway" {
+            assert!(mounts.contains(&"/var/lib/ces/flows"), "{what}: the flow store's default folder is a volume");
+        }
+    }
+    for v in pod["volumes"].as_array().unwrap() {
+        if v["emptyDir"].is_object() {
+            assert!(v["emptyDir"]["sizeLimit"].is_string(), "{what}: emptyDir {} unbounded", v["name"]);
+        }
+    }
+}
+
+#[test]
+fn every_pod_of_the_install_and_the_chart_is_hardened() {
+    let mut seen = 0;
+    for d in kustomize() {
+        if matches!(d["kind"].as_str(), Some("Deployment" | "DaemonSet")) {
+            let pod = &d["spec"]["template"]["spec"];
+            let limits = &pod["containers"][0]["resources"]["limits"];
+            assert_hardened(&format!("deploy/base {}", d["metadata"]["name"]), pod, limits);
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 2);
+    let values: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(root().join("charts/ces/values.yaml")).unwrap()).unwrap();
+    for (file, key) in [("controller.yaml", "controller"), ("gateway.yaml", "gateway")] {
+        let t = blanked_template(file);
+        assert_hardened(
+            &format!("charts/ces/templates/{file}"),
+            &t["spec"]["template"]["spec"],
+            &values[key]["resources"]["limits"],
+        );
+    }
+    // The controller's health port is admitted from labelled namespaces only, in both.
+    let np = blanked_template("networkpolicy.yaml");
+    let rendered: Vec<Value> = kustomize().into_iter().filter(|d| d["kind"] == "NetworkPolicy").collect();
+    assert_eq!(rendered.len(), 1);
+    for p in [&np, &rendered[0]] {
+        assert_eq!(p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"], "ces-controller");
+        assert_eq!(p["spec"]["policyTypes"], serde_json::json!(["Ingress"]));
+        assert_eq!(p["spec"]["ingress"][0]["ports"], serde_json::json!([{"port": 8080, "protocol": "TCP"}]));
+        assert!(p["spec"]["ingress"][0]["from"][0]["namespaceSelector"].is_object());
+    }
+}
