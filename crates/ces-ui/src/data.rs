@@ -190,7 +190,8 @@ impl Ui {
     /// Every rule of the policy in scope, with what it did over the window and its status.
     pub fn rules(&self, q: &Query) -> Result<Vec<RuleRow>, String> {
         let f = self.filter(q, true)?;
-        let hits = self.reader().and_then(|r| r.rule_hits(&f)).unwrap_or_default();
+        // No store yet: every rule is listed with no hits; a store that cannot be read is an error, never zeros.
+        let hits = if self.store.exists() { self.reader()?.rule_hits(&f)? } else { Default::default() };
         let mut out = Vec::new();
         for (tenant, rule) in self.model.rules() {
             // Cluster rules (no tenant of their own) apply to every tenant's traffic.

@@ -430,7 +430,10 @@ fn store_part(base: &Path) -> bool {
     let mut ok = true;
     println!(
         "\n{:<34} {:>10} {:>12} {:>8}   target < 1000 ms",
-        "query (ces, as a user runs it)", "10M store", "empty store", "lines"
+        "query (ces, as a user runs it)",
+        if quick() { "1M store" } else { "10M store" },
+        "empty store",
+        "lines"
     );
     for (what, args) in &queries {
         let mut full = args.clone();
@@ -443,6 +446,95 @@ fn store_part(base: &Path) -> bool {
         ok &= pass;
         println!(
             "{what:<34} {:>8.0} ms {:>9.0} ms {lines:>8}   {}",
+            ms(t),
+            ms(t_empty),
+            if pass { "ok" } else { "MISSED" }
+        );
+    }
+    ok &= ui_part(d, e);
+    ok
+}
+
+/// A `ces ui` serving `store` on loopback (a free port), stopped when dropped.
+struct Ui(std::process::Child, String);
+
+impl Ui {
+    fn start(store: &str) -> Ui {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr = format!("127.0.0.1:{port}");
+        let child = Command::new(ces())
+            .args(["ui", "--example", "--store", store, "--listen", &addr])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(30), "ces ui did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ui(child, addr)
+    }
+
+    /// The median time of 3 GETs of `path`, from the request to the last byte; the body's length.
+    fn get(&self, path: &str) -> (Duration, usize) {
+        use std::io::{Read as _, Write as _};
+        let mut times = Vec::new();
+        let mut len = 0;
+        for _ in 0..3 {
+            let start = Instant::now();
+            let mut s = std::net::TcpStream::connect(&self.1).unwrap();
+            write!(s, "GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").unwrap();
+            let mut out = Vec::new();
+            s.read_to_end(&mut out).unwrap();
+            times.push(start.elapsed());
+            assert!(
+                out.starts_with(b"HTTP/1.1 200"),
+                "GET {path}: {}",
+                String::from_utf8_lossy(&out[..out.len().min(200)])
+            );
+            len = out.len();
+        }
+        times.sort();
+        (times[1], len)
+    }
+}
+
+impl Drop for Ui {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The web UI's pages over the same store, served by the real `ces ui` and fetched over HTTP as a browser does
+/// (server time: request to last byte; the browser's drawing is not counted), against the same pages over an empty
+/// store.
+fn ui_part(store: &str, empty: &str) -> bool {
+    let (full, base) = (Ui::start(store), Ui::start(empty));
+    let pages = [
+        ("overview page (24 h)", "/"),
+        ("flow map page (24 h)", "/map"),
+        ("rules page (24 h)", "/rules"),
+        ("flows page (newest 100)", "/flows"),
+        ("/api/report (24 h)", "/api/report"),
+        ("/api/map (24 h)", "/api/map"),
+    ];
+    let mut ok = true;
+    println!(
+        "\n{:<34} {:>10} {:>12} {:>8}   target < 1000 ms",
+        "ces ui, GET",
+        if quick() { "1M store" } else { "10M store" },
+        "empty store",
+        "bytes"
+    );
+    for (what, path) in pages {
+        let (t_empty, _) = base.get(path);
+        let (t, len) = full.get(path);
+        let pass = t < Duration::from_secs(1);
+        ok &= pass;
+        println!(
+            "{what:<34} {:>8.0} ms {:>9.0} ms {len:>8}   {}",
             ms(t),
             ms(t_empty),
             if pass { "ok" } else { "MISSED" }
