@@ -28,8 +28,8 @@ use ces_snapshot::{Churn, Endpoint, EndpointsChange, Key, Pod, Snapshot};
 use ipnet::IpNet;
 
 use crate::{
-    endpoint_refusal, is_source, namespace_pods_set, namespace_set, overlaps, pod_entry, pod_nets, pod_selector_set,
-    selected_pod_nets, service_pod_nets, service_set, tenant_set,
+    Claims, endpoint_refusal, is_source, namespace_pods_set, namespace_set, overlaps, pod_entry, pod_nets,
+    pod_selector_set, selected_pod_nets, service_pod_nets, service_set, tenant_set,
 };
 
 /// A set of the same tenant as `old`, with these addresses.
@@ -64,7 +64,8 @@ pub fn recompile_churn(
         }
         let mine = by_namespace.entry(ns).or_default();
         for p in c.before.iter().chain(&c.after) {
-            if (p.namespace.as_str(), p.name.as_str()) != (ns, name) {
+            // A hostNetwork pod's addresses are its node's: which endpoints they refuse is left to a whole compile.
+            if (p.namespace.as_str(), p.name.as_str()) != (ns, name) || p.host_network {
                 return None;
             }
             mine.extend(p.ips.iter().copied());
@@ -141,7 +142,17 @@ pub fn recompile_churn(
     addresses.sort_unstable();
     addresses.dedup();
     let mut after_at: BTreeMap<IpAddr, Vec<&Pod>> = BTreeMap::new();
-    for p in snap.pods.iter().filter(|p| is_source(p)) {
+    for p in snap.pods.iter() {
+        if p.host_network {
+            // A node's address among the judged ones: left to a whole compile.
+            if p.ips.iter().any(|ip| has(&addresses, ip)) {
+                return None;
+            }
+            continue;
+        }
+        if !is_source(p) {
+            continue;
+        }
         for ip in p.ips.iter().filter(|ip| has(&addresses, ip)) {
             after_at.entry(*ip).or_default().push(p);
         }
@@ -154,6 +165,33 @@ pub fn recompile_churn(
         v
     };
     let after_pods = |ip: IpAddr| after_at.get(&ip).cloned().unwrap_or_default();
+    // Addresses of judged endpoints that are no source pod's (before or after): whether the config gives them to a
+    // namespace or another namespace lists them too (contested) is left to a whole compile.
+    let given = config.endpoint_addresses();
+    let mut no_pod: BTreeMap<IpAddr, BTreeSet<&str>> = BTreeMap::new();
+    for key in &judged {
+        let tenant = config.tenant_of(&key.0);
+        let theirs = |pods: &[&Pod]| pods.iter().any(|p| config.tenant_of(&p.namespace) == tenant);
+        for ep in before_endpoints(key).into_iter().chain(snap.endpoints.get(*key)).flatten() {
+            if theirs(&after_pods(ep.ip)) || theirs(&before_at(ep.ip)) {
+                continue;
+            }
+            if given.iter().any(|(n, _)| n.contains(&ep.ip)) {
+                return None;
+            }
+            no_pod.entry(ep.ip).or_default().insert(key.0.as_str());
+        }
+    }
+    if !no_pod.is_empty() {
+        let befores = endpoint_changes.iter().filter_map(|(k, c)| c.before.as_ref().map(|e| (*k, e)));
+        for (key, eps) in snap.endpoints.iter().chain(befores) {
+            for ep in eps {
+                if no_pod.get(&ep.ip).is_some_and(|ns| ns.iter().any(|n| *n != key.0)) {
+                    return None;
+                }
+            }
+        }
+    }
     let mut trust: BTreeMap<&Key, (Trust, Trust)> = BTreeMap::new();
     for key in &judged {
         // The changed pods make no subnet of another namespace of their tenant shared that was not, so the subnets'
@@ -328,9 +366,11 @@ fn judge<'p>(
     for ep in eps.into_iter().flatten() {
         let mut pods = pods_at(ep.ip);
         pods.retain(|p| config.tenant_of(&p.namespace) == tenant);
-        match endpoint_refusal(ns, svc, ep, &pods, || other_own_subnet(snap, config, ns, ep.ip)) {
+        // No node's address and no claimed address reaches here (`recompile_churn` leaves them to a whole compile).
+        let other_subnet = || other_own_subnet(snap, config, ns, ep.ip);
+        match endpoint_refusal(ns, svc, ep, &pods, None, other_subnet, Claims::default) {
             None => out.trusted.push(IpNet::from(ep.ip)),
-            Some(why) => out.refused.push(why),
+            Some((_, why)) => out.refused.push(why),
         }
     }
     out

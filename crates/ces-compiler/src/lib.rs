@@ -116,6 +116,10 @@ struct Compiler<'a> {
     /// For every Service with endpoint objects: the endpoint addresses CES trusts, and why it refuses the others.
     /// Computed once: rules' source sets and the tenants' members both use it.
     trusted_endpoints: HashMap<Key, (Vec<IpNet>, Vec<Problem>)>,
+    /// Nodes' addresses: the first hostNetwork pod (in snapshot order) at each.
+    node_pods: HashMap<IpAddr, &'a Pod>,
+    /// `endpointAddresses` of the config, parsed.
+    given: Vec<(IpNet, &'a str)>,
 }
 
 /// Pods CES takes as sources: not finished (they then have no IP) and not on the host network.
@@ -138,35 +142,73 @@ fn service_pod_nets(pods: &[Pod], sel: &ces_snapshot::Labels) -> Vec<IpNet> {
     pod_nets(pods.iter().filter(|p| p.ready && selector::service_selects(sel, &p.labels)))
 }
 
-/// Why an endpoint address of Service `ns/svc` is not trusted, if it is not: it names a pod of another namespace, its
-/// address is a pod of another namespace of the tenant, or it lies in another namespace's own subnet. An address of a
-/// pod of `ns`, or of nothing CES knows (a VM), is trusted. `pods`: the source pods of the Service's tenant that have
-/// the address, in snapshot order; `other_subnet`: another namespace of the tenant, with its own subnet, that holds
-/// the address (asked only when no pod has it).
-fn endpoint_refusal(
+/// What else claims an endpoint address that is no source pod's of the Service's tenant: the namespace
+/// `endpointAddresses` gives it to, and the other namespaces of the tenant whose Services list it.
+#[derive(Default)]
+pub(crate) struct Claims {
+    pub given_to: Option<String>,
+    pub also: Vec<String>,
+}
+
+/// Why an endpoint address of Service `ns/svc` is not trusted, if it is not (docs/semantics.md §2): it names a pod of
+/// another namespace; it is a node's address (`node`: a hostNetwork pod that has it); it is the address of a pod of
+/// another namespace of the tenant; it lies in another namespace's own subnet; the config gives it to another
+/// namespace; or, being no pod's, other namespaces of the tenant list it too (contested: a source for none). An
+/// address of a pod of `ns`, or of nothing CES knows (a VM) that no other namespace claims, is trusted. `pods`: the
+/// source pods of the Service's tenant that have the address, in snapshot order; `other_subnet`: another namespace of
+/// the tenant, with its own subnet, that holds the address, and `claims`, asked only when no pod has it.
+pub(crate) fn endpoint_refusal(
     ns: &str,
     svc: &str,
     ep: &ces_snapshot::Endpoint,
     pods: &[&Pod],
+    node: Option<&Pod>,
     other_subnet: impl FnOnce() -> Option<(String, IpNet)>,
-) -> Option<String> {
+    claims: impl FnOnce() -> Claims,
+) -> Option<Problem> {
     let ip = ep.ip;
+    let foreign = |m: String| Some(("ForeignEndpoint", format!("{m}; it is not a source")));
     if let Some((pns, pname)) = &ep.pod
         && pns != ns
     {
-        return Some(format!("endpoint {ip} of Service {ns}/{svc} names pod {pns}/{pname} of another namespace"));
+        return foreign(format!("endpoint {ip} of Service {ns}/{svc} names pod {pns}/{pname} of another namespace"));
+    }
+    if let Some(n) = node {
+        return Some((
+            "NodeAddress",
+            format!(
+                "endpoint {ip} of Service {ns}/{svc} is a node's address (hostNetwork pod {}/{} has it): a node's traffic is never a Service's source",
+                n.namespace, n.name
+            ),
+        ));
     }
     if pods.iter().any(|p| p.namespace == ns) {
         return None;
     }
     if let Some(p) = pods.first() {
-        return Some(format!(
+        return foreign(format!(
             "endpoint {ip} of Service {ns}/{svc} is the address of pod {}/{} of another namespace",
             p.namespace, p.name
         ));
     }
-    let (other, net) = other_subnet()?;
-    Some(format!("endpoint {ip} of Service {ns}/{svc} lies in subnet {net} of namespace {other}"))
+    if let Some((other, net)) = other_subnet() {
+        return foreign(format!("endpoint {ip} of Service {ns}/{svc} lies in subnet {net} of namespace {other}"));
+    }
+    let c = claims();
+    match c.given_to {
+        Some(owner) if owner == ns => None,
+        Some(owner) => foreign(format!(
+            "endpoint {ip} of Service {ns}/{svc} is given to namespace {owner} by ces-conf.yaml (endpointAddresses)"
+        )),
+        None if !c.also.is_empty() => Some((
+            "ContestedEndpoint",
+            format!(
+                "endpoint {ip} of Service {ns}/{svc} is no pod's and Services of namespace(s) {} list it too: an address several namespaces claim is a source for none (ces-conf.yaml endpointAddresses can give it to one)",
+                c.also.join(", ")
+            ),
+        )),
+        None => None,
+    }
 }
 
 /// The model's entry of a source pod of `tenant`.
@@ -210,7 +252,15 @@ impl<'a> Compiler<'a> {
                 pods_by_ip.entry(*ip).or_default().push(p);
             }
         }
+        let mut node_pods: HashMap<IpAddr, &Pod> = HashMap::new();
+        for p in snap.pods.iter().filter(|p| p.host_network) {
+            for ip in &p.ips {
+                node_pods.entry(*ip).or_insert(p);
+            }
+        }
         let mut c = Compiler {
+            node_pods,
+            given: config.endpoint_addresses(),
             snap,
             config,
             ces_namespace,
@@ -232,13 +282,38 @@ impl<'a> Compiler<'a> {
 
     /// Sorts every Service's ready endpoints into trusted addresses and refusals (`foreign_endpoint`).
     fn check_endpoints(&self) -> HashMap<Key, (Vec<IpNet>, Vec<Problem>)> {
+        // The namespaces listing each address that is no source pod's of their tenant, by tenant.
+        let mut listed: HashMap<(&str, IpAddr), BTreeSet<&str>> = HashMap::new();
+        for (key, eps) in self.snap.endpoints.iter().filter(|(k, _)| self.snap.services.contains_key(*k)) {
+            let tenant = self.tenant_name(&key.0);
+            for ep in eps {
+                let pod = self
+                    .pods_by_ip
+                    .get(&ep.ip)
+                    .is_some_and(|v| v.iter().any(|p| self.tenant_name(&p.namespace) == tenant));
+                if !pod {
+                    listed.entry((tenant, ep.ip)).or_default().insert(key.0.as_str());
+                }
+            }
+        }
         let mut out = HashMap::with_capacity(self.snap.endpoints.len());
         for (key, eps) in self.snap.endpoints.iter().filter(|(k, _)| self.snap.services.contains_key(*k)) {
             let (mut trusted, mut refused) = (Vec::with_capacity(eps.len()), Vec::new());
+            let tenant = self.tenant_name(&key.0);
             for ep in eps {
-                match self.foreign_endpoint(&key.0, &key.1, ep) {
+                let claims = || Claims {
+                    given_to: self.given.iter().find(|(n, _)| n.contains(&ep.ip)).map(|(_, o)| o.to_string()),
+                    also: listed
+                        .get(&(tenant, ep.ip))
+                        .into_iter()
+                        .flatten()
+                        .filter(|n| **n != key.0)
+                        .map(|n| n.to_string())
+                        .collect(),
+                };
+                match self.foreign_endpoint(&key.0, &key.1, ep, claims) {
                     None => trusted.push(IpNet::from(ep.ip)),
-                    Some(why) => refused.push(("ForeignEndpoint", format!("{why}; it is not a source"))),
+                    Some(why) => refused.push(why),
                 }
             }
             out.insert(key.clone(), (trusted, refused));
@@ -624,21 +699,29 @@ impl<'a> Compiler<'a> {
     }
 
     /// Why an endpoint address of a Service in `ns` is not trusted, if it is not ([`endpoint_refusal`]).
-    fn foreign_endpoint(&self, ns: &str, svc: &str, ep: &ces_snapshot::Endpoint) -> Option<String> {
+    fn foreign_endpoint(
+        &self,
+        ns: &str,
+        svc: &str,
+        ep: &ces_snapshot::Endpoint,
+        claims: impl FnOnce() -> Claims,
+    ) -> Option<Problem> {
         let tenant = self.tenant_name(ns);
         let pods: Vec<&Pod> = self
             .pods_by_ip
             .get(&ep.ip)
             .map(|v| v.iter().copied().filter(|p| self.tenant_name(&p.namespace) == tenant).collect())
             .unwrap_or_default();
-        endpoint_refusal(ns, svc, ep, &pods, || {
+        let node = self.node_pods.get(&ep.ip).copied();
+        let other_subnet = || {
             self.snap.namespaces.values().filter(|n| n.name != ns && self.tenant_name(&n.name) == tenant).find_map(
                 |n| {
                     let own = self.subnets.get(n.name.as_str())?;
                     own.own.iter().find(|c| c.contains(&ep.ip)).map(|net| (n.name.clone(), *net))
                 },
             )
-        })
+        };
+        endpoint_refusal(ns, svc, ep, &pods, node, other_subnet, claims)
     }
 
     /// The set of a Service's endpoints: the ready addresses of its Endpoints/EndpointSlices that CES trusts, or,

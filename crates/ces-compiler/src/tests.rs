@@ -380,6 +380,96 @@ fn host_network_pods_are_never_sources() {
     assert!(!set(&m, "tenant/Common").contains(&"192.168.1.10/32".to_string()), "the node's address is no tenant's");
 }
 
+/// Namespace `ns`'s selector-less Service `s` with these endpoint addresses, and a service rule on it.
+fn manual_service(ns: &str, ips: &[&str], action: &str) -> String {
+    let addrs: Vec<String> = ips.iter().map(|ip| format!("{{ip: {ip}}}")).collect();
+    let mut y = exsvc(ns, "e", "  addresses: [1.1.1.1]");
+    y += &format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: {ns}}}\n");
+    y += &format!(
+        "---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: s, namespace: {ns}}}\nsubsets: [{{addresses: [{}]}}]\n",
+        addrs.join(", ")
+    );
+    y += &svcgr(ns, "r", &format!("  action: {action}\n  priority: 1\n  service: s\n  externalServices: [e]"));
+    y
+}
+
+fn reasons(m: &PolicyModel, object: &str) -> Vec<(String, String)> {
+    diags(m).into_iter().filter(|(o, _, _)| o == object).map(|(_, r, msg)| (r, msg)).collect()
+}
+
+#[test]
+fn a_nodes_address_is_never_a_services_source() {
+    // Issue 20, finding 1: Endpoints in `evil` listing a node's address (the address of a hostNetwork pod) made the
+    // node's traffic a source of evil's rules.
+    let mut y = hostile_world();
+    y += "---\napiVersion: v1\nkind: Pod\nmetadata: {name: node-exporter, namespace: c, labels: {app: x}}\nspec: {hostNetwork: true, containers: []}\nstatus: {phase: Running, podIPs: [{ip: 192.168.1.10}]}\n";
+    y += &manual_service("a", &["192.168.1.10", "10.1.0.1"], "drop");
+    let m = two_tenant_model(&y);
+    assert_eq!(set(&m, "service/a/s"), ["10.1.0.1/32"]);
+    let r = reasons(&m, "ServiceEgressRule/a/r");
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].0, "NodeAddress");
+    assert!(r[0].1.contains("192.168.1.10") && r[0].1.contains("hostNetwork pod c/node-exporter"), "{}", r[0].1);
+    assert!(!set(&m, "tenant/Common").contains(&"192.168.1.10/32".to_string()));
+}
+
+#[test]
+fn a_non_pod_address_two_namespaces_list_is_a_source_for_neither() {
+    // Issue 20, finding 1: listing another team's VM let evil's higher-priority rule decide that VM's egress.
+    let vm = "172.16.0.4";
+    let mut y = hostile_world();
+    y += &manual_service("a", &[vm], "accept");
+    y += &manual_service("b", &[vm, "10.2.0.5"], "drop");
+    let m = two_tenant_model(&y);
+    assert!(set(&m, "service/a/s").is_empty(), "{:?}", set(&m, "service/a/s"));
+    assert_eq!(set(&m, "service/b/s"), ["10.2.0.5/32"], "b's own pod stays");
+    for (rule, other) in [("ServiceEgressRule/a/r", "b"), ("ServiceEgressRule/b/r", "a")] {
+        let r = reasons(&m, rule);
+        let c: Vec<_> = r.iter().filter(|(code, _)| code == "ContestedEndpoint").collect();
+        assert_eq!(c.len(), 1, "{rule}: {r:?}");
+        assert!(c[0].1.contains(&format!("namespace(s) {other} ")), "{}", c[0].1);
+    }
+    // The VM is in no namespace's sources, so its flows fall to the tenant (simulate: decided by Tenant/Common).
+    assert!(!set(&m, "tenant/Common").contains(&format!("{vm}/32")), "a contested address belongs to no one");
+
+    // In another tenant, the same address is not contested: tenants have address spaces of their own.
+    let mut y = hostile_world();
+    y += &manual_service("a", &[vm], "accept");
+    y += &manual_service("c", &[vm], "drop");
+    let m = two_tenant_model(&y);
+    assert_eq!(set(&m, "service/a/s"), [format!("{vm}/32")]);
+    assert_eq!(set(&m, "service/c/s"), [format!("{vm}/32")]);
+
+    // Uncontested, a VM behind a selector-less Service works as before.
+    let mut y = hostile_world();
+    y += &manual_service("a", &[vm], "accept");
+    let m = two_tenant_model(&y);
+    assert_eq!(set(&m, "service/a/s"), [format!("{vm}/32")]);
+    assert!(reasons(&m, "ServiceEgressRule/a/r").is_empty());
+}
+
+#[test]
+fn the_config_gives_a_non_pod_address_to_one_namespace() {
+    let vm = "172.16.0.4";
+    let mut y = hostile_world();
+    y += &manual_service("a", &[vm], "accept");
+    y += &manual_service("b", &[vm], "drop");
+    let conf = format!("{TWO_TENANTS}endpointAddresses:\n  a: [172.16.0.0/29]\n");
+    let m = compile(&load_str(&y, "t.yaml"), &CesConfig::from_yaml(&conf, "c").unwrap(), DEFAULT_CES_NAMESPACE);
+    assert_eq!(set(&m, "service/a/s"), [format!("{vm}/32")]);
+    assert!(set(&m, "service/b/s").is_empty());
+    let r = reasons(&m, "ServiceEgressRule/b/r");
+    assert!(r.iter().any(|(c, msg)| c == "ForeignEndpoint" && msg.contains("given to namespace a")), "{r:?}");
+    assert!(reasons(&m, "ServiceEgressRule/a/r").is_empty());
+    // An address has one owner; a bad entry is a config error.
+    for bad in
+        ["  a: [172.16.0.4]\n  b: [172.16.0.0/24]\n", "  a: [172.16.0.1/24]\n", "  a: [nope]\n", "  A_: [1.2.3.4]\n"]
+    {
+        let conf = format!("{TWO_TENANTS}endpointAddresses:\n{bad}");
+        assert!(CesConfig::from_yaml(&conf, "c").is_err(), "{bad}");
+    }
+}
+
 #[test]
 fn service_sources_come_from_endpoints_or_else_ready_selected_pods() {
     let mut y = exsvc("a", "e", "  addresses: [1.1.1.1]");

@@ -48,6 +48,11 @@ pub struct CesConfig {
     /// New: settings of the nftables egress gateway (`ces gateway`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewayConfig>,
+    /// New: addresses that are no pod's (VMs, appliances) given to a namespace by the administrator: listed by the
+    /// endpoints of that namespace's Services they are sources; listed by any other namespace's, never
+    /// (docs/semantics.md §2). Namespace to addresses or CIDRs.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub endpoint_addresses: BTreeMap<String, Vec<String>>,
 }
 
 /// `gateway`: the nftables egress gateway.
@@ -334,6 +339,16 @@ impl CesConfig {
             .unwrap_or(COMMON)
     }
 
+    /// `endpointAddresses`, parsed: each address or network with the namespace it is given to (entries that do not
+    /// parse are left out; `problems` reports them).
+    pub fn endpoint_addresses(&self) -> Vec<(ipnet::IpNet, &str)> {
+        let mut out = Vec::new();
+        for (ns, list) in &self.endpoint_addresses {
+            out.extend(list.iter().filter_map(|a| parse_net(a).ok()).map(|n| (n, ns.as_str())));
+        }
+        out
+    }
+
     /// The tenant entry by name.
     pub fn tenant(&self, name: &str) -> Option<&TenantConfig> {
         self.tenant.iter().find(|t| t.name == name)
@@ -533,8 +548,41 @@ impl CesConfig {
                 p(format!("externalIPAddresses[{j}]"), e);
             }
         }
+        let mut given: Vec<(ipnet::IpNet, &str)> = Vec::new();
+        for (ns, list) in &self.endpoint_addresses {
+            if !is_dns_label(ns) {
+                p(format!("endpointAddresses.{ns}"), format!("`{ns}` is not a valid namespace name"));
+            }
+            for (j, a) in list.iter().enumerate() {
+                let key = format!("endpointAddresses.{ns}[{j}]");
+                match parse_net(a) {
+                    Err(e) => p(key, e),
+                    Ok(n) => {
+                        if let Some((_, other)) = given
+                            .iter()
+                            .find(|(m, o)| *o != ns && (m.contains(&n.network()) || n.contains(&m.network())))
+                        {
+                            p(key, format!("`{a}` is also given to namespace `{other}`: an address has one owner"));
+                        }
+                        given.push((n, ns));
+                    }
+                }
+            }
+        }
         out
     }
+}
+
+/// An address (a host network) or a network in CIDR form, with no host bits set.
+fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(ipnet::IpNet::from(ip));
+    }
+    let n: ipnet::IpNet = s.parse().map_err(|_| format!("`{s}` is not an IP address or CIDR"))?;
+    if n.trunc() != n {
+        return Err(format!("`{s}` has host bits set (the network is {})", n.trunc()));
+    }
+    Ok(n)
 }
 
 impl TenantConfig {

@@ -647,3 +647,89 @@ fn the_nft_table_holds_dns_answers_as_the_hook_says() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Issue 20, finding 1, through the command line and both backends: namespace `evil` lists team-a's VM and a node's
+/// address in its own Endpoints, under a higher-priority rule. validate says so; simulate decides the VM by no
+/// rule of evil's; neither backend puts either address in any source list. With `endpointAddresses` the VM is
+/// team-a's again.
+#[test]
+fn hostile_endpoints_claim_nothing_through_validate_simulate_and_both_backends() {
+    let dir = std::env::temp_dir().join(format!("ces-hostile-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("m")).unwrap();
+    let mut y = String::new();
+    for ns in ["team-a", "evil"] {
+        y += &format!("---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n");
+        y += &format!(
+            "---\napiVersion: kubeovn.io/v1alpha1\nkind: ExternalService\nmetadata: {{name: out, namespace: {ns}}}\nspec: {{addresses: [198.51.100.7]}}\n"
+        );
+    }
+    y += "---\napiVersion: v1\nkind: Pod\nmetadata: {name: node-agent, namespace: kube-system}\nspec: {hostNetwork: true, containers: []}\nstatus: {phase: Running, podIPs: [{ip: 192.168.50.1}]}\n";
+    y += "---\napiVersion: v1\nkind: Service\nmetadata: {name: vm, namespace: team-a}\n";
+    y += "---\napiVersion: v1\nkind: Endpoints\nmetadata: {name: vm, namespace: team-a}\nsubsets: [{addresses: [{ip: 172.16.5.5}]}]\n";
+    y += "---\napiVersion: kubeovn.io/v1alpha1\nkind: ServiceEgressRule\nmetadata: {name: vm-out, namespace: team-a}\nspec: {action: accept, priority: 50, service: vm, externalServices: [out]}\n";
+    y += "---\napiVersion: v1\nkind: Service\nmetadata: {name: grab, namespace: evil}\n";
+    y += "---\napiVersion: v1\nkind: Endpoints\nmetadata: {name: grab, namespace: evil}\nsubsets: [{addresses: [{ip: 172.16.5.5}, {ip: 192.168.50.1}]}]\n";
+    y += "---\napiVersion: kubeovn.io/v1alpha1\nkind: ServiceEgressRule\nmetadata: {name: grab, namespace: evil}\nspec: {action: drop, priority: 1, service: grab, externalServices: [out]}\n";
+    std::fs::write(dir.join("m/m.yaml"), y).unwrap();
+    let conf = "clusterName: k8s\ntenant:\n  - {name: Common, namespaces: ''}\n";
+    std::fs::write(dir.join("conf.yaml"), conf).unwrap();
+    std::fs::write(dir.join("given.yaml"), format!("{conf}endpointAddresses:\n  team-a: [172.16.5.5]\n")).unwrap();
+    let m = dir.join("m");
+    let (m, c, g) = (m.to_str().unwrap(), dir.join("conf.yaml"), dir.join("given.yaml"));
+    let (c, g) = (c.to_str().unwrap(), g.to_str().unwrap());
+
+    let o = ces(&["validate", "--manifests", m, "--config", c]);
+    let out = stdout(&o) + &stderr(&o);
+    assert!(o.status.success(), "warnings only: {out}");
+    for want in ["ServiceEgressRule/evil/grab", "ServiceEgressRule/team-a/vm-out", "ContestedEndpoint", "NodeAddress"] {
+        assert!(out.contains(want), "{want} not in {out}");
+    }
+    let decided = |conf: &str| -> String {
+        let o = ces(&[
+            "simulate",
+            "--manifests",
+            m,
+            "--config",
+            conf,
+            "--from",
+            "172.16.5.5",
+            "--to",
+            "198.51.100.7:443/tcp",
+            "--output",
+            "json",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+        v["decidedBy"]["rule"].as_str().unwrap().to_string()
+    };
+    assert_eq!(decided(c), "Tenant/Common", "contested: a source of neither");
+    assert_eq!(decided(g), "ServiceEgressRule/team-a/vm-out", "given to team-a by the config");
+
+    let nft = dir.join("nft");
+    let o = ces(&["compile", "--backend", "nft", "--manifests", m, "--config", c, "--out", nft.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ruleset = std::fs::read_to_string(nft.join("ruleset.nft")).unwrap();
+    let as3 = dir.join("as3");
+    let schema = as3_schema_dir();
+    let o = ces(&[
+        "compile",
+        "--backend",
+        "as3",
+        "--manifests",
+        m,
+        "--config",
+        c,
+        "--as3-schema",
+        schema.to_str().unwrap(),
+        "--out",
+        as3.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let doc = std::fs::read_to_string(as3.join("Common.json")).unwrap();
+    for (what, text) in [("nft", &ruleset), ("as3", &doc)] {
+        assert!(!text.contains("172.16.5.5"), "{what}: the contested VM is in a source list");
+        assert!(!text.contains("192.168.50.1"), "{what}: the node's address is in a source list");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
