@@ -132,6 +132,27 @@ impl As3Backend {
         out
     }
 
+    /// Every rule behind an object of the tenant's document.
+    fn tenant_origins(rendered: &Rendered, tenant: &str) -> Vec<ObjectRef> {
+        let mut out: Vec<ObjectRef> = Vec::new();
+        for o in rendered.origins.get(tenant).into_iter().flat_map(|m| m.values().flatten()) {
+            if !out.contains(o) {
+                out.push(o.clone());
+            }
+        }
+        out
+    }
+
+    /// Marks every rule of `tenant` not yet named by a problem as not programmed: a tenant's declaration is sent, and
+    /// taken, whole or not at all, so when it is not, none of its rules reached the device.
+    fn tenant_not_programmed(&mut self, rendered: &Rendered, tenant: &str, why: &str) {
+        let rest: Vec<ObjectRef> = Self::tenant_origins(rendered, tenant)
+            .into_iter()
+            .filter(|o| !self.problems.iter().any(|p| p.object.as_ref() == Some(o)))
+            .collect();
+        self.problem(rest, "NotProgrammed", format!("tenant {tenant}: {why}"));
+    }
+
     /// Reads a tenant's declaration and lock key from the device.
     fn read(&mut self, tenant: &str) -> Result<(Option<Value>, Option<String>), ClientError> {
         let r = self.client.call(&Request {
@@ -320,6 +341,7 @@ impl As3Backend {
             Ok(s) => s,
             Err(e) => {
                 for t in rendered.documents.keys() {
+                    self.tenant_not_programmed(&rendered, t, &format!("not sent: {e}"));
                     outcomes.insert(t.clone(), TenantOutcome::Failed(e.clone()));
                 }
                 return (outcomes, rendered);
@@ -341,6 +363,11 @@ impl As3Backend {
                         format!("not sent: invalid under AS3 schema {}: {e}", model.settings.schema_version),
                     );
                 }
+                let why = format!(
+                    "not sent: the tenant's declaration is invalid under AS3 schema {} (see the rules its errors name)",
+                    model.settings.schema_version
+                );
+                self.tenant_not_programmed(&rendered, tenant, &why);
                 outcomes.insert(tenant.clone(), TenantOutcome::Invalid);
                 continue;
             }
@@ -356,6 +383,7 @@ impl As3Backend {
                     let text = e.to_string();
                     let origins = Self::origins_in(&rendered, tenant, &text);
                     self.problem(origins, "NotProgrammed", format!("tenant {tenant}: {text}"));
+                    self.tenant_not_programmed(&rendered, tenant, &format!("the declaration was not taken: {text}"));
                     TenantOutcome::Failed(text)
                 }
             };
@@ -374,7 +402,14 @@ impl As3Backend {
                 Ok(changed) => saved |= changed,
                 Err(e) => {
                     let t = b.policy.split('/').nth(1).unwrap_or("").to_string();
-                    self.problem(Vec::new(), "NotBound", format!("{} {}: {e}", b.path, b.field));
+                    // The policy is on the device but does not act: none of its rules is programmed.
+                    let origins = Self::tenant_origins(&rendered, &t);
+                    let message = format!("{} {}: {e}", b.path, b.field);
+                    if origins.is_empty() {
+                        self.problem(Vec::new(), "NotBound", message);
+                    } else {
+                        self.problem(origins, "NotBound", message);
+                    }
                     outcomes.insert(t, TenantOutcome::Failed(e.to_string()));
                 }
             }

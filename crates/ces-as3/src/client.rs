@@ -449,10 +449,12 @@ impl Client {
         match r.body.pointer("/token/token").and_then(Value::as_str) {
             Some(t) if r.status < 300 => {
                 self.token = Some(t.to_string());
-                // The device says how long the token lives (BIG-IP: 1200 s by default).
+                // The device says how long the token lives (BIG-IP: 1200 s by default); a lifetime of 0 says nothing
+                // usable, and the token is then renewed on its first 401.
                 let life =
                     Duration::from_secs(r.body.pointer("/token/timeout").and_then(Value::as_u64).unwrap_or(1200));
-                self.renew_at = Some(Instant::now() + life - (life / 10).min(Duration::from_secs(60)));
+                self.renew_at =
+                    (!life.is_zero()).then(|| Instant::now() + life - (life / 10).min(Duration::from_secs(60)));
                 Ok(())
             }
             _ => Err(ClientError::Auth(format!(

@@ -199,14 +199,20 @@ fn a_refused_tenant_fails_alone_and_names_its_rules() {
         s.refuse.insert("p2".into(), "01070734:3: Configuration error: /p2/Shared/k8s_svc_default_rule4_ext_exsvc4_rule_list refers to a missing object".into());
     });
     let mut b = backend(&d);
-    let model = common::original_model();
-    let (outcomes, _) = b.sync(&model, true);
+    let mut model = common::original_model();
+    // A second rule in p2, which the device's message does not name.
+    let p2 = model.tenants.iter_mut().find(|t| t.name == "p2").unwrap();
+    let mut second = p2.service_rules[0].clone();
+    (second.name, second.id) = ("rule4b".into(), "ServiceEgressRule/default/rule4b".into());
+    p2.service_rules.push(second);
+    let (outcomes, rendered) = b.sync(&model, true);
     assert!(matches!(outcomes["p2"], TenantOutcome::Failed(_)), "{outcomes:?}");
     assert_eq!(outcomes["Common"], TenantOutcome::Posted);
     assert_eq!(outcomes["project3"], TenantOutcome::Posted);
     let p = b.problems.iter().find(|p| p.reason == "NotProgrammed").expect("a problem");
     assert_eq!(p.object.as_ref().unwrap().to_string(), "ServiceEgressRule/default/rule4");
     assert!(p.message.contains("refers to a missing object"), "{p}");
+    every_rule_of_the_tenant_is_told(&b, &rendered, "p2");
     d.with(|s| s.refuse.clear());
     b.apply(&model, false).unwrap();
     assert_converged(&d, &model);
@@ -249,16 +255,41 @@ fn a_slow_declaration_becomes_a_task_that_is_followed_to_its_end() {
     assert!(polls >= 3, "each of the three POSTs was answered 202 and polled ({polls} polls)");
 }
 
+/// Issue 20, finding 3: a tenant's declaration is taken whole or not at all, so when it is not, every rule in it must
+/// say so (its status then reads Programmed=False), not only the rules an error names.
+fn every_rule_of_the_tenant_is_told(b: &As3Backend, rendered: &ces_as3::Rendered, tenant: &str) {
+    let mut rules: Vec<String> = rendered.origins[tenant].values().flatten().map(|o| o.to_string()).collect();
+    rules.sort();
+    rules.dedup();
+    assert!(rules.len() >= 2, "the test needs a tenant with several rules: {rules:?}");
+    for r in rules {
+        let told = b.problems.iter().any(|p| {
+            p.object.as_ref().is_some_and(|o| o.to_string() == r)
+                && matches!(p.reason.as_str(), "InvalidDeclaration" | "NotProgrammed")
+        });
+        assert!(told, "{r} of tenant {tenant} is not told it was not programmed: {:?}", b.problems);
+    }
+}
+
 #[test]
 fn an_invalid_document_is_never_sent_and_the_rule_is_told_why() {
     let d = double();
     let mut b = backend(&d);
     let mut model = common::original_model();
+    // A second cluster rule on a valid copy of the ExternalService: its objects are valid, but the tenant's
+    // document as a whole is not sent.
+    let copy = model.destination_sets["kube-system/exsvc1"].clone();
+    model.destination_sets.insert("kube-system/exsvc1b".into(), copy);
+    let mut second = model.cluster_rules[0].clone();
+    (second.name, second.id, second.destinations) =
+        ("rule1b".into(), "ClusterEgressRule/rule1b".into(), vec!["kube-system/exsvc1b".into()]);
+    model.cluster_rules.push(second);
     // An ICMP port in the cluster rule's ExternalService: AS3 3.29 allows any/tcp/udp only.
     model.destination_sets.get_mut("kube-system/exsvc1").unwrap().ports[0].protocol = ces_model::Protocol::Icmp;
     model.destination_sets.get_mut("kube-system/exsvc1").unwrap().ports[0].ports.clear();
-    let (outcomes, _) = b.sync(&model, true);
+    let (outcomes, rendered) = b.sync(&model, true);
     assert_eq!(outcomes["Common"], TenantOutcome::Invalid);
+    every_rule_of_the_tenant_is_told(&b, &rendered, "Common");
     assert_eq!(outcomes["p2"], TenantOutcome::Posted);
     assert!(d.with(|s| s.requests.iter().all(|r| !r.path.contains("declare/Common"))), "Common never left CES");
     let p = b.problems.iter().find(|p| p.reason == "InvalidDeclaration").unwrap();
