@@ -428,8 +428,27 @@ impl<'a> Compiler<'a> {
                 by_tenant.entry(self.tenant_name(ns).to_string()).or_default().service.push(r);
             }
         }
-        for ((ns, _), obj) in &self.snap.external_ip_rules {
-            if let Some(r) = self.nat_rule(ns, obj) {
+        // Egress addresses claimed by each ExternalIPRule: one claimed in two namespaces is refused in both.
+        let claims: Vec<(&str, &str, Vec<ces_config::AddressRange>)> = self
+            .snap
+            .external_ip_rules
+            .iter()
+            .map(|((ns, name), obj)| {
+                let ranges =
+                    obj.spec.external_addresses.iter().filter_map(|a| ces_config::parse_range(a).ok()).collect();
+                (ns.as_str(), name.as_str(), ranges)
+            })
+            .collect();
+        for ((ns, name), obj) in &self.snap.external_ip_rules {
+            let mine = claims.iter().find(|(n, m, _)| n == ns && m == name).map(|c| c.2.as_slice()).unwrap_or_default();
+            let conflicts: Vec<String> = claims
+                .iter()
+                .filter(|(n, _, theirs)| {
+                    *n != ns.as_str() && theirs.iter().any(|t| mine.iter().any(|m| ces_config::ranges_overlap(m, t)))
+                })
+                .map(|(n, m, _)| format!("ExternalIPRule {n}/{m}"))
+                .collect();
+            if let Some(r) = self.nat_rule(ns, obj, &conflicts) {
                 by_tenant.entry(self.tenant_name(ns).to_string()).or_default().nat.push(r);
             }
         }
@@ -746,13 +765,39 @@ impl<'a> Compiler<'a> {
         Ok(s)
     }
 
-    fn nat_rule(&mut self, ns: &str, obj: &Object<ces_api::ExternalIPRuleSpec>) -> Option<NatRule> {
+    /// `conflicts`: the ExternalIPRules of other namespaces that claim one of this rule's addresses.
+    fn nat_rule(
+        &mut self,
+        ns: &str,
+        obj: &Object<ces_api::ExternalIPRuleSpec>,
+        conflicts: &[String],
+    ) -> Option<NatRule> {
         let object = ObjectRef::new("ExternalIPRule", Some(ns), &obj.name);
         let mut problems: Vec<Problem> = Vec::new();
         let mut warnings: Vec<Problem> = Vec::new();
         let mut external = Vec::new();
         if obj.spec.external_addresses.is_empty() {
             problems.push(("InvalidAddress", "spec.externalAddresses is empty".into()));
+        }
+        if !conflicts.is_empty() {
+            problems.push((
+                "EgressAddressConflict",
+                format!(
+                    "its egress addresses are claimed by {} too: an address claimed in two namespaces is refused in both",
+                    conflicts.join(", ")
+                ),
+            ));
+        }
+        let pool = self.config.egress_pool(ns);
+        for (i, a) in obj.spec.external_addresses.iter().enumerate() {
+            if let (Some((whose, ranges)), Ok(r)) = (&pool, ces_config::parse_range(a))
+                && !ranges.iter().any(|p| p.0.is_ipv4() == r.0.is_ipv4() && p.0 <= r.0 && r.1 <= p.1)
+            {
+                problems.push((
+                    "EgressAddressNotInPool",
+                    format!("spec.externalAddresses[{i}]: `{a}` is not in {whose} (ces-conf.yaml)"),
+                ));
+            }
         }
         for (i, a) in obj.spec.external_addresses.iter().enumerate() {
             match a.parse::<AddressEntry>() {

@@ -648,3 +648,89 @@ proptest! {
         }
     }
 }
+
+/// An ExternalIPRule `name` of `ns` translating Service `s` (with one own pod as its endpoint) to `addrs`.
+fn egress(ns: &str, name: &str, addrs: &str) -> String {
+    format!(
+        "---\napiVersion: bigip.io/v1alpha1\nkind: ExternalIPRule\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{externalAddresses: [{addrs}], services: [s]}}\n"
+    )
+}
+
+fn egress_world(extra: &str) -> String {
+    let mut y = hostile_world();
+    for ns in ["a", "b", "c"] {
+        y += &format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: {ns}}}\nspec: {{selector: {{app: x}}}}\n"
+        );
+    }
+    y + extra
+}
+
+fn egress_model(y: &str, conf_extra: &str) -> PolicyModel {
+    let conf = CesConfig::from_yaml(&format!("{TWO_TENANTS}{conf_extra}"), "c").unwrap();
+    compile(&load_str(y, "t.yaml"), &conf, DEFAULT_CES_NAMESPACE)
+}
+
+fn nat_ids(m: &PolicyModel) -> Vec<String> {
+    let mut v: Vec<String> = m.tenants.iter().flat_map(|t| t.nat_rules.iter().map(|r| r.id.clone())).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn an_egress_address_claimed_in_two_namespaces_is_refused_in_both() {
+    // Issue 20, finding 2: any namespace could name another team's egress address. No first-come race: both lose.
+    let y = egress_world(
+        &(egress("a", "mine", "203.0.113.7")
+            + &egress("b", "theirs", "203.0.113.5-203.0.113.9")
+            + &egress("a", "also-mine", "203.0.113.7")
+            + &egress("c", "other-tenant", "198.51.100.1")),
+    );
+    let m = egress_model(&y, "");
+    assert_eq!(nat_ids(&m), ["ExternalIPRule/c/other-tenant"]);
+    for (ns, name, other) in [("a", "mine", "b/theirs"), ("b", "theirs", "a/mine")] {
+        let rule = &format!("ExternalIPRule/{ns}/{name}");
+        let r = reasons(&m, rule);
+        assert!(r.iter().any(|(c, msg)| c == "EgressAddressConflict" && msg.contains(other)), "{rule}: {r:?}");
+        let object = ObjectRef::new("ExternalIPRule", Some(ns), name);
+        assert_eq!(m.status_of(&object, None).phase, Some(ces_api::Phase::Failed));
+    }
+    // One namespace's two rules on one address: priority decides, as for any overlap; no conflict.
+    let y = egress_world(&(egress("a", "mine", "203.0.113.7") + &egress("a", "also-mine", "203.0.113.7")));
+    assert_eq!(nat_ids(&egress_model(&y, "")), ["ExternalIPRule/a/also-mine", "ExternalIPRule/a/mine"]);
+}
+
+#[test]
+fn egress_addresses_stay_in_the_pools_the_config_gives() {
+    let y = egress_world(
+        &(egress("a", "inside", "203.0.113.7")
+            + &egress("b", "outside", "198.51.100.9")
+            + &egress("c", "own-pool", "192.0.2.10")),
+    );
+    // Common's pool is 203.0.113.0/24; namespace c (tenant t2) has a pool of its own.
+    let conf = "egressAddresses:\n  c: [192.0.2.10-192.0.2.20]\n";
+    let with_tenant_pool = TWO_TENANTS.replace(
+        "{name: Common, namespaces: 'a,b'}",
+        "{name: Common, namespaces: 'a,b', egressAddresses: [203.0.113.0/24]}",
+    );
+    assert_ne!(with_tenant_pool, TWO_TENANTS);
+    let cfg = CesConfig::from_yaml(&format!("{with_tenant_pool}{conf}"), "c").unwrap();
+    let m = compile(&load_str(&y, "t.yaml"), &cfg, DEFAULT_CES_NAMESPACE);
+    assert_eq!(nat_ids(&m), ["ExternalIPRule/a/inside", "ExternalIPRule/c/own-pool"]);
+    let r = reasons(&m, "ExternalIPRule/b/outside");
+    assert!(r.iter().any(|(c, msg)| c == "EgressAddressNotInPool" && msg.contains("tenant Common")), "{r:?}");
+    // Pools are the administrator's: one address, one owner; a namespace's pool lies in its own tenant's, if any.
+    for bad in [
+        "egressAddresses:\n  a: [203.0.113.1]\n  b: [203.0.113.0/30]\n",
+        "egressAddresses:\n  c: [203.0.113.0/28]\n",
+        "egressAddresses:\n  a: [not-an-address]\n",
+        "egressAddresses:\n  a: [203.0.113.9-203.0.113.1]\n",
+        "egressAddresses:\n  a: [203.0.113.1/24]\n",
+    ] {
+        assert!(CesConfig::from_yaml(&format!("{with_tenant_pool}{bad}"), "c").is_err(), "{bad}");
+    }
+    let two_pools =
+        with_tenant_pool.replace("routeDomain: {id: 2", "egressAddresses: [203.0.113.128/25], routeDomain: {id: 2");
+    assert!(CesConfig::from_yaml(&two_pools, "c").is_err(), "two tenants' pools overlap");
+    assert!(CesConfig::from_yaml(&format!("{with_tenant_pool}egressAddresses:\n  a: [203.0.113.8/29]\n"), "c").is_ok());
+}

@@ -53,6 +53,28 @@ pub struct CesConfig {
     /// (docs/semantics.md §2). Namespace to addresses or CIDRs.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub endpoint_addresses: BTreeMap<String, Vec<String>>,
+    /// New: namespaces' pools of egress addresses (addresses, CIDRs, ranges `a-b`): an ExternalIPRule of the
+    /// namespace may translate to these only. Namespace to list.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub egress_addresses: BTreeMap<String, Vec<String>>,
+}
+
+/// An inclusive range of addresses of one family.
+pub type AddressRange = (IpAddr, IpAddr);
+
+/// An address, a CIDR or a range `a-b` as an inclusive range.
+pub fn parse_range(s: &str) -> Result<AddressRange, String> {
+    if let Some((x, y)) = s.split_once('-') {
+        check_address_or_range(s)?;
+        return Ok((x.parse().map_err(|_| String::new())?, y.parse().map_err(|_| String::new())?));
+    }
+    let n = parse_net(s).map_err(|_| format!("`{s}` is not an IP address, a CIDR or a range `a-b`"))?;
+    Ok((n.network(), n.broadcast()))
+}
+
+/// Whether two ranges share an address.
+pub fn ranges_overlap(a: &AddressRange, b: &AddressRange) -> bool {
+    a.0.is_ipv4() == b.0.is_ipv4() && a.0 <= b.1 && b.0 <= a.1
 }
 
 /// `gateway`: the nftables egress gateway.
@@ -137,6 +159,10 @@ pub struct TenantConfig {
     /// New: what happens to a flow no service rule matched. Default `drop` (the original's `deny_all_rule`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_action: Option<DefaultAction>,
+    /// New: the tenant's pool of egress addresses (addresses, CIDRs, ranges `a-b`): its ExternalIPRules may
+    /// translate to these only (unless `egressAddresses` gives their namespace a pool of its own).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_addresses: Vec<String>,
     /// New: the nftables gateway's view of this tenant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<TenantGateway>,
@@ -349,6 +375,19 @@ impl CesConfig {
         out
     }
 
+    /// The pool of egress addresses an ExternalIPRule of `namespace` may use, and where it is configured: the
+    /// namespace's own (`egressAddresses`), else its tenant's (`tenant[].egressAddresses`); `None`: no pool, any
+    /// address.
+    pub fn egress_pool(&self, namespace: &str) -> Option<(String, Vec<AddressRange>)> {
+        let parse = |l: &Vec<String>| l.iter().filter_map(|a| parse_range(a).ok()).collect::<Vec<_>>();
+        if let Some(l) = self.egress_addresses.get(namespace) {
+            return Some((format!("egressAddresses.{namespace}"), parse(l)));
+        }
+        let t = self.tenant(self.tenant_of(namespace))?;
+        (!t.egress_addresses.is_empty())
+            .then(|| (format!("the egressAddresses of tenant {}", t.name), parse(&t.egress_addresses)))
+    }
+
     /// The tenant entry by name.
     pub fn tenant(&self, name: &str) -> Option<&TenantConfig> {
         self.tenant.iter().find(|t| t.name == name)
@@ -546,6 +585,45 @@ impl CesConfig {
         for (j, a) in self.external_ip_addresses.iter().enumerate() {
             if let Err(e) = check_address_or_range(a) {
                 p(format!("externalIPAddresses[{j}]"), e);
+            }
+        }
+        // Egress pools: every entry parses; no address is in the pools of two tenants or of two namespaces, and a
+        // namespace's pool lies in no other tenant's pool (inside its own tenant's, it narrows it).
+        let mut tenant_pools: Vec<(AddressRange, &str)> = Vec::new();
+        for (i, t) in self.tenant.iter().enumerate() {
+            for (j, a) in t.egress_addresses.iter().enumerate() {
+                let key = format!("tenant[{i}].egressAddresses[{j}]");
+                match parse_range(a) {
+                    Err(e) => p(key, e),
+                    Ok(r) => {
+                        if let Some((_, o)) = tenant_pools.iter().find(|(x, o)| *o != t.name && ranges_overlap(x, &r)) {
+                            p(key, format!("`{a}` is also in the egress pool of tenant {o}"));
+                        }
+                        tenant_pools.push((r, &t.name));
+                    }
+                }
+            }
+        }
+        let mut ns_pools: Vec<(AddressRange, &str)> = Vec::new();
+        for (ns, list) in &self.egress_addresses {
+            if !is_dns_label(ns) {
+                p(format!("egressAddresses.{ns}"), format!("`{ns}` is not a valid namespace name"));
+            }
+            let tenant = self.tenant_of(ns);
+            for (j, a) in list.iter().enumerate() {
+                let key = format!("egressAddresses.{ns}[{j}]");
+                match parse_range(a) {
+                    Err(e) => p(key, e),
+                    Ok(r) => {
+                        if let Some((_, o)) = ns_pools.iter().find(|(x, o)| *o != ns && ranges_overlap(x, &r)) {
+                            p(key.clone(), format!("`{a}` is also in the egress pool of namespace {o}"));
+                        }
+                        if let Some((_, o)) = tenant_pools.iter().find(|(x, o)| *o != tenant && ranges_overlap(x, &r)) {
+                            p(key, format!("`{a}` is in the egress pool of tenant {o}, not of {tenant}"));
+                        }
+                        ns_pools.push((r, ns));
+                    }
+                }
             }
         }
         let mut given: Vec<(ipnet::IpNet, &str)> = Vec::new();
