@@ -372,7 +372,7 @@ pub struct Client {
 }
 
 /// Every message of an AS3 or iControl error body.
-fn messages(body: &Value) -> Vec<String> {
+pub fn messages(body: &Value) -> Vec<String> {
     let mut out = Vec::new();
     if let Some(errors) = body.get("errors").and_then(Value::as_array) {
         out.extend(errors.iter().map(|e| e.as_str().map_or_else(|| e.to_string(), str::to_string)));
