@@ -267,7 +267,10 @@ impl Writer {
     /// Opens (or creates) the store in `dir`. Shards a previous writer left unsealed (it stopped or crashed) are
     /// sealed in the background.
     pub fn open(dir: &Path, cfg: StoreConfig) -> Result<Writer> {
-        std::fs::create_dir_all(dir).map_err(|e| format!("flow store {}: {e}", dir.display()))?;
+        // Every namespace's traffic is in here: the folder is its owner's alone (0700 when created).
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(dir)
+            .map_err(|e| format!("flow store {}: {e}", dir.display()))?;
         let rollups = Connection::open(dir.join("rollups.db")).map_err(err("opening rollups.db"))?;
         check_version(&rollups, &dir.join("rollups.db"))?;
         rollups.execute_batch(&rollup::schema()).map_err(err("rollups.db tables"))?;
@@ -1253,6 +1256,8 @@ pub(crate) mod tests {
         assert_eq!(r.count().unwrap(), 1000);
         let all = r.query(&Filter::default(), None).unwrap();
         assert_eq!(all, records, "every field comes back");
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700, "the store is its owner's");
         let f = Filter { namespace: Some("ns1".into()), verdict: Some(Verdict::Drop), ..Filter::default() };
         let want: Vec<FlowRecord> = records.iter().filter(|x| f.matches(x)).cloned().collect();
         assert_eq!(r.query(&f, None).unwrap(), want);

@@ -169,9 +169,8 @@ fn watch_with(
         None => None,
         Some("-") => Some(Box::new(std::io::stdout())),
         Some(path) => Some(Box::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
+            // Every namespace's traffic: readable by its owner alone (0600 when created).
+            std::os::unix::fs::OpenOptionsExt::mode(std::fs::OpenOptions::new().create(true).append(true), 0o600)
                 .open(path)
                 .map_err(|e| Failure::input(format!("--log-file {path}: {e}")))?,
         )),
