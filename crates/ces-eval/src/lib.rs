@@ -16,8 +16,8 @@ use std::net::IpAddr;
 
 use ces_api::{Action, Mode};
 use ces_model::{
-    COMMON_TENANT, Context, Destination, DestinationSet, PolicyModel, Protocol, Rule, Sources, TenantPolicy, Verdict,
-    parse_decimal,
+    AddressEntry, COMMON_TENANT, Context, Destination, DestinationSet, PolicyModel, Protocol, Rule, Sources,
+    TenantPolicy, Verdict, parse_decimal,
 };
 use ipnet::IpNet;
 use jiff::Timestamp;
@@ -318,6 +318,74 @@ impl<'m> Evaluator<'m> {
     pub fn model(&self) -> &'m PolicyModel {
         self.model
     }
+
+    /// The source translation of an accepted flow (docs/semantics.md §9): the first ExternalIPRule of the flow's
+    /// tenant, in priority order, whose Services' endpoints hold the source and whose `destinationMatch` (addresses,
+    /// protocol, ports) the flow meets, with the egress addresses of the flow's family. `None` when none covers it,
+    /// or the rule has no egress address of the family. A refused flow is never translated: ask after `decide`.
+    pub fn translate(&self, flow: &Flow) -> Result<Option<Translation>, EvalError> {
+        let t = self.check(flow)?;
+        let dst_ip = match &flow.destination {
+            Destination::Ip(ip) | Destination::Resolved { ip, .. } => Some(*ip),
+            Destination::Host(_) => None,
+        };
+        for r in &self.model.tenants[t].nat_rules {
+            let from = r.sources.iter().any(|n| {
+                self.model
+                    .address_sets
+                    .get(n)
+                    .is_some_and(|s| s.tenant == flow.tenant && s.addresses.iter().any(|a| a.contains(&flow.source)))
+            });
+            if !from {
+                continue;
+            }
+            // A destination match on addresses needs the flow's address: a flow to a bare host name matches only a
+            // rule without one.
+            if !r.destination_addresses.is_empty()
+                && !dst_ip.is_some_and(|ip| r.destination_addresses.iter().any(|a| a.matches(&Destination::Ip(ip))))
+            {
+                continue;
+            }
+            if let Some(p) = r.destination_protocol
+                && p != flow.protocol
+            {
+                continue;
+            }
+            let port_met = matches!(flow.protocol, Protocol::Tcp | Protocol::Udp)
+                && flow
+                    .port
+                    .is_some_and(|port| r.destination_ports.iter().any(|pr| pr.start <= port && port <= pr.end));
+            if !r.destination_ports.is_empty() && !port_met {
+                continue;
+            }
+            let to: Vec<String> = r
+                .external_addresses
+                .iter()
+                .filter(|a| match a {
+                    AddressEntry::Net(n) => n.addr().is_ipv4() == flow.source.is_ipv4(),
+                    AddressEntry::Range(x, _) => x.is_ipv4() == flow.source.is_ipv4(),
+                    _ => false,
+                })
+                .map(|a| match a {
+                    AddressEntry::Net(n) => n.addr().to_string(),
+                    other => other.to_string(),
+                })
+                .collect();
+            if to.is_empty() {
+                continue;
+            }
+            return Ok(Some(Translation { rule: r.id.clone(), to }));
+        }
+        Ok(None)
+    }
+}
+
+/// What an accepted flow's source is translated to, and by which ExternalIPRule.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Translation {
+    pub rule: String,
+    /// The egress addresses (or ranges) of the flow's family the rule translates to: one of them is the source.
+    pub to: Vec<String>,
 }
 
 /// Parses a flow target: `HOST:PORT/tcp`, `HOST:PORT/udp` or `HOST/icmp`. HOST is an IP address (IPv6 in

@@ -717,3 +717,62 @@ fn as_str_names_match_the_json_names() {
         assert_eq!(serde_json::to_value(e).unwrap(), e.as_str());
     }
 }
+
+/// Issue 19: the source translation of an accepted flow; the first ExternalIPRule of the flow's tenant in priority
+/// order whose sources hold it and whose destinationMatch it meets; the egress addresses of the flow's family.
+#[test]
+fn translation_is_the_tenants_first_matching_external_ip_rule() {
+    // A Service of each namespace whose endpoints are its pod (both families).
+    let svc = |ns: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: {ns}}}\n---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: s, namespace: {ns}}}\nsubsets: [{{addresses: [{{ip: 10.9.0.5}}, {{ip: '2001:db8::5'}}]}}]\n---\n"
+        )
+    };
+    let eip = |ns: &str, name: &str, spec: &str| {
+        format!(
+            "apiVersion: bigip.io/v1alpha1\nkind: ExternalIPRule\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n---\n"
+        )
+    };
+    let rules = svc("nx")
+        + &svc("ny")
+        + &eip(
+            "nx",
+            "narrow",
+            "{priority: 1, externalAddresses: [203.0.113.1], services: [s], destinationMatch: {addresses: [198.51.100.0/24], destinationMatchPorts: {protocol: tcp, ports: ['443']}}}",
+        )
+        + &eip(
+            "nx",
+            "wide",
+            "{priority: 5, externalAddresses: [203.0.113.2-203.0.113.3, '2001:db8:e::2'], services: [s]}",
+        )
+        + &eip("ny", "theirs", "{externalAddresses: [203.0.113.9], services: [s]}");
+    let w = overlap_world(&rules);
+    let ev = Evaluator::new(&w.model);
+    let tr = |tenant: &str, from: &str, to: &str| {
+        let (destination, protocol, port) = parse_target(to).unwrap();
+        let flow = Flow {
+            source: from.parse().unwrap(),
+            tenant: tenant.into(),
+            destination,
+            protocol,
+            port,
+            at: "2026-12-06T10:00:00Z".parse().unwrap(),
+        };
+        ev.translate(&flow).unwrap().map(|t| format!("{} {}", t.rule, t.to.join(",")))
+    };
+    let (narrow, wide) = ("ExternalIPRule/nx/narrow 203.0.113.1", "ExternalIPRule/nx/wide 203.0.113.2-203.0.113.3");
+    assert_eq!(tr("t1", "10.9.0.5", "198.51.100.7:443/tcp").as_deref(), Some(narrow));
+    assert_eq!(tr("t1", "10.9.0.5", "198.51.100.7:80/tcp").as_deref(), Some(wide), "port not met: the next rule");
+    assert_eq!(tr("t1", "10.9.0.5", "198.51.100.7:443/udp").as_deref(), Some(wide), "protocol not met");
+    assert_eq!(tr("t1", "10.9.0.5", "192.0.2.1:443/tcp").as_deref(), Some(wide), "address not met");
+    assert_eq!(tr("t1", "10.9.0.5", "api.example.com:443/tcp").as_deref(), Some(wide), "a bare name meets no address");
+    assert_eq!(
+        tr("t1", "2001:db8::5", "[2001:db8:ff::1]:443/tcp").as_deref(),
+        Some("ExternalIPRule/nx/wide 2001:db8:e::2"),
+        "the egress address of the flow's family"
+    );
+    // The same address in the other tenant is that tenant's pod: its own rule.
+    assert_eq!(tr("t2", "10.9.0.5", "198.51.100.7:443/tcp").as_deref(), Some("ExternalIPRule/ny/theirs 203.0.113.9"));
+    assert_eq!(tr("t2", "2001:db8::5", "[2001:db8:ff::1]:443/tcp"), None, "no egress address of that family");
+    assert_eq!(tr("Common", "10.9.0.5", "198.51.100.7:443/tcp"), None);
+}

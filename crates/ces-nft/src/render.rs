@@ -366,10 +366,7 @@ pub fn render_tagged(
             ),
         );
     }
-    for nat in model.tenants.iter().flat_map(|t| &t.nat_rules) {
-        let object = ObjectRef::new("ExternalIPRule", Some(&nat.namespace), &nat.name);
-        r.warn(object, "source NAT (ExternalIPRule) is not enforced by the nft backend yet".into());
-    }
+    chains.extend(r.nat_chain());
     *ids = std::mem::take(&mut r.ids);
     ids.finish((at.as_nanosecond() / 1000) as i64);
     Ok(Ruleset {
@@ -386,6 +383,19 @@ pub fn render_tagged(
         dns_queue,
         answer_tenants: r.answer_tenants,
     })
+}
+
+/// The addresses from `a` to `b` (one family), at most `max`.
+fn spell_out(a: std::net::IpAddr, b: std::net::IpAddr, max: usize) -> Vec<std::net::IpAddr> {
+    let n = |ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V4(v) => u32::from(v) as u128,
+        std::net::IpAddr::V6(v) => u128::from(v),
+    };
+    let (lo, hi) = (n(a), n(b));
+    (lo..=hi)
+        .take(max)
+        .map(|x| if a.is_ipv4() { std::net::IpAddr::V4((x as u32).into()) } else { std::net::IpAddr::V6(x.into()) })
+        .collect()
 }
 
 /// The lines that give `verdict` to packets matching `matches`, counted: one for `accept` and `drop`, two for
@@ -574,13 +584,19 @@ impl<'m> Renderer<'m> {
     /// source in this tenant (it is left out of the tenant's chain), `Some(Some(stem))` otherwise.
     fn source_stem(&mut self, t: &TenantPolicy, rule: &Rule) -> Option<Option<String>> {
         let Sources::Sets(names) = &rule.sources else { return None };
+        Some(self.sets_stem(t, names))
+    }
+
+    /// The stem of the source sets holding `names`' sets of tenant `t` (a union when several); `None` when none is
+    /// the tenant's.
+    fn sets_stem(&mut self, t: &TenantPolicy, names: &[String]) -> Option<String> {
         let mine: Vec<&str> = names
             .iter()
             .filter(|n| self.model.address_sets.get(*n).is_some_and(|s| s.tenant == t.name))
             .map(String::as_str)
             .collect();
         let stem = match mine.as_slice() {
-            [] => return Some(None),
+            [] => return None,
             [one] => self.source_stems[one].clone(),
             _ => {
                 self.unions += 1;
@@ -592,7 +608,103 @@ impl<'m> Renderer<'m> {
             self.sets.extend(source_sets(self.model, &stem, &names));
             self.sources.insert(stem.clone(), names);
         }
-        Some(Some(stem))
+        Some(stem)
+    }
+
+    /// The postrouting chain that gives accepted flows of ExternalIPRules' sources their egress address
+    /// (docs/nft.md, "Source NAT"): per tenant, its rules in priority order; the first that matches translates.
+    /// Packets the forward chain refused never get here.
+    fn nat_chain(&mut self) -> Option<Chain> {
+        let model = self.model;
+        let all_ifaces: Vec<String> =
+            model.tenants.iter().flat_map(|t| t.backend.gateway_interfaces.iter().map(|i| quote(i))).collect();
+        let mut rules = Vec::new();
+        for t in &model.tenants {
+            // The tenant the packet entered in, as the forward chain tells: by interface, else by address (then
+            // not from any tenant's interface).
+            let tenant_match = if !t.backend.gateway_interfaces.is_empty() {
+                let mine: Vec<String> = t.backend.gateway_interfaces.iter().map(|i| quote(i)).collect();
+                format!("iifname {{ {} }} ", mine.join(", "))
+            } else if !all_ifaces.is_empty() {
+                format!("iifname != {{ {} }} ", all_ifaces.join(", "))
+            } else {
+                String::new()
+            };
+            for nat in &t.nat_rules {
+                let Some(stem) = self.sets_stem(t, &nat.sources) else { continue };
+                for v4 in [true, false] {
+                    let (fam, suffix) = if v4 { ("ip", "v4") } else { ("ip6", "v6") };
+                    let to: Vec<String> = nat
+                        .external_addresses
+                        .iter()
+                        .filter_map(|a| match a {
+                            AddressEntry::Net(n) if n.addr().is_ipv4() == v4 => Some(n.addr().to_string()),
+                            AddressEntry::Range(x, y) if x.is_ipv4() == v4 => Some(format!("{x}-{y}")),
+                            _ => None,
+                        })
+                        .collect();
+                    if to.is_empty() {
+                        continue;
+                    }
+                    let mut m = format!("{tenant_match}{fam} saddr @{stem}_{suffix}");
+                    let dst: Vec<String> = nat
+                        .destination_addresses
+                        .iter()
+                        .filter_map(|a| match a {
+                            AddressEntry::Net(n) if n.addr().is_ipv4() == v4 => Some(n.to_string()),
+                            AddressEntry::Range(x, y) if x.is_ipv4() == v4 => Some(format!("{x}-{y}")),
+                            _ => None,
+                        })
+                        .collect();
+                    if !nat.destination_addresses.is_empty() {
+                        if dst.is_empty() {
+                            continue; // destinations of the other family only
+                        }
+                        m += &format!(" {fam} daddr {{ {} }}", dst.join(", "));
+                    }
+                    let ports: Vec<String> = nat
+                        .destination_ports
+                        .iter()
+                        .map(|p| if p.start == p.end { p.start.to_string() } else { format!("{}-{}", p.start, p.end) })
+                        .collect();
+                    match (nat.destination_protocol, ports.is_empty()) {
+                        (Some(p), true) => m += &format!(" meta l4proto {}", p.as_str()),
+                        (Some(p), false) => m += &format!(" {} dport {{ {} }}", p.as_str(), ports.join(", ")),
+                        (None, false) => {
+                            m += &format!(" meta l4proto {{ tcp, udp }} th dport {{ {} }}", ports.join(", "))
+                        }
+                        (None, true) => {}
+                    }
+                    // One address or range: `persistent` keeps a client on one address; several: a hash of the
+                    // source picks one, the same while the pod keeps its address.
+                    let action = match to.as_slice() {
+                        [one] => format!("snat {fam} to {one} persistent"),
+                        _ => {
+                            // The map's values are addresses: ranges are spelled out (at most 256 addresses).
+                            let many: Vec<String> = nat
+                                .external_addresses
+                                .iter()
+                                .flat_map(|a| match a {
+                                    AddressEntry::Net(n) if n.addr().is_ipv4() == v4 => vec![n.addr()],
+                                    AddressEntry::Range(x, y) if x.is_ipv4() == v4 => spell_out(*x, *y, 256),
+                                    _ => Vec::new(),
+                                })
+                                .take(256)
+                                .map(|a| a.to_string())
+                                .collect();
+                            let map: Vec<String> = many.iter().enumerate().map(|(i, a)| format!("{i} : {a}")).collect();
+                            format!("snat {fam} to jhash {fam} saddr mod {} map {{ {} }}", many.len(), map.join(", "))
+                        }
+                    };
+                    rules.push(format!("{m} {action} comment {}", quote(&nat.id)));
+                }
+            }
+        }
+        (!rules.is_empty()).then(|| Chain {
+            name: "postrouting".into(),
+            hook: Some("type nat hook postrouting priority srcnat; policy accept;".into()),
+            rules,
+        })
     }
 
     /// Declares the learned sets of `destination`'s names in tenant `t` (both families); returns their stem.

@@ -69,6 +69,9 @@ struct SimResult {
     source: Source,
     #[serde(flatten)]
     decision: Decision,
+    /// The source translation of an accepted flow an ExternalIPRule covers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nat: Option<ces_eval::Translation>,
 }
 
 pub(crate) struct Request {
@@ -203,8 +206,20 @@ pub fn run(args: &SimulateArgs) -> Result<(), Failure> {
     };
     let mut out = String::new();
     for r in requests {
-        let result =
-            SimResult { from: r.from, to: r.to, at: r.flow.at.to_string(), source: r.source, decision: r.decision };
+        // A refused flow is never translated.
+        let nat = if r.decision.verdict == ces_model::Verdict::Accept {
+            evaluator.translate(&r.flow).map_err(|e| Failure::input(e.to_string()))?
+        } else {
+            None
+        };
+        let result = SimResult {
+            from: r.from,
+            to: r.to,
+            at: r.flow.at.to_string(),
+            source: r.source,
+            decision: r.decision,
+            nat,
+        };
         match output {
             Output::Json => {
                 out.push_str(&serde_json::to_string(&result).expect("results serialise"));
@@ -235,6 +250,9 @@ fn text(r: &SimResult, model: &PolicyModel) -> String {
         _ => " (no rule matched)".to_string(),
     };
     let _ = writeln!(s, "  decided  by {} in the {} context{what}", by.rule, by.context.as_str());
+    if let Some(n) = &r.nat {
+        let _ = writeln!(s, "  nat      source translated to {} by {}", n.to.join(" or "), n.rule);
+    }
     for (i, t) in d.trail.iter().enumerate() {
         let label = if i == 0 { "trail" } else { "" };
         let (ctx, action, effect) = (t.context.as_str(), t.action.as_str(), t.effect.as_str());
