@@ -24,9 +24,11 @@ pub enum Input {
     /// A record made elsewhere (imported).
     Record(FlowRecord),
     /// The pods now (after a policy pass): the history opens and closes assignments.
-    Pods(Vec<PodEntry>),
+    Pods(Vec<PodEntry>, Timestamp),
     /// Pods that moved (pod churn).
-    PodChanges(Vec<(Option<PodEntry>, Option<PodEntry>)>),
+    /// Pod changes, and when they took effect: taken before the data plane is changed, so that a connection the
+    /// change lets through is never older than the change in the pods' history.
+    PodChanges(Vec<(Option<PodEntry>, Option<PodEntry>)>, Timestamp),
     /// The rules of the policy now (for "rules never hit").
     Rules(Vec<String>),
     /// Sets how host names are found for destinations.
@@ -109,10 +111,10 @@ impl Pipeline {
         let _ = self.tx.send(i);
     }
 
-    /// The policy now (after a pass): its pods for the history, its rules (and each tenant's default) for "rules
-    /// never hit".
+    /// The policy now: its pods for the history, its rules (and each tenant's default) for "rules never hit". Call
+    /// it before the data plane changes, so that the history is never behind it.
     pub fn policy(&self, model: &ces_model::PolicyModel) {
-        self.send(Input::Pods(model.pods.clone()));
+        self.send(Input::Pods(model.pods.clone(), Timestamp::now()));
         let mut rules: Vec<String> = model.rules().map(|(_, r)| r.id.clone()).collect();
         rules.sort();
         rules.dedup();
@@ -198,8 +200,8 @@ fn run(
             match i {
                 Input::Observation(o) => records.extend(attr.observe(o, now)),
                 Input::Record(r) => records.push(r),
-                Input::Pods(p) => attr.pods.sync(&p, now.as_microsecond()),
-                Input::PodChanges(c) => attr.pods.apply(&c, now.as_microsecond()),
+                Input::Pods(p, at) => attr.pods.sync(&p, at.as_microsecond()),
+                Input::PodChanges(c, at) => attr.pods.apply(&c, at.as_microsecond()),
                 Input::Rules(rules) => {
                     if let Some(w) = store.as_mut()
                         && let Err(e) = w.rules(&rules, now)

@@ -89,6 +89,10 @@ impl ces_sync::Backend for NftBackend {
         if let Some(d) = &self.dns {
             d.want_queue(&rs, &model.settings.gateway.dns);
         }
+        // The pods' history first: a connection the new table lets through is never older than its pod's entry.
+        if let Some(f) = &self.flows {
+            f.policy(model);
+        }
         let applied = self.applier.apply(&rs, full).map_err(|e| e.to_string())?;
         if self.dns_hook == DnsHook::External {
             let want = rs.dns_queue;
@@ -102,9 +106,6 @@ impl ces_sync::Backend for NftBackend {
             d.applied(&rs, &model.settings.gateway.dns, &self.applier.nft)?;
         }
         self.log_group.store(model.settings.gateway.log_group as u32, std::sync::atomic::Ordering::Relaxed);
-        if let Some(f) = &self.flows {
-            f.policy(model);
-        }
         let mut summary = match applied {
             apply::Applied::Replaced => match &self.applier.replaced_for {
                 Some(why) => format!("table inet {} replaced ({why})", rs.table),
@@ -113,6 +114,8 @@ impl ces_sync::Backend for NftBackend {
             apply::Applied::Updated(n) => format!("table inet {}: elements of {n} set(s) updated", rs.table),
             apply::Applied::Unchanged => format!("table inet {} unchanged", rs.table),
         };
+        let mut rs = rs;
+        rs.diagnostics.extend(egress_not_local(model));
         if rs.diagnostics != self.last_warnings {
             for d in &rs.diagnostics {
                 summary.push_str(&format!("\n  {d}"));
@@ -140,14 +143,46 @@ impl ces_sync::Backend for NftBackend {
             .filter(|(_, names)| names.iter().any(|n| delta.sets.contains(n)))
             .flat_map(|(stem, names)| render::source_sets(model, stem, names))
             .collect();
-        let applied = self.applier.apply_sets(sets).map_err(|e| e.to_string())?;
+        // The pods' history changes as of now, before the kernel does: a connection the new elements let through
+        // is attributed to the pod that now has the address.
         if let Some(f) = &self.flows {
-            f.send(ces_flow::pipeline::Input::PodChanges(delta.pods.clone()));
+            f.send(ces_flow::pipeline::Input::PodChanges(delta.pods.clone(), jiff::Timestamp::now()));
         }
+        let applied = self.applier.apply_sets(sets).map_err(|e| e.to_string())?;
         let summary = match applied {
             apply::Applied::Updated(n) => format!("table inet {table}: elements of {n} set(s) updated (pod churn)"),
             _ => format!("table inet {table} unchanged (pod churn)"),
         };
         Ok(ces_sync::Applied { summary, valid_until })
     }
+}
+
+/// Egress addresses of ExternalIPRules that are no address of this host (in the agent's network namespace): replies
+/// to them reach the gateway only if the network routes them here, so the agent says so (a warning on the rule).
+fn egress_not_local(model: &ces_model::PolicyModel) -> Vec<ces_model::Diagnostic> {
+    let mut out = Vec::new();
+    for nat in model.tenants.iter().flat_map(|t| &t.nat_rules) {
+        for a in &nat.external_addresses {
+            let ip = match a {
+                ces_model::AddressEntry::Net(n) => n.addr(),
+                ces_model::AddressEntry::Range(x, _) => *x,
+                _ => continue,
+            };
+            // Binding succeeds only to an address of this host (or with ip_nonlocal_bind, which then vouches).
+            if let Err(e) = std::net::UdpSocket::bind((ip, 0))
+                && e.kind() == std::io::ErrorKind::AddrNotAvailable
+            {
+                out.push(ces_model::Diagnostic {
+                    severity: ces_model::Severity::Warning,
+                    object: Some(ces_model::ObjectRef::new("ExternalIPRule", Some(&nat.namespace), &nat.name)),
+                    origin: None,
+                    reason: "EgressAddressNotLocal".into(),
+                    message: format!(
+                        "egress address {a} is not an address of this gateway: replies reach it only if the network routes it here"
+                    ),
+                });
+            }
+        }
+    }
+    out
 }

@@ -124,11 +124,11 @@ impl ces_sync::Backend for Observed {
         model: &ces_model::PolicyModel,
         delta: &ces_model::PodDelta,
     ) -> Result<ces_sync::Applied, String> {
-        let r = self.inner.apply_pods(model, delta);
+        // The pods' history changes as of now, before the device does (see the gateway's apply_pods).
         if let Some((pipeline, _)) = &self.flows {
-            pipeline.send(Input::PodChanges(delta.pods.clone()));
+            pipeline.send(Input::PodChanges(delta.pods.clone(), jiff::Timestamp::now()));
         }
-        r
+        self.inner.apply_pods(model, delta)
     }
 
     fn problems(&self) -> Vec<ces_model::Diagnostic> {

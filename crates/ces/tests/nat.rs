@@ -177,7 +177,13 @@ fn covered_pods_leave_with_their_egress_address_and_simulate_and_the_records_agr
     let lab = lab(&format!("cesn{}", std::process::id() % 100_000));
     let store = dir.join("store");
     let store_arg = store.to_string_lossy().into_owned();
+    // analytics' egress address is on the gateway's uplink; payments' is only routed to it by the server side.
+    ces_lab::run_in(&lab.gateway, &["ip", "addr", "add", "203.0.113.20/32", "dev", "srv0"]).unwrap();
     let agent = Agent::start(&lab.gateway, &dir, 19871, "1", &["--flow-store", &store_arg], false);
+    // The agent says which egress addresses are not its own.
+    let log = agent.log();
+    assert!(log.contains("egress address 203.0.113.10 is not an address of this gateway"), "{log}");
+    assert!(!log.contains("egress address 203.0.113.20 is not"), "{log}");
 
     // (side, source, tenant, server, port, what the server must see; None: nothing arrives).
     type Case<'a> = (usize, &'a str, &'a str, &'a str, u16, Option<&'a str>);
