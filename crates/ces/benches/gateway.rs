@@ -6,6 +6,7 @@
 //! - TCP throughput of one connection, and new TCP connections per second, with no ruleset (the baseline), with the
 //!   CES table, and with an equivalent naive linear chain (one rule per source address and destination, iptables
 //!   style, no connection-tracking shortcut), all measured in this run;
+//! - the same with 100 ExternalIPRules (source NAT), the client's translated by the last of its tenant's;
 //! - the latency from a manifest change (one pod's address) to the agent having applied it, p50 and p99.
 //!
 //! Set CES_BENCH_QUICK=1 (or run it through `cargo test --benches`) for a small cluster.
@@ -171,6 +172,40 @@ fn main() {
         load.as_secs_f64() * 1e3
     );
     nft_in(&lab, &format!("delete table inet {}\n", rs.table));
+
+    // Source NAT: 100 ExternalIPRules of the client's tenant (Common: every fourth namespace), on other pods' Services
+    // with their own egress addresses, and last the one that translates the client (pod-1 of ns-00000, Service svc-1).
+    let mut nat = String::new();
+    for k in 0..99 {
+        let _ = std::fmt::Write::write_fmt(
+            &mut nat,
+            format_args!(
+                "---\napiVersion: bigip.io/v1alpha1\nkind: ExternalIPRule\nmetadata: {{name: bench-{k}, namespace: {}}}\nspec: {{priority: {k}, externalAddresses: [198.51.100.{}], services: [svc-0]}}\n",
+                ces_synth::namespace_name(4 * (k % 12)),
+                k + 1
+            ),
+        );
+    }
+    nat += "---\napiVersion: bigip.io/v1alpha1\nkind: ExternalIPRule\nmetadata: {name: bench-client, namespace: ns-00000}\nspec: {priority: 5000, externalAddresses: [192.0.2.200], services: [svc-1]}\n";
+    std::fs::write(dir.join("nat.yaml"), &nat).unwrap();
+    let mut nat_files = files.clone();
+    nat_files.push(dir.join("nat.yaml"));
+    let (nat_snapshot, _) = ces_snapshot::manifests::load_paths(&nat_files).unwrap();
+    let nat_model = ces_compiler::compile(&nat_snapshot, &config, "kube-system");
+    let nat_rules: usize = nat_model.tenants.iter().map(|t| t.nat_rules.len()).sum();
+    assert_eq!(nat_rules, 100, "{:?}", nat_model.errors().take(3).collect::<Vec<_>>());
+    let nat_rs = ces_nft::render_with(&nat_model, jiff::Timestamp::now(), hook).expect("render");
+    let nat_lines = nat_rs.chains.iter().find(|c| c.name == "postrouting").map_or(0, |c| c.rules.len());
+    Applier::new(Nft::in_netns(&lab.gateway)).apply(&nat_rs, true).expect("apply");
+    let (nat_t, nat_c) = measure(&lab, client, secs);
+    println!(
+        "CES table + source NAT: {:>7.2} Gbit/s ({:.0}% of baseline)   {:>7.0} new connections/s ({:.0}%)   {nat_rules} ExternalIPRules, {nat_lines} nat lines",
+        nat_t / 1e9,
+        100.0 * nat_t / base_t,
+        nat_c,
+        100.0 * nat_c / base_c,
+    );
+    nft_in(&lab, &format!("delete table inet {}\n", nat_rs.table));
 
     let (naive, n) = naive_chain(&rs, common, client, if quick { 5_000 } else { 50_000 });
     let naive_load = nft_in(&lab, &naive);
