@@ -19,13 +19,14 @@ need rsyslogd:rsyslog nfacctd:pmacct
 need chromium:chromium
 need_pkg rsyslog-gnutls
 # The official AS3 schema files (F5's, not part of this repository) validate every declaration the tests produce.
-if [ -z "${CES_AS3_SCHEMA_DIR:-}" ]; then
-  for d in "$PWD/../shared/as3-schema" /work/shared/as3-schema; do
-    if [ -f "$d/as3-schema-3.29.0-3.json" ]; then export CES_AS3_SCHEMA_DIR="$d"; break; fi
-  done
+# They are read from CES_AS3_SCHEMA_DIR, else from ../shared/as3-schema beside the repository (README, "Two commands").
+if [ -z "${CES_AS3_SCHEMA_DIR:-}" ] && [ -f "$PWD/../shared/as3-schema/as3-schema-3.29.0-3.json" ]; then
+  export CES_AS3_SCHEMA_DIR="$PWD/../shared/as3-schema"
 fi
-if [ ! -f "${CES_AS3_SCHEMA_DIR:-/nonexistent}/as3-schema-3.29.0-3.json" ]; then
-  echo "scripts/test.sh: the official AS3 schema files (as3-schema-3.29.0-3.json, …) were not found: set CES_AS3_SCHEMA_DIR" >&2
-  exit 1
-fi
+for f in as3-schema-3.28.0-3.json as3-schema-3.29.0-3.json as3-schema-3.56.0-10.json; do
+  if [ ! -f "${CES_AS3_SCHEMA_DIR:-/nonexistent}/$f" ]; then
+    echo "scripts/test.sh: F5's AS3 schema file $f was not found: put the files in a folder and set CES_AS3_SCHEMA_DIR (README, \"Two commands\", says where to get them)" >&2
+    exit 1
+  fi
+done
 exec cargo test --workspace "$@"
