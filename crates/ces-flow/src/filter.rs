@@ -31,6 +31,8 @@ pub struct Filter {
     pub port: Option<u16>,
     /// The translated source address (`--nat`).
     pub nat: Option<IpAddr>,
+    /// And its port (`--nat IP:PORT`).
+    pub nat_port: Option<u16>,
 }
 
 /// Parses `--since`/`--until`: an RFC 3339 time, or a duration before now (`30s`, `15m`, `2h`, `7d`).
@@ -104,6 +106,9 @@ impl Filter {
             return false;
         }
         if self.port.is_some() && self.port != r.destination.port {
+            return false;
+        }
+        if self.nat_port.is_some() && self.nat_port != r.nat.as_ref().and_then(|n| n.port) {
             return false;
         }
         if self.nat.is_some() && self.nat != r.nat.as_ref().map(|n| n.ip) {

@@ -816,6 +816,9 @@ impl ShardReader {
             w.push(format!("nat_ip = ?{}", p.len() + 1));
             p.push(V::Blob(ip_blob(nat)));
         }
+        if let Some(port) = f.nat_port {
+            w.push(format!("nat_port = {port}"));
+        }
         Ok(Some((w, p)))
     }
 

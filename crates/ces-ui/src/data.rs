@@ -124,6 +124,7 @@ impl Ui {
             protocol: nonempty(&q.protocol).map(str::to_string),
             port,
             nat: None,
+            nat_port: None,
         })
     }
 

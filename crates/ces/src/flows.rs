@@ -149,9 +149,18 @@ pub struct FilterArgs {
     /// The destination port.
     #[arg(long)]
     port: Option<u16>,
-    /// The translated source address (source NAT): who was behind it.
-    #[arg(long)]
-    nat: Option<std::net::IpAddr>,
+    /// The translated source (source NAT), `IP` or `IP:PORT` (`[IPv6]:PORT`): who was behind it.
+    #[arg(long, value_name = "IP[:PORT]")]
+    nat: Option<String>,
+}
+
+/// `IP`, `IP:PORT` or `[IPv6]:PORT`.
+fn parse_nat(s: &str) -> Result<(std::net::IpAddr, Option<u16>), String> {
+    if let Ok(ip) = s.parse() {
+        return Ok((ip, None));
+    }
+    let a: std::net::SocketAddr = s.parse().map_err(|_| format!("`{s}` is not IP, IP:PORT or [IPv6]:PORT"))?;
+    Ok((a.ip(), Some(a.port())))
 }
 
 impl FilterArgs {
@@ -160,6 +169,7 @@ impl FilterArgs {
         let time = |s: &Option<String>, what: &str| -> Result<Option<jiff::Timestamp>, Failure> {
             s.as_deref().map(|s| parse_time(s, now).map_err(|e| Failure::input(format!("--{what}: {e}")))).transpose()
         };
+        let nat = self.nat.as_deref().map(parse_nat).transpose().map_err(|e| Failure::input(format!("--nat: {e}")))?;
         Ok(Filter {
             since: time(&self.since, "since")?,
             until: time(&self.until, "until")?,
@@ -171,7 +181,8 @@ impl FilterArgs {
             to: self.to.as_deref().map(To::parse).transpose().map_err(|e| Failure::input(format!("--to: {e}")))?,
             protocol: self.protocol.clone(),
             port: self.port,
-            nat: self.nat,
+            nat: nat.map(|n| n.0),
+            nat_port: nat.and_then(|n| n.1),
         })
     }
 }

@@ -237,11 +237,13 @@ fn covered_pods_leave_with_their_egress_address_and_simulate_and_the_records_agr
     assert_eq!(pods.into_iter().collect::<Vec<_>>(), ["checkout-0"], "{by_egress:#?}");
     for r in &by_egress {
         assert_eq!(r["tenant"], "payments");
-        assert!(r["nat"]["port"].as_u64().is_some(), "the translated port is kept: {r}");
-        // Found again by egress address and port.
-        let port = r["nat"]["port"].as_u64().unwrap();
-        assert!(by_egress.iter().filter(|x| x["nat"]["port"].as_u64() == Some(port)).count() >= 1);
+        let port = r["nat"]["port"].as_u64().unwrap_or_else(|| panic!("the translated port is kept: {r}"));
+        // Found again by egress address and port: that connection, with the pod's own address and port.
+        let found = flows(&store, &["--nat", &format!("203.0.113.10:{port}")]);
+        assert!(!found.is_empty() && found.iter().all(|x| x["nat"]["port"] == port), "{found:#?}");
+        assert!(found.iter().any(|x| x["source"] == r["source"]), "{found:#?}");
     }
+    assert!(flows(&store, &["--nat", "203.0.113.10:1"]).is_empty(), "no connection left through port 1");
     let ana = flows(&store, &["--nat", "203.0.113.20"]);
     assert!(!ana.is_empty() && ana.iter().all(|r| r["tenant"] == "analytics" && r["source"]["pod"] == "jupyter-0"));
     assert!(flows(&store, &["--nat", "10.10.0.13"]).is_empty());
