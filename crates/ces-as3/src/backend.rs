@@ -45,6 +45,8 @@ pub enum TenantOutcome {
     Posted,
     Invalid,
     Failed(String),
+    /// Gone from ces-conf.yaml, and deleted from the device (it carried this cluster's remark).
+    Deleted,
 }
 
 impl As3Backend {
@@ -130,6 +132,62 @@ impl As3Backend {
             }
         }
         out
+    }
+
+    /// Deletes the tenants this cluster declared (they carry its remark) that the policy no longer has: those on
+    /// the device, and those this backend declared itself (a dry run shows their DELETE). Common is never deleted.
+    /// A tenant another cluster or tool declared is left alone.
+    fn delete_gone_tenants(
+        &mut self,
+        model: &PolicyModel,
+        rendered: &Rendered,
+        full: bool,
+        outcomes: &mut BTreeMap<String, TenantOutcome>,
+    ) {
+        let remark = crate::render::tenant_remark(&model.settings.cluster_name);
+        let ours = |decl: &Value| decl.get("remark").and_then(Value::as_str) == Some(remark.as_str());
+        let mut gone: BTreeSet<String> = self
+            .device
+            .iter()
+            .filter(|(t, (current, _))| current.as_ref().is_some_and(ours) && !rendered.documents.contains_key(*t))
+            .map(|(t, _)| t.clone())
+            .collect();
+        // The device is listed on full passes (the resync) and when the policy's tenants change: a GET of every
+        // declaration is not for every pass.
+        let tenants_changed = self.last.as_ref().is_none_or(|l| l.documents.keys().ne(rendered.documents.keys()));
+        if self.client.is_device() && (full || tenants_changed) {
+            match self.client.call(&Request { method: "GET", path: "/mgmt/shared/appsvcs/declare".into(), body: None })
+            {
+                Ok(r) => {
+                    for (t, decl) in r.body.as_object().into_iter().flatten() {
+                        let tenant = decl.get("class").and_then(Value::as_str) == Some("Tenant");
+                        if tenant && ours(decl) && !rendered.documents.contains_key(t) {
+                            gone.insert(t.clone());
+                        }
+                    }
+                }
+                Err(e) => self.problem(Vec::new(), "NotDeleted", format!("listing the device's tenants: {e}")),
+            }
+        }
+        gone.remove(ces_model::COMMON_TENANT);
+        for t in gone {
+            let r = self.client.call(&Request {
+                method: "DELETE",
+                path: format!("/mgmt/shared/appsvcs/declare/{t}"),
+                body: None,
+            });
+            match r {
+                Ok(_) => {
+                    self.device.remove(&t);
+                    self.bound.retain(|b| !b.policy.starts_with(&format!("/{t}/")));
+                    outcomes.insert(t, TenantOutcome::Deleted);
+                }
+                Err(e) => {
+                    self.problem(Vec::new(), "NotDeleted", format!("tenant {t}: {e}"));
+                    outcomes.insert(t, TenantOutcome::Failed(e.to_string()));
+                }
+            }
+        }
     }
 
     /// Every rule behind an object of the tenant's document.
@@ -389,6 +447,7 @@ impl As3Backend {
             };
             outcomes.insert(tenant.clone(), outcome);
         }
+        self.delete_gone_tenants(model, &rendered, full, &mut outcomes);
         let mut saved = false;
         for b in rendered.bindings.clone() {
             let tenant_ok = outcomes.iter().all(|(t, o)| {
@@ -448,6 +507,7 @@ impl ces_sync::Backend for As3Backend {
                 TenantOutcome::Posted => format!("{t}: declared"),
                 TenantOutcome::Invalid => format!("{t}: NOT SENT (invalid under the schema)"),
                 TenantOutcome::Failed(e) => format!("{t}: FAILED ({e})"),
+                TenantOutcome::Deleted => format!("{t}: deleted (gone from ces-conf.yaml)"),
             })
             .collect::<Vec<_>>()
             .join("; ");

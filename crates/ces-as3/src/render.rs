@@ -348,6 +348,11 @@ impl<'m> Renderer<'m> {
         if self.model.settings.route_domains && t.name != ces_model::COMMON_TENANT {
             tenant.insert("defaultRouteDomain".into(), json!(t.route_domain.id));
         }
+        if t.name != ces_model::COMMON_TENANT {
+            // What marks the partition as this cluster's: a tenant gone from ces-conf.yaml is deleted from the device
+            // only when it carries it (docs/as3.md, "Tenants that go").
+            tenant.insert("remark".into(), json!(tenant_remark(self.cluster)));
+        }
         tenant.insert("Shared".into(), Value::Object(app.objects));
         let doc = json!({
             "$schema": SCHEMA_URL,
@@ -707,6 +712,11 @@ fn entry_string(a: &AddressEntry) -> String {
         AddressEntry::Host(h) => h.clone(),
         AddressEntry::Wildcard(w) => format!("*.{w}"),
     }
+}
+
+/// The remark CES writes on every tenant (partition) it declares for cluster `cluster` (`clusterName`).
+pub fn tenant_remark(cluster: &str) -> String {
+    format!("CES cluster {cluster}")
 }
 
 #[cfg(test)]

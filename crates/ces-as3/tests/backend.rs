@@ -521,3 +521,47 @@ fn a_tenant_refused_in_a_multi_tenant_patch_fails_the_pass_and_the_next_apply_re
     b.apply(&model, false).unwrap();
     assert_converged(&d, &model);
 }
+
+/// Issue 18, item 4: a tenant gone from ces-conf.yaml is deleted from the device, but only one this cluster declared
+/// (it carries the cluster's remark); another tool's or another cluster's partition stays, and Common always does.
+#[test]
+fn a_tenant_gone_from_the_config_is_deleted_only_when_this_cluster_declared_it() {
+    let d = double();
+    let mut b = backend(&d);
+    let model = common::original_model();
+    b.apply(&model, true).unwrap();
+    assert_converged(&d, &model);
+    let p2 = d.with(|s| s.tenants["p2"].clone());
+    assert_eq!(p2["remark"], format!("CES cluster {}", model.settings.cluster_name));
+    d.with(|s| {
+        s.tenants.insert("by-hand".into(), json!({"class": "Tenant", "Shared": {"class": "Application"}}));
+        s.tenants.insert(
+            "peer".into(),
+            json!({"class": "Tenant", "remark": "CES cluster another-cluster", "Shared": {"class": "Application"}}),
+        );
+    });
+    let mut without = model.clone();
+    without.tenants.retain(|t| t.name != "p2");
+    let (outcomes, _) = b.sync(&without, false);
+    assert_eq!(outcomes.get("p2"), Some(&TenantOutcome::Deleted), "{outcomes:?}");
+    let left: Vec<String> = d.with(|s| s.tenants.keys().cloned().collect());
+    assert_eq!(left, ["Common", "by-hand", "peer", "project3"]);
+    let deletes = d.with(|s| s.requests.iter().filter(|r| r.method == "DELETE").count());
+    assert_eq!(deletes, 1);
+    // Nothing more on the next passes.
+    b.apply(&without, false).unwrap();
+    b.apply(&without, true).unwrap();
+    assert_eq!(d.with(|s| s.requests.iter().filter(|r| r.method == "DELETE").count()), 1);
+
+    // A dry run shows the DELETE of a tenant it declared earlier in its run.
+    let dir = std::env::temp_dir().join(format!("ces-dry-delete-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let dry = ces_as3::client::DryRun::new(&dir).unwrap();
+    let mut b = As3Backend::new(Client::new(Box::new(dry), None), Some(common::schema_dir())).unwrap();
+    b.apply(&model, true).unwrap();
+    b.apply(&without, false).unwrap();
+    let files: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert!(files.iter().any(|f| f.contains("DELETE") && f.contains("p2")), "{files:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -3,7 +3,8 @@
 //! What it does as a device does (ces-original.md §4.6; AS3 docs: http-methods, as3-api, authentication,
 //! burst-handling):
 //! - token authentication (`POST /mgmt/shared/authn/login`, `X-F5-Auth-Token`), tokens that expire, 401 after;
-//! - declarations kept per tenant; `GET …/declare/<tenant>` (204 when there is none; `?showHash=true` adds the
+//! - declarations kept per tenant; `GET …/declare` (every tenant), `DELETE …/declare/<tenant>`;
+//!   `GET …/declare/<tenant>` (204 when there is none; `?showHash=true` adds the
 //!   tenant's `optimisticLockKey`); `POST …/declare/<tenant>` replaces the tenant, refused with 422 when the key
 //!   does not match what is stored;
 //! - every POST and PATCH validated against the official AS3 schema of the declared `schemaVersion`: an invalid one
@@ -300,8 +301,23 @@ fn respond(
                 let r = declare(st, tenant, body, flag("showHash"));
                 if flag("async") || st.processing > st.sync_limit { task(st, r) } else { r }
             }
+            "DELETE" => match st.tenants.remove(tenant) {
+                None => error(404, &format!("no tenant {tenant}")),
+                Some(_) => {
+                    st.versions.remove(tenant);
+                    (200, json!({"results": [{"code": 200, "message": "success", "tenant": tenant}]}))
+                }
+            },
             _ => error(405, "method not allowed"),
         };
+    }
+    if path == "/mgmt/shared/appsvcs/declare" && method == "GET" {
+        // Every tenant's declaration, as AS3 answers it.
+        let mut adc = json!({"class": "ADC", "id": "double", "schemaVersion": "3.29.0"});
+        for (t, d) in &st.tenants {
+            adc[t] = d.clone();
+        }
+        return (200, adc);
     }
     if path == "/mgmt/shared/appsvcs/declare" && method == "PATCH" {
         return patch(st, body);
