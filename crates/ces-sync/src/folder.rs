@@ -29,6 +29,22 @@ impl Folder {
     }
 }
 
+/// Parses a file and returns it with its stamp, read again until the file did not change while it was read: a file
+/// being written (editors and `kubectl` write in place) is never taken half-written as a state of the cluster.
+fn read_whole(path: &Path) -> Result<(u64, ParsedFile), String> {
+    let mut before = stamp(path)?;
+    for _ in 0..50 {
+        let parsed = manifests::parse_file(path).map_err(|e| e.to_string())?;
+        let after = stamp(path)?;
+        if after == before {
+            return Ok((after, parsed));
+        }
+        before = after;
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Err(format!("{}: still being written after 50 reads; it is read again at the next pass", path.display()))
+}
+
 /// Size and modification time of a file, hashed.
 fn stamp(path: &Path) -> Result<u64, String> {
     let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -77,10 +93,10 @@ impl Source for Folder {
         let files = manifests::files(&self.manifests).map_err(|e| e.to_string())?;
         let mut cache = HashMap::with_capacity(files.len());
         for f in &files {
-            let stamp = stamp(f)?;
-            let parsed = match self.cache.remove(f) {
-                Some((s, parsed)) if s == stamp => parsed,
-                _ => manifests::parse_file(f).map_err(|e| e.to_string())?,
+            let now = stamp(f)?;
+            let (stamp, parsed) = match self.cache.remove(f) {
+                Some((s, parsed)) if s == now => (s, parsed),
+                _ => read_whole(f)?,
             };
             cache.insert(f.clone(), (stamp, parsed));
         }
@@ -116,7 +132,7 @@ impl Source for Folder {
             if *then == now {
                 continue;
             }
-            let new = manifests::parse_file(f).map_err(|e| e.to_string())?;
+            let (now, new) = read_whole(f)?;
             if only_pods {
                 let (before, _) = manifests::build(&[old]);
                 let (after, _) = manifests::build(&[&new]);

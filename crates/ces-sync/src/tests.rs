@@ -164,6 +164,68 @@ fn the_folder_source_parses_again_only_what_changed_and_sees_every_change() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Issue 18, item 6: a file rewritten in place while it is read (editors and `kubectl` write in place) is never taken
+/// half-written: every load sees all of its pods, never a part of them.
+#[test]
+fn a_file_being_written_is_never_read_half_written() {
+    let dir = std::env::temp_dir().join(format!("ces-folder-half-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let pods = |round: usize| -> String {
+        (0..600)
+            .map(|i| {
+                format!(
+                    "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: a}}\nstatus: {{phase: Running, podIPs: [{{ip: 10.{}.{}.{}}}]}}\n",
+                    round % 200,
+                    i / 250,
+                    i % 250 + 1
+                )
+            })
+            .collect()
+    };
+    let path = dir.join("pods.yaml");
+    std::fs::write(&path, pods(0)).unwrap();
+    assert_eq!(folder::Folder::new(vec![dir.clone()], None).load().unwrap().0.pods.len(), 600, "the whole file");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (path, stop) = (path.clone(), stop.clone());
+        std::thread::spawn(move || {
+            use std::io::Write as _;
+            let mut round = 1;
+            while !stop.load(Ordering::Relaxed) {
+                // In place, in pieces, as an editor writes: truncate, then the text in chunks.
+                let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(&path).unwrap();
+                for chunk in pods(round).as_bytes().chunks(4 * 1024) {
+                    f.write_all(chunk).unwrap();
+                    // A slow writer (a big file, a slow disk): the reader can meet the file at any length.
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                drop(f);
+                round += 1;
+                // A change now and then, as people and controllers make them (not a file rewritten without end).
+                std::thread::sleep(Duration::from_millis(150));
+            }
+        })
+    };
+    let mut f = folder::Folder::new(vec![dir.clone()], None);
+    let (mut whole, mut loads) = (0, 0);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        if let Ok((snap, _)) = f.load() {
+            loads += 1;
+            let n = snap.pods.len();
+            // A read that began before a truncate and ended before the rewrite finished is the only way to see
+            // neither 0 (caught between truncate and first chunk, which a writer may leave for any time) nor 600.
+            assert!(n == 600 || n == 0, "a half-written file was taken: {n} of 600 pods");
+            whole += usize::from(n == 600);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    assert!(loads > 20 && whole > 0, "{loads} loads, {whole} whole");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A source that follows pods (an empty change each time) and counts its reports.
 #[derive(Clone, Default)]
 struct Churning {
