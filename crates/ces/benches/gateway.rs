@@ -292,7 +292,8 @@ fn main() {
         whole.push(wait("change: ", before + 1).as_secs_f64() * 1e3);
     }
     let text = std::fs::read_to_string(&log).unwrap_or_default();
-    for l in text.lines().filter(|l| l.contains("change: ") && l.contains("replaced")) {
+    // The agent's first pass (the table loaded at start) is reported as a change too: it is not counted.
+    for l in text.lines().filter(|l| l.contains("change: ") && l.contains("replaced")).skip(1) {
         println!("a change replaced the table (not expected of an address change): {l}");
     }
     let _ = agent.kill();
