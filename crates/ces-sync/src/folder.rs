@@ -21,28 +21,52 @@ pub struct Folder {
     /// The files and the config's stamp of the last load or update.
     files: Vec<PathBuf>,
     config_stamp: Option<u64>,
+    /// How long a changed file must have been left alone before it is read: a writer that pauses between its pieces
+    /// for less is never caught half-way. Default 2 ms; the sync loop's debounce (the whole input left alone) is the
+    /// wider guard.
+    pub quiet: std::time::Duration,
 }
 
 impl Folder {
     pub fn new(manifests: Vec<PathBuf>, config: Option<PathBuf>) -> Folder {
-        Folder { manifests, config, cache: HashMap::new(), files: Vec::new(), config_stamp: None }
+        Folder {
+            manifests,
+            config,
+            cache: HashMap::new(),
+            files: Vec::new(),
+            config_stamp: None,
+            quiet: std::time::Duration::from_millis(2),
+        }
     }
 }
 
-/// Parses a file and returns it with its stamp, read again until the file did not change while it was read: a file
-/// being written (editors and `kubectl` write in place) is never taken half-written as a state of the cluster.
-fn read_whole(path: &Path) -> Result<(u64, ParsedFile), String> {
-    let mut before = stamp(path)?;
+/// Parses a file and returns it with its stamp: read once it has been left alone for `quiet`, and again until it
+/// did not change while it was read, so a file being written (editors and `kubectl` write in place) is never taken
+/// half-written as a state of the cluster.
+fn read_whole(path: &Path, quiet: std::time::Duration) -> Result<(u64, ParsedFile), String> {
     for _ in 0..50 {
+        wait_quiet(path, quiet)?;
+        let before = stamp(path)?;
         let parsed = manifests::parse_file(path).map_err(|e| e.to_string())?;
-        let after = stamp(path)?;
-        if after == before {
-            return Ok((after, parsed));
+        if stamp(path)? == before {
+            return Ok((before, parsed));
         }
-        before = after;
-        std::thread::sleep(std::time::Duration::from_millis(10));
     }
     Err(format!("{}: still being written after 50 reads; it is read again at the next pass", path.display()))
+}
+
+/// Waits (at most 2 s) until `path` was last modified `quiet` ago.
+fn wait_quiet(path: &Path, quiet: std::time::Duration) -> Result<(), String> {
+    let waited = std::time::Instant::now();
+    while waited.elapsed() < std::time::Duration::from_secs(2) {
+        let modified =
+            std::fs::metadata(path).and_then(|m| m.modified()).map_err(|e| format!("{}: {e}", path.display()))?;
+        match modified.elapsed() {
+            Ok(age) if age < quiet => std::thread::sleep(quiet - age),
+            _ => break,
+        }
+    }
+    Ok(())
 }
 
 /// Size and modification time of a file, hashed.
@@ -96,7 +120,7 @@ impl Source for Folder {
             let now = stamp(f)?;
             let (stamp, parsed) = match self.cache.remove(f) {
                 Some((s, parsed)) if s == now => (s, parsed),
-                _ => read_whole(f)?,
+                _ => read_whole(f, self.quiet)?,
             };
             cache.insert(f.clone(), (stamp, parsed));
         }
@@ -132,7 +156,7 @@ impl Source for Folder {
             if *then == now {
                 continue;
             }
-            let (now, new) = read_whole(f)?;
+            let (now, new) = read_whole(f, self.quiet)?;
             if only_pods {
                 let (before, _) = manifests::build(&[old]);
                 let (after, _) = manifests::build(&[&new]);

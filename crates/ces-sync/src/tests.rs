@@ -198,31 +198,33 @@ fn a_file_being_written_is_never_read_half_written() {
                 for chunk in pods(round).as_bytes().chunks(4 * 1024) {
                     f.write_all(chunk).unwrap();
                     // A slow writer (a big file, a slow disk): the reader can meet the file at any length.
-                    std::thread::sleep(Duration::from_millis(1));
+                    std::thread::sleep(Duration::from_millis(5));
                 }
                 drop(f);
                 round += 1;
                 // A change now and then, as people and controllers make them (not a file rewritten without end).
-                std::thread::sleep(Duration::from_millis(150));
+                std::thread::sleep(Duration::from_millis(300));
             }
         })
     };
     let mut f = folder::Folder::new(vec![dir.clone()], None);
+    // Left alone 100 ms, where the writer pauses 5 ms between pieces and 300 ms between rewrites.
+    f.quiet = Duration::from_millis(100);
     let (mut whole, mut loads) = (0, 0);
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(3) {
         if let Ok((snap, _)) = f.load() {
             loads += 1;
             let n = snap.pods.len();
-            // A read that began before a truncate and ended before the rewrite finished is the only way to see
-            // neither 0 (caught between truncate and first chunk, which a writer may leave for any time) nor 600.
+            // A file left alone for 100 ms is whole (or empty: caught between truncate and first piece, which no
+            // reader can tell from a real one).
             assert!(n == 600 || n == 0, "a half-written file was taken: {n} of 600 pods");
             whole += usize::from(n == 600);
         }
     }
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
-    assert!(loads > 20 && whole > 0, "{loads} loads, {whole} whole");
+    assert!(loads >= 3 && whole > 0, "{loads} loads, {whole} whole");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
