@@ -439,8 +439,8 @@ impl<'a> Compiler<'a> {
                 (ns.as_str(), name.as_str(), ranges)
             })
             .collect();
-        for ((ns, name), obj) in &self.snap.external_ip_rules {
-            let mine = claims.iter().find(|(n, m, _)| n == ns && m == name).map(|c| c.2.as_slice()).unwrap_or_default();
+        // `claims` is in the order of the rules.
+        for (((ns, _), obj), (_, _, mine)) in self.snap.external_ip_rules.iter().zip(&claims) {
             let conflicts: Vec<String> = claims
                 .iter()
                 .filter(|(n, _, theirs)| {

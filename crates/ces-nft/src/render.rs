@@ -385,6 +385,18 @@ pub fn render_tagged(
     })
 }
 
+/// The address entries of one family as nft writes them: networks through `net`, ranges as `a-b`.
+fn of_family(entries: &[AddressEntry], v4: bool, net: impl Fn(&ipnet::IpNet) -> String) -> Vec<String> {
+    entries
+        .iter()
+        .filter_map(|a| match a {
+            AddressEntry::Net(n) if n.addr().is_ipv4() == v4 => Some(net(n)),
+            AddressEntry::Range(x, y) if x.is_ipv4() == v4 => Some(format!("{x}-{y}")),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The addresses from `a` to `b` (one family), at most `max`.
 fn spell_out(a: std::net::IpAddr, b: std::net::IpAddr, max: usize) -> Vec<std::net::IpAddr> {
     let n = |ip: std::net::IpAddr| match ip {
@@ -634,28 +646,12 @@ impl<'m> Renderer<'m> {
                 let Some(stem) = self.sets_stem(t, &nat.sources) else { continue };
                 for v4 in [true, false] {
                     let (fam, suffix) = if v4 { ("ip", "v4") } else { ("ip6", "v6") };
-                    let to: Vec<String> = nat
-                        .external_addresses
-                        .iter()
-                        .filter_map(|a| match a {
-                            AddressEntry::Net(n) if n.addr().is_ipv4() == v4 => Some(n.addr().to_string()),
-                            AddressEntry::Range(x, y) if x.is_ipv4() == v4 => Some(format!("{x}-{y}")),
-                            _ => None,
-                        })
-                        .collect();
+                    let to = of_family(&nat.external_addresses, v4, |n| n.addr().to_string());
                     if to.is_empty() {
                         continue;
                     }
                     let mut m = format!("{tenant_match}{fam} saddr @{stem}_{suffix}");
-                    let dst: Vec<String> = nat
-                        .destination_addresses
-                        .iter()
-                        .filter_map(|a| match a {
-                            AddressEntry::Net(n) if n.addr().is_ipv4() == v4 => Some(n.to_string()),
-                            AddressEntry::Range(x, y) if x.is_ipv4() == v4 => Some(format!("{x}-{y}")),
-                            _ => None,
-                        })
-                        .collect();
+                    let dst = of_family(&nat.destination_addresses, v4, |n| n.to_string());
                     if !nat.destination_addresses.is_empty() {
                         if dst.is_empty() {
                             continue; // destinations of the other family only

@@ -3,12 +3,14 @@
 //! messages are written as AFM writes them (afm-log-format.md): RFC 5424 with structured data over UDP, BSD with the
 //! log profile's field list over TCP (newline and octet-counted framing). Two tenants share a pod network.
 
+mod common;
+
 use std::io::Write as _;
 use std::net::{TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
+use common::{flows, try_flows, wait_until};
 use serde_json::Value;
 
 const CONFIG: &str = r#"
@@ -78,41 +80,6 @@ impl Drop for Controller {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn wait_until(what: impl Fn() -> bool, describe: impl Fn() -> String) {
-    let start = Instant::now();
-    while !what() {
-        assert!(start.elapsed() < Duration::from_secs(20), "timed out waiting: {}", describe());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn try_flows(store: &Path, args: &[&str]) -> Result<Vec<Value>, String> {
-    let out = Command::new(env!("CARGO_BIN_EXE_ces"))
-        .args(["flows", "--store"])
-        .arg(store)
-        .args(["-o", "json"])
-        .args(args)
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    let schema: Value = serde_json::from_str(ces_flow::record::JSON_SCHEMA).unwrap();
-    let schema = jsonschema::options().build(&schema).unwrap();
-    let records: Vec<Value> =
-        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    for r in &records {
-        if let Err(e) = schema.validate(r) {
-            panic!("{r:#}\ndoes not match the schema: {e}");
-        }
-    }
-    Ok(records)
-}
-
-fn flows(store: &Path, args: &[&str]) -> Vec<Value> {
-    try_flows(store, args).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The policy and rule names AFM logs for a CES rule: those the renderer declared.

@@ -5,11 +5,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use ces_lab::{Lab, LabSpec, Outcome, Proto, Side};
-use common::{Agent, ip, wait_for, wait_until};
+use common::{Agent, flows, ip, wait_for, wait_until};
 use serde_json::Value;
 
 const POLICY: &str = r#"apiVersion: v1
@@ -134,29 +134,6 @@ fn setup(name: &str) -> PathBuf {
     std::fs::write(dir.join("policy.yaml"), POLICY).unwrap();
     std::fs::write(dir.join("ces-conf.yaml"), CONFIG).unwrap();
     dir
-}
-
-/// `ces flows` on the store with `args`, as JSON records.
-fn flows(store: &Path, args: &[&str]) -> Vec<Value> {
-    let out = Command::new(env!("CARGO_BIN_EXE_ces"))
-        .args(["flows", "--store"])
-        .arg(store)
-        .args(["-o", "json"])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "ces flows: {}", String::from_utf8_lossy(&out.stderr));
-    let schema: Value = serde_json::from_str(ces_flow::record::JSON_SCHEMA).unwrap();
-    let schema = jsonschema::options().build(&schema).unwrap();
-    let records: Vec<Value> =
-        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    for r in &records {
-        // Every record the gateway makes is one docs/flow-record.schema.json describes.
-        if let Err(e) = schema.validate(r) {
-            panic!("{r:#}\ndoes not match the schema: {e}");
-        }
-    }
-    records
 }
 
 fn is(r: &Value, pod: &str, dst: &str, port: u64) -> bool {

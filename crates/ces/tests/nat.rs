@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use ces_lab::{Lab, LabSpec, Side};
-use common::{Agent, ip, wait_for, wait_until};
+use common::{Agent, flows, ip, wait_for, wait_until};
 use serde_json::Value;
 
 /// Two tenants whose pods share 10.10.0.11. payments: checkout (10.10.0.11) is translated to 203.0.113.10 towards
@@ -148,18 +148,6 @@ fn simulated(dir: &Path, from: &str, tenant: Option<&str>, to: &str) -> (String,
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let to = v["nat"]["to"].as_array().map(|a| a.iter().map(|x| x.as_str().unwrap().to_string()).collect());
     (v["verdict"].as_str().unwrap().to_string(), to)
-}
-
-fn flows(store: &Path, args: &[&str]) -> Vec<Value> {
-    let out = Command::new(env!("CARGO_BIN_EXE_ces"))
-        .args(["flows", "--store"])
-        .arg(store)
-        .args(["-o", "json"])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "ces flows: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 fn setup() -> PathBuf {

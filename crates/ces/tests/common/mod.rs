@@ -129,3 +129,34 @@ pub fn fast_conntrack(gateway: &str) {
             .unwrap_or_else(|e| panic!("setting {k} in {gateway}: {e}"));
     }
 }
+
+/// `ces flows` on a store with `args`, as JSON records, each checked against docs/flow-record.schema.json; the
+/// command's error when it fails.
+pub fn try_flows(store: &Path, args: &[&str]) -> Result<Vec<serde_json::Value>, String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_ces"))
+        .args(["flows", "--store"])
+        .arg(store)
+        .args(["-o", "json"])
+        .args(args)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let schema: serde_json::Value = serde_json::from_str(ces_flow::record::JSON_SCHEMA).unwrap();
+    let schema = jsonschema::options().build(&schema).unwrap();
+    let records: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for r in &records {
+        // Every record CES makes is one the schema describes.
+        if let Err(e) = schema.validate(r) {
+            panic!("{r:#}\ndoes not match the schema: {e}");
+        }
+    }
+    Ok(records)
+}
+
+/// [`try_flows`], failing the test when the command fails.
+pub fn flows(store: &Path, args: &[&str]) -> Vec<serde_json::Value> {
+    try_flows(store, args).unwrap_or_else(|e| panic!("ces flows: {e}"))
+}
