@@ -17,7 +17,8 @@ use jiff::Timestamp;
 use serde_json::{Value, json};
 
 use crate::client::{Client, ClientError, Request};
-use crate::render::{Binding, Rendered, render, source_addresses};
+use crate::facts::{Facts, version_key};
+use crate::render::{Binding, Rendered, render_checked, source_addresses};
 use crate::schema::Schema;
 
 pub struct As3Backend {
@@ -35,6 +36,15 @@ pub struct As3Backend {
     pub render_diagnostics: Vec<Diagnostic>,
     /// The documents of the last apply that every tenant took, kept for pod churn (`apply_pods`).
     last: Option<Rendered>,
+    /// The AS3 version the device runs (`GET /mgmt/shared/appsvcs/info`), read at the first pass and every full one.
+    pub device_version: Option<String>,
+    /// What the version of the last pass can express (whether Common takes a lock key).
+    facts: Option<Facts>,
+    /// This cluster's `clusterName`, and whether it is the master cluster (`clusterName == masterCluster`).
+    cluster: String,
+    master: bool,
+    /// How many times a declaration refused for a changed lock key is read, merged and sent again in one pass.
+    pub conflict_attempts: u32,
 }
 
 /// What was done to one tenant.
@@ -73,6 +83,11 @@ impl As3Backend {
             at: None,
             render_diagnostics: Vec::new(),
             last: None,
+            device_version: None,
+            facts: None,
+            cluster: String::new(),
+            master: true,
+            conflict_attempts: 8,
         })
     }
 
@@ -134,9 +149,10 @@ impl As3Backend {
         out
     }
 
-    /// Deletes the tenants this cluster declared (they carry its remark) that the policy no longer has: those on
-    /// the device, and those this backend declared itself (a dry run shows their DELETE). Common is never deleted.
-    /// A tenant another cluster or tool declared is left alone.
+    /// Deletes the tenants this cluster declared (they carry its remark, or its objects) that the policy no longer
+    /// has: those on the device, and those this backend declared itself (a dry run shows their DELETE). Common is
+    /// never deleted. A tenant another cluster or tool declared is left alone; one that holds another cluster's
+    /// objects too is declared again without this cluster's ([`crate::shared::merge`]).
     fn delete_gone_tenants(
         &mut self,
         model: &PolicyModel,
@@ -144,8 +160,12 @@ impl As3Backend {
         full: bool,
         outcomes: &mut BTreeMap<String, TenantOutcome>,
     ) {
-        let remark = crate::render::tenant_remark(&model.settings.cluster_name);
-        let ours = |decl: &Value| decl.get("remark").and_then(Value::as_str) == Some(remark.as_str());
+        let cluster = model.settings.cluster_name.clone();
+        let remark = crate::render::tenant_remark(&cluster);
+        let ours = |decl: &Value| {
+            decl.get("remark").and_then(Value::as_str) == Some(remark.as_str())
+                || crate::shared::has_own(decl, &cluster)
+        };
         let mut gone: BTreeSet<String> = self
             .device
             .iter()
@@ -171,6 +191,20 @@ impl As3Backend {
         }
         gone.remove(ces_model::COMMON_TENANT);
         for t in gone {
+            if self.client.is_device() {
+                match self.leave_shared(model, &t) {
+                    Ok(true) => {
+                        outcomes.insert(t, TenantOutcome::Posted);
+                        continue;
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        self.problem(Vec::new(), "NotDeleted", format!("tenant {t}: {e}"));
+                        outcomes.insert(t, TenantOutcome::Failed(e.to_string()));
+                        continue;
+                    }
+                }
+            }
             let r = self.client.call(&Request {
                 method: "DELETE",
                 path: format!("/mgmt/shared/appsvcs/declare/{t}"),
@@ -188,6 +222,44 @@ impl As3Backend {
                 }
             }
         }
+    }
+
+    /// A tenant this cluster leaves that holds another cluster's objects: declared again without this cluster's
+    /// (read, merged, sent with the lock key; again on a conflict). `false`: no other cluster's objects, delete it.
+    fn leave_shared(&mut self, model: &PolicyModel, tenant: &str) -> Result<bool, ClientError> {
+        let cluster = model.settings.cluster_name.clone();
+        for attempt in 1.. {
+            let (current, key) = self.read(tenant)?;
+            let Some(current) = current.filter(|c| crate::shared::has_others(c, &cluster)) else { return Ok(false) };
+            let Some(without) = crate::shared::merge(None, Some(&current), &cluster, self.master) else {
+                return Ok(false);
+            };
+            let mut decl = without.clone();
+            if let Some(k) = key {
+                decl["optimisticLockKey"] = json!(k);
+            }
+            let body = json!({
+                "$schema": crate::render::SCHEMA_URL,
+                "class": "AS3",
+                "declaration": {
+                    "class": "ADC",
+                    "id": crate::render::DECLARATION_ID,
+                    "schemaVersion": model.settings.schema_version,
+                    "updateMode": "selective",
+                    tenant: decl,
+                }
+            });
+            let path = format!("/mgmt/shared/appsvcs/declare/{tenant}?showHash=true");
+            match self.client.call(&Request { method: "POST", path, body: Some(body) }) {
+                Ok(_) => {
+                    self.device.remove(tenant);
+                    return Ok(true);
+                }
+                Err(ClientError::Conflict(_)) if attempt < self.conflict_attempts => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        unreachable!("the loop returns")
     }
 
     /// Every rule behind an object of the tenant's document.
@@ -262,7 +334,19 @@ impl As3Backend {
         }
         // One walk over the tenant tells both: nothing differs (no operation), or only address lists do.
         let (current, _) = &self.device[tenant];
-        Ok(current.as_ref().and_then(|cur| Self::address_patch(tenant, cur, &doc["declaration"][tenant])))
+        let desired = self.desired(tenant, doc);
+        Ok(current.as_ref().and_then(|cur| Self::address_patch(tenant, cur, &desired)))
+    }
+
+    /// The declaration to send for `tenant`: this cluster's, merged with the other clusters' objects the device
+    /// holds ([`crate::shared::merge`]).
+    fn desired<'d>(&self, tenant: &str, doc: &'d Value) -> std::borrow::Cow<'d, Value> {
+        let ours = &doc["declaration"][tenant];
+        let current = self.device.get(tenant).and_then(|(c, _)| c.as_ref());
+        match crate::shared::merge(Some(ours), current, &self.cluster, self.master) {
+            Some(merged) => std::borrow::Cow::Owned(merged),
+            None => std::borrow::Cow::Borrowed(ours),
+        }
     }
 
     /// Sends the address-list operations of one or more tenants as one PATCH (AS3 takes operations across tenants),
@@ -322,10 +406,18 @@ impl As3Backend {
         self.declare(tenant, doc)
     }
 
-    /// POSTs the tenant whole, after reading its lock key when a PATCH left it unknown.
+    /// Whether the tenant's declaration takes a lock key under this pass's AS3 version (Common does not before
+    /// some version: 3.29 has none, 3.56 has it).
+    fn lockable(&self, tenant: &str) -> bool {
+        tenant != ces_model::COMMON_TENANT || self.facts.as_ref().is_none_or(|f| f.has("Common", "optimisticLockKey"))
+    }
+
+    /// POSTs the tenant whole, after reading its lock key when a PATCH left it unknown. A tenant that takes no lock
+    /// key is read again right before, so what another cluster declared since the last pass is merged, not lost
+    /// (what it declares between this read and the POST is: docs/as3.md, "Clusters side by side").
     fn declare(&mut self, tenant: &str, doc: &Value) -> Result<TenantOutcome, ClientError> {
         let (current, key) = &self.device[tenant];
-        if current.is_some() && key.is_none() && self.client.is_device() {
+        if ((current.is_some() && key.is_none()) || !self.lockable(tenant)) && self.client.is_device() {
             let state = self.read(tenant)?;
             self.device.insert(tenant.to_string(), state);
         }
@@ -333,14 +425,17 @@ impl As3Backend {
     }
 
     fn post(&mut self, tenant: &str, doc: &Value) -> Result<TenantOutcome, ClientError> {
-        let desired = doc["declaration"][tenant].clone();
+        let desired = self.desired(tenant, doc).into_owned();
         let key = match self.device.get(tenant) {
             Some((current, _)) if current.as_ref() == Some(&desired) => return Ok(TenantOutcome::Unchanged),
             Some((_, key)) => key.clone(),
             None => None,
         };
         let mut body = doc.clone();
-        if let Some(k) = &key {
+        body["declaration"][tenant] = desired.clone();
+        // The Common tenant takes a lock key only from some AS3 version on (not 3.29): without one, it was read
+        // right before ([`Self::declare`]).
+        if let Some(k) = key.as_ref().filter(|_| self.lockable(tenant)) {
             body["declaration"][tenant]["optimisticLockKey"] = json!(k);
         }
         let r = self.client.call(&Request {
@@ -390,14 +485,51 @@ impl As3Backend {
         Ok(changed)
     }
 
+    /// The AS3 version the device runs, read when not known yet (and on full passes); `Ok(None)` without a device.
+    fn read_device_version(&mut self, full: bool) -> Result<Option<String>, String> {
+        if !self.client.is_device() {
+            return Ok(None);
+        }
+        if full || self.device_version.is_none() {
+            let r = self
+                .client
+                .call(&Request { method: "GET", path: "/mgmt/shared/appsvcs/info".into(), body: None })
+                .map_err(|e| format!("reading the device's AS3 version (/mgmt/shared/appsvcs/info): {e}"))?;
+            let v = r.body.get("version").and_then(Value::as_str).filter(|v| version_key(v).is_some());
+            let v =
+                v.ok_or_else(|| format!("the device's /mgmt/shared/appsvcs/info names no AS3 version: {}", r.body))?;
+            self.device_version = Some(v.to_string());
+        }
+        Ok(self.device_version.clone())
+    }
+
+    /// The facts and schema to render and validate for: the schema of the config's `schemaVersion` (its facts read
+    /// out of it), or without a schema folder the facts CES knows. An error when the device runs an older AS3 than
+    /// the config asks for, or when neither the schema nor the facts of the version are known.
+    fn target(&mut self, model: &PolicyModel, full: bool) -> Result<(Facts, Option<Arc<Schema>>), String> {
+        let version = &model.settings.schema_version;
+        if let Some(device) = self.read_device_version(full)? {
+            check_version(version, &device, "the BIG-IP runs")?;
+        }
+        let schema = self.schema(version)?;
+        let facts = match &schema {
+            Some(s) => s.facts(),
+            None => Facts::known(version)?,
+        };
+        Ok((facts, schema))
+    }
+
     /// Brings the device to `model`; returns what was done to each tenant.
     pub fn sync(&mut self, model: &PolicyModel, full: bool) -> (BTreeMap<String, TenantOutcome>, Rendered) {
         self.problems.clear();
-        let rendered = render(model, self.at.unwrap_or_else(Timestamp::now));
+        self.cluster = model.settings.cluster_name.clone();
+        self.master = model.settings.cluster_name == model.settings.master_cluster;
+        let at = self.at.unwrap_or_else(Timestamp::now);
         let mut outcomes = BTreeMap::new();
-        let schema = match self.schema(&model.settings.schema_version) {
-            Ok(s) => s,
+        let (facts, schema) = match self.target(model, full) {
+            Ok(t) => t,
             Err(e) => {
+                let rendered = crate::render(model, at);
                 for t in rendered.documents.keys() {
                     self.tenant_not_programmed(&rendered, t, &format!("not sent: {e}"));
                     outcomes.insert(t.clone(), TenantOutcome::Failed(e.clone()));
@@ -405,24 +537,23 @@ impl As3Backend {
                 return (outcomes, rendered);
             }
         };
+        let rendered = render_checked(model, at, &facts, schema.as_deref());
+        self.facts = Some(facts);
         for (tenant, doc) in &rendered.documents {
-            if let Some(s) = &schema
-                && let Err(errors) = s.validate(doc)
-            {
-                for e in errors {
-                    let origins = e
-                        .object
-                        .as_ref()
-                        .and_then(|o| rendered.origins.get(tenant).and_then(|m| m.get(o)).cloned())
-                        .unwrap_or_default();
+            if let Some(errors) = rendered.invalid.get(tenant) {
+                // What is invalid is the tenant's own (its shared objects, its properties): nothing of it is sent.
+                for e in errors.clone() {
                     self.problem(
-                        origins,
+                        Vec::new(),
                         "InvalidDeclaration",
-                        format!("not sent: invalid under AS3 schema {}: {e}", model.settings.schema_version),
+                        format!(
+                            "tenant {tenant} not sent: invalid under AS3 schema {}: {e}",
+                            model.settings.schema_version
+                        ),
                     );
                 }
                 let why = format!(
-                    "not sent: the tenant's declaration is invalid under AS3 schema {} (see the rules its errors name)",
+                    "not sent: the tenant's own objects are invalid under AS3 schema {}",
                     model.settings.schema_version
                 );
                 self.tenant_not_programmed(&rendered, tenant, &why);
@@ -430,9 +561,15 @@ impl As3Backend {
                 continue;
             }
             let mut result = self.sync_tenant(tenant, doc, full);
-            if let Err(ClientError::Conflict(_)) = &result {
-                // Someone changed the tenant since we read it: read it again, and declare over what is there now.
+            let mut attempt = 1;
+            while let Err(ClientError::Conflict(_)) = &result
+                && attempt < self.conflict_attempts
+            {
+                // Someone (another cluster) changed the tenant since we read it: read it again, merge, declare.
+                attempt += 1;
                 self.device.remove(tenant);
+                // Backs off at random, doubling: two clusters that collided do not collide again in step.
+                std::thread::sleep(std::time::Duration::from_millis(jitter() % (10 << attempt.min(7))));
                 result = self.sync_tenant(tenant, doc, true);
             }
             let outcome = match result {
@@ -484,6 +621,27 @@ impl As3Backend {
             }
         }
         (outcomes, rendered)
+    }
+}
+
+/// A few bits that differ between processes and calls, to spread retries of clusters that collided.
+fn jitter() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.finish()
+}
+
+/// An error when `asked` (the config's `schemaVersion`) is newer than `runs` (the AS3 the device runs, or
+/// `--as3-version`): a declaration of a newer schema is refused by an older AS3, and what it could express is not known.
+pub fn check_version(asked: &str, runs: &str, who: &str) -> Result<(), String> {
+    match (version_key(asked), version_key(runs)) {
+        (Some(a), Some(r)) if a > r => Err(format!(
+            "ces-conf.yaml asks for AS3 schemaVersion {asked}, but {who} AS3 {runs}: lower schemaVersion to {runs} \
+             or older, or upgrade AS3 on the device"
+        )),
+        (Some(_), Some(_)) => Ok(()),
+        _ => Err(format!("cannot compare AS3 versions `{asked}` and `{runs}` (expected such as 3.29.0)")),
     }
 }
 

@@ -1,7 +1,7 @@
 //! The policy model as AS3 declarations: one request document per tenant, with the original's object names and
 //! layout (ces-original.md §3), and the deviations docs/as3.md lists.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use ces_api::{Action, Mode};
 use ces_model::{
@@ -12,7 +12,9 @@ use ipnet::IpNet;
 use jiff::Timestamp;
 use serde_json::{Map, Value, json};
 
+use crate::facts::Facts;
 use crate::names::fit;
+use crate::schema::{Schema, SchemaError};
 
 /// The `$schema` the original writes into every document.
 pub const SCHEMA_URL: &str =
@@ -37,6 +39,34 @@ pub struct Rendered {
     /// Every source address list a rendered rule has or would have, with the model sets it lists, so that pod churn
     /// re-renders just the lists of the sets that moved ([`source_addresses`]).
     pub source_lists: Vec<SourceList>,
+    /// Tenants whose document is invalid for a reason of the tenant's own (an object no rule made, the tenant's
+    /// properties): such a document is not sent. Filled by [`render_checked`].
+    pub invalid: BTreeMap<String, Vec<SchemaError>>,
+}
+
+/// What the documents are rendered for: the AS3 version's facts, and the rules whose objects the schema refused
+/// in an earlier round, with why ([`render_checked`]).
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub facts: Facts,
+    pub refused: BTreeMap<ObjectRef, Refusal>,
+}
+
+/// Why the schema refused a rule's objects, and how far a refusing rule is widened: first to every protocol of its
+/// destinations' addresses, then (when that is refused too) to everything from its sources.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub why: String,
+    pub everything: bool,
+}
+
+impl Target {
+    /// The facts CES knows of the model's `schemaVersion` (the oldest row's for a version older than every row).
+    pub fn of(model: &PolicyModel) -> Target {
+        let facts = Facts::known(&model.settings.schema_version)
+            .unwrap_or_else(|_| Facts::known(crate::facts::TABLE[0].0).expect("the table's own row"));
+        Target { facts, refused: BTreeMap::new() }
+    }
 }
 
 /// A rule's source address list in a tenant: its object name when declared (`None`: left out, its sets were empty),
@@ -87,6 +117,9 @@ impl Scope {
 /// The objects of one tenant's `Shared` application, as they are built.
 struct App<'m> {
     tenant: &'m TenantPolicy,
+    /// What marks the objects a rule made as this cluster's, where the object's class takes a remark.
+    owner: String,
+    facts: &'m Facts,
     objects: Map<String, Value>,
     origins: BTreeMap<String, Vec<ObjectRef>>,
 }
@@ -100,7 +133,14 @@ impl App<'_> {
         json!({ "use": self.path(name) })
     }
 
-    fn add(&mut self, name: &str, object: Value, origin: Option<&ObjectRef>) {
+    /// Adds an object; one a rule made (`origin`) is marked as this cluster's (docs/as3.md, "Clusters side by side").
+    fn add(&mut self, name: &str, mut object: Value, origin: Option<&ObjectRef>) {
+        if origin.is_some() {
+            let class = object.get("class").and_then(Value::as_str).unwrap_or_default();
+            if self.facts.has(class, "remark") {
+                object["remark"] = json!(self.owner);
+            }
+        }
         self.objects.insert(name.to_string(), object);
         let o = self.origins.entry(name.to_string()).or_default();
         if let Some(r) = origin
@@ -113,21 +153,88 @@ impl App<'_> {
 
 struct Renderer<'m> {
     model: &'m PolicyModel,
+    target: &'m Target,
     at: Timestamp,
     cluster: &'m str,
     master: &'m str,
     out: Rendered,
 }
 
-/// Renders `model` for the instant `at` (rules with a schedule are declared only while their window is open).
+/// Renders `model` for the instant `at` (rules with a schedule are declared only while their window is open), with
+/// the facts CES knows of the model's `schemaVersion` ([`Target::of`]).
 pub fn render(model: &PolicyModel, at: Timestamp) -> Rendered {
+    render_for(model, at, &Target::of(model))
+}
+
+/// Renders `model` for `target`: what its AS3 version cannot express is left out rule by rule (a refusing rule is
+/// widened instead, docs/as3.md "One rule never blocks another"), as are the rules `target` refuses.
+pub fn render_for(model: &PolicyModel, at: Timestamp, target: &Target) -> Rendered {
     let s = &model.settings;
-    let mut r = Renderer { model, at, cluster: &s.cluster_name, master: &s.master_cluster, out: Rendered::default() };
+    let mut r =
+        Renderer { model, target, at, cluster: &s.cluster_name, master: &s.master_cluster, out: Rendered::default() };
     for tenant in &model.tenants {
         r.tenant(tenant);
     }
     r.out.bindings.sort();
     r.out
+}
+
+/// Renders `model` for `facts` and, with a schema, validates every document object by object: the rules behind an
+/// object the schema refuses are rendered again as refused (left out, or a refusing rule widened), until every
+/// document is valid or what is left invalid is the tenant's own ([`Rendered::invalid`]; such a tenant is not sent).
+pub fn render_checked(model: &PolicyModel, at: Timestamp, facts: &Facts, schema: Option<&Schema>) -> Rendered {
+    let mut target = Target { facts: facts.clone(), refused: BTreeMap::new() };
+    let version = &model.settings.schema_version;
+    loop {
+        let mut out = render_for(model, at, &target);
+        let Some(schema) = schema else { return out };
+        let mut more = false;
+        // The rules refused (or widened further) in this round: a rule's several errors widen it once a round.
+        let mut this_round: BTreeSet<ObjectRef> = BTreeSet::new();
+        for (tenant, doc) in &out.documents {
+            let Err(errors) = schema.validate(doc) else { continue };
+            let mut own = Vec::new();
+            for e in errors {
+                let origins = e.object.as_ref().and_then(|o| out.origins.get(tenant).and_then(|m| m.get(o))).cloned();
+                // An object a rule made: render the rule as refused, and a refused rule whose widened form is refused
+                // too as refusing everything from its sources. Otherwise (the tenant's shared objects, or a rule
+                // refusing everything that is still refused) the tenant's own.
+                let why = format!("invalid under AS3 schema {version}: {e}");
+                let mut widened = false;
+                for r in origins.into_iter().flatten() {
+                    if this_round.contains(&r) {
+                        widened = true;
+                        continue;
+                    }
+                    this_round.insert(r.clone());
+                    match target.refused.get_mut(&r) {
+                        None => {
+                            target.refused.insert(r, Refusal { why: why.clone(), everything: false });
+                            widened = true;
+                        }
+                        Some(x) if !x.everything => {
+                            (x.why, x.everything) = (why.clone(), true);
+                            widened = true;
+                        }
+                        Some(_) => {
+                            this_round.remove(&r);
+                        }
+                    }
+                }
+                if widened {
+                    more = true;
+                } else {
+                    own.push(e);
+                }
+            }
+            if !own.is_empty() {
+                out.invalid.insert(tenant.clone(), own);
+            }
+        }
+        if !more {
+            return out;
+        }
+    }
 }
 
 fn rule_ref(rule: &Rule) -> ObjectRef {
@@ -280,7 +387,9 @@ impl<'m> Renderer<'m> {
     fn tenant(&mut self, t: &'m TenantPolicy) {
         let m = self.master.to_string();
         let rd = self.rd_part(t);
-        let mut app = App { tenant: t, objects: Map::new(), origins: BTreeMap::new() };
+        let owner = tenant_remark(self.cluster);
+        let mut app =
+            App { tenant: t, owner, facts: &self.target.facts, objects: Map::new(), origins: BTreeMap::new() };
         app.objects.insert("class".into(), json!("Application"));
         app.objects.insert("template".into(), json!("shared"));
 
@@ -398,10 +507,94 @@ impl<'m> Renderer<'m> {
     }
 
     /// One rule's objects; returns the `use` entries of its rule lists.
+    /// The AS3 version in messages: the one asked for, and the row of facts used when CES knows an older one.
+    fn version(&self) -> String {
+        let asked = &self.model.settings.schema_version;
+        let known = &self.target.facts.version;
+        if asked == known { format!("AS3 {asked}") } else { format!("AS3 {asked} (as CES knows it: as {known})") }
+    }
+
+    /// What of `rule` the target version cannot express, and whether all of it is protocols.
+    fn inexpressible(&self, rule: &Rule) -> (Vec<String>, bool) {
+        let facts = &self.target.facts;
+        let (mut what, mut only_protocols) = (Vec::new(), true);
+        for dest_id in &rule.destinations {
+            let Some(dest) = self.model.destination_sets.get(dest_id) else { continue };
+            for g in port_groups(dest) {
+                if let Some(p) = g.protocol
+                    && !facts.allows("Firewall_Rule", "protocol", p.as_str())
+                {
+                    what.push(format!("Firewall_Rule.protocol `{}` (ExternalService {dest_id})", p.as_str()));
+                }
+            }
+            let hosts = dest.addresses.iter().any(|a| matches!(a, AddressEntry::Host(_)));
+            if hosts && !facts.has("Firewall_Address_List", "fqdns") {
+                what.push(format!("Firewall_Address_List.fqdns (ExternalService {dest_id})"));
+                only_protocols = false;
+            }
+        }
+        (what, only_protocols)
+    }
+
     fn rule(&mut self, app: &mut App<'_>, rule: &Rule, scope: &Scope) -> Vec<Value> {
         let c = self.cluster;
         let me = rule_ref(rule);
         let r = &rule.name;
+        // A rule that cannot be declared as written is left out whole; but a refusing rule (drop, reject; enforced)
+        // left out would let later accepts match what it refuses, so it is widened instead: it refuses more, never
+        // less (docs/as3.md, "One rule never blocks another").
+        let refusing = rule.mode == Mode::Enforce && matches!(rule.action, Action::Drop | Action::Reject);
+        let (mut widen_all, mut widen_protocols, mut widen_ports) = (false, false, false);
+        if let Some(Refusal { why, everything }) = self.target.refused.get(&me).cloned() {
+            if !refusing {
+                self.warn(&me, "InvalidDeclaration", format!("left out of the as3 declaration: {why}"));
+                return Vec::new();
+            }
+            let instead = if everything {
+                widen_all = true;
+                "for everything from its sources (every destination and protocol)"
+            } else {
+                widen_ports = true;
+                "for every protocol and port to its destinations' addresses"
+            };
+            self.warn(
+                &me,
+                "InvalidDeclaration",
+                format!(
+                    "{why}; the {} rule is declared {instead} instead, so that it refuses more, not less",
+                    action_str(rule.action)
+                ),
+            );
+        }
+        let (what, only_protocols) = self.inexpressible(rule);
+        if !what.is_empty() && !widen_all {
+            let what = what.join(", ");
+            let version = self.version();
+            if !refusing {
+                self.warn(
+                    &me,
+                    "NotSupported",
+                    format!("not supported by {version}: {what}; the rule is left out of the as3 declaration"),
+                );
+                return Vec::new();
+            }
+            let instead = if only_protocols {
+                widen_protocols = true;
+                "for every protocol to those destinations"
+            } else {
+                widen_all = true;
+                "for everything from its sources (every destination and protocol)"
+            };
+            self.warn(
+                &me,
+                "NotSupported",
+                format!(
+                    "not supported by {version}: {what}; the {} rule is declared {instead} instead, so that it refuses \
+                     more, not less",
+                    action_str(rule.action)
+                ),
+            );
+        }
         // The source list, or `{}` for a rule of every source.
         let source = match &rule.sources {
             Sources::Any => json!({}),
@@ -430,6 +623,21 @@ impl<'m> Renderer<'m> {
             }
         };
         let mut lists = Vec::new();
+        if widen_all {
+            let mut fw = Map::new();
+            fw.insert("protocol".into(), json!("any"));
+            fw.insert("name".into(), json!(format!("{}_all", action_str(rule.action))));
+            fw.insert("destination".into(), json!({}));
+            fw.insert("source".into(), source);
+            fw.insert("action".into(), json!(action_str(rule.action)));
+            if rule.logging && self.target.facts.has("Firewall_Rule", "loggingEnabled") {
+                fw.insert("loggingEnabled".into(), json!(true));
+            }
+            let rule_list = fit(format!("{c}_{}_{r}_refuse_all_rule_list", scope.part()));
+            app.add(&rule_list, json!({"class": "Firewall_Rule_List", "rules": [fw]}), Some(&me));
+            lists.push(app.use_of(&rule_list));
+            return lists;
+        }
         for dest_id in &rule.destinations {
             let Some(dest) = self.model.destination_sets.get(dest_id) else { continue };
             let e = &dest.name;
@@ -473,7 +681,17 @@ impl<'m> Renderer<'m> {
             app.add(&address_list, Value::Object(list), Some(&me));
 
             let mut fw_rules = Vec::new();
-            for g in port_groups(dest) {
+            let groups = if widen_ports {
+                vec![PortGroup { key: "any".into(), protocol: Some(Protocol::Any), ports: None, bandwidth: None }]
+            } else {
+                port_groups(dest)
+            };
+            for mut g in groups {
+                let unsupported =
+                    g.protocol.is_some_and(|p| !self.target.facts.allows("Firewall_Rule", "protocol", p.as_str()));
+                if widen_protocols && unsupported {
+                    (g.protocol, g.ports, g.bandwidth) = (Some(Protocol::Any), None, None);
+                }
                 let mut destination = Map::new();
                 destination.insert("addressLists".into(), json!([app.use_of(&address_list)]));
                 if let (Some(_), Some(ports)) = (g.protocol, &g.ports) {
@@ -505,7 +723,7 @@ impl<'m> Renderer<'m> {
                 fw.insert("destination".into(), Value::Object(destination));
                 fw.insert("source".into(), source.clone());
                 fw.insert("action".into(), json!(action_str(rule.action)));
-                if rule.logging {
+                if rule.logging && self.target.facts.has("Firewall_Rule", "loggingEnabled") {
                     fw.insert("loggingEnabled".into(), json!(true));
                 }
                 fw_rules.push(Value::Object(fw));
@@ -545,6 +763,23 @@ impl<'m> Renderer<'m> {
         let mut nat_rules = Vec::new();
         for rule in rules {
             let me = ObjectRef::new("ExternalIPRule", Some(&rule.namespace), &rule.name);
+            if let Some(Refusal { why, .. }) = self.target.refused.get(&me).cloned() {
+                self.warn(&me, "InvalidDeclaration", format!("left out of the as3 declaration: {why}"));
+                continue;
+            }
+            let protocol = rule.destination_protocol.map_or("any", Protocol::as_str);
+            if !self.target.facts.allows("NAT_Rule", "protocol", protocol) {
+                let version = self.version();
+                self.warn(
+                    &me,
+                    "NotSupported",
+                    format!(
+                        "not supported by {version}: NAT_Rule.protocol `{protocol}`; the rule is left out of the as3 \
+                         declaration (its traffic is not translated by it)"
+                    ),
+                );
+                continue;
+            }
             let base = format!("{c}_snat_{}_{}", rule.namespace, rule.name);
             let mut sources = Vec::new();
             for (i, set) in rule.sources.iter().enumerate() {
@@ -586,6 +821,9 @@ impl<'m> Renderer<'m> {
             );
             let mut nr = Map::new();
             nr.insert("name".into(), json!(fit(base.clone())));
+            if self.target.facts.has("NAT_Rule", "remark") {
+                nr.insert("remark".into(), json!(app.owner));
+            }
             nr.insert("protocol".into(), json!(rule.destination_protocol.map_or("any", Protocol::as_str)));
             if !destination.is_empty() {
                 nr.insert("destination".into(), Value::Object(destination));

@@ -102,6 +102,11 @@ impl Schema {
         &self.file
     }
 
+    /// What this version can express of what the renderer writes, read out of the schema itself.
+    pub fn facts(&self) -> crate::Facts {
+        crate::Facts::from_schema(&self.raw, &self.version)
+    }
+
     /// The validator of one class definition (`Firewall_Rule_List`), compiled on first use.
     fn class(&self, class: &str) -> Result<Arc<Validator>, String> {
         let mut cache = self.classes.lock().expect("schema cache");

@@ -128,7 +128,7 @@ fn pod_churn_is_one_patch_of_the_changed_address_lists() {
     assert_eq!(
         new[0].2,
         json!([{"op": "replace", "path": "/p2/Shared/k8s_svc_default_rule4_ep_mysql-service_src_address",
-                "value": {"class": "Firewall_Address_List", "addresses": ["10.16.0.11%2", "10.16.0.12%2", "10.16.0.99%2"]}}])
+                "value": {"class": "Firewall_Address_List", "addresses": ["10.16.0.11%2", "10.16.0.12%2", "10.16.0.99%2"], "remark": "CES cluster k8s"}}])
     );
     assert_converged(&d, &model);
 }
@@ -271,33 +271,106 @@ fn every_rule_of_the_tenant_is_told(b: &As3Backend, rendered: &ces_as3::Rendered
     }
 }
 
+/// A schema folder holding F5's 3.29 schema with one change, for what the facts of a version do not cover.
+fn tweaked_schema(tweak: impl Fn(&mut Value)) -> TempDir {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = TempDir(std::env::temp_dir().join(format!("ces-as3-schema-{}-{n}", std::process::id())));
+    std::fs::create_dir_all(dir.path()).unwrap();
+    let name = "as3-schema-3.29.0-3.json";
+    let mut raw: Value =
+        serde_json::from_str(&std::fs::read_to_string(common::schema_dir().join(name)).unwrap()).unwrap();
+    tweak(&mut raw["definitions"]);
+    std::fs::write(dir.path().join(name), raw.to_string()).unwrap();
+    dir
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn backend_with_schema(d: &Double, dir: &std::path::Path) -> As3Backend {
+    let http = Http::new(&d.url(), None, false, Duration::from_secs(5)).unwrap();
+    let c = Client::new(Box::new(http), Some(Credentials::new("admin", "admin")));
+    As3Backend::new(c, Some(dir.to_path_buf())).unwrap()
+}
+
 #[test]
-fn an_invalid_document_is_never_sent_and_the_rule_is_told_why() {
-    let d = double();
-    let mut b = backend(&d);
+fn a_rule_whose_objects_the_schema_refuses_is_left_out_or_widened_and_the_tenant_is_declared() {
+    // A schema that takes no port list: the rules with ports fail the schema, the others do not.
+    let dir = tweaked_schema(|defs| defs["Firewall_Port_List"]["properties"]["ports"]["maxItems"] = json!(0));
+    let d = Double::start(dir.path().to_path_buf());
+    d.with(|s| {
+        s.objects.insert("/mgmt/tm/net/route-domain/~project3~rd4".into(), json!({"name": "rd4", "id": 4}));
+        s.objects.insert("/mgmt/tm/net/route-domain/~p2~rd2".into(), json!({"name": "rd2", "id": 2}));
+    });
+    let mut b = backend_with_schema(&d, dir.path());
     let mut model = common::original_model();
-    // A second cluster rule on a valid copy of the ExternalService: its objects are valid, but the tenant's
-    // document as a whole is not sent.
-    let copy = model.destination_sets["kube-system/exsvc1"].clone();
+    // A second cluster rule, without ports, and the first one refusing.
+    let mut copy = model.destination_sets["kube-system/exsvc1"].clone();
+    assert!(!copy.ports.is_empty(), "the test needs a rule with a port list");
+    (copy.ports, copy.name) = (vec![], "exsvc1b".into());
     model.destination_sets.insert("kube-system/exsvc1b".into(), copy);
     let mut second = model.cluster_rules[0].clone();
     (second.name, second.id, second.destinations) =
         ("rule1b".into(), "ClusterEgressRule/rule1b".into(), vec!["kube-system/exsvc1b".into()]);
     model.cluster_rules.push(second);
-    // An ICMP port in the cluster rule's ExternalService: AS3 3.29 allows any/tcp/udp only.
-    model.destination_sets.get_mut("kube-system/exsvc1").unwrap().ports[0].protocol = ces_model::Protocol::Icmp;
-    model.destination_sets.get_mut("kube-system/exsvc1").unwrap().ports[0].ports.clear();
-    let (outcomes, rendered) = b.sync(&model, true);
-    assert_eq!(outcomes["Common"], TenantOutcome::Invalid);
-    every_rule_of_the_tenant_is_told(&b, &rendered, "Common");
-    assert_eq!(outcomes["p2"], TenantOutcome::Posted);
-    assert!(d.with(|s| s.requests.iter().all(|r| !r.path.contains("declare/Common"))), "Common never left CES");
-    let p = b.problems.iter().find(|p| p.reason == "InvalidDeclaration").unwrap();
-    assert_eq!(p.object.as_ref().unwrap().to_string(), "ClusterEgressRule/rule1");
-    assert!(
-        p.message.contains("k8s_global_rule1_ext_exsvc1_rule_list") && p.message.contains("/rules/0/protocol"),
-        "{p}"
+    model.cluster_rules[0].action = ces_api::Action::Drop;
+    b.apply(&model, true).unwrap();
+    assert!(b.problems.is_empty(), "{:?}", b.problems);
+    let common = d.with(|s| s.tenants["Common"]["Shared"].clone());
+    // rule1b is declared as it is; rule1 refuses every protocol and port to its destination instead of its ports.
+    assert!(common.get("k8s_global_rule1b_ext_exsvc1b_rule_list").is_some(), "{common}");
+    let widened = &common["k8s_global_rule1_ext_exsvc1_rule_list"]["rules"];
+    assert_eq!(widened.as_array().unwrap().len(), 1, "{widened}");
+    assert_eq!((&widened[0]["action"], &widened[0]["protocol"]), (&json!("drop"), &json!("any")), "{widened}");
+    assert_eq!(widened[0]["destination"]["portLists"], Value::Null, "{widened}");
+    assert_eq!(
+        widened[0]["destination"]["addressLists"][0]["use"],
+        "/Common/Shared/k8s_global_rule1_ext_exsvc1_address"
     );
+    let told = b.render_diagnostics.iter().find(|p| p.object.as_ref().is_some_and(|o| o.name == "rule1")).unwrap();
+    assert_eq!(told.reason, "InvalidDeclaration");
+    assert!(told.message.contains("/ports") && told.message.contains("refuses more, not less"), "{told}");
+    // Accepting, the rule is left out whole.
+    model.cluster_rules[0].action = ces_api::Action::Accept;
+    b.apply(&model, false).unwrap();
+    let common = d.with(|s| s.tenants["Common"]["Shared"].clone());
+    assert!(!common.as_object().unwrap().keys().any(|k| k.contains("_rule1_")), "{common}");
+    assert!(common.get("k8s_global_rule1b_ext_exsvc1b_rule_list").is_some(), "{common}");
+    let told = b.render_diagnostics.iter().find(|p| p.object.as_ref().is_some_and(|o| o.name == "rule1")).unwrap();
+    assert!(told.message.starts_with("left out of the as3 declaration: invalid under AS3 schema 3.29.0"), "{told}");
+}
+
+#[test]
+fn a_tenants_own_invalid_object_keeps_that_tenant_off_the_device_and_every_rule_is_told() {
+    // A schema whose Service_Address has no arpEnabled: the tenant's own virtual address is invalid.
+    let dir = tweaked_schema(|defs| {
+        defs["Service_Address"]["properties"].as_object_mut().unwrap().remove("arpEnabled");
+    });
+    let d = Double::start(dir.path().to_path_buf());
+    d.with(|s| s.objects.insert("/mgmt/tm/net/route-domain/~p2~rd2".into(), json!({"name": "rd2", "id": 2})));
+    let mut b = backend_with_schema(&d, dir.path());
+    let mut model = common::original_model();
+    let mut second = model.cluster_rules[0].clone();
+    (second.name, second.id) = ("rule1b".into(), "ClusterEgressRule/rule1b".into());
+    model.cluster_rules.push(second);
+    let (outcomes, rendered) = b.sync(&model, true);
+    assert!(outcomes.values().all(|o| *o == TenantOutcome::Invalid), "{outcomes:?}");
+    every_rule_of_the_tenant_is_told(&b, &rendered, "Common");
+    assert!(d.with(|s| s.requests.iter().all(|r| !r.path.contains("/declare/"))), "nothing left CES");
+    let p = b.problems.iter().find(|p| p.reason == "InvalidDeclaration").unwrap();
+    assert!(p.message.contains("k8s_outbound_va") && p.message.contains("arpEnabled"), "{p}");
 }
 
 #[test]
@@ -346,7 +419,7 @@ fn apply_pods_patches_only_the_lists_of_the_moved_sets() {
         (
             "PATCH".to_string(),
             json!([{"op": "replace", "path": "/p2/Shared/k8s_svc_default_rule4_ep_mysql-service_src_address",
-                    "value": {"class": "Firewall_Address_List", "addresses": ["10.16.0.11%2", "10.16.0.12%2", "10.16.0.99%2"]}}])
+                    "value": {"class": "Firewall_Address_List", "addresses": ["10.16.0.11%2", "10.16.0.12%2", "10.16.0.99%2"], "remark": "CES cluster k8s"}}])
         )
     );
     assert_converged(&d, &model);
@@ -564,4 +637,27 @@ fn a_tenant_gone_from_the_config_is_deleted_only_when_this_cluster_declared_it()
         std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     assert!(files.iter().any(|f| f.contains("DELETE") && f.contains("p2")), "{files:?}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_device_running_an_older_as3_than_configured_is_refused_clearly_until_it_is_upgraded() {
+    let d = double();
+    d.with(|s| s.as3_version = "3.28.0".into());
+    let mut b = backend(&d);
+    let model = common::original_model();
+    assert_eq!(model.settings.schema_version, "3.29.0");
+    let e = b.apply(&model, false).unwrap_err();
+    assert!(e.contains("ces-conf.yaml asks for AS3 schemaVersion 3.29.0, but the BIG-IP runs AS3 3.28.0"), "{e}");
+    assert!(d.with(|s| s.requests.iter().all(|r| !r.path.contains("/declare"))), "nothing declared");
+    // Every rule is told it is not programmed, and why.
+    let told = b.problems.iter().filter(|p| p.reason == "NotProgrammed" && p.message.contains("3.28.0")).count();
+    assert!(told >= 3, "{:?}", b.problems);
+    // The version is read once, not on every pass; a full pass reads it again and sees the upgrade.
+    d.with(|s| s.as3_version = "3.29.0".into());
+    assert!(b.apply(&model, false).is_err(), "a pass that is not full keeps the version it read");
+    b.apply(&model, true).unwrap();
+    let infos = d.with(|s| s.requests.iter().filter(|r| r.path == "/mgmt/shared/appsvcs/info").count());
+    assert_eq!(infos, 2);
+    assert_eq!(b.device_version.as_deref(), Some("3.29.0"));
+    assert!(d.with(|s| s.tenants.contains_key("Common")));
 }

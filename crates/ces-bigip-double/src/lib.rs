@@ -2,6 +2,7 @@
 //!
 //! What it does as a device does (ces-original.md §4.6; AS3 docs: http-methods, as3-api, authentication,
 //! burst-handling):
+//! - `GET …/appsvcs/info` with the AS3 version it runs (`State::as3_version`, 3.56.0 unless a test sets it);
 //! - token authentication (`POST /mgmt/shared/authn/login`, `X-F5-Auth-Token`), tokens that expire, 401 after;
 //! - declarations kept per tenant; `GET …/declare` (every tenant), `DELETE …/declare/<tenant>`;
 //!   `GET …/declare/<tenant>` (204 when there is none; `?showHash=true` adds the
@@ -66,6 +67,9 @@ pub struct State {
     pub requests: Vec<Recorded>,
     /// Answer the next this-many AS3 requests with 503.
     pub busy: u32,
+    /// The AS3 version the device runs (`GET /mgmt/shared/appsvcs/info`); declarations of a newer `schemaVersion`
+    /// are refused, as AS3 refuses them.
+    pub as3_version: String,
     /// Refuse declarations of these tenants with a device-side 422 (as a failed deployment is refused).
     pub refuse: BTreeMap<String, String>,
     /// How long a declaration takes to process, and the longest a synchronous request may run before AS3 answers
@@ -149,6 +153,7 @@ impl Double {
             objects: BTreeMap::new(),
             requests: Vec::new(),
             busy: 0,
+            as3_version: "3.56.0".into(),
             refuse: BTreeMap::new(),
             processing: Duration::ZERO,
             sync_limit: Duration::from_secs(45),
@@ -284,6 +289,11 @@ fn respond(
         st.busy -= 1;
         return error(503, "Configuration operation in progress on device, please try again in 2 minutes");
     }
+    if path == "/mgmt/shared/appsvcs/info" && method == "GET" {
+        let v = st.as3_version.clone();
+        let release = if v == "3.56.0" { "10" } else { "3" };
+        return (200, json!({"version": v, "release": release, "schemaCurrent": v, "schemaMinimum": "3.0.0"}));
+    }
     if let Some(tenant) = path.strip_prefix("/mgmt/shared/appsvcs/declare/") {
         return match method {
             "GET" => match st.tenants.get(tenant) {
@@ -372,6 +382,11 @@ fn task(st: &mut State, result: (u16, Value)) -> (u16, Value) {
 
 fn validate(st: &mut State, doc: &Value) -> Result<(), (u16, Value)> {
     let version = doc.pointer("/declaration/schemaVersion").and_then(Value::as_str).unwrap_or("").to_string();
+    let key = |v: &str| -> Vec<u32> { v.split('.').filter_map(|n| n.parse().ok()).collect() };
+    if key(&version) > key(&st.as3_version) {
+        let runs = &st.as3_version;
+        return Err(error(422, &format!("/declaration/schemaVersion: {version} is newer than this AS3 ({runs})")));
+    }
     let schema = st.schema(&version).map_err(|e| error(422, &e))?;
     schema.validate(doc).map_err(|errors| {
         let list: Vec<String> = errors

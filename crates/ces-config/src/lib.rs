@@ -400,6 +400,13 @@ impl CesConfig {
 
         if self.cluster_name.is_empty() {
             p("clusterName".into(), "is required: it prefixes every AS3 object name".into());
+        } else if self.cluster_name.len() > 52 {
+            p(
+                "clusterName".into(),
+                "is longer than 52 characters: the remark `CES cluster <clusterName>` that marks this cluster's AS3 \
+                 objects holds 64 at most"
+                    .into(),
+            );
         } else if !is_as3_name(&self.cluster_name) {
             p(
                 "clusterName".into(),

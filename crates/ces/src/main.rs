@@ -87,6 +87,14 @@ enum Command {
         /// Folder of the official AS3 schema files (as3-schema-<version>-<build>.json) to validate against.
         #[arg(long, env = "CES_AS3_SCHEMA_DIR", value_name = "DIR")]
         as3_schema: Option<PathBuf>,
+        /// With --backend as3: the AS3 version the device runs (`version` of /mgmt/shared/appsvcs/info); a config
+        /// asking for a newer schemaVersion is refused.
+        #[arg(long, value_name = "VERSION")]
+        as3_version: Option<String>,
+        /// With --backend as3: fail (exit 1) when a rule is left out of the declarations or declared otherwise too,
+        /// not only when a tenant document cannot be written.
+        #[arg(long)]
+        strict: bool,
         /// With --backend nft: how DNS answers reach the agent that learns host names (docs/nft.md, "Host names"):
         /// `native`, the table's own `queue` line (kernels with nft_queue); `iptables`, the agent's iptables-nft hook
         /// (the table has no queue line); `off`, no learning (name entries reported as not enforced).
@@ -201,11 +209,11 @@ fn run(command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Validate { inputs, output } => validate(&inputs, output),
-        Command::Compile { inputs, backend: Backend::As3, out, at, as3_schema, .. } => {
+        Command::Compile { inputs, backend: Backend::As3, out, at, as3_schema, as3_version, strict, .. } => {
             let out = out.ok_or_else(|| Failure::input("--backend as3 writes files: give --out DIR"))?;
             let at = gateway::parse_at(at.as_deref())?;
             let inputs = Inputs::load_unique(&inputs)?;
-            as3::compile(&inputs, &out, as3_schema.as_deref(), at)
+            as3::compile(&inputs, &out, as3_schema.as_deref(), at, as3_version.as_deref(), strict)
         }
         Command::Compile { inputs, backend: Backend::Nft, out, at, dns_hook, .. } => {
             let out = out.ok_or_else(|| Failure::input("--backend nft writes files: give --out DIR"))?;

@@ -521,39 +521,95 @@ fn compile_as3_writes_one_valid_document_per_tenant_and_refuses_invalid_ones() {
     assert_eq!(p2["declaration"]["p2"]["defaultRouteDomain"], 2);
     assert!(stderr(&o).contains("each valid under AS3 schema 3.29.0"), "{}", stderr(&o));
 
-    // An ICMP port under 3.29: the tenant's document is not written, the message names object, field and rule.
-    let dir = out.join("icmp");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// `ces` without `CES_AS3_SCHEMA_DIR` in its environment.
+fn ces_without_schema_env(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ces"))
+        .args(args)
+        .current_dir(root())
+        .env_remove("CES_NAMESPACE")
+        .env_remove("CES_AS3_SCHEMA_DIR")
+        .output()
+        .expect("run ces")
+}
+
+#[test]
+fn compile_as3_leaves_out_what_the_version_cannot_express_with_or_without_the_schema_folder() {
+    let dir = std::env::temp_dir().join(format!("ces-cli-as3-versions-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
+    let schema = as3_schema_dir();
+    // An ICMP rule and a TCP rule in Common, under 3.29 (no ICMP in firewall rules).
     std::fs::write(
         dir.join("m.yaml"),
-        "apiVersion: kubeovn.io/v1alpha1\nkind: ExternalService\nmetadata: {name: pinger, namespace: kube-system}\nspec: {addresses: [203.0.113.9], ports: [{name: ping, protocol: ICMP}]}\n---\napiVersion: kubeovn.io/v1alpha1\nkind: ClusterEgressRule\nmetadata: {name: allow-ping}\nspec: {action: accept, externalServices: [pinger]}\n",
+        "apiVersion: kubeovn.io/v1alpha1\nkind: ExternalService\nmetadata: {name: pinger, namespace: kube-system}\nspec: {addresses: [203.0.113.9], ports: [{name: ping, protocol: ICMP}]}\n---\napiVersion: kubeovn.io/v1alpha1\nkind: ClusterEgressRule\nmetadata: {name: allow-ping}\nspec: {action: accept, externalServices: [pinger]}\n---\napiVersion: kubeovn.io/v1alpha1\nkind: ExternalService\nmetadata: {name: web, namespace: kube-system}\nspec: {addresses: [203.0.113.10], ports: [{name: https, protocol: TCP, port: \"443\"}]}\n---\napiVersion: kubeovn.io/v1alpha1\nkind: ClusterEgressRule\nmetadata: {name: allow-web}\nspec: {action: accept, externalServices: [web]}\n",
     )
     .unwrap();
-    std::fs::write(dir.join("c.yaml"), "clusterName: k8s\nschemaVersion: \"3.29.0\"\ntenant: [{name: Common}]\n")
-        .unwrap();
-    let o = ces(&[
-        "compile",
-        "--backend",
-        "as3",
-        "--manifests",
-        dir.join("m.yaml").to_str().unwrap(),
-        "--config",
-        dir.join("c.yaml").to_str().unwrap(),
-        "--as3-schema",
-        schema.to_str().unwrap(),
-        "--out",
-        dir.join("out").to_str().unwrap(),
-    ]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    let e = stderr(&o);
+    let config = "clusterName: k8s\nschemaVersion: \"3.29.0\"\ntenant: [{name: Common}]\n";
+    std::fs::write(dir.join("c.yaml"), config).unwrap();
+    let run = |out: &str, extra: &[&str], with_schema: bool| {
+        let (m, c, o) = (dir.join("m.yaml"), dir.join("c.yaml"), dir.join(out));
+        let mut args = vec!["compile", "--backend", "as3", "--manifests", m.to_str().unwrap()];
+        args.extend(["--config", c.to_str().unwrap(), "--out", o.to_str().unwrap()]);
+        if with_schema {
+            args.extend(["--as3-schema", schema.to_str().unwrap()]);
+        }
+        args.extend(extra);
+        ces_without_schema_env(&args)
+    };
+    let warnings = |o: &Output| -> Vec<String> {
+        stderr(o).lines().filter(|l| l.starts_with("ces: warning")).map(str::to_string).collect()
+    };
+    let validated = run("validated", &[], true);
+    assert!(validated.status.success(), "{}", stderr(&validated));
+    let w = warnings(&validated);
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("ClusterEgressRule/allow-ping") && w[0].contains("Firewall_Rule.protocol `icmp`"), "{w:?}");
+    assert!(w[0].contains("AS3 3.29.0") && w[0].contains("left out"), "{w:?}");
+    let doc = std::fs::read_to_string(dir.join("validated/Common.json")).unwrap();
+    assert!(doc.contains("k8s_global_allow-web_ext_web_rule_list") && !doc.contains("allow-ping"), "{doc}");
+    // Without the schema folder: the same documents, the same warnings, and it says it did not validate.
+    let known = run("known", &[], false);
+    assert!(known.status.success(), "{}", stderr(&known));
+    assert_eq!(warnings(&known), w);
+    assert_eq!(std::fs::read_to_string(dir.join("known/Common.json")).unwrap(), doc);
+    assert!(stderr(&known).contains("NOT validated"), "{}", stderr(&known));
+    // --strict: a rule left out fails the command (the documents are still written).
+    for with_schema in [true, false] {
+        let strict = run("strict", &["--strict"], with_schema);
+        assert_eq!(strict.status.code(), Some(1), "{}", stderr(&strict));
+        assert!(stderr(&strict).contains("--strict: 1 rule(s)"), "{}", stderr(&strict));
+    }
+    // A device running an older AS3 than the config asks for.
+    let older = run("older", &["--as3-version", "3.28.0"], false);
+    assert_eq!(older.status.code(), Some(2), "{}", stderr(&older));
     assert!(
-        e.contains("/Common/Shared/k8s_global_allow-ping_ext_pinger_rule_list at /rules/0/protocol")
-            && e.contains("\"icmp\"")
-            && e.contains("(from ClusterEgressRule/allow-ping)"),
-        "{e}"
+        stderr(&older).contains("asks for AS3 schemaVersion 3.29.0, but --as3-version says the device runs AS3 3.28.0"),
+        "{}",
+        stderr(&older)
     );
-    assert!(!dir.join("out/Common.json").exists(), "an invalid document is not written");
-    let _ = std::fs::remove_dir_all(&out);
+    assert!(!dir.join("older").exists(), "nothing is written for a device that cannot take it");
+    assert!(run("newer", &["--as3-version", "3.56.0"], false).status.success());
+    // What is wrong is the tenant's own (its virtual server, from the config): its document is not written, and
+    // an earlier run's file of it is removed.
+    std::fs::create_dir_all(dir.join("own")).unwrap();
+    std::fs::write(dir.join("own/Common.json"), "{}").unwrap();
+    let bad_vs = config.replace(
+        "tenant: [{name: Common}]",
+        "tenant: [{name: Common, virtualService: {template: '{\"class\": \"Service_L4\", \"virtualPort\": \"any\"}'}}]",
+    );
+    std::fs::write(dir.join("c.yaml"), bad_vs).unwrap();
+    let own = run("own", &[], true);
+    assert_eq!(own.status.code(), Some(1), "{}", stderr(&own));
+    assert!(
+        stderr(&own).contains("Common: not written") && stderr(&own).contains("k8s_outbound_vs"),
+        "{}",
+        stderr(&own)
+    );
+    assert!(!dir.join("own/Common.json").exists(), "an invalid document is not written");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -46,3 +46,26 @@ pub fn compile(manifests: &str, config: &str) -> PolicyModel {
     let config = CesConfig::from_yaml(config, "ces-conf.yaml").unwrap();
     ces_compiler::compile(&snap, &config, "kube-system")
 }
+
+/// `doc` without the remarks that mark objects (and NAT rules) as a cluster's (`CES cluster <name>`); the tenant's
+/// own remark stays.
+pub fn without_cluster_remarks(doc: &serde_json::Value) -> serde_json::Value {
+    fn strip(v: &mut serde_json::Value, depth: usize) {
+        match v {
+            serde_json::Value::Object(o) => {
+                let cluster = o.get("remark").and_then(|r| r.as_str()).is_some_and(|r| r.starts_with("CES cluster "));
+                if cluster && depth > 3 {
+                    o.remove("remark");
+                }
+                for x in o.values_mut() {
+                    strip(x, depth + 1);
+                }
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(|x| strip(x, depth + 1)),
+            _ => {}
+        }
+    }
+    let mut d = doc.clone();
+    strip(&mut d, 0);
+    d
+}
