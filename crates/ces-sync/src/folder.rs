@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ces_config::CesConfig;
 use ces_snapshot::manifests::{self, ParsedFile};
@@ -25,6 +26,10 @@ pub struct Folder {
     /// for less is never caught half-way. Default 2 ms; the sync loop's debounce (the whole input left alone) is the
     /// wider guard.
     pub quiet: std::time::Duration,
+    /// How long a file must have stayed empty before it is read as empty: a writer in place truncates first, and a
+    /// writer descheduled between the truncate and its first write leaves an empty file for milliseconds, which
+    /// would read as every pod of the file gone (and back). Default 500 ms.
+    pub empty_quiet: std::time::Duration,
 }
 
 impl Folder {
@@ -36,16 +41,20 @@ impl Folder {
             files: Vec::new(),
             config_stamp: None,
             quiet: std::time::Duration::from_millis(2),
+            empty_quiet: std::time::Duration::from_millis(500),
         }
     }
 }
 
-/// Parses a file and returns it with its stamp: read once it has been left alone for `quiet`, and again until it
-/// did not change while it was read, so a file being written (editors and `kubectl` write in place) is never taken
-/// half-written as a state of the cluster.
-fn read_whole(path: &Path, quiet: std::time::Duration) -> Result<(u64, ParsedFile), String> {
+/// Parses a file and returns it with its stamp: read once it has been left alone for `quiet` (an empty file once it
+/// has stayed empty for `empty_quiet`), and again until it did not change while it was read, so a file being written
+/// (editors and `kubectl` write in place) is never taken half-written as a state of the cluster.
+fn read_whole(path: &Path, quiet: Duration, empty_quiet: Duration) -> Result<(u64, ParsedFile), String> {
     for _ in 0..50 {
         wait_quiet(path, quiet)?;
+        if wait_filled(path, empty_quiet)? {
+            wait_quiet(path, quiet)?;
+        }
         let before = stamp(path)?;
         let parsed = manifests::parse_file(path).map_err(|e| e.to_string())?;
         if stamp(path)? == before {
@@ -55,8 +64,27 @@ fn read_whole(path: &Path, quiet: std::time::Duration) -> Result<(u64, ParsedFil
     Err(format!("{}: still being written after 50 reads; it is read again at the next pass", path.display()))
 }
 
+/// While `path` is empty, waits (at most 2 s) until it is written or has stayed empty for `empty_quiet`; whether
+/// it was written meanwhile.
+fn wait_filled(path: &Path, empty_quiet: Duration) -> Result<bool, String> {
+    let start = std::time::Instant::now();
+    let mut waited = false;
+    loop {
+        let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if meta.len() > 0 {
+            return Ok(waited);
+        }
+        let age = meta.modified().ok().and_then(|m| m.elapsed().ok()).unwrap_or(empty_quiet);
+        if age >= empty_quiet || start.elapsed() > Duration::from_secs(2) {
+            return Ok(false);
+        }
+        waited = true;
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Waits (at most 2 s) until `path` was last modified `quiet` ago.
-fn wait_quiet(path: &Path, quiet: std::time::Duration) -> Result<(), String> {
+fn wait_quiet(path: &Path, quiet: Duration) -> Result<(), String> {
     let waited = std::time::Instant::now();
     while waited.elapsed() < std::time::Duration::from_secs(2) {
         let modified =
@@ -120,7 +148,7 @@ impl Source for Folder {
             let now = stamp(f)?;
             let (stamp, parsed) = match self.cache.remove(f) {
                 Some((s, parsed)) if s == now => (s, parsed),
-                _ => read_whole(f, self.quiet)?,
+                _ => read_whole(f, self.quiet, self.empty_quiet)?,
             };
             cache.insert(f.clone(), (stamp, parsed));
         }
@@ -156,7 +184,7 @@ impl Source for Folder {
             if *then == now {
                 continue;
             }
-            let (now, new) = read_whole(f, self.quiet)?;
+            let (now, new) = read_whole(f, self.quiet, self.empty_quiet)?;
             if only_pods {
                 let (before, _) = manifests::build(&[old]);
                 let (after, _) = manifests::build(&[&new]);
