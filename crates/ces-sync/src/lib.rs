@@ -236,10 +236,17 @@ pub fn run(
             if passed.is_err() {
                 state = None;
             }
-            passed.map(|(applied, problems, timings)| (v, applied, problems, timings))
+            passed.map(|p| (v, p))
         });
         match result {
-            Ok((v, applied, problems, timings)) => {
+            // The files were touched but nothing in them moved (a change seen mid-write, which the pass before read
+            // whole): nothing to apply and nothing to report; what was applied stays, with its expiry.
+            Ok((v, None)) => {
+                applied_version = Some(v);
+                retry_at = None;
+                backoff = opts.retry_min;
+            }
+            Ok((v, Some((applied, problems, timings)))) => {
                 applied_version = Some(v);
                 expires = applied.valid_until;
                 retry_at = None;
@@ -268,14 +275,15 @@ struct State {
 }
 
 /// One pass: churn through `Source::update`, `recompile_churn` and `Backend::apply_pods` when it can, else a
-/// load, a whole compile and `Backend::apply`. Returns what the backend did, the model's error count and timings.
+/// load, a whole compile and `Backend::apply`. Returns what the backend did, the model's error count and timings;
+/// `None` when the source found that nothing moved (the backend is not called).
 fn pass(
     source: &mut dyn Source,
     backend: &mut dyn Backend,
     opts: &Options,
     state: &mut Option<State>,
     full: bool,
-) -> Result<(Applied, usize, Timings), String> {
+) -> Result<Option<(Applied, usize, Timings)>, String> {
     let t = Instant::now();
     let keeps_last_good = |m: &PolicyModel| m.diagnostics.iter().any(|d| d.reason == LAST_GOOD_VERSION_KEPT);
     if !full
@@ -283,6 +291,9 @@ fn pass(
         && !keeps_last_good(&st.model)
         && let Some(churn) = source.update(&mut st.snapshot)?
     {
+        if churn.pods.is_empty() && churn.endpoints.is_empty() {
+            return Ok(None);
+        }
         let load = t.elapsed();
         let delta = ces_compiler::recompile_churn(&mut st.model, &st.snapshot, &st.config, &churn);
         if delta.is_none() {
@@ -295,7 +306,7 @@ fn pass(
         };
         let applied = finish(source, backend, &st.model, applied, &mut st.reported, delta.is_some())?;
         let timings = Timings { load, compile, apply: t.elapsed() - load - compile };
-        return Ok((applied, st.model.errors().count(), timings));
+        return Ok(Some((applied, st.model.errors().count(), timings)));
     }
     let (snapshot, config) = source.load()?;
     let load = t.elapsed();
@@ -307,7 +318,7 @@ fn pass(
     let timings = Timings { load, compile, apply: t.elapsed() - load - compile };
     let errors = model.errors().count();
     *state = Some(State { snapshot, config, model, reported });
-    Ok((applied?, errors, timings))
+    Ok(Some((applied?, errors, timings)))
 }
 
 /// Reports the apply to the source, unless it would say again what was last reported (`diagnostics_kept`: the

@@ -288,7 +288,9 @@ impl Source for Churning {
         Ok((Snapshot::default(), CesConfig::embedded_default()))
     }
     fn update(&mut self, _: &mut Snapshot) -> Result<Option<Churn>, String> {
-        Ok(Some(Churn::default()))
+        // One pod moved (a churn that moves nothing is no pass at all).
+        let pod = ces_snapshot::Pod { name: "p".into(), namespace: "a".into(), ..Default::default() };
+        Ok(Some(Churn { pods: vec![ces_snapshot::PodChange { before: None, after: Some(pod) }], endpoints: vec![] }))
     }
     fn report(&mut self, _: &PolicyModel, _: &Report<'_>) {
         *self.reports.lock().unwrap() += 1;
@@ -381,4 +383,49 @@ fn a_pod_churn_pass_that_changes_nothing_reported_does_not_report_again() {
         step(4, 5);
         assert_eq!(*reports.lock().unwrap(), 2);
     });
+}
+
+#[test]
+fn a_file_touched_without_moving_anything_is_no_pass_and_no_event() {
+    // The gateway bench saw 21 pod-churn passes for 20 changes on the fixed source: the loop had seen the file's
+    // version between the truncate and the write, the pass read it whole, and the next poll saw the write as a change
+    // that moved nothing ("unchanged (pod churn)").
+    let dir = std::env::temp_dir().join(format!("ces-folder-touch-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("pod.yaml");
+    let pod = |ip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: p, namespace: a}}\nstatus: {{phase: Running, podIPs: [{{ip: {ip}}}]}}\n"
+        )
+    };
+    std::fs::write(&path, pod("10.0.0.1")).unwrap();
+    let mut source = folder::Folder::new(vec![dir.clone()], None);
+    let mut backend = Recorder::default();
+    let applies = backend.applies.clone();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (s2, e2) = (stop.clone(), events.clone());
+    let mut o = opts();
+    o.debounce = Duration::from_millis(10);
+    let h = std::thread::spawn(move || {
+        run(&mut source, &mut backend, &o, &s2, &mut |e| e2.lock().unwrap().push(e));
+    });
+    wait_for(|| applies.lock().unwrap().len() == 1);
+    // The same text again, in place: the file's stamp changes, nothing in it does.
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(30));
+        std::fs::write(&path, pod("10.0.0.1")).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(applies.lock().unwrap().len(), 1, "a pass on nothing called the backend");
+    assert_eq!(events.lock().unwrap().len(), 1, "a pass on nothing was reported");
+    // A real move is one pass.
+    std::fs::write(&path, pod("10.0.0.2")).unwrap();
+    wait_for(|| applies.lock().unwrap().len() == 2);
+    std::thread::sleep(Duration::from_millis(100));
+    stop.store(true, Ordering::Relaxed);
+    h.join().unwrap();
+    assert_eq!(applies.lock().unwrap().len(), 2);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
