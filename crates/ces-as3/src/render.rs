@@ -423,7 +423,7 @@ impl<'m> Renderer<'m> {
             if staged.is_empty() {
                 staged_names.push(None);
             } else {
-                let staged_name = name.replacen("_policy", "_staged_policy", 1);
+                let staged_name = staged_policy_name(&name);
                 app.add(&staged_name, json!({"class": "Firewall_Policy", "rules": staged}), None);
                 staged_names.push(Some(staged_name));
             }
@@ -950,6 +950,11 @@ fn entry_string(a: &AddressEntry) -> String {
         AddressEntry::Host(h) => h.clone(),
         AddressEntry::Wildcard(w) => format!("*.{w}"),
     }
+}
+
+/// The staged (audit) policy of an enforced policy: `k8s_svc_policy_rd2` → `k8s_svc_staged_policy_rd2`.
+pub fn staged_policy_name(enforced: &str) -> String {
+    enforced.replacen("_policy", "_staged_policy", 1)
 }
 
 /// The remark CES writes on every tenant (partition) it declares for cluster `cluster` (`clusterName`).

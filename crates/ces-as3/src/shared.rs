@@ -9,7 +9,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::render::tenant_remark;
+use crate::render::{staged_policy_name, tenant_remark};
 
 /// The cluster an object (or a NAT rule) was declared by, from its remark.
 pub fn owner(object: &Value) -> Option<&str> {
@@ -104,6 +104,31 @@ pub fn merge(ours: Option<&Value>, current: Option<&Value>, cluster: &str, maste
         });
         shared[&name]["rules"] = Value::Array(entries.into_iter().map(|(_, e)| e).collect());
     }
+    // A virtual server stages the staged policy of its enforced one while it lists entries (whichever cluster's
+    // audit rules they are); one left without entries goes with the virtual server's reference to it.
+    let servers: Vec<String> = shared
+        .iter()
+        .filter(|(_, o)| o.get("class").and_then(Value::as_str) == Some("Service_L4") && owner(o).is_none())
+        .map(|(n, _)| n.clone())
+        .collect();
+    for vs in servers {
+        let Some(enforced) = shared[&vs].pointer("/policyFirewallEnforced/use").and_then(Value::as_str) else {
+            continue;
+        };
+        let (path, name) = enforced.rsplit_once('/').unwrap_or(("", enforced));
+        let staged = staged_policy_name(name);
+        let listed = shared.get(&staged).and_then(|p| p["rules"].as_array()).map(|r| !r.is_empty());
+        if listed == Some(true) {
+            shared[&vs]["policyFirewallStaged"] = serde_json::json!({"use": format!("{path}/{staged}")});
+        } else {
+            if listed == Some(false) {
+                shared.remove(&staged);
+            }
+            if let Some(o) = shared[&vs].as_object_mut() {
+                o.remove("policyFirewallStaged");
+            }
+        }
+    }
     Some(out)
 }
 
@@ -185,6 +210,36 @@ mod tests {
         assert_eq!(uses(&left, "pol"), ["/Common/Shared/west_a", "/Common/Shared/deny"]);
         assert!(left["Shared"].get("east_b").is_none() && left["Shared"].get("west_a").is_some());
         assert!(has_others(&m, "east") && !has_others(&left, "west"));
+    }
+
+    #[test]
+    fn the_virtual_server_stages_the_audit_rules_of_whichever_cluster_has_them() {
+        let p = |entries: &[&str]| {
+            let rules: Vec<Value> = entries.iter().map(|e| json!({"use": format!("/Common/Shared/{e}")})).collect();
+            json!({"class": "Firewall_Policy", "rules": rules})
+        };
+        let vs = |staged: bool| {
+            let mut v =
+                json!({"class": "Service_L4", "policyFirewallEnforced": {"use": "/Common/Shared/m_svc_policy_0"}});
+            if staged {
+                v["policyFirewallStaged"] = json!({"use": "/Common/Shared/m_svc_staged_policy_0"});
+            }
+            v
+        };
+        // West has an audit rule; east has none, and declares a virtual server without a staged policy.
+        let device = tenant(json!({
+            "west_audit": list("west"), "m_svc_staged_policy_0": p(&["west_audit"]),
+            "m_svc_policy_0": p(&[]), "m_outbound_vs": vs(true),
+        }));
+        let ours =
+            tenant(json!({"east_a": list("east"), "m_svc_policy_0": p(&["east_a"]), "m_outbound_vs": vs(false)}));
+        let m = merge(Some(&ours), Some(&device), "east", true).unwrap();
+        assert_eq!(uses(&m, "m_svc_staged_policy_0"), ["/Common/Shared/west_audit"]);
+        assert_eq!(m["Shared"]["m_outbound_vs"], vs(true), "west's audit rules stay staged");
+        // West leaves: its staged policy has no entry left, it goes, and the virtual server stages nothing.
+        let left = merge(None, Some(&m), "west", true).unwrap();
+        assert!(left["Shared"].get("m_svc_staged_policy_0").is_none(), "{left}");
+        assert_eq!(left["Shared"]["m_outbound_vs"], vs(false));
     }
 
     #[test]
