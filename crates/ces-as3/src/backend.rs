@@ -238,17 +238,7 @@ impl As3Backend {
             if let Some(k) = key {
                 decl["optimisticLockKey"] = json!(k);
             }
-            let body = json!({
-                "$schema": crate::render::SCHEMA_URL,
-                "class": "AS3",
-                "declaration": {
-                    "class": "ADC",
-                    "id": crate::render::DECLARATION_ID,
-                    "schemaVersion": model.settings.schema_version,
-                    "updateMode": "selective",
-                    tenant: decl,
-                }
-            });
+            let body = crate::render::request_document(&model.settings.schema_version, tenant, decl);
             let path = format!("/mgmt/shared/appsvcs/declare/{tenant}?showHash=true");
             match self.client.call(&Request { method: "POST", path, body: Some(body) }) {
                 Ok(_) => {
@@ -569,7 +559,7 @@ impl As3Backend {
                 attempt += 1;
                 self.device.remove(tenant);
                 // Backs off at random, doubling: two clusters that collided do not collide again in step.
-                std::thread::sleep(std::time::Duration::from_millis(jitter() % (10 << attempt.min(7))));
+                std::thread::sleep(std::time::Duration::from_millis(self.client.jitter() % (10 << attempt.min(7))));
                 result = self.sync_tenant(tenant, doc, true);
             }
             let outcome = match result {
@@ -622,14 +612,6 @@ impl As3Backend {
         }
         (outcomes, rendered)
     }
-}
-
-/// A few bits that differ between processes and calls, to spread retries of clusters that collided.
-fn jitter() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
-    h.finish()
 }
 
 /// An error when `asked` (the config's `schemaVersion`) is newer than `runs` (the AS3 the device runs, or

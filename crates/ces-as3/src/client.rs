@@ -468,11 +468,16 @@ impl Client {
 
     fn pause(&mut self, attempt: u32) -> Duration {
         let base = self.retry.backoff_min.saturating_mul(1 << attempt.min(16)).min(self.retry.backoff_max);
-        // xorshift jitter: up to half the pause again, so controllers that failed together do not retry together.
+        // Up to half the pause again, so controllers that failed together do not retry together.
+        base + base.mul_f64((self.jitter() % 1000) as f64 / 2000.0)
+    }
+
+    /// The next of this client's random numbers (xorshift, seeded from the clock at start), to spread retries.
+    pub(crate) fn jitter(&mut self) -> u64 {
         self.jitter ^= self.jitter << 13;
         self.jitter ^= self.jitter >> 7;
         self.jitter ^= self.jitter << 17;
-        base + base.mul_f64((self.jitter % 1000) as f64 / 2000.0)
+        self.jitter
     }
 
     /// Sends `req`: logs in when needed (and again once on 401), retries 503 and "in progress" with backoff and

@@ -463,17 +463,7 @@ impl<'m> Renderer<'m> {
             tenant.insert("remark".into(), json!(tenant_remark(self.cluster)));
         }
         tenant.insert("Shared".into(), Value::Object(app.objects));
-        let doc = json!({
-            "$schema": SCHEMA_URL,
-            "class": "AS3",
-            "declaration": {
-                "class": "ADC",
-                "id": DECLARATION_ID,
-                "schemaVersion": self.model.settings.schema_version,
-                "updateMode": "selective",
-                t.name.clone(): Value::Object(tenant),
-            }
-        });
+        let doc = request_document(&self.model.settings.schema_version, &t.name, Value::Object(tenant));
         self.out.documents.insert(t.name.clone(), doc);
         self.out.origins.insert(t.name.clone(), app.origins);
     }
@@ -950,6 +940,21 @@ fn entry_string(a: &AddressEntry) -> String {
         AddressEntry::Host(h) => h.clone(),
         AddressEntry::Wildcard(w) => format!("*.{w}"),
     }
+}
+
+/// The AS3 request document that declares one tenant, as the original writes it.
+pub fn request_document(schema_version: &str, tenant: &str, declaration: Value) -> Value {
+    json!({
+        "$schema": SCHEMA_URL,
+        "class": "AS3",
+        "declaration": {
+            "class": "ADC",
+            "id": DECLARATION_ID,
+            "schemaVersion": schema_version,
+            "updateMode": "selective",
+            tenant: declaration,
+        }
+    })
 }
 
 /// The staged (audit) policy of an enforced policy: `k8s_svc_policy_rd2` → `k8s_svc_staged_policy_rd2`.

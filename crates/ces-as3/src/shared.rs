@@ -9,7 +9,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::render::{staged_policy_name, tenant_remark};
+use crate::render::staged_policy_name;
 
 /// The cluster an object (or a NAT rule) was declared by, from its remark.
 pub fn owner(object: &Value) -> Option<&str> {
@@ -143,14 +143,10 @@ pub fn has_own(current: &Value, cluster: &str) -> bool {
     current.get("Shared").and_then(Value::as_object).is_some_and(|s| s.values().any(|o| owner(o) == Some(cluster)))
 }
 
-/// The remark of `cluster`, as [`owner`] reads it.
-pub fn remark(cluster: &str) -> String {
-    tenant_remark(cluster)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::render::tenant_remark as remark;
     use serde_json::json;
 
     fn list(cluster: &str) -> Value {

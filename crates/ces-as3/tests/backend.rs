@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use ces_as3::backend::TenantOutcome;
-use ces_as3::client::{Client, Credentials, Http};
+use ces_as3::client::Client;
 use ces_as3::{As3Backend, render};
 use ces_bigip_double::Double;
 use ces_model::PolicyModel;
@@ -22,12 +22,7 @@ fn double() -> Double {
 }
 
 fn backend(d: &Double) -> As3Backend {
-    let http = Http::new(&d.url(), None, false, Duration::from_secs(5)).unwrap();
-    let mut c = Client::new(Box::new(http), Some(Credentials::new("admin", "admin")));
-    c.retry.backoff_min = Duration::from_millis(10);
-    c.retry.backoff_max = Duration::from_millis(50);
-    c.retry.task_poll = Duration::from_millis(20);
-    As3Backend::new(c, Some(common::schema_dir())).unwrap()
+    common::backend_at(&d.url(), common::schema_dir())
 }
 
 fn desired(model: &PolicyModel) -> std::collections::BTreeMap<String, Value> {
@@ -300,9 +295,7 @@ impl Drop for TempDir {
 }
 
 fn backend_with_schema(d: &Double, dir: &std::path::Path) -> As3Backend {
-    let http = Http::new(&d.url(), None, false, Duration::from_secs(5)).unwrap();
-    let c = Client::new(Box::new(http), Some(Credentials::new("admin", "admin")));
-    As3Backend::new(c, Some(dir.to_path_buf())).unwrap()
+    common::backend_at(&d.url(), dir.to_path_buf())
 }
 
 #[test]

@@ -6,9 +6,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Barrier};
-use std::time::Duration;
 
-use ces_as3::client::{Client, Credentials, Http};
 use ces_as3::shared::owner;
 use ces_as3::{As3Backend, render};
 use ces_bigip_double::Double;
@@ -21,11 +19,7 @@ fn backend(d: &Double) -> As3Backend {
 }
 
 fn backend_at(url: &str) -> As3Backend {
-    let http = Http::new(url, None, false, Duration::from_secs(10)).unwrap();
-    let mut c = Client::new(Box::new(http), Some(Credentials::new("admin", "admin")));
-    c.retry.backoff_min = Duration::from_millis(5);
-    c.retry.backoff_max = Duration::from_millis(20);
-    As3Backend::new(c, Some(common::schema_dir())).unwrap()
+    common::backend_at(url, common::schema_dir())
 }
 
 fn double() -> Double {

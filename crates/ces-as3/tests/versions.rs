@@ -6,10 +6,8 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use ces_api::{Action, Mode};
-use ces_as3::client::{Client, Credentials, Http};
 use ces_as3::render::{Target, render_for};
 use ces_as3::{As3Backend, Facts};
 use ces_bigip_double::Double;
@@ -18,12 +16,7 @@ use jiff::Timestamp;
 use serde_json::{Value, json};
 
 fn backend(d: &Double) -> As3Backend {
-    let http = Http::new(&d.url(), None, false, Duration::from_secs(5)).unwrap();
-    let mut c = Client::new(Box::new(http), Some(Credentials::new("admin", "admin")));
-    c.retry.backoff_min = Duration::from_millis(10);
-    c.retry.backoff_max = Duration::from_millis(50);
-    c.retry.task_poll = Duration::from_millis(20);
-    As3Backend::new(c, Some(common::schema_dir())).unwrap()
+    common::backend_at(&d.url(), common::schema_dir())
 }
 
 /// A generated cluster (overlapping pod networks across route-domain tenants, IPv6, host names) for `version`.

@@ -382,7 +382,7 @@ fn task(st: &mut State, result: (u16, Value)) -> (u16, Value) {
 
 fn validate(st: &mut State, doc: &Value) -> Result<(), (u16, Value)> {
     let version = doc.pointer("/declaration/schemaVersion").and_then(Value::as_str).unwrap_or("").to_string();
-    let key = |v: &str| -> Vec<u32> { v.split('.').filter_map(|n| n.parse().ok()).collect() };
+    let key = ces_as3::facts::version_key;
     if key(&version) > key(&st.as3_version) {
         let runs = &st.as3_version;
         return Err(error(422, &format!("/declaration/schemaVersion: {version} is newer than this AS3 ({runs})")));

@@ -291,7 +291,7 @@ fn pass(
         && !keeps_last_good(&st.model)
         && let Some(churn) = source.update(&mut st.snapshot)?
     {
-        if churn.pods.is_empty() && churn.endpoints.is_empty() {
+        if churn.is_empty() {
             return Ok(None);
         }
         let load = t.elapsed();

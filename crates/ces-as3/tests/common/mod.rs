@@ -69,3 +69,14 @@ pub fn without_cluster_remarks(doc: &serde_json::Value) -> serde_json::Value {
     strip(&mut d, 0);
     d
 }
+
+/// The backend against the BIG-IP double at `url`, validating with the schema files in `schema_dir`, retrying fast.
+pub fn backend_at(url: &str, schema_dir: PathBuf) -> ces_as3::As3Backend {
+    use ces_as3::client::{Client, Credentials, Http};
+    let http = Http::new(url, None, false, std::time::Duration::from_secs(10)).unwrap();
+    let mut c = Client::new(Box::new(http), Some(Credentials::new("admin", "admin")));
+    c.retry.backoff_min = std::time::Duration::from_millis(10);
+    c.retry.backoff_max = std::time::Duration::from_millis(50);
+    c.retry.task_poll = std::time::Duration::from_millis(20);
+    ces_as3::As3Backend::new(c, Some(schema_dir)).unwrap()
+}
