@@ -66,7 +66,10 @@ fn packet(body: &[u8]) -> Option<LoggedPacket> {
             NFULA_TIMESTAMP if data.len() >= 16 => {
                 let sec = u64::from_be_bytes(data[0..8].try_into().ok()?);
                 let usec = u64::from_be_bytes(data[8..16].try_into().ok()?);
-                p.time = jiff::Timestamp::from_microsecond((sec * 1_000_000 + usec) as i64).ok();
+                // A hostile or broken timestamp is no time, never an overflow.
+                let micros = sec.checked_mul(1_000_000).and_then(|m| m.checked_add(usec));
+                p.time =
+                    micros.and_then(|m| i64::try_from(m).ok()).and_then(|m| jiff::Timestamp::from_microsecond(m).ok());
             }
             _ => {}
         }
@@ -195,6 +198,21 @@ pub fn icmp_error_about(p: &[u8]) -> Option<Tuple> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_timestamp_past_every_clock_is_no_time_and_no_panic() {
+        // Found by `cargo fuzz` (scripts/fuzz.sh, nflog): seconds that overflow when turned into microseconds.
+        let crash = include_bytes!("fuzz-nflog-timestamp-overflow.bin");
+        let _ = packets(crash);
+        let mut body = vec![0u8; 4];
+        body.extend_from_slice(&attr(NFULA_TIMESTAMP, &[[0xff; 8], [0; 8]].concat()));
+        body.extend_from_slice(&attr(NFULA_PREFIX, b"ces/7 \0"));
+        let p = packet(&body).unwrap();
+        assert_eq!((p.time, p.prefix.as_str()), (None, "ces/7 "));
+        let mut ok = vec![0u8; 4];
+        ok.extend_from_slice(&attr(NFULA_TIMESTAMP, &[1_700_000_000u64.to_be_bytes(), 5u64.to_be_bytes()].concat()));
+        assert_eq!(packet(&ok).unwrap().time.map(|t| t.as_microsecond()), Some(1_700_000_000_000_005));
+    }
 
     #[test]
     fn ip_headers_parse() {
